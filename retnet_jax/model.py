@@ -1,0 +1,194 @@
+"""The RetNet language model (REFERENCE §5): embedding → L pre-norm blocks → final norm → output head.
+
+One model, three modes: a full-sequence call in the parallel, chunkwise or recurrent form, each able to
+return the per-layer recurrent states so that a prompt prefilled in any form continues by decoding one
+token at a time (``decode_step``). Logits are float32.
+
+The model state is a ``RetentionState`` whose arrays carry a layer axis after the batch axis
+(kv: [B, L, H, K, V], count: [B, L]), so selecting or reordering batch rows works on every array.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from retnet_jax import retention
+from retnet_jax.config import MODES, RetNetConfig
+from retnet_jax.feedforward import FeedForward
+from retnet_jax.multiscale_retention import MultiScaleRetention
+from retnet_jax.norms import Norm
+from retnet_jax.sharding import BATCH, EMBED, LAYERS, LENGTH, VOCAB, partitioned
+
+ACTIVATION_AXES = (BATCH, LENGTH, EMBED)
+
+
+class RetNetBlock(nn.Module):
+    """x ← x + MSR(Norm(x)); x ← x + FFN(Norm(x)). Called as (x, state) → (x, state) for nn.scan."""
+
+    config: RetNetConfig
+    mode: str = "parallel"
+    chunk_size: int = 64
+    return_state: bool = False
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, state):
+        cfg = self.config
+        norm = functools.partial(Norm, cfg.norm, cfg.norm_eps, cfg.compute_dtype, cfg.params_dtype)
+        dropout = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
+        y, state = MultiScaleRetention(
+            cfg, self.mode, self.chunk_size, self.return_state, name="retention"
+        )(norm(name="retention_norm")(x), state)
+        x = x + dropout(y)
+        x = x + dropout(FeedForward(cfg, name="ffn")(norm(name="ffn_norm")(x)))
+        return nn.with_logical_constraint(x, ACTIVATION_AXES), state
+
+
+class RetNetLM(nn.Module):
+    """RetNet language model.
+
+    Call: ``logits, state = model.apply(variables, tokens, state=None, mode=None, chunk_size=None,
+    return_state=False, deterministic=True)``.
+
+    Token ids must lie in [0, vocab_size): inside jit they cannot be checked (an out-of-range id reads a
+    clamped embedding row), so the data pipeline and the CLIs validate them.
+    """
+
+    config: RetNetConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens,
+        *,
+        state: retention.RetentionState | None = None,
+        mode: str | None = None,
+        chunk_size: int | None = None,
+        return_state: bool = False,
+        deterministic: bool = True,
+    ):
+        """Runs the model over tokens.
+
+        Args:
+            tokens: [B, T] integer token ids.
+            state: per-layer states to continue from (from ``init_state`` or an earlier call), or None.
+            mode: "parallel", "chunkwise" or "recurrent" (default: config.mode).
+            chunk_size: C for the chunkwise form (default: config.chunk_size).
+            return_state: return the state after the last token (implied when a state is passed).
+            deterministic: disable dropout (pass False with a "dropout" rng to train with it).
+
+        Returns:
+            (logits [B, T, N] float32, the new state or None).
+        """
+        cfg = self.config
+        mode = cfg.mode if mode is None else mode
+        chunk_size = cfg.chunk_size if chunk_size is None else chunk_size
+        _check_call(cfg, tokens, state, mode, chunk_size)
+        return_state = return_state or state is not None
+
+        embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.d_model,
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.params_dtype,
+            embedding_init=partitioned(nn.initializers.normal(cfg.d_model**-0.5), VOCAB, EMBED),
+            name="embed",
+        )
+        x = embed(tokens)  # [B, T, D]
+        if cfg.embed_scale:
+            x = x * jnp.asarray(cfg.d_model**0.5, x.dtype)
+        if cfg.embed_norm:
+            x = Norm(cfg.norm, cfg.norm_eps, cfg.compute_dtype, cfg.params_dtype, name="embed_norm")(x)
+        x = nn.Dropout(cfg.dropout, deterministic=deterministic)(x)
+        x = nn.with_logical_constraint(x, ACTIVATION_AXES)
+
+        block_args = dict(
+            config=cfg,
+            mode=mode,
+            chunk_size=chunk_size,
+            return_state=return_state,
+            deterministic=deterministic,
+        )
+        block = nn.remat(RetNetBlock, prevent_cse=not cfg.scan_layers) if cfg.remat else RetNetBlock
+        if cfg.scan_layers:
+            blocks = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=1,
+                out_axes=1,
+                length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: LAYERS},
+            )
+            x, state = blocks(**block_args, name="layers")(x, state)
+        else:
+            states = []
+            for i in range(cfg.num_layers):
+                layer_state = None if state is None else jax.tree.map(lambda a, i=i: a[:, i], state)
+                x, layer_state = block(**block_args, name=f"layers_{i}")(x, layer_state)
+                states.append(layer_state)
+            state = jax.tree.map(lambda *a: jnp.stack(a, axis=1), *states) if return_state else None
+
+        x = Norm(cfg.norm, cfg.norm_eps, cfg.compute_dtype, cfg.params_dtype, name="final_norm")(x)
+        if cfg.tie_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = nn.Dense(
+                cfg.vocab_size,
+                use_bias=False,
+                dtype=cfg.compute_dtype,
+                param_dtype=cfg.params_dtype,
+                kernel_init=partitioned(nn.initializers.normal(cfg.d_model**-0.5), EMBED, VOCAB),
+                name="head",
+            )(x)
+        return logits.astype(jnp.float32), state
+
+
+def init_state(config: RetNetConfig, batch: int) -> retention.RetentionState:
+    """The empty model state: kv [B, L, H, K, V] float32 zeros, count [B, L] zeros."""
+    one = retention.init_state(batch, config.num_heads, config.key_dim, config.head_value_dim)
+    return jax.tree.map(
+        lambda a: jnp.broadcast_to(a[:, None], (a.shape[0], config.num_layers, *a.shape[1:])), one
+    )
+
+
+def decode_step(model: RetNetLM, variables, tokens, state: retention.RetentionState):
+    """One recurrent step: tokens [B] int → (logits [B, N] float32, the new state). O(1) in the context."""
+    logits, state = model.apply(variables, tokens[:, None], state=state, mode="recurrent")
+    return logits[:, 0], state
+
+
+def _check_call(cfg: RetNetConfig, tokens, state, mode, chunk_size):
+    if mode not in MODES:
+        raise ValueError(f"RetNetLM: mode must be one of {MODES}; got {mode!r}.")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"RetNetLM: chunk_size must be an integer >= 1; got {chunk_size!r}.")
+    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(
+            f"RetNetLM: tokens must be integer ids of shape [B, T]; got {tokens.dtype} "
+            f"{tuple(tokens.shape)}."
+        )
+    if tokens.shape[1] < 1:
+        raise ValueError("RetNetLM: tokens is empty (T = 0); pass at least one token (e.g. BOS).")
+    if state is not None:
+        batch = tokens.shape[0]
+        kv = (batch, cfg.num_layers, cfg.num_heads, cfg.key_dim, cfg.head_value_dim)
+        if (
+            not isinstance(state, retention.RetentionState)
+            or state.kv.shape != kv
+            or state.count.shape != (batch, cfg.num_layers)
+        ):
+            got = (
+                f"kv {tuple(state.kv.shape)}, count {tuple(state.count.shape)}"
+                if isinstance(state, retention.RetentionState)
+                else type(state).__name__
+            )
+            raise ValueError(
+                f"RetNetLM: state does not fit this model and batch: expected kv {kv} and count "
+                f"({batch}, {cfg.num_layers}); got {got}. Was it made for another config or batch "
+                f"size? Build one with retnet_jax.model.init_state(config, batch={batch})."
+            )
