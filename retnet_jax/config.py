@@ -182,10 +182,24 @@ def _torchscale(d_model: int, num_layers: int, num_heads: int, ffn_dim: int) -> 
 
 PRESETS: dict[str, dict[str, Any]] = {
     # CPU sizes for tests, notebooks and the default run.
-    "tiny": dict(vocab_size=264, d_model=64, num_layers=2, num_heads=2, value_dim=128, ffn_dim=128,
-                 chunk_size=32),
-    "small": dict(vocab_size=264, d_model=256, num_layers=4, num_heads=4, value_dim=512, ffn_dim=512,
-                  chunk_size=64),
+    "tiny": dict(
+        vocab_size=264,
+        d_model=64,
+        num_layers=2,
+        num_heads=2,
+        value_dim=128,
+        ffn_dim=128,
+        chunk_size=32,
+    ),
+    "small": dict(
+        vocab_size=264,
+        d_model=256,
+        num_layers=4,
+        num_heads=4,
+        value_dim=512,
+        ffn_dim=512,
+        chunk_size=64,
+    ),
     "paper-1.3b": _paper(2048, 24, 8),
     "paper-2.7b": _paper(2560, 32, 10),
     "paper-6.7b": _paper(4096, 32, 16),

@@ -1,4 +1,4 @@
-"""The feed-forward sublayer (REFERENCE §5): a GLU fc2(act(fc1 x) ⊙ gate x), or the paper's MLP fc2(act(fc1 x)).
+"""The feed-forward sublayer (REFERENCE §5): a GLU fc2(act(fc1 x) ⊙ gate x), or the paper's MLP.
 
 The activation runs in float32. Init follows torch's nn.Linear default, U(±1/sqrt(fan_in)), as torchscale.
 """

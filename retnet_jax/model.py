@@ -40,9 +40,9 @@ class RetNetBlock(nn.Module):
         cfg = self.config
         norm = functools.partial(Norm, cfg.norm, cfg.norm_eps, cfg.compute_dtype, cfg.params_dtype)
         dropout = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
-        y, state = MultiScaleRetention(
-            cfg, self.mode, self.chunk_size, self.return_state, name="retention"
-        )(norm(name="retention_norm")(x), state)
+        y, state = MultiScaleRetention(cfg, self.mode, self.chunk_size, self.return_state, name="retention")(
+            norm(name="retention_norm")(x), state
+        )
         x = x + dropout(y)
         x = x + dropout(FeedForward(cfg, name="ffn")(norm(name="ffn_norm")(x)))
         return nn.with_logical_constraint(x, ACTIVATION_AXES), state
@@ -169,8 +169,7 @@ def _check_call(cfg: RetNetConfig, tokens, state, mode, chunk_size):
         raise ValueError(f"RetNetLM: chunk_size must be an integer >= 1; got {chunk_size!r}.")
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise ValueError(
-            f"RetNetLM: tokens must be integer ids of shape [B, T]; got {tokens.dtype} "
-            f"{tuple(tokens.shape)}."
+            f"RetNetLM: tokens must be integer ids of shape [B, T]; got {tokens.dtype} {tuple(tokens.shape)}."
         )
     if tokens.shape[1] < 1:
         raise ValueError("RetNetLM: tokens is empty (T = 0); pass at least one token (e.g. BOS).")

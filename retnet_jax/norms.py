@@ -37,8 +37,7 @@ class Norm(nn.Module):
         if self.kind == "rmsnorm":
             y = rms_normalize(x, self.eps) * scale
         else:
-            bias = self.param("bias", partitioned(nn.initializers.zeros, EMBED), (width,),
-                              self.param_dtype)
+            bias = self.param("bias", partitioned(nn.initializers.zeros, EMBED), (width,), self.param_dtype)
             y = layer_normalize(x, self.eps) * scale + bias
         return y.astype(self.dtype)
 
@@ -61,6 +60,7 @@ class HeadNorm(nn.Module):
         y = rms_normalize(o, self.eps)
         if self.kind == "rms_weight":
             width = o.shape[-1]
-            y = y * self.param("scale", partitioned(nn.initializers.ones, HEAD_DIM), (width,),
-                               self.param_dtype)
+            y = y * self.param(
+                "scale", partitioned(nn.initializers.ones, HEAD_DIM), (width,), self.param_dtype
+            )
         return y

@@ -1,7 +1,8 @@
 """Slow, obviously-correct retention, written straight from the definition (REFERENCE §3).
 
-For tests only: a Python loop over query positions, powers of γ by ``jnp.power`` (not the exponents
-the fast forms use), the normalizer by an explicit sum. Differentiable, so gradients can be compared.
+For tests only. It materializes every weight γ^(n−m) with ``jnp.power`` (not the exponent-and-mask
+route of the fast forms), builds c_n as an explicit cumulative sum of powers, and never splits the
+sequence. Differentiable, so gradients can be compared too.
 """
 
 from __future__ import annotations
@@ -17,29 +18,29 @@ def retention(q, k, v, log_decay, *, kv=None, start=0, normalize=True):
         start: the absolute position of the first token (an int, the same for every row).
 
     Returns:
-        (o [B, T, H, V], final state [B, H, K, V]), both in q's dtype promoted to at least float32.
+        (o [B, T, H, V], final state [B, H, K, V]), in q's dtype promoted to at least float32.
     """
     dtype = jnp.promote_types(q.dtype, jnp.float32)
     q, k, v = (x.astype(dtype) for x in (q, k, v))
     gamma = jnp.exp(log_decay.astype(dtype))  # [H]
-    batch, length, heads, _ = q.shape
+    length = q.shape[1]
     if kv is None:
-        kv = jnp.zeros((batch, heads, q.shape[-1], v.shape[-1]), dtype)
+        kv = jnp.zeros((q.shape[0], q.shape[2], q.shape[3], v.shape[3]), dtype)
     kv = kv.astype(dtype)
 
-    outputs = []
-    for n in range(length):
-        o_n = jnp.einsum("BHK,BHKV->BHV", q[:, n] * jnp.power(gamma, n + 1)[:, None], kv)
-        for m in range(n + 1):
-            score = jnp.sum(q[:, n] * k[:, m], axis=-1)  # [B, H]
-            o_n = o_n + (jnp.power(gamma, n - m) * score)[..., None] * v[:, m]
-        if normalize:
-            c_n = sum(jnp.power(gamma, j) for j in range(start + n + 1))  # [H]
-            o_n = o_n / jnp.sqrt(c_n)[:, None]
-        outputs.append(o_n)
+    n = jnp.arange(length)[:, None]
+    m = jnp.arange(length)[None, :]
+    causal = (m <= n).astype(dtype)  # [T, S]
+    weight = jnp.power(gamma[:, None, None], jnp.maximum(n - m, 0)) * causal  # [H, T, S]
+    scores = jnp.einsum("BTHK,BSHK->BHTS", q, k)
+    o = jnp.einsum("BHTS,HTS,BSHV->BTHV", scores, weight, v)
+    o = o + jnp.einsum("BTHK,TH,BHKV->BTHV", q, jnp.power(gamma, n + 1), kv)
+    if normalize:
+        positions = start + jnp.arange(length)
+        powers = jnp.power(gamma, jnp.arange(start + length)[:, None])  # [start+T, H]
+        c = jnp.cumsum(powers, axis=0)[positions]  # c_n = Σ_{j=0..n} γ^j, [T, H]
+        o = o / jnp.sqrt(c)[None, :, :, None]
 
     final = jnp.power(gamma, length)[:, None, None] * kv
-    for m in range(length):
-        decay = jnp.power(gamma, length - 1 - m)[:, None, None]
-        final = final + decay * jnp.einsum("BHK,BHV->BHKV", k[:, m], v[:, m])
-    return jnp.stack(outputs, axis=1), final
+    final = final + jnp.einsum("SH,BSHK,BSHV->BHKV", jnp.power(gamma, length - 1 - m[0][:, None]), k, v)
+    return o, final

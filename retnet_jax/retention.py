@@ -8,7 +8,7 @@ Axis letters, used in einsum strings, shape comments and logical axis names thro
 Per head, with decay γ = exp(log_decay[h]) and absolute positions n, m (the state's ``count`` plus the
 index inside the call), every form computes
 
-    o_n = Σ_{m ≤ n} γ^(n−m) (q_n · k_m) v_m  /  sqrt(c_n),        c_n = Σ_{j=0..n} γ^j = (1 − γ^(n+1)) / (1 − γ)
+    o_n = Σ_{m ≤ n} γ^(n−m) (q_n · k_m) v_m / sqrt(c_n),    c_n = Σ_{j=0..n} γ^j = (1 − γ^(n+1)) / (1 − γ)
 
 (``normalize=False`` drops the division: the unnormalized retention of fla). q and k arrive already
 projected, rotated and scaled; this module holds no parameters.
@@ -88,9 +88,7 @@ def log_decays(num_heads: int, schedule: str = "paper") -> jax.Array:
     elif schedule == "linspace":
         one_minus_gamma = np.exp(np.linspace(np.log(1 / 32), np.log(1 / 512), num_heads))
     else:
-        raise ValueError(
-            f"log_decays: unknown schedule {schedule!r}; expected one of {DECAY_SCHEDULES}."
-        )
+        raise ValueError(f"log_decays: unknown schedule {schedule!r}; expected one of {DECAY_SCHEDULES}.")
     return jnp.asarray(np.log1p(-one_minus_gamma), jnp.float32)
 
 
@@ -111,9 +109,7 @@ def _check_inputs(fn: str, q, k, v, log_decay, state, *, step: bool = False):
                 f"{fn}: {name} must have shape {lead}, {last}] (rank {rank}); got shape {tuple(x.shape)}."
             )
     if k.shape != q.shape:
-        raise ValueError(
-            f"{fn}: k must have the shape of q {tuple(q.shape)}; got {tuple(k.shape)}."
-        )
+        raise ValueError(f"{fn}: k must have the shape of q {tuple(q.shape)}; got {tuple(k.shape)}.")
     if v.shape[:-1] != q.shape[:-1]:
         raise ValueError(
             f"{fn}: v must share q's leading axes {tuple(q.shape[:-1])} ({lead}]); "
@@ -270,9 +266,10 @@ def recurrent(q, k, v, log_decay, *, state: RetentionState | None = None, normal
         o, carry = recurrent_step(*qkv, log_decay, carry, normalize=normalize)
         return carry, o
 
-    time_major = [jnp.moveaxis(x, 1, 0) for x in (q, k, v)]  # [T, B, H, K|V]
+    # Upcast once outside the loop (each step works in the accumulator dtype anyway).
+    time_major = [jnp.moveaxis(x, 1, 0).astype(acc) for x in (q, k, v)]  # [T, B, H, K|V]
     state, o = jax.lax.scan(step, state, time_major)
-    return jnp.moveaxis(o, 0, 1), state
+    return jnp.moveaxis(o, 0, 1).astype(v.dtype), state
 
 
 def _chunks(q, k, v, log_decay, state, size, normalize):
@@ -291,9 +288,7 @@ def _chunks(q, k, v, log_decay, state, size, normalize):
 
     kv_final, kv_before = jax.lax.scan(carry_state, state.kv, updates)  # [G, B, H, K, V]
     q_decayed = (qc * _powers(jnp.arange(1, size + 1), log_decay)[..., None]).astype(q.dtype)
-    cross = jnp.einsum(
-        "BGCHK,GBHKV->BGCHV", q_decayed, kv_before.astype(q.dtype), preferred_element_type=acc
-    )
+    cross = jnp.einsum("BGCHK,GBHKV->BGCHV", q_decayed, kv_before.astype(q.dtype), preferred_element_type=acc)
     o = (inner + cross).reshape(batch, length, heads, v.shape[-1])
     if normalize:
         positions = state.count[:, None] + jnp.arange(length)  # [B, T]

@@ -1,0 +1,357 @@
+"""Checkpoints of a training run: train state, data position, config and tokenizer, per step.
+
+The training loop talks to checkpoints only through ``Checkpoints``; orbax and grain's orbax
+integration stay behind this file, so changing either library touches nothing else. Each saved
+step is one directory ``WORKDIR/checkpoints/STEP`` holding four items:
+
+* ``state``: the train state pytree (params, optimizer state, step), written by orbax shard by
+  shard and read back onto whatever mesh the restoring run asks for (``restore``'s shardings);
+* ``data``: the grain iterator's position, one JSON file per process, so a resumed run sees
+  exactly the batches an uninterrupted run would;
+* ``config`` and ``tokenizer``: JSON dicts, readable without loading any array.
+
+Saves are asynchronous by default: ``save`` copies the arrays off the devices and returns while a
+background thread writes them. A step is written to a temporary directory that is renamed when
+complete (orbax's atomic commit), so a run killed mid-save leaves the earlier steps intact and the
+half-written one invisible; the next ``Checkpoints`` on that workdir deletes it.
+
+Typical use::
+
+    ckpt = Checkpoints(workdir, every=config.checkpoint_every, keep=config.keep_checkpoints)
+    ckpt.check_compatible(config.to_dict())
+    start = ckpt.latest_step() or 0
+    if start:
+        state = ckpt.restore(abstract_state, data_iterator=train_iter)
+    for step in range(start + 1, config.steps + 1):
+        state = update_fn(state, next(train_iter))
+        ckpt.save(step, state, data_iterator=train_iter, config=config.to_dict(),
+                  tokenizer=tokenizer.to_dict(), force=step == config.steps)
+    ckpt.close()
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+__all__ = ["COMPATIBILITY_KEYS", "Checkpoints"]
+
+# Config fields that must match to resume a run: they fix the shapes of the state (model preset,
+# vocabulary) or the meaning of the saved data position (dataset, tokenizer, sequence and batch
+# size).
+COMPATIBILITY_KEYS = (
+    "model",
+    "vocab_size",
+    "tokenizer",
+    "tokenizer_vocab_size",
+    "dataset",
+    "seq_len",
+    "batch_size",
+)
+
+_ITEMS = ("state", "data", "config", "tokenizer")
+_MISSING = "<not set>"
+
+
+class _IteratorPosition:
+    """A grain iterator's position, frozen when a save is requested.
+
+    grain's orbax handler writes ``get_state()`` of the object it is handed, one JSON file per
+    process. Handing it this snapshot rather than the live iterator pins the saved position to the
+    step being saved, however late orbax runs the handler. On restore the handler fills ``state``
+    and ``Checkpoints`` applies it to the real iterator (the handler's own branch for dataset
+    iterators has changed between grain releases).
+    """
+
+    def __init__(self, state: dict[str, Any] | None = None):
+        self.state = state
+
+    def get_state(self) -> bytes:
+        return json.dumps(self.state).encode()
+
+    def set_state(self, state: bytes):
+        self.state = json.loads(state)
+
+    def start_prefetch(self):
+        """Nothing to prefetch: the real iterator starts when the loop asks for a batch."""
+
+
+class Checkpoints:
+    """Saves and restores a training run's checkpoints under ``workdir/checkpoints``.
+
+    Args:
+        workdir: the run's directory: a local path or any path ``etils.epath`` opens (``gs://``).
+        every: save at steps that are multiples of ``every``; ``save(force=True)`` saves other
+            steps too (the final step, preemption).
+        keep: how many of the latest checkpoints to keep; older ones are deleted after a save.
+        async_save: write arrays in a background thread so that ``save`` returns promptly;
+            ``wait()`` blocks until they are on disk.
+
+    Raises:
+        ValueError: ``every`` or ``keep`` is not a positive integer, or ``workdir`` cannot be
+            written (checked here, before any compute).
+    """
+
+    def __init__(self, workdir: str | epath.PathLike, *, every: int, keep: int, async_save: bool = True):
+        for name, flag, value in (
+            ("every", "checkpoint_every", every),
+            ("keep", "keep_checkpoints", keep),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(
+                    f"Checkpoints: {name} must be an integer >= 1; got {value!r}. "
+                    f"Set --config.{flag} to a positive integer."
+                )
+        self.every = every
+        self.keep = keep
+        self.directory = epath.Path(workdir) / "checkpoints"
+        _check_writable(self.directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            enable_async_checkpointing=async_save,
+            # Temporary directories are steps killed mid-save: never committed, safe to delete.
+            cleanup_tmp_directories=True,
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
+
+    def latest_step(self) -> int | None:
+        """The step of the newest complete checkpoint, or None when there is none."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        """The steps of all kept checkpoints, oldest first."""
+        return sorted(self._manager.all_steps())
+
+    def should_save(self, step: int) -> bool:
+        """Whether ``save(step, ...)`` would write a checkpoint without ``force``.
+
+        True when ``step`` is newer than the latest checkpoint and either a multiple of ``every``
+        or a preemption sync point that every process has reached (JAX's preemption service,
+        where it is enabled). Every process must call it at the same steps.
+        """
+        latest = self.latest_step()
+        if latest is not None and step <= latest:
+            return False
+        return step % self.every == 0 or self._manager.reached_preemption(step)
+
+    def save(
+        self,
+        step: int,
+        state: Any,
+        *,
+        data_iterator: grain.DatasetIterator,
+        config: dict[str, Any],
+        tokenizer: dict[str, Any],
+        force: bool = False,
+    ) -> bool:
+        """Saves a checkpoint of ``step`` if ``should_save(step)`` or ``force``.
+
+        With ``async_save`` this returns once the arrays are copied off the devices and the data
+        position, config and tokenizer are written; the arrays are written in the background
+        (see ``wait()``). A save still running from before is waited for first. A step already
+        saved is not written again, so forcing the final step after a periodic save of it is safe.
+
+        Args:
+            step: the training step the state belongs to (the directory's name).
+            state: the train state, a pytree of jax arrays with any sharding.
+            data_iterator: the training data iterator, positioned at the next batch to consume.
+            config: the experiment config, a JSON-serializable dict.
+            tokenizer: the tokenizer's description, a JSON-serializable dict.
+            force: save even when ``should_save(step)`` is False.
+
+        Returns:
+            Whether a checkpoint was started.
+
+        Raises:
+            TypeError: ``config`` or ``tokenizer`` is not JSON-serializable.
+        """
+        if step in self._manager.all_steps() or not (force or self.should_save(step)):
+            return False
+        config = _as_json(config, "config")
+        tokenizer = _as_json(tokenizer, "tokenizer")
+        position = _IteratorPosition(data_iterator.get_state())
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(position),
+            config=ocp.args.JsonSave(config),
+            tokenizer=ocp.args.JsonSave(tokenizer),
+        )
+        return self._manager.save(step, args=args, force=True)
+
+    def restore(
+        self,
+        abstract_state: Any,
+        *,
+        step: int | None = None,
+        data_iterator: grain.DatasetIterator | None = None,
+    ) -> Any:
+        """Restores the train state of ``step`` (default: the latest) onto the given shardings.
+
+        The arrays are read straight into ``abstract_state``'s shardings, which may lie on another
+        mesh (or another number of devices) than the one the checkpoint was saved from.
+
+        Args:
+            abstract_state: the train state's structure, with a ``jax.ShapeDtypeStruct`` carrying
+                a ``sharding`` at every leaf (``jax.eval_shape`` of the init function plus the
+                trainer's shardings). A ``jax.Array`` leaf stands for its own shape, dtype and
+                sharding.
+            step: the step to restore; None for the latest.
+            data_iterator: if given, a fresh iterator over the same dataset; it is moved (in
+                place) to the position saved with ``step``.
+
+        Returns:
+            The train state: the pytree type of ``abstract_state``, arrays on its shardings.
+
+        Raises:
+            FileNotFoundError: there is no checkpoint, or none of ``step``.
+            ValueError: a leaf of ``abstract_state`` has no sharding, or the checkpoint does not
+                fit ``abstract_state`` (another model or optimizer).
+        """
+        step = self._existing_step(step)
+        abstract_state = jax.tree_util.tree_map_with_path(_with_sharding, abstract_state)
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        position = _IteratorPosition()
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(position)
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(
+                f"Could not restore step {step} of {self.directory} into the given state: {err}\n"
+                "The checkpoint was probably written for another model or optimizer. Resume with "
+                "the flags it was saved with (see restore_config()), or use another --workdir."
+            ) from err
+        if data_iterator is not None:
+            data_iterator.set_state(position.state)
+        return restored["state"]
+
+    def restore_config(self, step: int | None = None) -> dict[str, Any]:
+        """The experiment config saved with ``step`` (default: the latest); loads no arrays."""
+        return self._restore_json("config", step)
+
+    def restore_tokenizer(self, step: int | None = None) -> dict[str, Any]:
+        """The tokenizer dict saved with ``step`` (default: the latest); loads no arrays."""
+        return self._restore_json("tokenizer", step)
+
+    def check_compatible(self, config: dict[str, Any], keys: Sequence[str] = COMPATIBILITY_KEYS):
+        """Checks that the workdir's checkpoints come from a config like ``config``.
+
+        Call it before the first save, so that a run with other settings never overwrites another
+        run's checkpoints. Passes when the workdir has no checkpoint.
+
+        Args:
+            config: this run's experiment config, as a dict.
+            keys: the fields that must match; dotted paths reach into nested dicts
+                (``"model.d_model"``). A field missing from both configs matches.
+
+        Raises:
+            ValueError: naming each differing field with the checkpoint's and this run's values.
+        """
+        step = self.latest_step()
+        if step is None:
+            return
+        saved = self.restore_config(step)
+        config = _as_json(config, "config")
+        differences = [
+            f"  {key}: checkpoint has {_lookup(saved, key)!r}, this run has {_lookup(config, key)!r}"
+            for key in keys
+            if _lookup(saved, key) != _lookup(config, key)
+        ]
+        if differences:
+            raise ValueError(
+                f"{self.directory} holds checkpoints (latest step {step}) of another experiment:\n"
+                + "\n".join(differences)
+                + "\nNothing was overwritten. Use another --workdir for this experiment, or pass "
+                "flags matching the checkpoint's values to resume it."
+            )
+
+    def wait(self):
+        """Blocks until all saves are written (and raises their errors, if any)."""
+        self._manager.wait_until_finished()
+
+    def close(self):
+        """Waits for pending saves, then releases the manager's threads."""
+        self._manager.close()
+
+    def __enter__(self) -> Checkpoints:
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def _existing_step(self, step: int | None) -> int:
+        self.wait()  # a step still being written cannot be read yet
+        steps = self.all_steps()
+        if not steps:
+            raise FileNotFoundError(
+                f"No checkpoint in {self.directory} to restore. Check that latest_step() is not "
+                "None before restoring, or point --workdir at a run that has checkpoints."
+            )
+        if step is None:
+            return steps[-1]
+        if step not in steps:
+            raise FileNotFoundError(
+                f"No checkpoint of step {step} in {self.directory}; the kept steps are {steps}. "
+                "Pass one of those, or None for the latest."
+            )
+        return step
+
+    def _restore_json(self, item: str, step: int | None) -> dict[str, Any]:
+        step = self._existing_step(step)
+        args = ocp.args.Composite(**{item: ocp.args.JsonRestore()})
+        return self._manager.restore(step, args=args)[item]
+
+
+def _check_writable(directory: epath.Path):
+    """Creates ``directory`` and writes a file in it, so that a bad workdir fails at once."""
+    probe = directory / f".write-probe-{uuid.uuid4().hex}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(
+            f"Cannot write checkpoints to {directory}: {err}. Pass a --workdir that you can write to."
+        ) from err
+
+
+def _with_sharding(path, leaf):
+    """The restore target of one leaf: its shape, dtype and the sharding to read it onto."""
+    if isinstance(leaf, jax.Array):
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+    if isinstance(leaf, jax.ShapeDtypeStruct) and leaf.sharding is None:
+        raise ValueError(
+            f"restore: abstract_state{jax.tree_util.keystr(path)} has no sharding, so there is no "
+            "telling where to put it. Build the abstract state from jax.ShapeDtypeStruct(shape, "
+            "dtype, sharding=...) with the trainer's shardings (a SingleDeviceSharding without a "
+            "mesh)."
+        )
+    return leaf
+
+
+def _as_json(value: dict[str, Any], name: str) -> dict[str, Any]:
+    """``value`` as JSON reads it back (tuples become lists), so saved and live values compare."""
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError) as err:
+        raise TypeError(
+            f"Checkpoints: {name} must be a JSON-serializable dict; {err}. Pass plain values "
+            "(e.g. ConfigDict.to_dict(), the tokenizer's to_dict())."
+        ) from err
+
+
+def _lookup(values: dict[str, Any], key: str) -> Any:
+    """``values[a][b]`` for the dotted ``key`` "a.b", or ``_MISSING``."""
+    for part in key.split("."):
+        if not isinstance(values, dict) or part not in values:
+            return _MISSING
+        values = values[part]
+    return values

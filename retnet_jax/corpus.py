@@ -1,0 +1,307 @@
+"""Text corpora as tensorflow-datasets builds in ``array_record`` files, read without TensorFlow.
+
+``text_source(dataset, split)`` returns a random-access sequence of documents (strings), building
+the dataset on first use into ``data_dir`` (tfds's default, ``~/tensorflow_datasets``, when
+``None``). Three kinds of ``dataset``:
+
+* ``"default"``: offline and deterministic, the top-level ``*.py`` files of the running Python's
+  standard library (about 170 files, 5 MB; built in a few seconds), one document per file.
+* ``"text:DIR_OR_GLOB"``: your own text, a directory (searched recursively) or a glob of ``.txt``
+  files (one document per file) and ``.jsonl`` files (one document per line, field ``"text"``).
+* any tfds catalog text dataset by name (``"tiny_shakespeare"``, ``"lm1b"``,
+  ``"name/config:1.0.0"``), its text in ``text_feature``.
+
+The first two are built by ``TextFiles``: documents go to ``validation`` when the CRC-32 of their
+key (the relative path, plus ``:LINE`` for jsonl) falls in the lowest ``VALIDATION_PERCENT``
+percent, so the split is fixed by the names alone and a document keeps its split when others are
+added. The build is keyed by a fingerprint of the file list (paths, sizes, modification times) in
+the builder config's name, so an edited file set is rebuilt rather than read stale.
+
+Without TensorFlow tfds writes and reads ``array_record`` (the format is set explicitly: tfds
+would otherwise pick TFRecord) and decodes ``Text`` features to ``bytes``. Catalog builders,
+however, mostly generate their data with ``tf.io``: build those once where TensorFlow is installed,
+``tfds build NAME --file_format=array_record --data_dir=DIR``, and point ``data_dir`` at ``DIR``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import itertools
+import json
+import os
+import sys
+import sysconfig
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import tensorflow_datasets as tfds
+
+__all__ = [
+    "DEFAULT",
+    "TEXT_PREFIX",
+    "VALIDATION_PERCENT",
+    "TextFiles",
+    "TextFilesConfig",
+    "TextSource",
+    "text_source",
+]
+
+DEFAULT = "default"
+TEXT_PREFIX = "text:"
+VALIDATION_PERCENT = 5  # share of documents in the validation split
+_TEXT_SUFFIXES = (".txt", ".jsonl")
+_FILE_FORMAT = "array_record"  # random access, readable without TensorFlow
+
+
+@dataclasses.dataclass(eq=False)
+class TextFilesConfig(tfds.core.BuilderConfig):
+    """Which files ``TextFiles`` reads.
+
+    Attributes:
+        root: directory the relative paths (and so the document keys) start from.
+        files: sorted paths relative to ``root``.
+    """
+
+    root: str = ""
+    files: tuple[str, ...] = dataclasses.field(default=(), repr=False)
+
+
+def _is_validation(key: str) -> bool:
+    # crc32 rather than hash(): stable across processes, machines and Python versions.
+    return zlib.crc32(key.encode("utf-8")) % 100 < VALIDATION_PERCENT
+
+
+class TextFiles(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Documents from text files: ``.jsonl`` one per line (field ``"text"``), others one per file.
+
+    Not registered in the tfds catalog: ``text_source`` constructs it with a ``TextFilesConfig``.
+    """
+
+    name = "retnet_text_files"
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Train/validation split by CRC-32 of the document key."}
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=f"Text documents of {len(self.builder_config.files)} files under "
+            f"{self.builder_config.root}.",
+            features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
+        )
+
+    def _documents(self) -> Iterator[tuple[str, str]]:
+        """Yields (key, text) for every document, in file order."""
+        root = self.builder_config.root
+        for rel in self.builder_config.files:
+            path = os.path.join(root, rel)
+            if not rel.endswith(".jsonl"):
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    yield rel, f.read()
+                continue
+            with open(path, encoding="utf-8", errors="replace") as f:
+                for number, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        text = json.loads(line)["text"]
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        text = None
+                    if not isinstance(text, str):
+                        raise ValueError(
+                            f"{path}:{number}: each line of a .jsonl file must be a JSON object "
+                            f'with a string field "text"; got {line.strip()[:80]!r}.'
+                        )
+                    yield f"{rel}:{number}", text
+
+    def _split_generators(self, dl_manager: Any) -> dict[str, Iterator[tuple[str, dict]]]:
+        del dl_manager  # Everything is local.
+        # One pass over the keys, in constant memory (a .jsonl may hold millions of lines).
+        count, in_split, lowest, highest = 0, 0, (2**32, ""), (-1, "")
+        for key, _ in self._documents():
+            crc = zlib.crc32(key.encode("utf-8"))
+            count += 1
+            in_split += _is_validation(key)
+            lowest, highest = min(lowest, (crc, key)), max(highest, (crc, key))
+        if count < 2:
+            raise ValueError(
+                f"{self.builder_config.root}: found {count} document(s); a train and a "
+                "validation split need at least 2. Add files (or .jsonl lines)."
+            )
+
+        # tfds refuses an empty split. A small corpus may hash no document (or every one) into
+        # validation; then the lowest-CRC document goes there (or the highest-CRC one to train),
+        # which keeps the split a function of the names alone.
+        def in_validation(key: str) -> bool:
+            if in_split == 0:
+                return key == lowest[1]
+            if in_split == count:
+                return key != highest[1]
+            return _is_validation(key)
+
+        return {
+            "train": self._generate_examples(lambda key: not in_validation(key)),
+            "validation": self._generate_examples(in_validation),
+        }
+
+    def _generate_examples(self, keep: Callable[[str], bool]) -> Iterator[tuple[str, dict]]:
+        for key, text in self._documents():
+            if keep(key):
+                yield key, {"text": text}
+
+
+def _files_config(kind: str, root: str, paths: Sequence[str]) -> TextFilesConfig:
+    """A config whose name fingerprints the file set, so that a changed set gets a new build."""
+    files = tuple(sorted(os.path.relpath(p, root) for p in paths))
+    digest = hashlib.sha256(os.path.abspath(root).encode())
+    for rel in files:
+        stat = os.stat(os.path.join(root, rel))
+        digest.update(f"\0{rel}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+    return TextFilesConfig(name=f"{kind}_{digest.hexdigest()[:16]}", root=root, files=files)
+
+
+def _stdlib_config() -> TextFilesConfig:
+    """The default corpus: this interpreter's top-level standard-library modules."""
+    root = sysconfig.get_paths()["stdlib"]
+    paths = sorted(glob.glob(os.path.join(glob.escape(root), "*.py")))
+    version = f"python{sys.version_info.major}_{sys.version_info.minor}"
+    return _files_config(f"{version}_stdlib", root, paths)
+
+
+def _text_config(spec: str) -> TextFilesConfig:
+    """The files of ``"text:DIR_OR_GLOB"``."""
+    if os.path.isdir(spec):
+        root = spec
+        paths = glob.glob(os.path.join(glob.escape(spec), "**", "*"), recursive=True)
+    else:
+        # Keys are relative to the glob's leading directories without wildcards, e.g. /data for
+        # /data/*/x.txt, so they do not depend on where the corpus is mounted.
+        fixed = itertools.takewhile(lambda part: not set("*?[") & set(part), spec.split(os.sep)[:-1])
+        root = os.sep.join(fixed) or (os.sep if spec.startswith(os.sep) else ".")
+        paths = glob.glob(spec, recursive=True)
+    paths = [p for p in paths if p.endswith(_TEXT_SUFFIXES) and os.path.isfile(p)]
+    if not paths:
+        raise ValueError(
+            f"dataset 'text:{spec}' matched no .txt or .jsonl files. Give a directory (searched "
+            "recursively) or a glob, e.g. 'text:/data/books' or 'text:/data/**/*.jsonl'."
+        )
+    return _files_config("text", root, paths)
+
+
+def _catalog_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
+    try:
+        return tfds.builder(name, data_dir=data_dir, file_format=_FILE_FORMAT)
+    except tfds.core.DatasetNotFoundError:
+        raise ValueError(
+            f"Unknown dataset {name!r}. Use {DEFAULT!r} (the offline Python standard-library "
+            f"corpus), '{TEXT_PREFIX}DIR_OR_GLOB' (your .txt / .jsonl files), or the name of a "
+            "tfds catalog text dataset such as 'tiny_shakespeare' or 'lm1b' (also "
+            "'name/config:version'; tfds.list_builders() lists them)."
+        ) from None
+
+
+def _prepare(builder: tfds.core.DatasetBuilder, dataset: str) -> None:
+    if builder.is_prepared():
+        return
+    try:
+        builder.download_and_prepare()
+    except ImportError as e:
+        if "importlib_resources" in str(e):
+            # tfds imports it on every build but declares it only for Python < 3.9 (issue 11212).
+            raise ImportError(
+                "Building tfds datasets needs the package importlib_resources, which "
+                "tensorflow-datasets uses without declaring it: pip install importlib_resources."
+            ) from e
+        if "tensorflow" not in str(e).lower():
+            raise
+        raise ImportError(
+            f"Building tfds dataset {dataset!r} needs TensorFlow, which this project does not "
+            "install. Build it once where TensorFlow is installed with `tfds build "
+            f"{dataset} --file_format={_FILE_FORMAT} --data_dir=DIR`, then set data_dir=DIR."
+        ) from e
+
+
+class TextSource(Sequence[str]):
+    """Random-access documents of one split: ``len(source)``, ``source[i] -> str``.
+
+    Picklable (grain worker processes reopen the files), so it can feed a grain ``MapDataset``.
+
+    Args:
+        records: a tfds data source of feature dicts.
+        feature: the feature holding the text.
+        name: for messages, e.g. ``"default/train"``.
+    """
+
+    def __init__(self, records: Sequence[dict[str, Any]], feature: str, name: str):
+        self._records = records
+        self._feature = feature
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, index: int) -> str:  # type: ignore[override]
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} is out of range for {self!r}")
+        text = self._records[index % len(self)][self._feature]
+        # tfds decodes Text features to bytes when TensorFlow is absent.
+        return text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
+
+    def __iter__(self) -> Iterator[str]:
+        return (self[index] for index in range(len(self)))
+
+    def __repr__(self) -> str:
+        return f"TextSource({self.name!r}, {len(self)} documents)"
+
+
+def text_source(
+    dataset: str,
+    split: str,
+    *,
+    data_dir: str | None = None,
+    text_feature: str = "text",
+) -> TextSource:
+    """Returns the documents of one split of a corpus, building it on first use.
+
+    Args:
+        dataset: ``"default"``, ``"text:DIR_OR_GLOB"`` or a tfds catalog name (see the module doc).
+        split: a split name (``"train"``, ``"validation"``, ...) or a tfds slice
+            (``"train[:10%]"``).
+        data_dir: where tfds builds and reads datasets; ``None`` or ``""`` for tfds's default.
+        text_feature: the feature holding the text in a catalog dataset (the first two kinds always
+            use ``"text"``).
+
+    Returns:
+        The split's documents.
+
+    Raises:
+        ValueError: unknown dataset, a text spec matching no files, an unknown split or feature.
+        ImportError: a catalog dataset that is not built yet needs TensorFlow to build.
+    """
+    data_dir = data_dir or None
+    if dataset == DEFAULT:
+        builder = TextFiles(config=_stdlib_config(), data_dir=data_dir, file_format=_FILE_FORMAT)
+        text_feature = "text"
+    elif dataset.startswith(TEXT_PREFIX):
+        config = _text_config(dataset[len(TEXT_PREFIX) :])
+        builder = TextFiles(config=config, data_dir=data_dir, file_format=_FILE_FORMAT)
+        text_feature = "text"
+    else:
+        builder = _catalog_builder(dataset, data_dir)
+    _prepare(builder, dataset)
+
+    splits = sorted(builder.info.splits.keys())
+    if split.split("[")[0] not in splits:
+        raise ValueError(
+            f"Dataset {dataset!r} has no split {split!r}; its splits are {splits}. Set "
+            "config.train_split / config.eval_split to one of them."
+        )
+    features = list(builder.info.features.keys())
+    if text_feature not in features:
+        raise ValueError(
+            f"Dataset {dataset!r} has no feature {text_feature!r}; its features are {features}. "
+            "Set config.text_feature to the one holding the text."
+        )
+    return TextSource(builder.as_data_source(split=split), text_feature, f"{dataset}/{split}")

@@ -1,0 +1,25 @@
+"""Shared test helpers: error measures and tolerances, written down per dtype."""
+
+import numpy as np
+
+# Normwise relative error ‖a − b‖ / ‖b‖ allowed between two forms of the same function.
+FORM_RTOL = {"float64": 1e-12, "float32": 1e-5}
+# Gradients pass through one more product; the same bound holds in practice (measured ~1e-7 in f32).
+GRAD_RTOL = {"float64": 1e-12, "float32": 2e-5}
+
+
+def relative_error(a, b) -> float:
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    assert np.all(np.isfinite(a)), "non-finite values"
+    scale = np.linalg.norm(b.ravel())
+    return float(np.linalg.norm((a - b).ravel()) / (scale if scale > 0 else 1.0))
+
+
+def random_inputs(rng, batch, length, heads, key_dim, value_dim, dtype):
+    """q, k, v drawn from N(0, 1), k scaled by K^-1/2 as the model does."""
+    q = rng.standard_normal((batch, length, heads, key_dim))
+    k = rng.standard_normal((batch, length, heads, key_dim)) * key_dim**-0.5
+    v = rng.standard_normal((batch, length, heads, value_dim))
+    return tuple(np.asarray(x, dtype) for x in (q, k, v))

@@ -1,0 +1,144 @@
+"""Tokenizers: exact round trips, special ids, serialization and the errors people will meet."""
+
+import json
+import pickle
+import random
+
+import pytest
+import tokenizers
+
+from retnet_jax import tokenizer as tokenizer_lib
+
+# Code-like text with indentation, tabs, newlines, accents and characters outside any training text.
+SAMPLE = "def f(x):\n    return  x ** 2  # héllo\n\tz = 'ünïcode ✓ 中文 🙂'\n"
+
+
+def _corpus(n: int = 60, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    words = ["alpha", "beta", "gamma", "delta", "épsilon", "zeta", "theta", "return", "def"]
+    return [
+        "\n".join(
+            "    " * rng.randrange(3) + " ".join(rng.choice(words) for _ in range(8)) for _ in range(10)
+        )
+        for _ in range(n)
+    ]
+
+
+@pytest.fixture(scope="module")
+def sentencepiece() -> tokenizer_lib.SentencePieceTokenizer:
+    return tokenizer_lib.train_sentencepiece(_corpus(), vocab_size=320)
+
+
+@pytest.fixture(scope="module")
+def hf_json(tmp_path_factory) -> str:
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer)
+    path = tmp_path_factory.mktemp("hf") / "tokenizer.json"
+    tok.save(str(path))
+    return str(path)
+
+
+def test_byte_tokenizer_ids_and_round_trip():
+    tok = tokenizer_lib.ByteTokenizer()
+    assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.vocab_size) == (256, 257, 258, 259)
+    assert tok.encode("aé") == [97, 0xC3, 0xA9]
+    assert tok.decode(tok.encode(SAMPLE)) == SAMPLE
+    # Specials and ids the model may sample outside the vocabulary are skipped.
+    assert tok.decode([tok.bos_id, 104, 105, tok.eos_id, tok.pad_id, 9999, -1]) == "hi"
+    # Half a UTF-8 character decodes to U+FFFD instead of failing.
+    assert tok.decode([104, 0xC3]) == "h\ufffd"
+
+
+def test_sentencepiece_round_trip_and_specials(sentencepiece):
+    tok = sentencepiece
+    assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 2, 3)
+    assert 261 < tok.vocab_size <= 320
+    ids = tok.encode(SAMPLE)
+    assert all(0 <= i < tok.vocab_size for i in ids)
+    assert tok.decode(ids) == SAMPLE  # whitespace kept, unseen characters through byte fallback
+    assert len(tok.encode("alpha beta gamma")) < len("alpha beta gamma")  # it learned pieces
+    assert tok.decode([tok.bos_id, *ids, tok.eos_id, tok.pad_id, 1, 10**6, -3]) == SAMPLE
+    first_byte = tok.encode("中")[-3]  # unseen in training: three byte-fallback pieces
+    assert tok.decode([first_byte]) == "\ufffd"
+
+
+def test_sentencepiece_training_is_deterministic(sentencepiece):
+    again = tokenizer_lib.train_sentencepiece(_corpus(), vocab_size=320)
+    assert again.model_proto == sentencepiece.model_proto
+
+
+def test_sentencepiece_model_file(sentencepiece, tmp_path):
+    path = tmp_path / "spm.model"
+    path.write_bytes(sentencepiece.model_proto)
+    loaded = tokenizer_lib.build_tokenizer(str(path), texts=None, vocab_size=0)
+    assert isinstance(loaded, tokenizer_lib.SentencePieceTokenizer)
+    assert loaded.encode(SAMPLE) == sentencepiece.encode(SAMPLE)
+
+
+def test_hf_tokenizer(hf_json):
+    tok = tokenizer_lib.build_tokenizer(hf_json, texts=None, vocab_size=0)
+    assert isinstance(tok, tokenizer_lib.HFTokenizer)
+    assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
+    ids = tok.encode(SAMPLE)
+    assert tok.bos_id not in ids and tok.eos_id not in ids  # no specials added
+    assert tok.decode(ids) == SAMPLE  # byte-level BPE is lossless
+    assert tok.decode([tok.bos_id, *ids, tok.eos_id, 10**6]) == SAMPLE
+
+
+def test_hf_tokenizer_without_bos_names_the_fix(hf_json):
+    with open(hf_json) as f:
+        text = f.read()
+    with pytest.raises(ValueError, match=r"no BOS token among \['<bos>'\].*bos_token="):
+        tokenizer_lib.HFTokenizer(text, bos_token="<bos>")
+
+
+@pytest.mark.parametrize("kind", ["byte", "sentencepiece", "huggingface"])
+def test_to_dict_round_trip(kind, sentencepiece, hf_json):
+    tok = {
+        "byte": tokenizer_lib.ByteTokenizer(),
+        "sentencepiece": sentencepiece,
+        "huggingface": tokenizer_lib.build_tokenizer(hf_json, texts=None, vocab_size=0),
+    }[kind]
+    # Through JSON, as a checkpoint stores it, and through pickle, as grain workers receive it.
+    for restored in (
+        tokenizer_lib.tokenizer_from_dict(json.loads(json.dumps(tok.to_dict()))),
+        pickle.loads(pickle.dumps(tok)),
+    ):
+        assert type(restored) is type(tok)
+        assert restored.encode(SAMPLE) == tok.encode(SAMPLE)
+        assert (restored.vocab_size, restored.pad_id, restored.bos_id, restored.eos_id) == (
+            tok.vocab_size,
+            tok.pad_id,
+            tok.bos_id,
+            tok.eos_id,
+        )
+
+
+def test_build_tokenizer_trains_sentencepiece_on_texts():
+    tok = tokenizer_lib.build_tokenizer("sentencepiece", texts=_corpus, vocab_size=300)
+    assert isinstance(tok, tokenizer_lib.SentencePieceTokenizer)
+    assert tok.decode(tok.encode(SAMPLE)) == SAMPLE
+
+
+def test_build_tokenizer_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"Unknown tokenizer 'bpe'.*'byte', 'sentencepiece'"):
+        tokenizer_lib.build_tokenizer("bpe", texts=None, vocab_size=0)
+    missing = str(tmp_path / "missing.model")
+    with pytest.raises(ValueError, match=r"missing\.model' does not exist"):
+        tokenizer_lib.build_tokenizer(missing, texts=None, vocab_size=0)
+    with pytest.raises(ValueError, match="needs texts="):
+        tokenizer_lib.build_tokenizer("sentencepiece", texts=None, vocab_size=300)
+    with pytest.raises(ValueError, match="vocab_size=100 is too small.*at least 261"):
+        tokenizer_lib.train_sentencepiece(_corpus(), vocab_size=100)
+    with pytest.raises(ValueError, match="got no text"):
+        tokenizer_lib.train_sentencepiece([], vocab_size=300)
+    with pytest.raises(ValueError, match="kind='wordpiece'"):
+        tokenizer_lib.tokenizer_from_dict({"kind": "wordpiece"})
