@@ -15,12 +15,8 @@ import jax.numpy as jnp
 from retnet_jax import retention, rotation
 from retnet_jax.config import RetNetConfig
 from retnet_jax.norms import HeadNorm
-from retnet_jax.sharding import EMBED, HEAD_DIM, HEADS, partitioned
-
-
-def xavier_uniform(gain: float):
-    """torchscale's init: xavier-uniform with a gain (fans of the flattened [in, out] matrix)."""
-    return nn.initializers.variance_scaling(gain**2, "fan_avg", "uniform")
+from retnet_jax.projection import Projection
+from retnet_jax.sharding import EMBED, HEAD_DIM, HEADS
 
 
 class MultiScaleRetention(nn.Module):
@@ -49,14 +45,15 @@ class MultiScaleRetention(nn.Module):
         heads, key_dim, value_dim = cfg.num_heads, cfg.key_dim, cfg.head_value_dim
         dtype, param_dtype = cfg.compute_dtype, cfg.params_dtype
 
-        def project(features, name, gain=2**-2.5):
-            return nn.DenseGeneral(
+        def project(features, name):
+            return Projection(
                 features,
+                (EMBED,),
+                (HEADS, HEAD_DIM),
+                init_scale=(2**-2.5) ** 2,  # torchscale: xavier-uniform, gain 2^-2.5
                 use_bias=cfg.use_bias,
                 dtype=dtype,
                 param_dtype=param_dtype,
-                kernel_init=partitioned(xavier_uniform(gain), EMBED, HEADS, HEAD_DIM),
-                bias_init=partitioned(nn.initializers.zeros, HEADS, HEAD_DIM),
                 name=name,
             )(x)
 
@@ -77,14 +74,14 @@ class MultiScaleRetention(nn.Module):
         o, state = self._retention(q, k, v, state)  # [B, T, H, V]
         o = HeadNorm(cfg.head_norm, cfg.head_norm_eps, param_dtype, name="head_norm")(o)
         o = (jax.nn.swish(g.astype(o.dtype)) * o).astype(dtype)
-        y = nn.DenseGeneral(
-            cfg.d_model,
-            axis=(-2, -1),
+        y = Projection(
+            (cfg.d_model,),
+            (HEADS, HEAD_DIM),
+            (EMBED,),
+            init_scale=(2**-1) ** 2,  # torchscale: xavier-uniform, gain 2^-1
             use_bias=cfg.use_bias,
             dtype=dtype,
             param_dtype=param_dtype,
-            kernel_init=partitioned(xavier_uniform(2**-1), HEADS, HEAD_DIM, EMBED),
-            bias_init=partitioned(nn.initializers.zeros, EMBED),
             name="out_proj",
         )(o)
         return y, state

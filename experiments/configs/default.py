@@ -1,60 +1,6 @@
-"""Default experiment: the `tiny` RetNet on the offline default corpus, a few minutes on a laptop CPU.
+"""The default experiment (what `retnet-train --workdir=DIR` runs): the `tiny` RetNet on the offline corpus.
 
-    retnet-train --workdir=/tmp/retnet-tiny
-    retnet-train --workdir=/tmp/retnet-tiny --config=experiments/configs/default.py --config.steps=1000
-
-Every field can be overridden on the command line as ``--config.FIELD=VALUE``.
+retnet-train --workdir=/tmp/retnet-tiny --config=experiments/configs/default.py
 """
 
-import ml_collections
-
-
-def get_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-
-    # Model.
-    c.model = "tiny"  # preset name: tiny, small, paper-1.3b, ..., torchscale-base, ... (see RetNetConfig)
-    c.dtype = "float32"  # compute dtype: float32 or bfloat16 (params stay float32)
-    c.chunk_size = 0  # >0: train with the chunkwise form at this chunk length; 0: the parallel form
-    c.remat = False  # recompute each block in the backward pass (saves activation memory)
-    c.dropout = -1.0  # >=0 overrides the preset's dropout rate
-
-    # Data.
-    c.dataset = "default"  # "default" (offline corpus), "text:DIR_OR_GLOB", or a tfds catalog name
-    c.text_feature = "text"  # feature holding the text in a tfds catalog dataset
-    c.train_split = "train"
-    c.eval_split = "validation"
-    c.data_dir = ""  # where tfds builds and reads datasets ("" = tfds default, ~/tensorflow_datasets)
-    c.tokenizer = "byte"  # "byte", "sentencepiece" (train one on the corpus), or a .model / tokenizer.json
-    c.tokenizer_vocab_size = 4096  # vocabulary of a SentencePiece model trained on the corpus
-    c.seq_len = 128  # tokens per training sequence
-    c.batch_size = 32  # sequences per step, over all devices and hosts
-    c.grain_workers = 0  # grain worker processes (0 = in the main process)
-    c.prefetch = 2  # batches prepared ahead of the training step
-
-    # Optimization (paper defaults: AdamW β = (0.9, 0.98), clip 2.0, warm-up then decay).
-    c.learning_rate = 3e-3
-    c.schedule = "cosine"  # cosine, linear, polynomial, constant (all after linear warm-up)
-    c.warmup_steps = 30
-    c.end_learning_rate_factor = 0.1  # final LR = learning_rate * this factor
-    c.b1 = 0.9
-    c.b2 = 0.98
-    c.eps = 1e-8
-    c.weight_decay = 0.05
-    c.grad_clip = 2.0  # global-norm clipping (0 = off)
-    c.grad_accum_steps = 1  # micro-batches per optimizer step
-    c.z_loss = 0.0  # weight of log(Z)^2 (0 = off)
-
-    # Run.
-    c.steps = 300
-    c.log_every = 10
-    c.eval_every = 100
-    c.eval_batches = 8
-    c.checkpoint_every = 100
-    c.keep_checkpoints = 3
-    c.seed = 0
-    c.mesh = "-1,1,1"  # data,fsdp,tensor axis sizes; -1 = the rest of the devices
-    c.sample_prompt = "def "  # text the run ends by continuing
-    c.sample_tokens = 96
-    c.sample_temperature = 0.7
-    return c
+from retnet_jax.configs.default import get_config  # noqa: F401

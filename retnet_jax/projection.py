@@ -1,0 +1,68 @@
+"""A linear map over several axes whose kernel is created in its final shape with logical axis names.
+
+flax's ``DenseGeneral`` initializes a flattened [in, out] kernel and reshapes it afterwards, which breaks
+logical-axis sharding constraints applied at creation under a mesh. Here the kernel is born
+[*in_axes, *features] (e.g. [D, H, K]), so its names always match its rank.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Callable, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from retnet_jax.sharding import partitioned
+
+
+class Projection(nn.Module):
+    """y = x·W (+ b) contracting the last ``len(in_names)`` axes of x into ``features``.
+
+    Attributes:
+        features: output axis sizes, e.g. (H, K).
+        in_names, out_names: logical axis names of the contracted and the output axes.
+        init_scale, init_mode, init_distribution: ``variance_scaling`` arguments; fans are computed over
+            all contracted axes (fan in) and all output axes (fan out), as for the flat matrix.
+    """
+
+    features: Sequence[int]
+    in_names: Sequence[str]
+    out_names: Sequence[str]
+    init_scale: float = 1.0
+    init_mode: str = "fan_avg"
+    init_distribution: str = "uniform"
+    use_bias: bool = False
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    kernel_init: Callable | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        n_in, n_out = len(self.in_names), len(self.features)
+        in_shape = x.shape[x.ndim - n_in :]
+        in_axes = tuple(range(n_in))
+        out_axes = tuple(range(n_in, n_in + n_out))
+        init = self.kernel_init or nn.initializers.variance_scaling(
+            self.init_scale, self.init_mode, self.init_distribution, in_axis=in_axes, out_axis=out_axes
+        )
+        kernel = self.param(
+            "kernel",
+            partitioned(init, *self.in_names, *self.out_names),
+            (*in_shape, *self.features),
+            self.param_dtype,
+        )
+        letters = string.ascii_lowercase
+        batch = letters[: x.ndim - n_in]
+        contracted = letters[x.ndim - n_in : x.ndim]
+        produced = letters[x.ndim : x.ndim + n_out]
+        y = jnp.einsum(
+            f"{batch}{contracted},{contracted}{produced}->{batch}{produced}",
+            x.astype(self.dtype),
+            kernel.astype(self.dtype),
+        )
+        if self.use_bias:
+            bias_init = partitioned(nn.initializers.zeros, *self.out_names)
+            bias = self.param("bias", bias_init, tuple(self.features), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y

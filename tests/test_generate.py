@@ -1,0 +1,188 @@
+"""Generation: greedy decoding equals the parallel model, batching and padding change nothing, sampling
+options reduce to greedy where they must, streaming equals the one-shot call, the state stays constant."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from retnet_jax.config import RetNetConfig
+from retnet_jax.generate import (
+    Generation,
+    RetNetDecoder,
+    decode_text,
+    generate,
+    prepare_prompts,
+    stream,
+    top_k_filter,
+    top_p_filter,
+)
+from retnet_jax.model import RetNetLM, decode_step, init_state
+from retnet_jax.tokenizer import ByteTokenizer
+from tests.helpers import relative_error
+
+TINY = RetNetConfig.preset("tiny")
+IDS = dict(bos_id=ByteTokenizer.bos_id, pad_id=ByteTokenizer.pad_id)
+# Framed ([BOS] + ids) lengths 1, 5 and 12 in one batch.
+PROMPTS = [[], [10, 20, 30, 40], list(range(50, 61))]
+NEW = 8
+# Two forms of the float32 model (prefill vs token-by-token steps); measured ≈ 1e-6 normwise.
+STATE_RTOL = 1e-5
+# Log-probabilities of the loop vs log_softmax of the parallel logits (values ≈ −3).
+LOGPROB_ATOL = 1e-4
+SAMPLING = dict(temperature=1.0, top_p=0.9)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    model = RetNetLM(TINY)
+    return model, model.init(jax.random.key(1), jnp.zeros((1, 4), jnp.int32))
+
+
+def _generate(lm, prompts=PROMPTS, **kwargs):
+    # Log-probabilities always on: calls that differ only in traced values share one compiled program.
+    model, variables = lm
+    return generate(model, variables, prompts, max_new_tokens=NEW, return_logprobs=True, **IDS, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def greedy(lm):
+    return _generate(lm)
+
+
+def test_greedy_equals_parallel_reference(lm, greedy):
+    """Token by token in Python: argmax of the parallel logits at the last position of the growing row."""
+    model, variables = lm
+    forward = jax.jit(lambda v, t: model.apply(v, t, mode="parallel")[0])
+    rows = np.arange(len(PROMPTS))
+    # Right padding: the model is causal, so what follows a position never changes its logits.
+    seqs = np.full((len(PROMPTS), 32), IDS["pad_id"], np.int32)
+    ends = np.array([len(p) + 1 for p in PROMPTS])
+    for b, prompt in enumerate(PROMPTS):
+        seqs[b, : ends[b]] = [IDS["bos_id"], *prompt]
+    tokens, logprobs = [], []
+    for _ in range(NEW):
+        logits = np.asarray(forward(variables, seqs))[rows, ends - 1]  # [B, N]
+        token = logits.argmax(-1)
+        tokens.append(token)
+        logprobs.append(np.asarray(jax.nn.log_softmax(logits))[rows, token])
+        seqs[rows, ends] = token
+        ends += 1
+    np.testing.assert_array_equal(greedy.tokens, np.stack(tokens, 1))
+    np.testing.assert_array_equal(greedy.lengths, [NEW] * len(PROMPTS))
+    np.testing.assert_allclose(greedy.logprobs, np.stack(logprobs, 1), atol=LOGPROB_ATOL)
+
+
+def test_batched_equals_one_by_one(lm, greedy):
+    for b, prompt in enumerate(PROMPTS):
+        alone = _generate(lm, [prompt])
+        np.testing.assert_array_equal(alone.tokens[0], greedy.tokens[b])
+
+
+@pytest.mark.parametrize("mode,chunk", [("chunkwise", 5), ("parallel", None)])
+def test_prefill_state_equals_recurrent_steps(lm, mode, chunk):
+    """The padded batch's prefill state equals each unpadded prompt stepped through one token at a time."""
+    model, variables = lm
+    decoder = RetNetDecoder(model, mode, chunk)
+    tokens, pads = prepare_prompts(PROMPTS, **IDS)
+    logits, state = jax.jit(decoder.prefill)(variables, tokens, decoder.init_state(jnp.asarray(pads), 0))
+    step = jax.jit(lambda t, s: decode_step(model, variables, t, s))
+    for b, prompt in enumerate(PROMPTS):
+        expected = init_state(TINY, 1)
+        for token in [IDS["bos_id"], *prompt]:
+            expected_logits, expected = step(jnp.asarray([token]), expected)
+        assert relative_error(state.kv[b], expected.kv[0]) < STATE_RTOL
+        assert relative_error(logits[b], expected_logits[0]) < STATE_RTOL
+        np.testing.assert_array_equal(state.count[b], expected.count[0])
+
+
+def test_state_shapes_do_not_depend_on_position(lm):
+    """Constant memory: the step's state has the same shapes after a short and a long prompt."""
+    model, variables = lm
+    decoder = RetNetDecoder(model)
+    shapes = []
+    for prompts in ([[1]], [list(range(100))]):
+        tokens, pads = prepare_prompts(prompts, **IDS)
+        state0 = decoder.init_state(jnp.asarray(pads), 0)
+        _, state = jax.eval_shape(decoder.prefill, variables, tokens, state0)
+        _, after = jax.eval_shape(decoder.step, variables, jnp.zeros((1,), jnp.int32), state)
+        assert jax.tree.map(lambda a: (a.shape, a.dtype), after) == jax.tree.map(
+            lambda a: (a.shape, a.dtype), state
+        )
+        shapes.append(jax.tree.map(lambda a: (a.shape, a.dtype), after))
+    assert shapes[0] == shapes[1]
+
+
+def test_sampling_is_reproducible_and_reduces_to_greedy(lm, greedy):
+    a = _generate(lm, **SAMPLING, seed=3).tokens
+    np.testing.assert_array_equal(a, _generate(lm, **SAMPLING, seed=3).tokens)
+    assert not np.array_equal(a, _generate(lm, **SAMPLING, seed=4).tokens)
+    tiny_p = _generate(lm, temperature=1.0, top_p=1e-6, seed=5)
+    np.testing.assert_array_equal(tiny_p.tokens, greedy.tokens)
+    top_1 = _generate(lm, temperature=1.0, top_k=1, seed=5)
+    np.testing.assert_array_equal(top_1.tokens, greedy.tokens)
+
+
+def test_filters():
+    logits = jnp.asarray([[2.0, 1.0, 0.0, -1.0], [0.0, 3.0, 3.0, 1.0]])
+    inf = -np.inf
+    np.testing.assert_array_equal(top_k_filter(logits, 2), [[2, 1, inf, inf], [inf, 3, 3, inf]])
+    np.testing.assert_array_equal(top_k_filter(logits, 0), logits)
+    # Probabilities of row 0 ≈ (.64, .24, .09, .03): p = 0.7 keeps the first two.
+    np.testing.assert_array_equal(top_p_filter(logits[:1], 0.7), [[2, 1, inf, inf]])
+    np.testing.assert_array_equal(top_p_filter(logits, 1e-6), [[2, inf, inf, inf], [inf, 3, inf, inf]])
+
+
+def test_stop_tokens_end_rows_and_pad_the_rest(lm, greedy):
+    stops = {int(greedy.tokens[0, 2]), int(greedy.tokens[2, 5])}
+    result = _generate(lm, stop_tokens=tuple(stops))
+    for b, row in enumerate(greedy.tokens):
+        hits = [i for i, t in enumerate(row) if t in stops]
+        n = hits[0] + 1 if hits else NEW
+        assert result.lengths[b] == n
+        np.testing.assert_array_equal(result.tokens[b, :n], row[:n])
+        assert np.all(result.tokens[b, n:] == IDS["pad_id"])
+        assert np.all(result.logprobs[b, n:] == 0)
+    assert result.lengths[0] <= 3 and result.lengths[2] <= 6
+
+
+def test_streaming_equals_one_shot(lm):
+    model, variables = lm
+    one_shot = _generate(lm, **SAMPLING, seed=3)
+    kwargs = dict(max_new_tokens=NEW, block_size=3, seed=3, return_logprobs=True, **SAMPLING, **IDS)
+    blocks = list(stream(model, variables, PROMPTS, **kwargs))
+    assert [b.tokens.shape[1] for b in blocks] == [3, 3, 2]
+    np.testing.assert_array_equal(np.concatenate([b.tokens for b in blocks], 1), one_shot.tokens)
+    np.testing.assert_array_equal(sum(b.lengths for b in blocks), one_shot.lengths)
+    np.testing.assert_allclose(np.concatenate([b.logprobs for b in blocks], 1), one_shot.logprobs, atol=1e-6)
+
+
+def test_decode_text_keeps_characters_whole():
+    ids = list("añb€".encode())  # ñ is 2 bytes, € is 3
+    blocks = [ids[:2], ids[2:4], ids[4:6], ids[6:]]
+    gens = [Generation(np.asarray([b], np.int32), np.asarray([len(b)], np.int32)) for b in blocks]
+    pieces = [p[0] for p in decode_text(gens, ByteTokenizer())]
+    assert pieces == ["a", "ñb", "", "€"]
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(temperature=-0.5), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=-1), "top_k"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(prompts=[[1, 2], [3, 264]]), r"token id 264 .*vocab_size 264"),
+        (dict(prompts=[[-1]]), r"token id -1 .*vocab_size 264"),
+        (dict(stop_tokens=(999,)), r"999 .*vocab_size 264"),
+    ],
+)
+def test_bad_arguments_raise(lm, kwargs, match):
+    model, variables = lm
+    kwargs = {"max_new_tokens": NEW, **IDS, **kwargs}
+    prompts = kwargs.pop("prompts", PROMPTS)
+    with pytest.raises(ValueError, match=match):
+        generate(model, variables, prompts, **kwargs)
+    with pytest.raises(ValueError, match=match):  # checked at the call, before the first block
+        stream(model, variables, prompts, **kwargs)

@@ -1,0 +1,247 @@
+"""Training: the loop's outputs, exact resumption after SIGTERM and SIGKILL, sharding, bad input."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from retnet_jax import reporting, train
+from retnet_jax.sharding import make_mesh
+
+# Losses of the same steps under different meshes: the reductions run in another order, so float32
+# rounding differs; measured ≤ 3e-7 relative.
+MESH_LOSS_RTOL = 1e-5
+
+
+def small_config(**overrides):
+    config = train.default_config()
+    config.update(
+        dict(
+            seq_len=32,
+            batch_size=8,
+            steps=12,
+            warmup_steps=2,
+            log_every=1,
+            eval_every=6,
+            eval_batches=2,
+            checkpoint_every=3,
+            sample_tokens=0,
+        )
+    )
+    config.update(overrides)
+    return config
+
+
+def _cli_args(config, workdir):
+    args = [sys.executable, "-m", "retnet_jax.train_cli", f"--workdir={workdir}"]
+    defaults = train.default_config()
+    for key, value in config.items():
+        if defaults[key] != value:
+            args.append(f"--config.{key}={value}")
+    return args
+
+
+def _train_losses(workdir):
+    return {r["step"]: r["loss"] for r in reporting.read_metrics(workdir) if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """One full run of the small config, shared by the tests that compare against it."""
+    workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+    config = small_config()
+    state = train.train_and_evaluate(config, workdir)
+    return workdir, config, state
+
+
+def test_run_writes_metrics_plot_events_and_checkpoints(uninterrupted):
+    workdir, config, state = uninterrupted
+    records = reporting.read_metrics(workdir)
+    train_lines = [r for r in records if "loss" in r]
+    eval_lines = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in train_lines] == list(range(1, config.steps + 1))
+    assert [r["step"] for r in eval_lines] == [0, 6, 12]
+    for r in train_lines:
+        assert np.isfinite(r["loss"]) and r["grad_norm"] > 0 and r["param_norm"] > 0
+        assert 0 <= r["learning_rate"] <= config.learning_rate * (1 + 1e-6)
+    # Throughput is reported after the compiling first step.
+    assert all("tokens_per_sec" in r for r in train_lines[1:])
+    assert train_lines[-1]["loss"] < train_lines[0]["loss"] - 0.5
+    assert eval_lines[-1]["eval_loss"] < eval_lines[0]["eval_loss"]
+    assert np.isclose(eval_lines[0]["eval_perplexity"], np.exp(eval_lines[0]["eval_loss"]))
+    assert os.path.getsize(os.path.join(workdir, reporting.PLOT_FILE)) > 1000
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "tensorboard")))
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["12", "6", "9"]
+    assert int(state.step) == config.steps
+
+
+def test_resume_after_sigterm_and_sigkill_is_bit_exact(uninterrupted, tmp_path):
+    """SIGTERM saves and exits within seconds; SIGKILL loses only unsaved steps; losses equal bit for bit."""
+    reference_dir, config, _ = uninterrupted
+    expected = _train_losses(reference_dir)
+    workdir = str(tmp_path / "run")
+    args = _cli_args(config, workdir)
+    rng = random.Random(int(time.time()))
+
+    def run_until(step, sig):
+        process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 240
+        while max(_train_losses(workdir), default=0) < step:
+            assert process.poll() is None, process.communicate()[0][-3000:]
+            assert time.time() < deadline, "training did not reach the step in time"
+            time.sleep(0.05)
+        sent = time.time()
+        process.send_signal(sig)
+        out = process.communicate(timeout=60)[0]
+        return time.time() - sent, out
+
+    term_step = rng.randint(2, 6)
+    seconds, out = run_until(term_step, signal.SIGTERM)
+    assert seconds < 15, f"SIGTERM took {seconds:.1f}s"
+    assert "Preempted (SIGTERM): saved step" in out
+    saved = max(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")))
+    assert saved >= term_step
+
+    kill_step = rng.randint(saved + 1, config.steps - 1)
+    run_until(kill_step, signal.SIGKILL)
+
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "resumed at step" in done.stdout + done.stderr
+    assert _train_losses(workdir) == expected  # bit for bit, every step
+
+
+def test_sharded_losses_equal_single_device_and_follow_the_rules():
+    config = small_config(model="tiny", batch_size=8, seq_len=16)
+    rng = np.random.default_rng(0)
+    batches = [
+        {
+            "inputs": rng.integers(0, 259, (8, 16)).astype(np.int32),
+            "targets": rng.integers(0, 259, (8, 16)).astype(np.int32),
+        }
+        for _ in range(3)
+    ]
+
+    def losses(mesh):
+        trainer = train.Trainer(config, 264, mesh)
+        state = trainer.init(0)
+        out = []
+        for b in batches:
+            state, metrics = trainer.train_step(state, trainer.global_batch(b))
+            out.append(float(metrics["loss"]))
+        return np.array(out), trainer, state
+
+    single, _, _ = losses(make_mesh((1, 1, 1), devices=jax.devices()[:1]))
+    for shape in ((8, 1, 1), (2, 4, 1), (2, 2, 2)):
+        sharded, trainer, state = losses(make_mesh(shape))
+        np.testing.assert_allclose(sharded, single, rtol=MESH_LOSS_RTOL)
+        if shape == (2, 2, 2):
+            p = state.params
+            spec = lambda x: tuple(x.sharding.spec)  # noqa: E731
+            assert spec(p["embed"]["embedding"]) == ("tensor", "fsdp")
+            assert spec(p["layers"]["retention"]["q_proj"]["kernel"]) == (None, "fsdp", "tensor", None)
+            assert spec(p["layers"]["retention"]["out_proj"]["kernel"]) == (None, "tensor", None, "fsdp")
+            assert spec(p["layers"]["ffn"]["fc1"]["kernel"]) == (None, "fsdp", "tensor")
+            assert spec(p["head"]["kernel"]) == ("fsdp", "tensor")
+            mu = state.opt_state[1][0].mu["layers"]["ffn"]["fc2"]["kernel"]
+            assert spec(mu) == (None, "tensor", "fsdp")
+            assert trainer.batch_sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), None)
+
+
+def test_gradient_accumulation_matches_the_full_batch():
+    config = small_config(batch_size=16, seq_len=16)
+    mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    rng = np.random.default_rng(1)
+    batch = {k: rng.integers(0, 259, (16, 16)).astype(np.int32) for k in ("inputs", "targets")}
+    results = []
+    for micro in (1, 4):
+        config.grad_accum_steps = micro
+        trainer = train.Trainer(config, 264, mesh)
+        _, metrics = trainer.train_step(trainer.init(0), trainer.global_batch(batch))
+        results.append(jax.device_get(metrics))
+    # Same mean loss and gradient; measured ≈ 1e-7 relative.
+    np.testing.assert_allclose(results[1]["loss"], results[0]["loss"], rtol=1e-5)
+    np.testing.assert_allclose(results[1]["grad_norm"], results[0]["grad_norm"], rtol=1e-4)
+
+
+def test_cross_entropy_and_z_loss():
+    logits = jnp.array([[[0.0, jnp.log(3.0)]]])
+    targets = jnp.array([[1]])
+    objective, ce = train.cross_entropy(logits, targets, z_loss=0.5)
+    np.testing.assert_allclose(ce, -np.log(0.75), rtol=1e-6)
+    np.testing.assert_allclose(objective, -np.log(0.75) + 0.5 * np.log(4.0) ** 2, rtol=1e-6)
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    config = small_config(learning_rate=1e9, grad_clip=0.0, warmup_steps=0, steps=12, checkpoint_every=1)
+    with pytest.raises(FloatingPointError, match=r"the loss became (nan|inf) at step (\d+)") as info:
+        train.train_and_evaluate(config, str(tmp_path))
+    message = str(info.value)
+    bad_step = int(message.split(" at step ")[1].split(".")[0])
+    saved = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints"))
+    assert saved and max(saved) < bad_step
+    assert f"last good checkpoint is step {max(saved)}" in message
+
+
+def test_bad_input_is_named(tmp_path):
+    with pytest.raises(ValueError, match=r"batch_size=12 is not divisible by the data-parallel size 8"):
+        train.train_and_evaluate(small_config(batch_size=12), str(tmp_path / "a"))
+    with pytest.raises(ValueError, match="Unknown dataset 'no_such_corpus_xyz'|no_such_corpus_xyz"):
+        train.train_and_evaluate(small_config(dataset="no_such_corpus_xyz"), str(tmp_path / "b"))
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match="Cannot write checkpoints to"):
+        train.train_and_evaluate(small_config(), str(blocker / "run"))
+    with pytest.raises(ValueError, match="--config.mesh"):
+        train.train_and_evaluate(small_config(mesh="3,1,1"), str(tmp_path / "c"))
+    with pytest.raises(ValueError, match="--config.arch must be one of"):
+        train.train_and_evaluate(small_config(arch="lstm"), str(tmp_path / "d"))
+
+
+def test_workdir_of_another_config_is_refused_untouched(uninterrupted):
+    workdir, config, _ = uninterrupted
+
+    def files():
+        return {
+            os.path.join(root, f): os.path.getmtime(os.path.join(root, f))
+            for root, _, names in os.walk(workdir)
+            for f in names
+        }
+
+    before = files()
+    with pytest.raises(ValueError, match="seq_len"):
+        train.train_and_evaluate(small_config(seq_len=64), workdir)
+    assert files() == before
+
+
+def test_load_for_inference_restores_the_trained_params(uninterrupted):
+    workdir, config, state = uninterrupted
+    model, variables, tokenizer, loaded = train.load_for_inference(workdir)
+    assert loaded.seq_len == config.seq_len and tokenizer.vocab_size == 259
+    for a, b in zip(jax.tree.leaves(variables["params"]), jax.tree.leaves(state.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(FileNotFoundError, match="No checkpoints in"):
+        train.load_for_inference(os.path.join(workdir, "tensorboard"))
+    with pytest.raises(ValueError, match="--checkpoint must be a step directory"):
+        train.load_for_inference(checkpoint=os.path.join(workdir, "checkpoints"))
+
+
+def test_cli_help_documents_the_config_fields():
+    out = subprocess.run(
+        [sys.executable, "-m", "retnet_jax.train_cli", "--help"], capture_output=True, text=True
+    ).stdout
+    for flag in (
+        "--workdir",
+        "--config.steps",
+        "--config.checkpoint_every",
+        "--config.seed",
+        "--config.mesh",
+    ):
+        assert flag in out, flag
