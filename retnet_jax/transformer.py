@@ -25,7 +25,7 @@ Attention runs through ``jax.nn.dot_product_attention``: cuDNN's flash attention
 XLA's einsum-softmax elsewhere (TPU, CPU, float32) — ``attention_impl`` picks.
 
 Decoding keeps a ``KVCache`` of every layer's rotated keys and values, batch-major like the RetNet state
-(k, v: [B, L, S, H, K] in the compute dtype, length: [B]); it grows with S = max_length, which is the cost
+(k, v: [B, L, H, S, K] in the compute dtype, length: [B]); it grows with S = max_length, which is the cost
 the RetNet's O(1) state avoids. Calls with a cache write the new keys at each row's length and attend over
 the cache through an explicit mask (XLA's attention, whatever ``attention_impl``).
 """
@@ -52,7 +52,7 @@ from retnet_jax.sharding import BATCH, EMBED, HEAD_DIM, HEADS, LAYERS, LENGTH, V
 ATTENTION_IMPLS = ("auto", "cudnn", "xla")
 ACTIVATION_AXES = (BATCH, LENGTH, EMBED)
 HEAD_AXES = (BATCH, LENGTH, HEADS, HEAD_DIM)
-CACHE_AXES = (BATCH, LAYERS, LENGTH, HEADS, HEAD_DIM)  # logical axes of KVCache.k and .v
+CACHE_AXES = (BATCH, LAYERS, HEADS, LENGTH, HEAD_DIM)  # logical axes of KVCache.k and .v
 HALF_DTYPES = ("bfloat16", "float16")
 
 
@@ -236,7 +236,7 @@ def cached_attention(q, k, v, k_cache, v_cache, layer, positions):
 
     Args:
         q, k, v: [B, T, H, K] the call's rotated queries, keys and values.
-        k_cache, v_cache: [B, L, S, H, K] every layer's cache, holding each row's first ``length`` tokens.
+        k_cache, v_cache: [B, L, H, S, K] every layer's cache, holding each row's first ``length`` tokens.
         layer: index of this layer in L.
         positions: [B, T] absolute positions of the call's tokens (the row's cache length + 0..T−1).
             Negative positions are left pads: attended by no one (their own output is meaningless).
@@ -245,13 +245,13 @@ def cached_attention(q, k, v, k_cache, v_cache, layer, positions):
         o [B, T, H, K] in q's dtype.
     """
     dtype = jnp.promote_types(q.dtype, jnp.float32)
-    k_old = jax.lax.dynamic_index_in_dim(k_cache, layer, axis=1, keepdims=False)  # [B, S, H, K]
+    k_old = jax.lax.dynamic_index_in_dim(k_cache, layer, axis=1, keepdims=False)  # [B, H, S, K]
     v_old = jax.lax.dynamic_index_in_dim(v_cache, layer, axis=1, keepdims=False)
     q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
     if USE_REDUCE and q.shape[1] == 1:
-        old = jnp.sum(q[:, :, None].astype(dtype) * k_old[:, None].astype(dtype), -1).transpose(0, 3, 1, 2)
+        old = jnp.sum(q[:, 0, :, None].astype(dtype) * k_old.astype(dtype), -1)[:, :, None]  # [B, H, 1, S]
     else:
-        old = jnp.einsum("BTHK,BSHK->BHTS", q, k_old, preferred_element_type=dtype)  # [B, H, T, S]
+        old = jnp.einsum("BTHK,BHSK->BHTS", q, k_old, preferred_element_type=dtype)  # [B, H, T, S]
     new = jnp.einsum("BTHK,BUHK->BHTU", q, k, preferred_element_type=dtype)  # [B, H, T, U], U = T
     slots = jnp.arange(k_old.shape[1])
     cached = slots[None, :] < positions[:, :1]  # [B, S]: slots filled before this call
@@ -262,9 +262,9 @@ def cached_attention(q, k, v, k_cache, v_cache, layer, positions):
     probs = jax.nn.softmax(jnp.concatenate([old, new], axis=-1), axis=-1)  # [B, H, T, S + U]
     p_old, p_new = probs[..., : old.shape[-1]], probs[..., old.shape[-1] :]
     if USE_REDUCE and q.shape[1] == 1:
-        o = jnp.sum(p_old[:, :, 0, :, None].transpose(0, 2, 1, 3) * v_old.astype(dtype), axis=1)[:, None]
+        o = jnp.sum(p_old[:, :, 0, :, None] * v_old.astype(dtype), axis=2)[:, None]  # [B, 1, H, K]
     else:
-        o = jnp.einsum("BHTS,BSHK->BTHK", p_old.astype(v_old.dtype), v_old, preferred_element_type=dtype)
+        o = jnp.einsum("BHTS,BHSK->BTHK", p_old.astype(v_old.dtype), v_old, preferred_element_type=dtype)
     o = o + jnp.einsum("BHTU,BUHK->BTHK", p_new.astype(v.dtype), v, preferred_element_type=dtype)
     return o.astype(q.dtype)
 
@@ -276,8 +276,9 @@ class KVCache(NamedTuple):
     """The decoding cache; every array is batch-major so rows can be selected or reordered.
 
     Attributes:
-        k: [B, L, S, H, K] rotated keys of every layer, compute dtype; slots >= length are unused.
-        v: [B, L, S, H, K] values.
+        k: [B, L, H, S, K] rotated keys of every layer, compute dtype; slots >= length are unused. Heads
+            before slots: one layer's [B, H, S, K] is read by the attention products without a transpose.
+        v: [B, L, H, S, K] values.
         length: [B] int32: tokens cached so far (the absolute position of the next token). A negative
             start −p announces p left pads, as the RetNet state's count: they are neither cached nor
             attended to, and the row's first real token sits at position 0.
@@ -289,14 +290,14 @@ class KVCache(NamedTuple):
 
     @property
     def max_length(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
 
 def init_cache(config: TransformerConfig, batch: int, max_length: int) -> KVCache:
     """The empty cache for ``max_length`` tokens: 2·B·L·S·D values of the compute dtype."""
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
         raise ValueError(f"init_cache: max_length must be an integer >= 1; got {max_length!r}.")
-    shape = (batch, config.num_layers, max_length, config.num_heads, config.head_dim)
+    shape = (batch, config.num_layers, config.num_heads, max_length, config.head_dim)
     # Two arrays, not one shared: a jitted step that donates the cache must not donate a buffer twice.
     k, v = (jnp.zeros(shape, config.compute_dtype) for _ in range(2))
     return KVCache(k, v, jnp.zeros((batch,), jnp.int32))
@@ -314,7 +315,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, cache=None, layer=0):
-        """x: [B, T, D]; positions: [B or 1, T]; cache: (k, v) [B, L, S, H, K] or None; layer: index in L.
+        """x: [B, T, D]; positions: [B or 1, T]; cache: (k, v) [B, L, H, S, K] or None; layer: index in L.
 
         Returns:
             (y [B, T, D], (k, v) [B, T, H, K] of this call for the cache).
@@ -446,7 +447,7 @@ class TransformerLM(nn.Module):
         cache = None
         if state is not None:
             positions = state.length[:, None] + positions  # [B, T]
-            cache = (state.k, state.v)  # [B, L, S, H, K] each
+            cache = (state.k, state.v)  # [B, L, H, S, K] each
 
         block_args = dict(
             config=cfg,
@@ -491,6 +492,7 @@ class TransformerLM(nn.Module):
             return logits, None
         k, v = new_kv  # [B, L, T, H, K]
         if state is None:
+            k, v = jnp.swapaxes(k, 2, 3), jnp.swapaxes(v, 2, 3)  # [B, L, H, T, K]
             return logits, KVCache(k, v, jnp.full((batch,), length, jnp.int32))
         # Rows whose call runs past the cache lost keys (dropped writes): make that loud, not silent.
         overflow = state.length + length > state.max_length  # [B]
@@ -502,9 +504,9 @@ def _write(cache: KVCache, k, v, positions) -> KVCache:
     """The cache with k, v [B, L, T, H, K] written at positions [B, T]; pads (< 0) and slots >= S dropped."""
     rows = jnp.arange(k.shape[0])[:, None]  # [B, 1]
     slots = jnp.where(positions < 0, cache.max_length, positions)  # out of range: dropped, not wrapped
-    # Indices (rows, :, slots) put the indexed axes first: values go in as [B, T, L, H, K]. In place when
-    # the caller donates the cache.
-    write = lambda c, new: c.at[rows, :, slots].set(jnp.swapaxes(new, 1, 2).astype(c.dtype), mode="drop")
+    # Indices (rows, :, :, slots) put the indexed axes first: values go in as [B, T, L, H, K]. In place
+    # when the caller donates the cache.
+    write = lambda c, new: c.at[rows, :, :, slots].set(jnp.swapaxes(new, 1, 2).astype(c.dtype), mode="drop")
     return KVCache(write(cache.k, k), write(cache.v, v), cache.length + positions.shape[1])
 
 
@@ -524,7 +526,7 @@ def prefill(model: TransformerLM, variables, tokens, max_length: int):
             f"raise max_length to at least the prompt length plus the tokens to decode."
         )
     logits, cache = model.apply(variables, tokens, return_state=True)
-    pad = [(0, 0), (0, 0), (0, max_length - tokens.shape[1]), (0, 0), (0, 0)]
+    pad = [(0, 0), (0, 0), (0, 0), (0, max_length - tokens.shape[1]), (0, 0)]
     return logits, cache._replace(k=jnp.pad(cache.k, pad), v=jnp.pad(cache.v, pad))
 
 
@@ -584,7 +586,7 @@ def _check_call(cfg: TransformerConfig, tokens, cache, mode, chunk_size):
     if (
         not isinstance(cache, KVCache)
         or cache.k.ndim != 5
-        or (cache.k.shape[0], *cache.k.shape[1:2], *cache.k.shape[3:]) != (batch, *per_layer)
+        or (*cache.k.shape[:3], cache.k.shape[4]) != (batch, *per_layer)
         or cache.v.shape != cache.k.shape
         or cache.length.shape != (batch,)
     ):
@@ -595,7 +597,7 @@ def _check_call(cfg: TransformerConfig, tokens, cache, mode, chunk_size):
         )
         raise ValueError(
             f"TransformerLM: the cache does not fit this model and batch: expected k and v of shape "
-            f"({batch}, {cfg.num_layers}, max_length, {cfg.num_heads}, {cfg.head_dim}) and length "
+            f"({batch}, {cfg.num_layers}, {cfg.num_heads}, max_length, {cfg.head_dim}) and length "
             f"({batch},); got {got}. Was it made for another config or batch size? Build one with "
             f"retnet_jax.transformer.init_cache(config, batch={batch}, max_length=...)."
         )

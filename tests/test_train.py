@@ -245,3 +245,46 @@ def test_cli_help_documents_the_config_fields():
         "--config.mesh",
     ):
         assert flag in out, flag
+
+
+DRIVER = """
+import sys
+import jax, jax.numpy as jnp
+from retnet_jax import distributed, train
+distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+config = train.default_config()
+config.update(dict(seq_len=16, batch_size=4, steps=2, warmup_steps=1, log_every=1, eval_every=2,
+                   eval_batches=1, checkpoint_every=2, sample_tokens=0))
+state = train.train_and_evaluate(config, sys.argv[3])
+total = sum(jnp.sum(x) for x in jax.tree.leaves(state.params))
+print("PROCESSES", jax.process_count(), "DEVICES", jax.device_count(), "CHECKSUM", repr(float(total)))
+"""
+
+
+def test_two_processes_train_together(tmp_path):
+    """Two CPU processes on localhost (one device each) train 2 steps as one mesh and agree."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    workdir = str(tmp_path / "run")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", DRIVER, f"localhost:{port}", str(i), workdir],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+    summaries = [next(line for line in out.splitlines() if line.startswith("PROCESSES")) for out in outs]
+    assert summaries[0] == summaries[1]
+    assert summaries[0].startswith("PROCESSES 2 DEVICES 2 CHECKSUM")
+    assert [r["step"] for r in reporting.read_metrics(workdir) if "loss" in r] == [1, 2]
+    assert os.listdir(os.path.join(workdir, "checkpoints")) == ["2"]

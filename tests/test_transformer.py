@@ -77,7 +77,7 @@ def test_decoding_equals_full_forward(config):
     stepped, cache = _decode_all(model, variables, tokens, init_cache(config, 2, MAX_LENGTH))
     assert relative_error(stepped, full) < LOGITS_RTOL
     np.testing.assert_array_equal(cache.length, [12, 12])
-    assert cache.k.shape == (2, config.num_layers, MAX_LENGTH, config.num_heads, config.head_dim)
+    assert cache.k.shape == (2, config.num_layers, config.num_heads, MAX_LENGTH, config.head_dim)
 
 
 def test_prefill_then_decode_equals_full_forward():
@@ -87,7 +87,7 @@ def test_prefill_then_decode_equals_full_forward():
     prompt = 5
     run_prefill = jax.jit(prefill, static_argnames=("model", "max_length"))
     logits, cache = run_prefill(model, variables, tokens[:, :prompt], max_length=MAX_LENGTH)
-    assert cache.k.shape[2] == MAX_LENGTH
+    assert cache.max_length == MAX_LENGTH
     decoded, _ = _decode_all(model, variables, tokens[:, prompt:], cache)
     assert relative_error(jnp.concatenate([logits, decoded], 1), full) < LOGITS_RTOL
 
