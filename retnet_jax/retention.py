@@ -173,21 +173,64 @@ def _powers(exponents, log_decay):
     return jnp.exp(exponents.astype(log_decay.dtype)[..., None] * log_decay)
 
 
-def _intra_chunk(q, k, v, log_decay, acc):
-    """Σ_{j ≤ i} γ^(i−j) (q_i · k_j) v_j inside each chunk: [B, G, C, H, K|V] → [B, G, C, H, V] (acc)."""
+def _decayed_scores(q, k, log_decay, row_scale, acc):
+    """W_ij = (q_i · k_j) γ^(i−j) s_i for j ≤ i, else 0, inside each chunk: [B, G, C, H, K] → [B, G, H, C, S].
+
+    s_i is the row factor (1/sqrt(c_n), or None). Low-precision inputs keep the raw scores in their own
+    dtype (accumulated in float32 by the product) to halve the largest intermediate; the decay and row
+    factors are applied in float32 and the result is returned in ``acc``.
+    """
     i = jnp.arange(q.shape[2])
     rel = i[:, None] - i[None, :]  # [C, S]
     exponent = jnp.where(rel >= 0, rel * log_decay[:, None, None], -jnp.inf)  # [H, C, S]
-    scores = jnp.einsum("BGCHK,BGSHK->BGHCS", q, k, preferred_element_type=acc)
-    weights = (scores * jnp.exp(exponent)).astype(v.dtype)
-    return jnp.einsum("BGHCS,BGSHV->BGCHV", weights, v, preferred_element_type=acc)
+    scores = jnp.einsum("BGCHK,BGSHK->BGHCS", q, k, preferred_element_type=_intermediate(q.dtype, acc))
+    weights = scores.astype(acc) * jnp.exp(exponent)
+    if row_scale is not None:  # [B, G, C, H]
+        weights = weights * jnp.moveaxis(row_scale, -1, 2)[..., None]
+    return weights
+
+
+def _intermediate(dtype, acc):
+    """Dtype of the large intermediates: the input's own if it is below 32 bits, else the accumulator."""
+    return jnp.dtype(dtype) if jnp.finfo(dtype).bits < 32 else acc
 
 
 def _chunk_updates(k, v, log_decay, acc):
-    """Σ_j γ^(C−1−j) k_jᵀ v_j for each chunk: [B, G, C, H, K|V] → [G, B, H, K, V] (acc)."""
+    """Σ_j γ^(C−1−j) k_jᵀ v_j for each chunk: [B, G, C, H, K|V] → [B, G, H, K, V] (acc)."""
     size = k.shape[2]
     k_decayed = (k * _powers(size - 1 - jnp.arange(size), log_decay)[..., None]).astype(k.dtype)
-    return jnp.einsum("BGSHK,BGSHV->GBHKV", k_decayed, v, preferred_element_type=acc)
+    return jnp.einsum("BGSHK,BGSHV->BGHKV", k_decayed, v, preferred_element_type=acc)
+
+
+# Up to this many chunks, the states entering the chunks come from one product with a [G+1, G] decay
+# matrix per head (no sequential loop); beyond it the O(G²) product costs more than a scan.
+MATRIX_CARRY_MAX_CHUNKS = 64
+
+
+def _carry_states(updates, kv, log_decay, size):
+    """States entering each chunk and after the last: S_g = γ^(C·g) S_0 + Σ_{f<g} γ^(C(g−1−f)) U_f.
+
+    Args:
+        updates: U [B, G, H, K, V]; kv: S_0 [B, H, K, V]; size: C.
+
+    Returns:
+        (states entering the chunks [B, G, H, K, V], final state [B, H, K, V]).
+    """
+    groups = updates.shape[1]
+    if groups > MATRIX_CARRY_MAX_CHUNKS:
+        chunk_decay = jnp.exp(size * log_decay)[:, None, None]  # [H, 1, 1]
+
+        def step(state, update):
+            return chunk_decay * state + update, state
+
+        final, before = jax.lax.scan(step, kv, jnp.moveaxis(updates, 1, 0))
+        return jnp.moveaxis(before, 0, 1), final
+    g = jnp.arange(groups + 1)
+    rel = g[:, None] - 1 - jnp.arange(groups)[None, :]  # [G+1, F]
+    exponent = jnp.where(rel >= 0, (rel * size) * log_decay[:, None, None], -jnp.inf)  # [H, G+1, F]
+    states = jnp.einsum("HGF,BFHKV->BGHKV", jnp.exp(exponent), updates)
+    states = states + _powers(g * size, log_decay)[None, :, :, None, None] * kv[:, None]
+    return states[:, :groups], states[:, groups]
 
 
 def update_state(k, v, log_decay, state: RetentionState) -> RetentionState:
@@ -199,7 +242,7 @@ def update_state(k, v, log_decay, state: RetentionState) -> RetentionState:
     acc = _accumulator(k.dtype)
     log_decay = log_decay.astype(acc)
     size = k.shape[1]
-    update = _chunk_updates(k[:, None], v[:, None], log_decay, acc)[0]
+    update = _chunk_updates(k[:, None], v[:, None], log_decay, acc)[:, 0]
     kv = jnp.exp(size * log_decay)[:, None, None] * state.kv.astype(acc) + update
     return RetentionState(kv, state.count + size)
 
@@ -221,9 +264,9 @@ def parallel(q, k, v, log_decay, *, normalize: bool = True):
     _check_inputs("parallel", q, k, v, log_decay, None)
     acc = _accumulator(q.dtype)
     log_decay = log_decay.astype(acc)
-    o = _intra_chunk(q[:, None], k[:, None], v[:, None], log_decay, acc)[:, 0]  # [B, T, H, V]
-    if normalize:
-        o = o * _row_scale(jnp.arange(q.shape[1]), log_decay)[..., None]
+    row_scale = _row_scale(jnp.arange(q.shape[1]), log_decay)[None, None] if normalize else None
+    weights = _decayed_scores(q[:, None], k[:, None], log_decay, row_scale, acc)[:, 0]  # [B, H, T, S]
+    o = jnp.einsum("BHTS,BSHV->BTHV", weights.astype(v.dtype), v, preferred_element_type=acc)
     return o.astype(v.dtype)
 
 
@@ -273,27 +316,32 @@ def recurrent(q, k, v, log_decay, *, state: RetentionState | None = None, normal
 
 
 def _chunks(q, k, v, log_decay, state, size, normalize):
-    """Chunkwise retention over T = G·size tokens, starting from ``state``."""
-    batch, length, heads, key_dim = q.shape
+    """Chunkwise retention over T = G·size tokens, starting from ``state``.
+
+    Per chunk, o = [W | Q̃] · [V ; S_g]: the decayed in-chunk scores W and the decayed queries
+    Q̃_i = q_i γ^(i+1) (both with the row factor folded in) meet the chunk's values and entering state
+    in one product, so the inner and cross terms never exist as separate float32 arrays.
+    """
+    batch, length, heads, _ = q.shape
     groups = length // size
     acc = state.kv.dtype
     qc, kc, vc = (x.reshape(batch, groups, size, heads, x.shape[-1]) for x in (q, k, v))
-
-    inner = _intra_chunk(qc, kc, vc, log_decay, acc)  # [B, G, C, H, V]
-    updates = _chunk_updates(kc, vc, log_decay, acc)  # [G, B, H, K, V]
-    chunk_decay = jnp.exp(size * log_decay)[:, None, None]  # [H, 1, 1]
-
-    def carry_state(kv, update):
-        return chunk_decay * kv + update, kv
-
-    kv_final, kv_before = jax.lax.scan(carry_state, state.kv, updates)  # [G, B, H, K, V]
-    q_decayed = (qc * _powers(jnp.arange(1, size + 1), log_decay)[..., None]).astype(q.dtype)
-    cross = jnp.einsum("BGCHK,GBHKV->BGCHV", q_decayed, kv_before.astype(q.dtype), preferred_element_type=acc)
-    o = (inner + cross).reshape(batch, length, heads, v.shape[-1])
+    row_scale = None
     if normalize:
         positions = state.count[:, None] + jnp.arange(length)  # [B, T]
-        o = o * _row_scale(positions, log_decay)[..., None]
-    return o.astype(v.dtype), RetentionState(kv_final, state.count + length)
+        row_scale = _row_scale(positions, log_decay).reshape(batch, groups, size, heads)
+
+    weights = _decayed_scores(qc, kc, log_decay, row_scale, acc)  # [B, G, H, C, S]
+    q_decayed = qc * _powers(jnp.arange(1, size + 1), log_decay)[..., None]  # [B, G, C, H, K]
+    if row_scale is not None:
+        q_decayed = q_decayed * row_scale[..., None]
+    before, kv_final = _carry_states(_chunk_updates(kc, vc, log_decay, acc), state.kv, log_decay, size)
+
+    low = v.dtype
+    lhs = jnp.concatenate([weights.astype(low), jnp.swapaxes(q_decayed, 2, 3).astype(low)], -1)
+    rhs = jnp.concatenate([jnp.swapaxes(vc, 2, 3), before.astype(low)], -2)  # [B, G, H, S+K, V]
+    o = jnp.einsum("BGHCX,BGHXV->BGCHV", lhs, rhs, preferred_element_type=acc)
+    return o.reshape(batch, length, heads, -1).astype(v.dtype), RetentionState(kv_final, state.count + length)
 
 
 def chunkwise(

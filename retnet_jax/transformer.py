@@ -253,7 +253,7 @@ def cached_attention(q, k, v, k_cache, v_cache, layer, positions):
     else:
         old = jnp.einsum("BTHK,BHSK->BHTS", q, k_old, preferred_element_type=dtype)  # [B, H, T, S]
     new = jnp.einsum("BTHK,BUHK->BHTU", q, k, preferred_element_type=dtype)  # [B, H, T, U], U = T
-    slots = jnp.arange(k_old.shape[1])
+    slots = jnp.arange(k_old.shape[2])
     cached = slots[None, :] < positions[:, :1]  # [B, S]: slots filled before this call
     causal = (positions[:, None, :] <= positions[:, :, None]) & (positions[:, None, :] >= 0)  # [B, T, U]
     floor = jnp.finfo(dtype).min  # finite: a row that sees nothing (a pad) gets a uniform, finite mix

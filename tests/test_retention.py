@@ -18,6 +18,7 @@ CASES = [
     (2, 3, 4, 5, 13, 16, True),
     (2, 2, 6, 4, 32, 8, True),
     (1, 4, 4, 8, 33, 5, True),
+    (1, 2, 4, 4, 70, 1, True),  # more chunks than MATRIX_CARRY_MAX_CHUNKS: the scan carries the state
 ]
 
 parallel = jax.jit(retention.parallel, static_argnames="normalize")
