@@ -24,10 +24,18 @@ not divide keeps the RetNet's K = D / H.
 Attention runs through ``jax.nn.dot_product_attention``: cuDNN's flash attention on GPU in bf16/fp16,
 XLA's einsum-softmax elsewhere (TPU, CPU, float32) — ``attention_impl`` picks.
 
-Decoding keeps a ``KVCache`` of every layer's rotated keys and values, batch-major like the RetNet state
-(k, v: [B, L, H, S, K] in the compute dtype, length: [B]); it grows with S = max_length, which is the cost
-the RetNet's O(1) state avoids. Calls with a cache write the new keys at each row's length and attend over
-the cache through an explicit mask (XLA's attention, whatever ``attention_impl``).
+Decoding keeps a ``KVCache`` of every layer's rotated keys and values (k, v: [L, B, H, S, K] in the
+compute dtype, length: [B]); it grows with S = max_length, which is the cost the RetNet's O(1) state
+avoids. A call with a cache attends over the cached tokens and its own in one softmax (``cached_attention``,
+XLA einsums whatever ``attention_impl``: a decoding step is a memory-bound read of the cache) and writes
+its keys at each row's length. The cache rides in the layer scan's carry, layer-major, so each layer
+reads and updates its slice in place.
+
+Measured on one H100 (paper-1.3b, bf16 compute, float32 params, B = 8, 2048-slot cache of 3.2 GB,
+jitted step donating the cache): 8.0 ms per decoding step, 5.05 ms with a 64-slot cache, against 6.6 ms
+for the RetNet's step. Reading the cache alone takes 1.05 ms; a step that skips the write takes 6.7 ms,
+so XLA still spends ≈ 1.5 ms per step copying the cache around the in-place write. Training, B = 4,
+T = 2048, remat: 165 ms per forward + backward with cuDNN attention, 305 ms with XLA's.
 """
 
 from __future__ import annotations
@@ -52,7 +60,7 @@ from retnet_jax.sharding import BATCH, EMBED, HEAD_DIM, HEADS, LAYERS, LENGTH, V
 ATTENTION_IMPLS = ("auto", "cudnn", "xla")
 ACTIVATION_AXES = (BATCH, LENGTH, EMBED)
 HEAD_AXES = (BATCH, LENGTH, HEADS, HEAD_DIM)
-CACHE_AXES = (BATCH, LAYERS, HEADS, LENGTH, HEAD_DIM)  # logical axes of KVCache.k and .v
+CACHE_AXES = (LAYERS, BATCH, HEADS, LENGTH, HEAD_DIM)  # logical axes of KVCache.k and .v
 HALF_DTYPES = ("bfloat16", "float16")
 
 
@@ -228,57 +236,56 @@ def causal_attention(q, k, v, implementation: str):
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
 
 
-def cached_attention(q, k, v, k_cache, v_cache, layer, positions):
+def cached_attention(q, k, v, k_cache, v_cache, positions):
     """Attention from the call's queries over the cached tokens and the call's own, in one softmax.
 
-    The cache is read in place (never copied or written here: the model writes the call's keys into it
-    once, after all layers), which keeps a decoding step's memory traffic at one read of the cache.
+    The cached part and the call's part are scored separately and share one softmax, so the cache is only
+    read here (the caller writes the call's keys afterwards) and never concatenated or copied.
 
     Args:
         q, k, v: [B, T, H, K] the call's rotated queries, keys and values.
-        k_cache, v_cache: [B, L, H, S, K] every layer's cache, holding each row's first ``length`` tokens.
-        layer: index of this layer in L.
+        k_cache, v_cache: [B, H, S, K] this layer's cache, holding each row's tokens before the call.
         positions: [B, T] absolute positions of the call's tokens (the row's cache length + 0..T−1).
             Negative positions are left pads: attended by no one (their own output is meaningless).
 
     Returns:
-        o [B, T, H, K] in q's dtype.
+        o [B, T, H, K] in q's dtype (scores, softmax and sums in float32).
     """
-    dtype = jnp.promote_types(q.dtype, jnp.float32)
-    k_old = jax.lax.dynamic_index_in_dim(k_cache, layer, axis=1, keepdims=False)  # [B, H, S, K]
-    v_old = jax.lax.dynamic_index_in_dim(v_cache, layer, axis=1, keepdims=False)
+    acc = jnp.promote_types(q.dtype, jnp.float32)
     q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
-    if USE_REDUCE and q.shape[1] == 1:
-        old = jnp.sum(q[:, 0, :, None].astype(dtype) * k_old.astype(dtype), -1)[:, :, None]  # [B, H, 1, S]
-    else:
-        old = jnp.einsum("BTHK,BHSK->BHTS", q, k_old, preferred_element_type=dtype)  # [B, H, T, S]
-    new = jnp.einsum("BTHK,BUHK->BHTU", q, k, preferred_element_type=dtype)  # [B, H, T, U], U = T
-    slots = jnp.arange(k_old.shape[2])
-    cached = slots[None, :] < positions[:, :1]  # [B, S]: slots filled before this call
+    old = jnp.einsum("BTHK,BHSK->BHTS", q, k_cache, preferred_element_type=acc)  # [B, H, T, S]
+    new = jnp.einsum("BTHK,BUHK->BHTU", q, k, preferred_element_type=acc)  # [B, H, T, U], U = T
+    cached = jnp.arange(k_cache.shape[2])[None, :] < positions[:, :1]  # [B, S]: filled before the call
     causal = (positions[:, None, :] <= positions[:, :, None]) & (positions[:, None, :] >= 0)  # [B, T, U]
-    floor = jnp.finfo(dtype).min  # finite: a row that sees nothing (a pad) gets a uniform, finite mix
+    floor = jnp.finfo(acc).min  # finite: a query that sees nothing (a pad) gets a finite, unused mix
     old = jnp.where(cached[:, None, None, :], old, floor)
     new = jnp.where(causal[:, None], new, floor)
     probs = jax.nn.softmax(jnp.concatenate([old, new], axis=-1), axis=-1)  # [B, H, T, S + U]
     p_old, p_new = probs[..., : old.shape[-1]], probs[..., old.shape[-1] :]
-    if USE_REDUCE and q.shape[1] == 1:
-        o = jnp.sum(p_old[:, :, 0, :, None] * v_old.astype(dtype), axis=2)[:, None]  # [B, 1, H, K]
-    else:
-        o = jnp.einsum("BHTS,BHSK->BTHK", p_old.astype(v_old.dtype), v_old, preferred_element_type=dtype)
-    o = o + jnp.einsum("BHTU,BUHK->BTHK", p_new.astype(v.dtype), v, preferred_element_type=dtype)
+    o = jnp.einsum("BHTS,BHSK->BTHK", p_old.astype(v_cache.dtype), v_cache, preferred_element_type=acc)
+    o = o + jnp.einsum("BHTU,BUHK->BTHK", p_new.astype(v.dtype), v, preferred_element_type=acc)
     return o.astype(q.dtype)
 
 
-USE_REDUCE = False
+def write_cache(cache, new, layer, positions):
+    """cache [L, B, H, S, K] with new [B, T, H, K] written at (layer, row, positions [B, T]).
+
+    Pads (negative positions) and positions >= S are dropped, not wrapped.
+    """
+    rows = jnp.arange(positions.shape[0])[:, None]  # [B, 1]
+    slots = jnp.where(positions < 0, cache.shape[3], positions)  # [B, T]
+    # Indices (layer, rows, :, slots) put the indexed axes first: new goes in as [B, T, H, K].
+    return cache.at[layer, rows, :, slots].set(new.astype(cache.dtype), mode="drop")
 
 
 class KVCache(NamedTuple):
-    """The decoding cache; every array is batch-major so rows can be selected or reordered.
+    """The decoding cache. Rows are axis 1 of k and v and axis 0 of length: reorder them with ``take``.
 
     Attributes:
-        k: [B, L, H, S, K] rotated keys of every layer, compute dtype; slots >= length are unused. Heads
-            before slots: one layer's [B, H, S, K] is read by the attention products without a transpose.
-        v: [B, L, H, S, K] values.
+        k: [L, B, H, S, K] rotated keys of every layer, compute dtype; slots >= length are unused. Layers
+            first: the layer scan slices a contiguous [B, H, S, K], which the attention products read
+            without a transpose (batch-major, XLA copied or transposed the whole cache on every step).
+        v: [L, B, H, S, K] values.
         length: [B] int32: tokens cached so far (the absolute position of the next token). A negative
             start −p announces p left pads, as the RetNet state's count: they are neither cached nor
             attended to, and the row's first real token sits at position 0.
@@ -292,12 +299,16 @@ class KVCache(NamedTuple):
     def max_length(self) -> int:
         return self.k.shape[3]
 
+    def take(self, rows) -> KVCache:
+        """The cache of the given batch rows [B'] (e.g. to reorder beams)."""
+        return KVCache(self.k[:, rows], self.v[:, rows], self.length[rows])
+
 
 def init_cache(config: TransformerConfig, batch: int, max_length: int) -> KVCache:
     """The empty cache for ``max_length`` tokens: 2·B·L·S·D values of the compute dtype."""
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
         raise ValueError(f"init_cache: max_length must be an integer >= 1; got {max_length!r}.")
-    shape = (batch, config.num_layers, config.num_heads, max_length, config.head_dim)
+    shape = (config.num_layers, batch, config.num_heads, max_length, config.head_dim)
     # Two arrays, not one shared: a jitted step that donates the cache must not donate a buffer twice.
     k, v = (jnp.zeros(shape, config.compute_dtype) for _ in range(2))
     return KVCache(k, v, jnp.zeros((batch,), jnp.int32))
@@ -315,10 +326,16 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, cache=None, layer=0):
-        """x: [B, T, D]; positions: [B or 1, T]; cache: (k, v) [B, L, H, S, K] or None; layer: index in L.
+        """Attention over the call, or over the cache and the call.
+
+        Args:
+            x: [B, T, D].
+            positions: [B or 1, T] absolute positions of the call's tokens.
+            cache: (k, v) [L, B, H, S, K] of every layer, or None.
+            layer: this layer's index in L.
 
         Returns:
-            (y [B, T, D], (k, v) [B, T, H, K] of this call for the cache).
+            (y [B, T, D], this call's (k, v) [B, T, H, K], the cache with them written at ``layer``).
         """
         cfg = self.config
         heads, head_dim = cfg.num_heads, cfg.head_dim
@@ -342,7 +359,11 @@ class Attention(nn.Module):
         if cache is None:
             o = causal_attention(q, k, v, self.implementation)
         else:
-            o = cached_attention(q, k, v, *cache, layer, positions)
+            k_cache, v_cache = cache  # [L, B, H, S, K] each
+            layer_k = jax.lax.dynamic_index_in_dim(k_cache, layer, 0, keepdims=False)  # [B, H, S, K]
+            layer_v = jax.lax.dynamic_index_in_dim(v_cache, layer, 0, keepdims=False)
+            o = cached_attention(q, k, v, layer_k, layer_v, positions)  # [B, T, H, K]
+            cache = (write_cache(k_cache, k, layer, positions), write_cache(v_cache, v, layer, positions))
         o = nn.with_logical_constraint(o, HEAD_AXES)
         y = Projection(
             (cfg.d_model,),
@@ -354,14 +375,15 @@ class Attention(nn.Module):
             param_dtype=cfg.params_dtype,
             name="out_proj",
         )(o)
-        return y, (k, v)
+        return y, (k, v), cache
 
 
 class TransformerBlock(nn.Module):
     """x ← x + Attention(Norm(x)); x ← x + FFN(Norm(x)).
 
-    Called as ((x, layer), cache, positions) → ((x, layer + 1), this call's k, v) for nn.scan: the whole
-    cache is broadcast to every layer, which reads its own slice in place.
+    Called as ((x, cache, layer), positions) → ((x, cache, layer + 1), this call's k, v) for nn.scan. The
+    whole cache rides in the carry so that each layer reads its slice and writes the call's keys into it
+    in place inside the scan's loop; without a cache, the call's k, v come out stacked over layers.
     """
 
     config: TransformerConfig
@@ -370,18 +392,18 @@ class TransformerBlock(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, carry, cache, positions):
-        x, layer = carry
+    def __call__(self, carry, positions):
+        x, cache, layer = carry
         cfg = self.config
         norm = functools.partial(Norm, cfg.norm, cfg.norm_eps, cfg.compute_dtype, cfg.params_dtype)
         dropout = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
-        y, kv = Attention(cfg, self.implementation, name="attention")(
+        y, kv, cache = Attention(cfg, self.implementation, name="attention")(
             norm(name="attention_norm")(x), positions, cache, layer
         )
         x = x + dropout(y)
         x = x + dropout(FeedForward(cfg, name="ffn")(norm(name="ffn_norm")(x)))
         x = nn.with_logical_constraint(x, ACTIVATION_AXES)
-        return (x, layer + 1), (kv if self.return_kv else None)
+        return (x, cache, layer + 1), (kv if self.return_kv else None)
 
 
 class TransformerLM(nn.Module):
@@ -447,12 +469,12 @@ class TransformerLM(nn.Module):
         cache = None
         if state is not None:
             positions = state.length[:, None] + positions  # [B, T]
-            cache = (state.k, state.v)  # [B, L, H, S, K] each
+            cache = (state.k, state.v)  # [L, B, H, S, K] each; a block sees its layer's [B, H, S, K]
 
         block_args = dict(
             config=cfg,
             implementation=attention_implementation(cfg),
-            return_kv=return_state,
+            return_kv=return_state and state is None,
             deterministic=deterministic,
         )
         block = nn.remat(TransformerBlock, prevent_cse=not cfg.scan_layers) if cfg.remat else TransformerBlock
@@ -461,18 +483,18 @@ class TransformerLM(nn.Module):
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast),
-                out_axes=1,
+                in_axes=nn.broadcast,
+                out_axes=0,
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: LAYERS},
             )
-            (x, _), new_kv = blocks(**block_args, name="layers")((x, jnp.int32(0)), cache, positions)
+            (x, cache, _), new_kv = blocks(**block_args, name="layers")((x, cache, 0), positions)
         else:
             outputs = []
             for i in range(cfg.num_layers):
-                (x, _), kv = block(**block_args, name=f"layers_{i}")((x, i), cache, positions)
+                (x, cache, _), kv = block(**block_args, name=f"layers_{i}")((x, cache, i), positions)
                 outputs.append(kv)
-            new_kv = jax.tree.map(lambda *a: jnp.stack(a, axis=1), *outputs) if return_state else None
+            new_kv = jax.tree.map(lambda *a: jnp.stack(a, axis=0), *outputs) if return_state else None
 
         x = Norm(cfg.norm, cfg.norm_eps, cfg.compute_dtype, cfg.params_dtype, name="final_norm")(x)
         if cfg.tie_embeddings:
@@ -490,24 +512,13 @@ class TransformerLM(nn.Module):
 
         if not return_state:
             return logits, None
-        k, v = new_kv  # [B, L, T, H, K]
         if state is None:
-            k, v = jnp.swapaxes(k, 2, 3), jnp.swapaxes(v, 2, 3)  # [B, L, H, T, K]
+            k, v = (jnp.swapaxes(a, 2, 3) for a in new_kv)  # [L, B, T, H, K] → [L, B, H, T, K]
             return logits, KVCache(k, v, jnp.full((batch,), length, jnp.int32))
         # Rows whose call runs past the cache lost keys (dropped writes): make that loud, not silent.
         overflow = state.length + length > state.max_length  # [B]
         logits = jnp.where(overflow[:, None, None], jnp.nan, logits)
-        return logits, _write(state, k, v, positions)
-
-
-def _write(cache: KVCache, k, v, positions) -> KVCache:
-    """The cache with k, v [B, L, T, H, K] written at positions [B, T]; pads (< 0) and slots >= S dropped."""
-    rows = jnp.arange(k.shape[0])[:, None]  # [B, 1]
-    slots = jnp.where(positions < 0, cache.max_length, positions)  # out of range: dropped, not wrapped
-    # Indices (rows, :, :, slots) put the indexed axes first: values go in as [B, T, L, H, K]. In place
-    # when the caller donates the cache.
-    write = lambda c, new: c.at[rows, :, :, slots].set(jnp.swapaxes(new, 1, 2).astype(c.dtype), mode="drop")
-    return KVCache(write(cache.k, k), write(cache.v, v), cache.length + positions.shape[1])
+        return logits, KVCache(*cache, state.length + length)
 
 
 def prefill(model: TransformerLM, variables, tokens, max_length: int):
@@ -582,11 +593,10 @@ def _check_call(cfg: TransformerConfig, tokens, cache, mode, chunk_size):
         raise ValueError("TransformerLM: tokens is empty (T = 0); pass at least one token (e.g. BOS).")
     if cache is None:
         return
-    per_layer = (cfg.num_layers, cfg.num_heads, cfg.head_dim)
     if (
         not isinstance(cache, KVCache)
         or cache.k.ndim != 5
-        or (*cache.k.shape[:3], cache.k.shape[4]) != (batch, *per_layer)
+        or (*cache.k.shape[:3], cache.k.shape[4]) != (cfg.num_layers, batch, cfg.num_heads, cfg.head_dim)
         or cache.v.shape != cache.k.shape
         or cache.length.shape != (batch,)
     ):
@@ -597,7 +607,7 @@ def _check_call(cfg: TransformerConfig, tokens, cache, mode, chunk_size):
         )
         raise ValueError(
             f"TransformerLM: the cache does not fit this model and batch: expected k and v of shape "
-            f"({batch}, {cfg.num_layers}, {cfg.num_heads}, max_length, {cfg.head_dim}) and length "
+            f"({cfg.num_layers}, {batch}, {cfg.num_heads}, max_length, {cfg.head_dim}) and length "
             f"({batch},); got {got}. Was it made for another config or batch size? Build one with "
             f"retnet_jax.transformer.init_cache(config, batch={batch}, max_length=...)."
         )

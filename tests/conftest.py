@@ -13,3 +13,39 @@ os.environ.setdefault(
     "--xla_cpu_use_fusion_emitters=false",
 )
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+import pytest  # noqa: E402
+
+
+def small_config(**overrides):
+    """The default experiment shrunk to seconds: 12 steps of 8×32 tokens, everything logged."""
+    from retnet_jax import train
+
+    config = train.default_config()
+    config.update(
+        dict(
+            seq_len=32,
+            batch_size=8,
+            steps=12,
+            warmup_steps=2,
+            log_every=1,
+            eval_every=6,
+            eval_batches=2,
+            checkpoint_every=3,
+            sample_tokens=0,
+        )
+    )
+    config.update(overrides)
+    return config
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """One full run of ``small_config()``: (workdir, config, final state), shared by several tests."""
+    from retnet_jax import train
+
+    workdir = str(tmp_path_factory.mktemp("trained"))
+    config = small_config()
+    state = train.train_and_evaluate(config, workdir)
+    return workdir, config, state

@@ -14,29 +14,11 @@ import pytest
 
 from retnet_jax import reporting, train
 from retnet_jax.sharding import make_mesh
+from tests.conftest import small_config
 
 # Losses of the same steps under different meshes: the reductions run in another order, so float32
 # rounding differs; measured ≤ 3e-7 relative.
 MESH_LOSS_RTOL = 1e-5
-
-
-def small_config(**overrides):
-    config = train.default_config()
-    config.update(
-        dict(
-            seq_len=32,
-            batch_size=8,
-            steps=12,
-            warmup_steps=2,
-            log_every=1,
-            eval_every=6,
-            eval_batches=2,
-            checkpoint_every=3,
-            sample_tokens=0,
-        )
-    )
-    config.update(overrides)
-    return config
 
 
 def _cli_args(config, workdir):
@@ -52,17 +34,8 @@ def _train_losses(workdir):
     return {r["step"]: r["loss"] for r in reporting.read_metrics(workdir) if "loss" in r}
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    """One full run of the small config, shared by the tests that compare against it."""
-    workdir = str(tmp_path_factory.mktemp("uninterrupted"))
-    config = small_config()
-    state = train.train_and_evaluate(config, workdir)
-    return workdir, config, state
-
-
-def test_run_writes_metrics_plot_events_and_checkpoints(uninterrupted):
-    workdir, config, state = uninterrupted
+def test_run_writes_metrics_plot_events_and_checkpoints(trained):
+    workdir, config, state = trained
     records = reporting.read_metrics(workdir)
     train_lines = [r for r in records if "loss" in r]
     eval_lines = [r for r in records if "eval_loss" in r]
@@ -82,9 +55,9 @@ def test_run_writes_metrics_plot_events_and_checkpoints(uninterrupted):
     assert int(state.step) == config.steps
 
 
-def test_resume_after_sigterm_and_sigkill_is_bit_exact(uninterrupted, tmp_path):
+def test_resume_after_sigterm_and_sigkill_is_bit_exact(trained, tmp_path):
     """SIGTERM saves and exits within seconds; SIGKILL loses only unsaved steps; losses equal bit for bit."""
-    reference_dir, config, _ = uninterrupted
+    reference_dir, config, _ = trained
     expected = _train_losses(reference_dir)
     workdir = str(tmp_path / "run")
     args = _cli_args(config, workdir)
@@ -205,8 +178,8 @@ def test_bad_input_is_named(tmp_path):
         train.train_and_evaluate(small_config(arch="lstm"), str(tmp_path / "d"))
 
 
-def test_workdir_of_another_config_is_refused_untouched(uninterrupted):
-    workdir, config, _ = uninterrupted
+def test_workdir_of_another_config_is_refused_untouched(trained):
+    workdir, config, _ = trained
 
     def files():
         return {
@@ -221,8 +194,8 @@ def test_workdir_of_another_config_is_refused_untouched(uninterrupted):
     assert files() == before
 
 
-def test_load_for_inference_restores_the_trained_params(uninterrupted):
-    workdir, config, state = uninterrupted
+def test_load_for_inference_restores_the_trained_params(trained):
+    workdir, config, state = trained
     model, variables, tokenizer, loaded = train.load_for_inference(workdir)
     assert loaded.seq_len == config.seq_len and tokenizer.vocab_size == 259
     for a, b in zip(jax.tree.leaves(variables["params"]), jax.tree.leaves(state.params), strict=True):
@@ -288,3 +261,19 @@ def test_two_processes_train_together(tmp_path):
     assert summaries[0].startswith("PROCESSES 2 DEVICES 2 CHECKSUM")
     assert [r["step"] for r in reporting.read_metrics(workdir) if "loss" in r] == [1, 2]
     assert os.listdir(os.path.join(workdir, "checkpoints")) == ["2"]
+
+
+def test_experiment_configs_load_and_name_valid_models():
+    import glob
+    import importlib.util
+
+    paths = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "experiments", "configs", "*.py")))
+    assert len(paths) >= 3
+    for path in paths:
+        spec = importlib.util.spec_from_file_location("experiment_config", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        config = module.get_config()
+        assert set(config.keys()) == set(train.default_config().keys()), path
+        _, model_config = train.build_model(config, 264)
+        assert model_config.vocab_size == 264

@@ -40,9 +40,10 @@ OPTIONS = TINY.replace(
     num_heads=4,
 )
 MAX_LENGTH = 16
+BATCH = 3  # differs from L = 2 and H, so a mixed-up axis cannot pass
 
 
-def _setup(config, batch=2, length=12, seed=0):
+def _setup(config, batch=BATCH, length=12, seed=0):
     model = TransformerLM(config)
     tokens = jax.random.randint(jax.random.key(seed), (batch, length), 0, config.vocab_size)
     variables = model.init(jax.random.key(1), tokens)
@@ -74,10 +75,10 @@ def test_decoding_equals_full_forward(config):
     model, variables, tokens = _setup(config)
     full, _ = _apply(model, variables, tokens)
     assert full.dtype == jnp.float32
-    stepped, cache = _decode_all(model, variables, tokens, init_cache(config, 2, MAX_LENGTH))
+    stepped, cache = _decode_all(model, variables, tokens, init_cache(config, BATCH, MAX_LENGTH))
     assert relative_error(stepped, full) < LOGITS_RTOL
-    np.testing.assert_array_equal(cache.length, [12, 12])
-    assert cache.k.shape == (2, config.num_layers, config.num_heads, MAX_LENGTH, config.head_dim)
+    np.testing.assert_array_equal(cache.length, [12] * BATCH)
+    assert cache.k.shape == (config.num_layers, BATCH, config.num_heads, MAX_LENGTH, config.head_dim)
 
 
 def test_prefill_then_decode_equals_full_forward():
@@ -90,12 +91,16 @@ def test_prefill_then_decode_equals_full_forward():
     assert cache.max_length == MAX_LENGTH
     decoded, _ = _decode_all(model, variables, tokens[:, prompt:], cache)
     assert relative_error(jnp.concatenate([logits, decoded], 1), full) < LOGITS_RTOL
+    # Rows reordered (as beam search does) decode as their own rows.
+    perm = jnp.array([2, 0, 1])
+    decoded, _ = _decode_all(model, variables, tokens[perm, prompt:], cache.take(perm))
+    assert relative_error(decoded, full[perm, prompt:]) < LOGITS_RTOL
 
     # Multi-token calls through the cache: the prompt, then the rest in one call.
-    first, cache = _apply(model, variables, tokens[:, :prompt], init_cache(TINY, 2, MAX_LENGTH))
+    first, cache = _apply(model, variables, tokens[:, :prompt], init_cache(TINY, BATCH, MAX_LENGTH))
     rest, cache = _apply(model, variables, tokens[:, prompt:], cache)
     assert relative_error(jnp.concatenate([first, rest], 1), full) < LOGITS_RTOL
-    np.testing.assert_array_equal(cache.length, [12, 12])
+    np.testing.assert_array_equal(cache.length, [12] * BATCH)
 
 
 def test_left_pads_are_neither_cached_nor_attended():
@@ -105,38 +110,38 @@ def test_left_pads_are_neither_cached_nor_attended():
     pads = 3
     padded = tokens.at[0].set(jnp.concatenate([jnp.zeros((pads,), tokens.dtype), tokens[0, : 12 - pads]]))
     decoder = TransformerDecoder(model)
-    cache = decoder.init_state(jnp.array([pads, 0]), MAX_LENGTH)
+    cache = decoder.init_state(jnp.array([pads, 0, 0]), MAX_LENGTH)
     logits, cache = jax.jit(TransformerDecoder.prefill, static_argnums=0)(decoder, variables, padded, cache)
     assert relative_error(logits[0], full[0, 12 - pads - 1]) < LOGITS_RTOL
-    assert relative_error(logits[1], full[1, -1]) < LOGITS_RTOL
-    np.testing.assert_array_equal(cache.length, [12 - pads, 12])
+    assert relative_error(logits[1:], full[1:, -1]) < LOGITS_RTOL
+    np.testing.assert_array_equal(cache.length, [12 - pads, 12, 12])
 
 
 def test_decoding_past_max_length():
     model, variables, tokens = _setup(TINY)
-    cache = init_cache(TINY, 2, MAX_LENGTH)
+    cache = init_cache(TINY, BATCH, MAX_LENGTH)
     with pytest.raises(ValueError, match="17 tokens do not fit a cache of max_length 16"):
-        model.apply(variables, jnp.zeros((2, 17), jnp.int32), state=cache)
-    full = cache._replace(length=jnp.array([14, 0], jnp.int32))
+        model.apply(variables, jnp.zeros((BATCH, 17), jnp.int32), state=cache)
+    full = cache._replace(length=jnp.array([14, 0, 0], jnp.int32))
     with pytest.raises(ValueError, match="already holds 14 tokens, so 3 more exceed its max_length 16"):
         model.apply(variables, tokens[:, :3], state=full)
     with pytest.raises(ValueError, match="prompt has 12 tokens but max_length is 8"):
         prefill(model, variables, tokens, 8)
     # Inside jit the length is unknown when tracing: a row past its capacity gets NaN logits instead.
-    full = cache._replace(length=jnp.array([MAX_LENGTH, 3], jnp.int32))
+    full = cache._replace(length=jnp.array([MAX_LENGTH, 3, 0], jnp.int32))
     logits, full = _step(model, variables, tokens[:, 0], full)
-    assert np.all(np.isnan(logits[0])) and np.all(np.isfinite(logits[1]))
+    assert np.all(np.isnan(logits[0])) and np.all(np.isfinite(logits[1:]))
 
 
 def test_bad_calls_are_named():
     model, variables, tokens = _setup(TINY)
-    cache = init_cache(TINY, 2, MAX_LENGTH)
+    cache = init_cache(TINY, BATCH, MAX_LENGTH)
     with pytest.raises(ValueError, match="the cache does not fit this model and batch"):
-        model.apply(variables, tokens, state=init_cache(TINY, 3, MAX_LENGTH))
+        model.apply(variables, tokens, state=init_cache(TINY, BATCH + 1, MAX_LENGTH))
     with pytest.raises(ValueError, match="the cache does not fit this model and batch"):
-        model.apply(variables, tokens, state=init_cache(TINY.replace(num_layers=3), 2, MAX_LENGTH))
+        model.apply(variables, tokens, state=init_cache(TINY.replace(num_layers=3), BATCH, MAX_LENGTH))
     with pytest.raises(ValueError, match="the cache holds bfloat16 but the model computes in float32"):
-        model.apply(variables, tokens, state=init_cache(TINY.replace(dtype="bfloat16"), 2, MAX_LENGTH))
+        model.apply(variables, tokens, state=init_cache(TINY.replace(dtype="bfloat16"), BATCH, MAX_LENGTH))
     with pytest.raises(ValueError, match="mode must be one of"):
         model.apply(variables, tokens, mode="fast")
     with pytest.raises(ValueError, match="chunk_size must be an integer >= 1"):
@@ -147,7 +152,7 @@ def test_bad_calls_are_named():
         init_cache(TINY, 2, 0)
     # RetNetLM's mode and chunk_size are accepted (one training loop drives both models) and ignored.
     shapes = jax.eval_shape(lambda: model.apply(variables, tokens, mode="chunkwise", chunk_size=4))
-    assert shapes[0].shape == (2, 12, TINY.vocab_size) and shapes[1] is None
+    assert shapes[0].shape == (BATCH, 12, TINY.vocab_size) and shapes[1] is None
 
 
 def test_every_parameter_has_logical_axes():
