@@ -287,8 +287,8 @@ class RetNetDecoder:
 
     def init_state(self, pads, max_length):
         del max_length  # the recurrent state's size does not depend on the length
-        state = model_lib.init_state(self.model.config, pads.shape[0])  # kv [B, L, H, K, V], count [B, L]
-        count = jnp.broadcast_to(-pads[:, None], state.count.shape).astype(jnp.int32)
+        state = model_lib.init_state(self.model.config, pads.shape[0])  # kv [L, B, H, K, V], count [L, B]
+        count = jnp.broadcast_to(-pads[None, :], state.count.shape).astype(jnp.int32)
         return state._replace(count=count)
 
     def prefill(self, variables, tokens, state):

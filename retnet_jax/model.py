@@ -4,8 +4,10 @@ One model, three modes: a full-sequence call in the parallel, chunkwise or recur
 return the per-layer recurrent states so that a prompt prefilled in any form continues by decoding one
 token at a time (``decode_step``). Logits are float32.
 
-The model state is a ``RetentionState`` whose arrays carry a layer axis after the batch axis
-(kv: [B, L, H, K, V], count: [B, L]), so selecting or reordering batch rows works on every array.
+The model state is a ``RetentionState`` whose arrays carry a leading layer axis (kv: [L, B, H, K, V],
+count: [L, B]): the layer loop slices it in place, where a batch-first layout would make XLA transpose
+the whole state on every decode step. Every array has the batch on axis 1; ``select_rows`` selects or
+reorders rows (beam search, dropping finished sequences).
 """
 
 from __future__ import annotations
@@ -119,8 +121,8 @@ class RetNetLM(nn.Module):
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=1,
-                out_axes=1,
+                in_axes=0,
+                out_axes=0,
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: LAYERS},
             )
@@ -128,10 +130,10 @@ class RetNetLM(nn.Module):
         else:
             states = []
             for i in range(cfg.num_layers):
-                layer_state = None if state is None else jax.tree.map(lambda a, i=i: a[:, i], state)
+                layer_state = None if state is None else jax.tree.map(lambda a, i=i: a[i], state)
                 x, layer_state = block(**block_args, name=f"layers_{i}")(x, layer_state)
                 states.append(layer_state)
-            state = jax.tree.map(lambda *a: jnp.stack(a, axis=1), *states) if return_state else None
+            state = jax.tree.map(lambda *a: jnp.stack(a), *states) if return_state else None
 
         x = Norm(cfg.norm, cfg.norm_eps, cfg.compute_dtype, cfg.params_dtype, name="final_norm")(x)
         if cfg.tie_embeddings:
@@ -149,11 +151,14 @@ class RetNetLM(nn.Module):
 
 
 def init_state(config: RetNetConfig, batch: int) -> retention.RetentionState:
-    """The empty model state: kv [B, L, H, K, V] float32 zeros, count [B, L] zeros."""
+    """The empty model state: kv [L, B, H, K, V] float32 zeros, count [L, B] zeros."""
     one = retention.init_state(batch, config.num_heads, config.key_dim, config.head_value_dim)
-    return jax.tree.map(
-        lambda a: jnp.broadcast_to(a[:, None], (a.shape[0], config.num_layers, *a.shape[1:])), one
-    )
+    return jax.tree.map(lambda a: jnp.broadcast_to(a, (config.num_layers, *a.shape)), one)
+
+
+def select_rows(state: retention.RetentionState, rows) -> retention.RetentionState:
+    """The state of batch rows ``rows`` (int indices [R]), in that order."""
+    return jax.tree.map(lambda a: jnp.take(a, rows, axis=1), state)
 
 
 def decode_step(model: RetNetLM, variables, tokens, state: retention.RetentionState):
@@ -175,11 +180,11 @@ def _check_call(cfg: RetNetConfig, tokens, state, mode, chunk_size):
         raise ValueError("RetNetLM: tokens is empty (T = 0); pass at least one token (e.g. BOS).")
     if state is not None:
         batch = tokens.shape[0]
-        kv = (batch, cfg.num_layers, cfg.num_heads, cfg.key_dim, cfg.head_value_dim)
+        kv = (cfg.num_layers, batch, cfg.num_heads, cfg.key_dim, cfg.head_value_dim)
         if (
             not isinstance(state, retention.RetentionState)
             or state.kv.shape != kv
-            or state.count.shape != (batch, cfg.num_layers)
+            or state.count.shape != (cfg.num_layers, batch)
         ):
             got = (
                 f"kv {tuple(state.kv.shape)}, count {tuple(state.count.shape)}"
@@ -188,6 +193,6 @@ def _check_call(cfg: RetNetConfig, tokens, state, mode, chunk_size):
             )
             raise ValueError(
                 f"RetNetLM: state does not fit this model and batch: expected kv {kv} and count "
-                f"({batch}, {cfg.num_layers}); got {got}. Was it made for another config or batch "
+                f"({cfg.num_layers}, {batch}); got {got}. Was it made for another config or batch "
                 f"size? Build one with retnet_jax.model.init_state(config, batch={batch})."
             )

@@ -91,9 +91,9 @@ def test_prefill_state_equals_recurrent_steps(lm, mode, chunk):
         expected = init_state(TINY, 1)
         for token in [IDS["bos_id"], *prompt]:
             expected_logits, expected = step(jnp.asarray([token]), expected)
-        assert relative_error(state.kv[b], expected.kv[0]) < STATE_RTOL
+        assert relative_error(state.kv[:, b], expected.kv[:, 0]) < STATE_RTOL
         assert relative_error(logits[b], expected_logits[0]) < STATE_RTOL
-        np.testing.assert_array_equal(state.count[b], expected.count[0])
+        np.testing.assert_array_equal(state.count[:, b], expected.count[:, 0])
 
 
 def test_state_shapes_do_not_depend_on_position(lm):

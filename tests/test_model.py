@@ -64,7 +64,7 @@ def test_decoding_equals_parallel_logits(config):
     stepped, state_s = _decode_all(model, variables, tokens, init_state(config, 2))
     assert relative_error(stepped, parallel) < LOGITS_RTOL
     assert relative_error(state_s.kv, state_p.kv) < LOGITS_RTOL
-    np.testing.assert_array_equal(state_s.count, np.full((2, config.num_layers), 13))
+    np.testing.assert_array_equal(state_s.count, np.full((config.num_layers, 2), 13))
 
 
 @pytest.mark.parametrize("length", [1, 7, 24])
@@ -105,10 +105,10 @@ def test_left_padding_leaves_rows_unchanged():
     plain, _ = _apply(model, mode="chunkwise", chunk_size=4)(variables, tokens)
     pads = 3
     padded = jnp.concatenate([jnp.zeros((1, pads), tokens.dtype), tokens], 1)
-    state = init_state(TINY, 1)._replace(count=jnp.full((1, TINY.num_layers), -pads, jnp.int32))
+    state = init_state(TINY, 1)._replace(count=jnp.full((TINY.num_layers, 1), -pads, jnp.int32))
     logits, state = _apply(model, mode="chunkwise", chunk_size=4)(variables, padded, state)
     assert relative_error(logits[:, pads:], plain) < LOGITS_RTOL
-    np.testing.assert_array_equal(state.count, [[9, 9]])
+    np.testing.assert_array_equal(state.count, [[9], [9]])
 
 
 def test_remat_and_scan_do_not_change_the_function():
@@ -242,5 +242,19 @@ def test_bad_calls_are_named():
 
 def test_init_state_shapes():
     state = model_lib.init_state(TINY, 3)
-    assert state.kv.shape == (3, 2, 2, 32, 64) and state.kv.dtype == jnp.float32
-    assert state.count.shape == (3, 2) and state.count.dtype == jnp.int32
+    assert state.kv.shape == (2, 3, 2, 32, 64) and state.kv.dtype == jnp.float32
+    assert state.count.shape == (2, 3) and state.count.dtype == jnp.int32
+
+
+def test_selected_rows_decode_as_if_alone():
+    """select_rows picks and reorders rows of every state array (beam search, finished rows)."""
+    model, variables, tokens = _setup(TINY, batch=3, length=6)
+    _, state = _apply(model, mode="chunkwise", chunk_size=4, return_state=True)(variables, tokens)
+    rows = jnp.array([2, 0])
+    picked = model_lib.select_rows(state, rows)
+    _, alone = _apply(model, mode="chunkwise", chunk_size=4, return_state=True)(variables, tokens[rows])
+    assert relative_error(picked.kv, alone.kv) < LOGITS_RTOL
+    step = jax.jit(lambda v, t, s: decode_step(model, v, t, s))
+    a, _ = step(variables, tokens[rows, -1], picked)
+    b, _ = step(variables, tokens[rows, -1], alone)
+    assert relative_error(a, b) < LOGITS_RTOL

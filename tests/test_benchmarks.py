@@ -1,0 +1,85 @@
+"""The benchmark scripts run end to end on the CPU at toy sizes, skipping the GPU-only peers.
+
+Each script runs as a subprocess (as its docstring's command does) with toy sizes: about 8–12 s each on a
+laptop CPU, JAX's start-up and compilation included. Plots are drawn by one of them only (matplotlib's
+import alone costs seconds).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMON = ["--repeats=1", "--min_sample_s=0.001", "--matmul_n=128", "--copy_mib=4"]
+SCRIPTS = {
+    "bench_retention": [
+        "--shapes=fla",
+        "--lengths=64",
+        "--tokens=128",
+        "--chunk_sizes=32",
+        "--check_length=64",
+        "--passes=fwdbwd",
+        "--plots=false",
+    ],
+    "bench_training": [
+        "--models=tiny",
+        "--lengths=32",
+        "--tokens_per_step=64",
+        "--steps=2",
+        "--archs=retnet,torchscale",
+        "--in_process",
+        "--plots=false",
+    ],
+    "bench_inference": [
+        "--model=tiny",
+        "--contexts=32",
+        "--batches=1",
+        "--batch_context=32",
+        "--decode_steps=4",
+    ],
+}
+
+
+def run(name, tmp_path):
+    """Runs a script; returns (its JSON results, its markdown) after checking the files it wrote."""
+    cmd = [sys.executable, "-m", f"experiments.{name}", f"--out_dir={tmp_path}", *COMMON, *SCRIPTS[name]]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    files = sorted(os.listdir(tmp_path))
+    plots = "--plots=false" not in SCRIPTS[name]
+    assert [f.rsplit(".", 1)[1] for f in files] == ["json", "md", "png"][: 3 if plots else 2], files
+    assert all(f.startswith(f"{name}_cpu_") for f in files), files
+    stem = os.path.join(tmp_path, files[0].rsplit(".", 1)[0])
+    with open(stem + ".json") as f, open(stem + ".md") as g:
+        return json.load(f), g.read()
+
+
+def test_retention(tmp_path):
+    results, text = run("bench_retention", tmp_path)
+    status = {(r["impl"], r["passes"]): r["status"] for r in results["rows"]}
+    assert status[("parallel", "fwdbwd")] == status[("chunkwise", "fwdbwd")] == "ok"
+    assert status[("cudnn", "fwdbwd")] == "n/a"  # GPU only
+    # Our forms agree with the float64 reference to bf16 rounding, outputs and gradients.
+    for check in results["check"]:
+        assert all(error < 2e-2 for error in check["errors"].values()), check
+    assert "## Timings" in text and "| shape | B | T |" in text
+
+
+def test_training(tmp_path):
+    results, _ = run("bench_training", tmp_path)
+    rows = {r["arch"]: r for r in results["rows"]}
+    assert rows["retnet"]["status"] == "ok", rows["retnet"]
+    assert rows["retnet"]["tokens_per_s"] > 0 and rows["retnet"]["mfu_measured"] > 0
+    assert rows["torchscale"]["status"] == "n/a"  # needs PyTorch and a GPU
+
+
+def test_inference(tmp_path):
+    results, text = run("bench_inference", tmp_path)
+    rows = results["rows"]
+    assert {(r["kind"], r["arch"]) for r in rows} == {
+        (kind, arch) for kind in ("decode", "prefill") for arch in ("retnet", "transformer")
+    }
+    assert all(r["status"] == "ok" for r in rows), [r for r in rows if r["status"] != "ok"]
+    assert all(r["tokens_per_s"] > 0 for r in rows)
+    assert "Fig. 6c" in text
