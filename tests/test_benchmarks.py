@@ -1,8 +1,8 @@
 """The benchmark scripts run end to end on the CPU at toy sizes, skipping the GPU-only peers.
 
-Each script runs as a subprocess (as its docstring's command does) with toy sizes: about 8–12 s each on a
-laptop CPU, JAX's start-up and compilation included. Plots are drawn by one of them only (matplotlib's
-import alone costs seconds).
+Each script runs as a subprocess (as its docstring's command does) with toy sizes: about 10 s each on 2 CPU
+cores, JAX's start-up and compilation included. Plots are drawn by one of them only (matplotlib's import
+alone costs seconds).
 """
 
 import json
@@ -71,7 +71,8 @@ def test_training(tmp_path):
     rows = {r["arch"]: r for r in results["rows"]}
     assert rows["retnet"]["status"] == "ok", rows["retnet"]
     assert rows["retnet"]["tokens_per_s"] > 0 and rows["retnet"]["mfu_measured"] > 0
-    assert rows["torchscale"]["status"] == "n/a"  # needs PyTorch and a GPU
+    # Without PyTorch, torchscale and fairscale installed it is reported, not run.
+    assert rows["torchscale"]["status"] in ("n/a", "ok"), rows["torchscale"]
 
 
 def test_inference(tmp_path):

@@ -1,0 +1,1 @@
+"""Experiment configs (``configs/``) and the benchmark scripts, run as ``python -m experiments.NAME``."""

@@ -1,0 +1,340 @@
+"""Training throughput on one device: tokens/s, MFU and peak memory of a full train step (forward,
+cross-entropy, backward, AdamW with clipping) for RetNet, the Transformer baseline and torchscale's RetNet.
+
+    python -m experiments.bench_training --models=paper-1.3b --archs=retnet,transformer   # ~6-8 min, H100
+    python -m experiments.bench_training --models=paper-1.3b --archs=torchscale
+    python -m experiments.bench_training --models=paper-2.7b --archs=retnet,transformer --lengths=2048,8192
+    python -m experiments.bench_training --models=tiny --lengths=64 --tokens_per_step=256 \
+        --steps=3 --in_process                                      # CPU smoke run (under a minute)
+
+Ours runs through ``retnet_jax.train.Trainer`` (``--arch`` retnet or transformer, bf16 compute, float32
+parameters and optimizer state) on a one-device mesh, with synthetic batches of random token ids.
+B = max(1, tokens_per_step / T), unless ``--batch_size`` is given. RetNet trains chunkwise with
+``--chunk_size`` (0: parallel); the Transformer uses cuDNN flash attention on GPU. torchscale 0.3.0's
+``RetNetDecoder`` (PyTorch, bf16 autocast, float32 master weights, fused AdamW, the same clipping) runs
+at the same D, L, H, value width and vocabulary; its FFN is always a GLU, so for the paper presets (a GELU
+MLP with F = 2D) it gets F' = 2F/3, which matches the parameter count.
+
+Each configuration runs in a fresh process, so its peak memory (``peak_bytes_in_use``, or
+``torch.cuda.max_memory_allocated``) is its own and an OOM leaves the others untouched
+(``--in_process`` runs them here instead, for CPU smoke runs; peak memory is then the process's).
+Compilation (XLA) or the first step (PyTorch) is timed apart from the steps. MFU = model FLOPs per
+token (6 per weight, embedding lookups excluded, plus the token mixer: ``Trainer.train_flops_per_token``)
+× tokens/s over the datasheet peak (989 TFLOP/s for an H100) and over the bf16 matmul rate measured in
+the same run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from experiments import benchlib as bl
+from retnet_jax import flops as flops_lib
+from retnet_jax.config import RetNetConfig
+
+ARCHS = ("retnet", "transformer", "torchscale")
+
+_ARCHS = flags.DEFINE_list("archs", list(ARCHS), f"Models to train: {ARCHS}.")
+_MODELS = flags.DEFINE_list("models", ["paper-1.3b", "paper-2.7b"], "Model presets (RetNetConfig.preset).")
+_LENGTHS = flags.DEFINE_string("lengths", "2048,8192,16384", "Sequence lengths T.")
+_TOKENS = flags.DEFINE_integer("tokens_per_step", 16384, "B·T per step: B = max(1, tokens // T).")
+_BATCH = flags.DEFINE_integer("batch_size", 0, "Rows per step (overrides --tokens_per_step when > 0).")
+_CHUNK = flags.DEFINE_integer("chunk_size", 512, "RetNet chunk size C (0: the parallel form).")
+_REMAT = flags.DEFINE_bool("remat", True, "Recompute each block in the backward pass (all archs).")
+_DROPOUT = flags.DEFINE_float("dropout", 0.0, "Dropout rate (the paper presets say 0.1).")
+_STEPS = flags.DEFINE_integer("steps", 8, "Timed steps per configuration (after 2 warm-up steps).")
+_IN_PROCESS = flags.DEFINE_bool("in_process", False, "Run configurations in this process (CPU smoke).")
+_CONFIG_TIMEOUT_S = flags.DEFINE_float("config_timeout_s", 300.0, "Time limit of one configuration.")
+
+flags.FLAGS.set_default("time_budget_s", 480.0)
+
+
+def configs():
+    out = []
+    for model in _MODELS.value:
+        for length in bl.int_list(_LENGTHS.value):
+            batch = _BATCH.value or max(1, _TOKENS.value // length)
+            for arch in _ARCHS.value:
+                out.append(
+                    dict(arch=arch, model=model, T=length, B=batch, chunk=_CHUNK.value, remat=_REMAT.value)
+                )
+    return out
+
+
+def matched_ffn(cfg: RetNetConfig) -> int:
+    """torchscale's GLU width with the parameters of the preset's FFN (3·D·F' = 2·D·F for an MLP)."""
+    return cfg.ffn_dim if cfg.ffn_type == "glu" else int(round(2 * cfg.ffn_dim / 3 / 8)) * 8
+
+
+# ------------------------------------------------------------------------------------------------------
+# Workers: one configuration each (or the device ceilings).
+
+
+def peaks_worker(payload):
+    del payload
+    return dict(device=bl.device_info(), ceilings=bl.measure_ceilings())
+
+
+def jax_worker(cfg):
+    from retnet_jax import train
+    from retnet_jax.sharding import make_mesh
+
+    config = train.default_config()
+    config.arch, config.model = cfg["arch"], cfg["model"]
+    config.seq_len, config.batch_size = cfg["T"], cfg["B"]
+    config.dtype, config.chunk_size, config.remat = "bfloat16", cfg["chunk"], cfg["remat"]
+    config.dropout, config.steps, config.warmup_steps, config.learning_rate = cfg["dropout"], 1000, 10, 3e-4
+    vocab = RetNetConfig.preset(cfg["model"]).vocab_size
+    mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])  # one device, whatever the host has
+
+    start = time.perf_counter()
+    trainer = train.Trainer(config, vocab, mesh)
+    state = jax.block_until_ready(trainer.init(0))
+    init_s = time.perf_counter() - start
+    shape = (cfg["B"], cfg["T"])
+    batches = [
+        trainer.global_batch(
+            dict(
+                inputs=bl.random_tokens(2 * i, shape, vocab),
+                targets=bl.random_tokens(2 * i + 1, shape, vocab),
+            )
+        )
+        for i in range(2)
+    ]
+    start = time.perf_counter()
+    with trainer.context():  # the Trainer's own jitted step (shardings, donated state), compiled ahead
+        compiled = trainer._train_step.lower(state, batches[0]).compile()
+    compile_s = time.perf_counter() - start
+
+    carry = dict(state=state, step=0, loss=None)
+
+    def step():
+        carry["state"], metrics = compiled(carry["state"], batches[carry["step"] % 2])
+        carry["step"] += 1
+        carry["loss"] = metrics["loss"]
+        return carry["state"], metrics
+
+    timing = bl.time_calls(step, repeats=cfg["steps"], warmup=2, calls_per_sample=1)
+    return dict(
+        num_params=trainer.num_params,
+        flops_per_token=trainer.train_flops_per_token(),
+        init_s=init_s,
+        compile_s=compile_s,
+        timing=timing.to_dict(),
+        loss=float(carry["loss"]),
+        memory=dict(bytes=bl.peak_bytes_in_use(), program=bl.program_memory(compiled)),
+    )
+
+
+def torchscale_worker(cfg):
+    import torch
+    import torch.nn.functional as F
+    from torchscale.architecture.config import RetNetConfig as TorchscaleConfig
+    from torchscale.architecture.retnet import RetNetDecoder
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: smoke runs only
+    ours = RetNetConfig.preset(cfg["model"])
+    d, n = ours.d_model, ours.vocab_size
+    args = TorchscaleConfig(
+        decoder_embed_dim=d,
+        decoder_value_embed_dim=ours.value_dim,
+        decoder_retention_heads=ours.num_heads,
+        decoder_ffn_embed_dim=matched_ffn(ours),
+        decoder_layers=ours.num_layers,
+        activation_fn=ours.activation,
+        dropout=cfg["dropout"],
+        vocab_size=n,
+        chunkwise_recurrent=cfg["chunk"] > 0,
+        recurrent_chunk_size=cfg["chunk"] or 512,
+        checkpoint_activations=cfg["remat"],
+        no_scale_embedding=True,
+    )
+    embed = torch.nn.Embedding(n, d)
+    torch.nn.init.normal_(embed.weight, std=d**-0.5)
+    model = RetNetDecoder(args, embed_tokens=embed).to(device).train()
+    fused = dict(fused=True) if device == "cuda" else {}
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.98), weight_decay=0.05, **fused)
+    num_params = sum(p.numel() for p in model.parameters())
+    shape = (cfg["B"], cfg["T"])
+    batches = [
+        [torch.tensor(bl.random_tokens(2 * i + j, shape, n), device=device, dtype=torch.long) for j in (0, 1)]
+        for i in range(2)
+    ]
+
+    def step(i):
+        tokens, targets = batches[i % 2]
+        with torch.autocast(device, dtype=torch.bfloat16):
+            logits, _ = model(tokens)
+        loss = F.cross_entropy(logits.float().view(-1, n), targets.view(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    start = time.perf_counter()
+    step(0)
+    sync()
+    first_s = time.perf_counter() - start
+    step(1)
+    samples = []
+    for i in range(cfg["steps"]):
+        if device == "cuda":  # CUDA events around the step
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            loss = step(i)
+            end.record()
+            sync()
+            samples.append(begin.elapsed_time(end) / 1e3)
+        else:
+            begin = time.perf_counter()
+            loss = step(i)
+            samples.append(time.perf_counter() - begin)
+    chunk = cfg["chunk"] or None
+    mixer = flops_lib.retention_forward_flops(
+        cfg["T"], ours.num_heads, ours.key_dim, ours.head_value_dim, chunk
+    )
+    forward = flops_lib.lm_forward_flops_per_token(num_params - n * d, ours.num_layers, mixer)
+    return dict(
+        num_params=num_params,
+        flops_per_token=3 * forward,
+        compile_s=first_s,
+        timing=bl.Timing(samples).to_dict(),
+        loss=float(loss),
+        memory=dict(bytes=int(torch.cuda.max_memory_allocated()) if device == "cuda" else None),
+        ffn_dim=matched_ffn(ours),
+    )
+
+
+def run_config(cfg):
+    payload = dict(kind=cfg["arch"], steps=_STEPS.value, dropout=_DROPOUT.value, **cfg)
+    if cfg["arch"] == "torchscale" and not all(
+        importlib.util.find_spec(m) for m in ("torch", "torchscale", "fairscale")
+    ):
+        return dict(status="n/a", error="torch, torchscale or fairscale not installed")
+    if _IN_PROCESS.value:
+        worker = torchscale_worker if cfg["arch"] == "torchscale" else jax_worker
+        return bl.guarded(lambda: worker(payload))
+    return bl.run_worker("experiments.bench_training", payload, _CONFIG_TIMEOUT_S.value)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Report.
+
+
+def derive(row, device, ceilings):
+    if row.get("status") != "ok":
+        return
+    seconds = row["timing"]["median_s"]
+    row["tokens_per_s"] = row["B"] * row["T"] / seconds
+    achieved = row["flops_per_token"] * row["tokens_per_s"]
+    row["mfu_measured"] = 100 * achieved / ceilings["matmul_flops"]
+    if device.get("datasheet_flops"):
+        row["mfu_datasheet"] = 100 * achieved / device["datasheet_flops"]
+
+
+COLUMNS = [
+    ("arch", lambda r: r["arch"]),
+    ("model", lambda r: r["model"]),
+    ("params", lambda r: bl.fmt_count(r.get("num_params"))),
+    ("T", lambda r: str(r["T"])),
+    ("B", lambda r: str(r["B"])),
+    ("C", lambda r: str(r["chunk"]) if r["arch"] != "transformer" and r["chunk"] else "–"),
+    ("remat", lambda r: "yes" if r["remat"] else "no"),
+    ("step ms", bl.when_ok(lambda r: bl.fmt(r["timing"]["median_s"], 1e3, ".1f"))),
+    ("iqr%", bl.when_ok(lambda r: bl.fmt(r["timing"]["iqr_pct"], 1, ".1f"))),
+    ("tokens/s", bl.when_ok(lambda r: bl.fmt(r["tokens_per_s"], 1, ",.0f"))),
+    ("MFU % datasheet", bl.when_ok(lambda r: bl.fmt(r.get("mfu_datasheet"), 1, ".1f"))),
+    ("MFU % measured", bl.when_ok(lambda r: bl.fmt(r.get("mfu_measured"), 1, ".1f"))),
+    ("peak mem GB", bl.when_ok(lambda r: bl.fmt(r["memory"].get("bytes"), 1e-9, ".1f"))),
+    ("compile / first step s", bl.when_ok(lambda r: bl.fmt(r["compile_s"], 1, ".1f"))),
+    ("loss", bl.when_ok(lambda r: bl.fmt(r["loss"], 1, ".3f"))),
+]
+
+
+def plot(rows, path):
+    groups = list(dict.fromkeys((r["model"], r["T"]) for r in rows))
+    archs = list(dict.fromkeys(r["arch"] for r in rows))
+    fig, axes = bl.figure(1, 2, size=(max(5.0, 1.2 * len(groups) + 2), 3.8))
+    width = 0.8 / max(1, len(archs))
+    for panel, (key, scale, label) in enumerate(
+        [("tokens_per_s", 1e-3, "thousand tokens/s"), ("memory", 1e-9, "peak memory GB")]
+    ):
+        ax = axes[0][panel]
+        for i, arch in enumerate(archs):
+            values = []
+            for group in groups:
+                row = next((r for r in rows if (r["model"], r["T"]) == group and r["arch"] == arch), {})
+                value = row.get(key) if row.get("status") == "ok" else None
+                value = value.get("bytes") if isinstance(value, dict) else value
+                values.append((value or 0) * scale)
+            ax.bar(np.arange(len(groups)) + i * width, values, width, label=arch)
+        ax.set_xticks(np.arange(len(groups)) + width * (len(archs) - 1) / 2)
+        ax.set_xticklabels([f"{m}\nT={t}" for m, t in groups], fontsize=7)
+        ax.set(ylabel=label, title=f"train step, {label}")
+        ax.legend(fontsize=7)
+    bl.save_figure(fig, path)
+
+
+def main(argv):
+    del argv
+    if bl.maybe_run_worker(
+        {
+            "peaks": peaks_worker,
+            "retnet": jax_worker,
+            "transformer": jax_worker,
+            "torchscale": torchscale_worker,
+        }
+    ):
+        return
+    budget = bl.Budget()
+    if _IN_PROCESS.value:
+        peaks = peaks_worker({})
+    else:  # this process never touches the GPU, so each worker has all of it
+        peaks = bl.run_worker("experiments.bench_training", dict(kind="peaks"), 300)
+        if peaks.get("status") != "ok":
+            raise SystemExit(f"Measuring the device ceilings failed: {peaks}")
+    device, ceilings = peaks["device"], peaks["ceilings"]
+    report = bl.Report("bench_training", device["short"])
+    rows, longest = [], 0.0
+    for cfg in configs():
+        if budget.exhausted(next_seconds=longest):  # the longest configuration so far as the estimate
+            result = dict(status="skipped", error="time budget")
+        else:
+            print(f"{cfg['arch']} {cfg['model']} T{cfg['T']} B{cfg['B']} ...", flush=True)
+            start = time.perf_counter()
+            result = run_config(cfg)
+            longest = max(longest, time.perf_counter() - start)
+            if result.get("status") not in ("ok", "n/a"):
+                print(f"  -> {result.get('status')}: {result.get('error')}\n{result.get('log', '')[-1500:]}")
+        row = {**cfg, **result}
+        derive(row, device, ceilings)
+        rows.append(row)
+        text = write(report, rows, device, ceilings)
+    if bl.PLOTS.value:
+        bl.guarded(lambda: plot(rows, report.png))
+    print(text)
+    print("Wrote", *report.paths())
+
+
+def write(report, rows, device, ceilings):
+    notes = (
+        "bf16 compute, float32 parameters and AdamW state; synthetic random tokens; "
+        f"dropout {_DROPOUT.value}; "
+        f"{'each configuration in its own process' if not _IN_PROCESS.value else 'all in one process'}. "
+        "torchscale: GLU FFN with F' = 2F/3 for the paper presets (same parameter count), bf16 autocast."
+    )
+    sections = [bl.ceilings_markdown(device, ceilings), notes, bl.markdown_table(rows, COLUMNS)]
+    return report.write(
+        "Training step benchmark", sections, dict(device=device, ceilings=ceilings, rows=rows)
+    )
+
+
+if __name__ == "__main__":
+    app.run(main)
