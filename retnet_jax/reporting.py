@@ -103,14 +103,13 @@ def plot_losses(workdir: str) -> str | None:
     records = read_metrics(workdir)
     if not records:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure, not pyplot: it needs no backend, so a notebook's inline plots keep working.
+    from matplotlib.figure import Figure
 
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     if train:
         ax.plot(*zip(*train, strict=True), label="train", lw=1)
     if evals:
@@ -122,5 +121,4 @@ def plot_losses(workdir: str) -> str | None:
     path = os.path.join(workdir, PLOT_FILE)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
