@@ -23,8 +23,35 @@ MODES = ("parallel", "chunkwise", "recurrent")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
+class ConfigMethods:
+    """What the model configs (RetNet, Transformer baseline) share: dtypes, copies, dicts."""
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def params_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+    def replace(self, **changes: Any):
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown fields {unknown}; known fields: {sorted(known)}.")
+        return cls(**values)
+
+
 @dataclasses.dataclass(frozen=True)
-class RetNetConfig:
+class RetNetConfig(ConfigMethods):
     """Sizes and options of a RetNet language model. Derived sizes are properties."""
 
     vocab_size: int = 256  # N: rows of the embedding and the output head
@@ -111,29 +138,6 @@ class RetNetConfig:
     def head_value_dim(self) -> int:
         """V: value width per head."""
         return self.value_dim // self.num_heads
-
-    @property
-    def compute_dtype(self):
-        return jnp.dtype(self.dtype)
-
-    @property
-    def params_dtype(self):
-        return jnp.dtype(self.param_dtype)
-
-    def replace(self, **changes: Any) -> RetNetConfig:
-        """A copy with some fields changed (validated again)."""
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> RetNetConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"RetNetConfig: unknown fields {unknown}; known fields: {sorted(known)}.")
-        return cls(**values)
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> RetNetConfig:

@@ -20,12 +20,11 @@ import jax.numpy as jnp
 
 from retnet_jax import retention
 from retnet_jax.config import MODES, RetNetConfig
+from retnet_jax.embedding import ACTIVATION_AXES, embed_tokens, output_logits
 from retnet_jax.feedforward import FeedForward
 from retnet_jax.multiscale_retention import MultiScaleRetention
 from retnet_jax.norms import Norm
-from retnet_jax.sharding import BATCH, EMBED, LAYERS, LENGTH, VOCAB, partitioned
-
-ACTIVATION_AXES = (BATCH, LENGTH, EMBED)
+from retnet_jax.sharding import LAYERS
 
 
 class RetNetBlock(nn.Module):
@@ -92,21 +91,7 @@ class RetNetLM(nn.Module):
         _check_call(cfg, tokens, state, mode, chunk_size)
         return_state = return_state or state is not None
 
-        embed = nn.Embed(
-            cfg.vocab_size,
-            cfg.d_model,
-            dtype=cfg.compute_dtype,
-            param_dtype=cfg.params_dtype,
-            embedding_init=partitioned(nn.initializers.normal(cfg.d_model**-0.5), VOCAB, EMBED),
-            name="embed",
-        )
-        x = embed(tokens)  # [B, T, D]
-        if cfg.embed_scale:
-            x = x * jnp.asarray(cfg.d_model**0.5, x.dtype)
-        if cfg.embed_norm:
-            x = Norm(cfg.norm, cfg.norm_eps, cfg.compute_dtype, cfg.params_dtype, name="embed_norm")(x)
-        x = nn.Dropout(cfg.dropout, deterministic=deterministic)(x)
-        x = nn.with_logical_constraint(x, ACTIVATION_AXES)
+        x, embed = embed_tokens(cfg, tokens, deterministic=deterministic)  # [B, T, D]
 
         block_args = dict(
             config=cfg,
@@ -135,19 +120,7 @@ class RetNetLM(nn.Module):
                 states.append(layer_state)
             state = jax.tree.map(lambda *a: jnp.stack(a), *states) if return_state else None
 
-        x = Norm(cfg.norm, cfg.norm_eps, cfg.compute_dtype, cfg.params_dtype, name="final_norm")(x)
-        if cfg.tie_embeddings:
-            logits = embed.attend(x)
-        else:
-            logits = nn.Dense(
-                cfg.vocab_size,
-                use_bias=False,
-                dtype=cfg.compute_dtype,
-                param_dtype=cfg.params_dtype,
-                kernel_init=partitioned(nn.initializers.normal(cfg.d_model**-0.5), EMBED, VOCAB),
-                name="head",
-            )(x)
-        return logits.astype(jnp.float32), state
+        return output_logits(cfg, embed, x), state
 
 
 def init_state(config: RetNetConfig, batch: int) -> retention.RetentionState:

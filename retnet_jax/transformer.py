@@ -50,22 +50,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from retnet_jax import rotation
-from retnet_jax.config import ACTIVATIONS, DTYPES, FFN_TYPES, MODES, NORMS, RetNetConfig
+from retnet_jax.config import ACTIVATIONS, DTYPES, FFN_TYPES, MODES, NORMS, ConfigMethods, RetNetConfig
 from retnet_jax.config import PRESETS as RETNET_PRESETS
+from retnet_jax.embedding import ACTIVATION_AXES, embed_tokens, output_logits
 from retnet_jax.feedforward import FeedForward
 from retnet_jax.norms import Norm
 from retnet_jax.projection import Projection
-from retnet_jax.sharding import BATCH, EMBED, HEAD_DIM, HEADS, LAYERS, LENGTH, VOCAB, partitioned
+from retnet_jax.sharding import BATCH, EMBED, HEAD_DIM, HEADS, LAYERS, LENGTH
 
 ATTENTION_IMPLS = ("auto", "cudnn", "xla")
-ACTIVATION_AXES = (BATCH, LENGTH, EMBED)
 HEAD_AXES = (BATCH, LENGTH, HEADS, HEAD_DIM)
 CACHE_AXES = (LAYERS, BATCH, HEADS, LENGTH, HEAD_DIM)  # logical axes of KVCache.k and .v
 HALF_DTYPES = ("bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
-class TransformerConfig:
+class TransformerConfig(ConfigMethods):
     """Sizes and options of the Transformer LM. ``matching(retnet_config)`` gives the equal-size baseline.
 
     FeedForward reads the FFN fields by name (ffn_dim, ffn_type, activation, use_bias, d_model and the
@@ -137,29 +137,6 @@ class TransformerConfig:
         """Forward FLOPs per token of attention itself in one layer: Q Kᵀ and (·)V over the full T×T
         scores (2·T·H·K each), counted as ``flops.retention_forward_flops`` counts the parallel form."""
         return float(2 * 2 * seq_len * self.num_heads * self.head_dim)
-
-    @property
-    def compute_dtype(self):
-        return jnp.dtype(self.dtype)
-
-    @property
-    def params_dtype(self):
-        return jnp.dtype(self.param_dtype)
-
-    def replace(self, **changes: Any) -> TransformerConfig:
-        """A copy with some fields changed (validated again)."""
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TransformerConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"TransformerConfig: unknown fields {unknown}; known fields: {sorted(known)}.")
-        return cls(**values)
 
     @classmethod
     def matching(
@@ -449,21 +426,7 @@ class TransformerLM(nn.Module):
         return_state = return_state or state is not None
         batch, length = tokens.shape
 
-        embed = nn.Embed(
-            cfg.vocab_size,
-            cfg.d_model,
-            dtype=cfg.compute_dtype,
-            param_dtype=cfg.params_dtype,
-            embedding_init=partitioned(nn.initializers.normal(cfg.d_model**-0.5), VOCAB, EMBED),
-            name="embed",
-        )
-        x = embed(tokens)  # [B, T, D]
-        if cfg.embed_scale:
-            x = x * jnp.asarray(cfg.d_model**0.5, x.dtype)
-        if cfg.embed_norm:
-            x = Norm(cfg.norm, cfg.norm_eps, cfg.compute_dtype, cfg.params_dtype, name="embed_norm")(x)
-        x = nn.Dropout(cfg.dropout, deterministic=deterministic)(x)
-        x = nn.with_logical_constraint(x, ACTIVATION_AXES)
+        x, embed = embed_tokens(cfg, tokens, deterministic=deterministic)  # [B, T, D]
 
         positions = jnp.arange(length, dtype=jnp.int32)[None]  # [1, T]
         cache = None
@@ -496,19 +459,7 @@ class TransformerLM(nn.Module):
                 outputs.append(kv)
             new_kv = jax.tree.map(lambda *a: jnp.stack(a, axis=0), *outputs) if return_state else None
 
-        x = Norm(cfg.norm, cfg.norm_eps, cfg.compute_dtype, cfg.params_dtype, name="final_norm")(x)
-        if cfg.tie_embeddings:
-            logits = embed.attend(x)
-        else:
-            logits = nn.Dense(
-                cfg.vocab_size,
-                use_bias=False,
-                dtype=cfg.compute_dtype,
-                param_dtype=cfg.params_dtype,
-                kernel_init=partitioned(nn.initializers.normal(cfg.d_model**-0.5), EMBED, VOCAB),
-                name="head",
-            )(x)
-        logits = logits.astype(jnp.float32)
+        logits = output_logits(cfg, embed, x)
 
         if not return_state:
             return logits, None
