@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from retnet_jax import generate, train
 
@@ -52,7 +53,22 @@ def test_interactive_mode_reads_prompts_from_stdin(trained):
     assert lines[0].startswith("import") and lines[1].startswith("class")
 
 
-def test_bad_flags_and_missing_checkpoints_are_named(trained, tmp_path):
+def test_bad_flags_and_missing_checkpoints_are_named(trained, tmp_path, capsys):
+    from absl import flags
+
+    from retnet_jax import generate_cli
+
+    def fails(*argv):
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(["retnet-generate", *argv])
+        try:
+            with pytest.raises(SystemExit) as exit_info:
+                generate_cli.main(["retnet-generate"])
+        finally:
+            flags.FLAGS.unparse_flags()
+        assert exit_info.value.code == 2
+        return capsys.readouterr().err
+
     workdir, _, _ = trained
     for flag, message in (
         ("--temperature=-1", "--temperature must be a finite number >= 0"),
@@ -60,10 +76,8 @@ def test_bad_flags_and_missing_checkpoints_are_named(trained, tmp_path):
         ("--top_p=0", "--top_p must lie in (0, 1]"),
         ("--top_k=-2", "--top_k must be an integer >= 0"),
         ("--max_new_tokens=0", "--max_new_tokens must be an integer >= 1"),
+        ("--block_size=0", "--block_size must be >= 1"),
     ):
-        out = _cli(f"--workdir={workdir}", "--prompt=x", flag)
-        assert out.returncode == 2 and message in out.stderr, (flag, out.stderr)
-    out = _cli(f"--workdir={tmp_path}", "--prompt=x")
-    assert out.returncode == 2 and "No checkpoints in" in out.stderr
-    out = _cli("--prompt=x")
-    assert out.returncode == 2 and "exactly one of --workdir or --checkpoint" in out.stderr
+        assert message in fails(f"--workdir={workdir}", "--prompt=x", flag), flag
+    assert "No checkpoints in" in fails(f"--workdir={tmp_path}", "--prompt=x")
+    assert "exactly one of --workdir or --checkpoint" in fails("--prompt=x")
