@@ -274,8 +274,16 @@ def guarded(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         text = f"{type(error).__name__}: {error}"
         status = "OOM" if is_oom(error) else "error"
         print(f"  -> {status}: {text.splitlines()[0][:300]}", flush=True)
-        return dict(status=status, error=text[:4000], traceback=traceback.format_exc()[-4000:])
+        return dict(
+            status=status, error=text[:4000], traceback=_relative_paths(traceback.format_exc())[-4000:]
+        )
     return {"status": "ok", **(result or {})}
+
+
+def _relative_paths(text: str) -> str:
+    """Tracebacks without machine paths: the repository root and site-packages prefixes dropped."""
+    text = text.replace(REPO_ROOT + os.sep, "")
+    return re.sub(r'"[^"]*?site-packages/', '"site-packages/', text)
 
 
 class Budget:
