@@ -142,6 +142,11 @@ class Checkpoints:
             return False
         return step % self.every == 0 or self._manager.reached_preemption(step)
 
+    def reached_preemption(self, step: int) -> bool:
+        """Whether every process has reached the preemption sync point at ``step`` (multi-host runs
+        with JAX's preemption service); False otherwise. Every process must call it at the same steps."""
+        return bool(self._manager.reached_preemption(step))
+
     def save(
         self,
         step: int,

@@ -129,6 +129,13 @@ def init_state(config: RetNetConfig, batch: int) -> retention.RetentionState:
     return jax.tree.map(lambda a: jnp.broadcast_to(a, (config.num_layers, *a.shape)), one)
 
 
+def cast_params(params, dtype):
+    """Floating parameters cast to ``dtype`` (e.g. bf16 for serving a bf16-compute model: half the bytes
+    each decode step reads). Norms still compute in float32."""
+    dtype = jnp.dtype(dtype)
+    return jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
+
+
 def select_rows(state: retention.RetentionState, rows) -> retention.RetentionState:
     """The state of batch rows ``rows`` (int indices [R]), in that order."""
     return jax.tree.map(lambda a: jnp.take(a, rows, axis=1), state)

@@ -32,7 +32,7 @@ from retnet_jax import flops as flops_lib
 from retnet_jax import reporting
 from retnet_jax import tokenizer as tokenizer_lib
 from retnet_jax.config import RetNetConfig
-from retnet_jax.model import RetNetLM
+from retnet_jax.model import RetNetLM, cast_params
 from retnet_jax.optim import make_optimizer
 from retnet_jax.sharding import LOGICAL_RULES, batch_sharding, make_mesh, shardings_of
 
@@ -249,8 +249,15 @@ def validate(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
         )
 
 
-def _install_preemption_handler() -> dict[str, bool]:
-    """SIGTERM (preemption) sets a flag the loop checks after each step: save, then stop."""
+def _preemption_check(checkpoints: checkpoint_lib.Checkpoints):
+    """A function step → whether to save and stop now.
+
+    One process: SIGTERM sets a flag the loop reads after each step. Several processes: they must stop
+    at the same step, so the signal is left to JAX's preemption service and every process asks the
+    checkpoint manager whether the common sync point is reached.
+    """
+    if jax.process_count() > 1:
+        return checkpoints.reached_preemption
     flag = {"preempted": False}
 
     def handler(signum, frame):
@@ -260,7 +267,7 @@ def _install_preemption_handler() -> dict[str, bool]:
         signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not the main thread: leave the default handler
         pass
-    return flag
+    return lambda step: flag["preempted"]
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
@@ -273,9 +280,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         state, trainer, tokenizer, finished = _train(config, workdir, checkpoints)
     finally:
         checkpoints.close()
-    if finished and config.sample_tokens > 0 and jax.process_index() == 0:
+    if finished and config.sample_tokens > 0:
+        # Every process runs the (sharded) decoding; the first one prints.
         text = sample(trainer, state.params, tokenizer, config)
-        print(f"\n--- sample (temperature {config.sample_temperature}) ---\n{config.sample_prompt}{text}\n")
+        if jax.process_index() == 0:
+            print(
+                f"\n--- sample (temperature {config.sample_temperature}) ---\n{config.sample_prompt}{text}\n"
+            )
     return state
 
 
@@ -308,7 +319,7 @@ def _train(config, workdir, checkpoints):
         f"{jax.devices()[0].platform} device(s) in {jax.process_count()} process(es); "
         + (f"resumed at step {start}" if resumed is not None else "starting from scratch")
     )
-    preemption = _install_preemption_handler()
+    preempted = _preemption_check(checkpoints)
     tokens_per_step = config.batch_size * config.seq_len
     peak = flops_lib.device_peak_flops()
     flops_per_step = trainer.train_flops_per_token() * tokens_per_step
@@ -351,7 +362,7 @@ def _train(config, workdir, checkpoints):
                 clock = time.perf_counter()
             else:
                 steps_timed += 1
-            stop = preemption["preempted"]
+            stop = preempted(step)
             save = step == config.steps or stop or checkpoints.should_save(step)
             evaluate_now = step % config.eval_every == 0 or step == config.steps
             if step % config.log_every == 0 or save or evaluate_now:
@@ -376,7 +387,7 @@ def _train(config, workdir, checkpoints):
                 last_good = step
             if stop:
                 checkpoints.wait()
-                reporter.message(f"Preempted (SIGTERM): saved step {step}; run again to resume.")
+                reporter.message(f"Preempted: saved step {step}; run again to resume.")
                 return state, trainer, tokenizer, False
             if step % config.log_every == 0 or save or evaluate_now:
                 clock, steps_timed = time.perf_counter(), 0
@@ -436,6 +447,9 @@ def sample(trainer: Trainer, params, tokenizer, config) -> str:
 def load_for_inference(workdir: str | None = None, *, checkpoint: str | None = None):
     """Loads a trained model for generation: (model, variables, tokenizer, experiment config).
 
+    Parameters come back in the model's compute dtype when it is below 32 bits (bf16 training →
+    bf16 serving), in float32 otherwise.
+
     Args:
         workdir: a training workdir (its latest checkpoint is used), or
         checkpoint: a checkpoint step directory, e.g. ``WORKDIR/checkpoints/300``.
@@ -469,7 +483,10 @@ def load_for_inference(workdir: str | None = None, *, checkpoint: str | None = N
         state = checkpoints.restore(trainer.abstract_state, step=step)
     finally:
         checkpoints.close()
-    return trainer.model, {"params": state.params}, tokenizer, config
+    params = state.params
+    if trainer.model_config.compute_dtype.itemsize < 4:  # serve in the compute dtype
+        params = cast_params(params, trainer.model_config.compute_dtype)
+    return trainer.model, {"params": params}, tokenizer, config
 
 
 def default_config() -> ml_collections.ConfigDict:
