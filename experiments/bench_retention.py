@@ -40,7 +40,7 @@ from absl import app, flags
 
 from experiments import benchlib as bl
 from retnet_jax import flops as flops_lib
-from retnet_jax import retention
+from retnet_jax import fused_retention, retention
 
 SHAPES = {"fla": dict(H=32, K=128, V=128), "paper": dict(H=8, K=256, V=512)}
 TARGET = dict(shape="fla", B=8, T=8192, passes="fwdbwd", ratio=0.7)
@@ -49,7 +49,16 @@ _SHAPES = flags.DEFINE_list("shapes", ["fla", "paper"], f"Head shapes to run: {s
 _LENGTHS = flags.DEFINE_string("lengths", "2048,4096,8192,16384,32768", "Sequence lengths T.")
 _TOKENS = flags.DEFINE_integer("tokens", 65536, "B·T per configuration: B = max(1, tokens // T).")
 _CHUNKS = flags.DEFINE_string("chunk_sizes", "64,128,256,512", "Chunk sizes C of our chunkwise form.")
-_IMPLS = flags.DEFINE_list("impls", ["parallel", "chunkwise", "fla", "cudnn"], "Implementations to run.")
+_IMPLS = flags.DEFINE_list(
+    "impls", ["parallel", "chunkwise", "fused", "fla", "cudnn"], "Implementations to run."
+)
+_FUSED_CHUNKS = flags.DEFINE_string("fused_chunk_sizes", "64,128", "Chunk sizes C of the fused kernels.")
+_FUSED_TILES = flags.DEFINE_list(
+    "fused_tiles",
+    [],
+    "Tilings of the fused kernels to compare, each BKxBVxWARPSxSTAGES (e.g. 128x64x4x2); "
+    "none: fused_retention.default_tiles.",
+)
 _PASSES = flags.DEFINE_list("passes", ["fwd", "fwdbwd"], "fwd and/or fwdbwd (forward + backward).")
 _NORMALIZE = flags.DEFINE_bool("normalize", False, "Time our normalized retention instead (fla: never).")
 _PARALLEL_MAX_GB = flags.DEFINE_float("parallel_max_gb", 48.0, "Skip parallel when its scores exceed this.")
@@ -71,6 +80,13 @@ def configs():
                     out.append(dict(base, impl="parallel", C=None))
                 if "chunkwise" in _IMPLS.value:
                     out += [dict(base, impl="chunkwise", C=c) for c in chunks if c <= length]
+                if "fused" in _IMPLS.value:
+                    out += [
+                        dict(base, impl="fused", C=c, tiles=tiles)
+                        for c in bl.int_list(_FUSED_CHUNKS.value)
+                        if c <= length
+                        for tiles in (_FUSED_TILES.value or [None])
+                    ]
                 if "fla" in _IMPLS.value:
                     out.append(dict(base, impl="fla", C=64))
                 if "cudnn" in _IMPLS.value:
@@ -107,9 +123,17 @@ def jax_function(cfg, normalize: bool):
     log_decay = retention.log_decays(cfg["H"])
     if cfg["impl"] == "parallel":
         return lambda q, k, v: retention.parallel(q, k, v, log_decay, normalize=normalize)
+    if cfg["impl"] == "fused" and cfg.get("tiles"):
+        tiles = fused_retention.Tiles(*bl.int_list(cfg["tiles"].replace("x", ",")))
+        return lambda q, k, v: fused_retention.fused_chunk_retention(
+            q, k, v, log_decay, chunk_size=cfg["C"], tiles=tiles
+        )
+    implementation = "pallas" if cfg["impl"] == "fused" else "xla"
 
     def chunkwise(q, k, v):
-        return retention.chunkwise(q, k, v, log_decay, chunk_size=cfg["C"], normalize=normalize)[0]
+        return retention.chunkwise(
+            q, k, v, log_decay, chunk_size=cfg["C"], normalize=normalize, implementation=implementation
+        )[0]
 
     return chunkwise
 
@@ -254,7 +278,10 @@ def run_check(data, fla_outputs, chunk: int):
     ref = reference(data["q"], data["k"], data["v"], data["d"], retention.log_decays(4))
     inputs = [jnp.asarray(data[n], jnp.bfloat16) for n in "qkvd"]
     results = {}
-    for impl, c in (("chunkwise", chunk), ("parallel", None)):
+    impls = [("chunkwise", chunk), ("parallel", None)]
+    if "fused" in _IMPLS.value and jax.default_backend() == "gpu":
+        impls.append(("fused", 64))
+    for impl, c in impls:
         o, grads = jax.jit(with_backward(jax_function(dict(impl=impl, H=4, C=c), normalize=False)))(*inputs)
         results[f"ours {impl}" + (f" C={c}" if c else "")] = [o, *grads]
     against = {name: ref for name in results}
@@ -277,7 +304,8 @@ def run_check(data, fla_outputs, chunk: int):
 
 
 def impl_label(r) -> str:
-    return r["impl"] + (f" C={r['C']}" if r["C"] and r["impl"] != "fla" else "")
+    label = r["impl"] + (f" C={r['C']}" if r["C"] and r["impl"] != "fla" else "")
+    return label + (f" {r['tiles']}" if r.get("tiles") else "")
 
 
 COLUMNS = [
@@ -323,7 +351,7 @@ def derive(rows, device, ceilings):
 def target_line(rows) -> str:
     at = {k: TARGET[k] for k in ("shape", "B", "T", "passes")}
     match = [r for r in rows if r.get("status") == "ok" and all(r[k] == v for k, v in at.items())]
-    ours = [r for r in match if r["impl"] in ("chunkwise", "parallel") and r.get("vs_fla")]
+    ours = [r for r in match if r["impl"] in ("chunkwise", "parallel", "fused") and r.get("vs_fla")]
     head = f"Target (fwd+bwd, B8 T8192 H32 K=V=128 ≤ {TARGET['ratio']}× fla)"
     if not ours:
         return f"{head}: not measured in this run."

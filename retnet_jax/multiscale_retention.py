@@ -100,7 +100,14 @@ class MultiScaleRetention(nn.Module):
             o, state = retention.recurrent(q, k, v, log_decay, state=state, normalize=norm)
         elif self.mode == "chunkwise":
             o, state = retention.chunkwise(
-                q, k, v, log_decay, chunk_size=self.chunk_size, state=state, normalize=norm
+                q,
+                k,
+                v,
+                log_decay,
+                chunk_size=self.chunk_size,
+                state=state,
+                normalize=norm,
+                implementation=cfg.retention_impl,
             )
         elif state is not None:
             # Parallel over the whole call, continuing a state: one chunk of the chunkwise form.

@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from retnet_jax import fused_retention
+
 __all__ = [
     "RetentionState",
     "chunkwise",
@@ -48,6 +50,7 @@ __all__ = [
 ]
 
 DECAY_SCHEDULES = ("paper", "linspace")
+IMPLEMENTATIONS = ("xla", "pallas", "auto")  # of the chunkwise form; see chunkwise()
 
 
 class RetentionState(NamedTuple):
@@ -353,6 +356,7 @@ def chunkwise(
     chunk_size: int,
     state: RetentionState | None = None,
     normalize: bool = True,
+    implementation: str = "xla",
 ):
     """Chunkwise recurrent retention: parallel inside chunks, a ``lax.scan`` over chunks carrying S.
 
@@ -363,12 +367,18 @@ def chunkwise(
         q, k: [B, T, H, K]; v: [B, T, H, V]; log_decay: [H] float32.
         chunk_size: C >= 1, a Python int.
         state: carried in (default empty); its count sets the absolute positions.
+        normalize: divide row n by sqrt(c_n) or not.
+        implementation: "xla" (this module, any backend), "pallas" (the fused kernels of
+            ``fused_retention``; through the Pallas interpreter on CPU) or "auto" (pallas on GPUs where
+            the sizes suit it, else xla). See ``IMPLEMENTATIONS``.
 
     Returns:
         (o [B, T, H, V] in the input dtype, the state after the last token).
     """
     _check_inputs("chunkwise", q, k, v, log_decay, state)
     size = _check_chunk_size("chunkwise", chunk_size)
+    if _use_fused("chunkwise", implementation, q, v, size):
+        return _fused_chunkwise(q, k, v, log_decay, size, state, normalize)
     acc = _accumulator(q.dtype)
     if state is None:
         state = init_state(q.shape[0], q.shape[2], q.shape[3], v.shape[3], acc)
@@ -387,3 +397,47 @@ def chunkwise(
         outputs.append(o)
     o = outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=1)
     return o, state
+
+
+# ----------------------------------------------------------------------------------------------
+# The fused Pallas kernels behind chunkwise(implementation="pallas" | "auto").
+
+
+def _use_fused(fn: str, implementation: str, q, v, size: int) -> bool:
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"{fn}: unknown implementation {implementation!r}; expected one of {IMPLEMENTATIONS}."
+        )
+    if implementation == "xla":
+        return False
+    reason = fused_retention.supported(q.shape, v.shape, size, q.dtype)
+    if implementation == "auto":
+        return reason is None and jax.default_backend() == "gpu"
+    if reason is not None:
+        raise ValueError(
+            f"{fn}: implementation='pallas' does not support {reason}; use implementation='xla' or 'auto'."
+        )
+    return True
+
+
+def _fused_chunkwise(q, k, v, log_decay, size, state, normalize):
+    """chunkwise through the fused kernels: the kernels compute unnormalized retention from an empty state
+    at position 0; the incoming state's term, the row factors and the final state are added here."""
+    length = q.shape[1]
+    interpret = jax.default_backend() == "cpu"
+    o = fused_retention.fused_chunk_retention(q, k, v, log_decay, chunk_size=size, interpret=interpret)
+    acc = _accumulator(q.dtype)
+    log_decay = log_decay.astype(acc)
+    if state is None and not normalize:
+        empty = init_state(q.shape[0], q.shape[2], q.shape[3], v.shape[3], acc)
+        return o, update_state(k, v, log_decay, empty)
+    o = o.astype(acc)
+    if state is None:
+        state = init_state(q.shape[0], q.shape[2], q.shape[3], v.shape[3], acc)
+    else:  # S_0 decayed to each position: o_n += γ^(n+1) q_n S_0
+        state = RetentionState(state.kv.astype(acc), state.count)
+        q_decayed = q * _powers(jnp.arange(1, length + 1), log_decay)[None, ..., None]
+        o = o + jnp.einsum("BTHK,BHKV->BTHV", q_decayed.astype(acc), state.kv)
+    if normalize:
+        o = o * _row_scale(state.count[:, None] + jnp.arange(length), log_decay)[..., None]
+    return o.astype(v.dtype), update_state(k, v, log_decay, state)

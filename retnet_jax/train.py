@@ -59,7 +59,11 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int):
     if config.dropout >= 0:
         overrides["dropout"] = config.dropout
     if config.chunk_size > 0:
-        overrides.update(mode="chunkwise", chunk_size=config.chunk_size)
+        overrides.update(
+            mode="chunkwise",
+            chunk_size=config.chunk_size,
+            retention_impl=config.get("retention_impl", "auto"),  # absent from older checkpoints
+        )
     else:
         overrides["mode"] = "parallel"
     retnet_config = RetNetConfig.preset(config.model, **overrides)

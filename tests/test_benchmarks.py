@@ -18,6 +18,7 @@ SCRIPTS = {
         "--lengths=64",
         "--tokens=128",
         "--chunk_sizes=32",
+        "--fused_chunk_sizes=32",
         "--check_length=64",
         "--passes=fwdbwd",
         "--plots=false",
@@ -59,6 +60,7 @@ def test_retention(tmp_path):
     results, text = run("bench_retention", tmp_path)
     status = {(r["impl"], r["passes"]): r["status"] for r in results["rows"]}
     assert status[("parallel", "fwdbwd")] == status[("chunkwise", "fwdbwd")] == "ok"
+    assert status[("fused", "fwdbwd")] == "ok"  # the Pallas kernels, interpreted on the CPU
     assert status[("cudnn", "fwdbwd")] == "n/a"  # GPU only
     # Our forms agree with the float64 reference to bf16 rounding, outputs and gradients.
     for check in results["check"]:

@@ -18,6 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model = "tiny"  # preset name: tiny, small, paper-1.3b, ..., torchscale-base, ... (see RetNetConfig)
     c.dtype = "float32"  # compute dtype: float32 or bfloat16 (params stay float32)
     c.chunk_size = 0  # >0: train with the chunkwise form at this chunk length; 0: the parallel form
+    c.retention_impl = "auto"  # chunkwise retention: "auto" (fused Pallas kernels on GPU), "pallas", "xla"
     c.remat = False  # recompute each block in the backward pass (saves activation memory)
     c.dropout = -1.0  # >=0 overrides the preset's dropout rate
 
