@@ -44,7 +44,11 @@ from retnet_jax.generate import RetNetDecoder
 from retnet_jax.model import RetNetLM
 from retnet_jax.retention import RetentionState
 
-_ARCHS = flags.DEFINE_list("archs", ["retnet", "transformer"], "retnet and/or transformer.")
+_ARCHS = flags.DEFINE_list(
+    "archs",
+    ["retnet", "transformer"],
+    "retnet, retnet-loop (the decode step's layer loop not unrolled: unroll_decode=False), transformer.",
+)
 _MODEL = flags.DEFINE_string("model", "paper-1.3b", "Model preset (RetNetConfig.preset); tiny on a CPU.")
 _PANELS = flags.DEFINE_list("panels", ["length", "batch"], "length: Fig. 6a/b (and prefill); batch: 6c.")
 _CONTEXTS = flags.DEFINE_string("contexts", "1024,2048,4096,8192,16384,32768,65536", "Contexts (panel a/b).")
@@ -64,8 +68,8 @@ flags.FLAGS.set_default("time_budget_s", 480.0)
 def build(arch: str, dtype: str):
     """(model, decoder, variables) with random parameters in ``dtype``."""
     cfg = RetNetConfig.preset(_MODEL.value, dtype=dtype, param_dtype=dtype, dropout=0.0)
-    if arch == "retnet":
-        model = RetNetLM(cfg)
+    if is_retnet(arch):
+        model = RetNetLM(cfg.replace(unroll_decode=arch == "retnet"))
         decoder = RetNetDecoder(model, "chunkwise")
     else:
         model = transformer.TransformerLM(transformer.TransformerConfig.matching(cfg))
@@ -75,6 +79,10 @@ def build(arch: str, dtype: str):
     return model, decoder, variables
 
 
+def is_retnet(arch: str) -> bool:
+    return arch.startswith("retnet")
+
+
 def nbytes(tree) -> int:
     return sum(x.nbytes for x in jax.tree.leaves(tree))
 
@@ -82,7 +90,7 @@ def nbytes(tree) -> int:
 def decode_state(arch, model, batch: int, context: int):
     """A state at position ``context`` with random contents (see the module docstring)."""
     cfg = model.config
-    if arch == "retnet":
+    if is_retnet(arch):
         empty = jax.eval_shape(lambda: model_lib.init_state(cfg, batch))
         kv = random_like(empty.kv, jax.random.key(1))
         return RetentionState(kv, jnp.full(empty.count.shape, context, jnp.int32))
@@ -98,7 +106,7 @@ def random_like(spec, key) -> jax.Array:
 
 
 def at_position(arch, state, context: int):
-    if arch == "retnet":
+    if is_retnet(arch):
         return state._replace(count=jnp.full(state.count.shape, context, jnp.int32))
     return state._replace(length=jnp.full(state.length.shape, context, jnp.int32))
 
@@ -120,7 +128,7 @@ _PROGRAMS = {}  # compiled decoding programs of the current model, by state shap
 
 def run_decode(arch, model, decoder, variables, batch: int, context: int):
     state = decode_state(arch, model, batch, context)
-    state_bytes = nbytes(state.kv if arch == "retnet" else (state.k, state.v))
+    state_bytes = nbytes(state.kv if is_retnet(arch) else (state.k, state.v))
     token = jnp.asarray(bl.random_tokens(batch, (batch,), model.config.vocab_size))
     # A RetNet state's shape does not depend on the context: one program serves every context.
     key = (arch, batch, str(jax.tree.map(lambda x: (x.shape, x.dtype), state)))
@@ -146,7 +154,7 @@ def run_decode(arch, model, decoder, variables, batch: int, context: int):
 
 def run_prefill(arch, model, variables, batch: int, context: int):
     tokens = jnp.asarray(bl.random_tokens(context, (batch, context), model.config.vocab_size))
-    if arch == "retnet":  # only the state is returned, so XLA drops the output head over the prompt
+    if is_retnet(arch):  # only the state is returned, so XLA drops the output head over the prompt
 
         def prefill(variables, tokens):
             return model.apply(variables, tokens, mode="chunkwise", return_state=True)[1]
@@ -187,7 +195,7 @@ def derive(row, ceilings):
     row["seconds"] = seconds
     row["tokens_per_s"] = row["B"] * (1 if row["kind"] == "decode" else row["T"]) / seconds
     if row["kind"] == "decode":
-        state_traffic = row["state_bytes"] * (2 if row["arch"] == "retnet" else 1)
+        state_traffic = row["state_bytes"] * (2 if is_retnet(row["arch"]) else 1)
         row["floor_params_s"] = row["params_bytes"] / ceilings["bandwidth"]
         row["floor_s"] = (row["params_bytes"] + state_traffic) / ceilings["bandwidth"]
         row["vs_floor_params"] = seconds / row["floor_params_s"]

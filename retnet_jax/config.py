@@ -83,6 +83,7 @@ class RetNetConfig(ConfigMethods):
     param_dtype: str = "float32"
     scan_layers: bool = True  # stack blocks with nn.scan (one compiled block)
     remat: bool = False  # recompute blocks in the backward pass
+    unroll_decode: bool = True  # unroll the layer loop of one-token decode steps (one fused program)
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "value_dim", "ffn_dim"):

@@ -39,7 +39,18 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-__all__ = ["Tiles", "default_tiles", "fused_chunk_retention", "supported"]
+__all__ = ["Tiles", "default_tiles", "fused_chunk_retention", "preferred", "supported"]
+
+# The chunk length chunkwise(implementation="auto") runs the kernels with (C = 128 measured 3-6× slower
+# than 64 at K = V = 128 on an H100: its score tiles overflow the registers).
+AUTO_CHUNK = 64
+
+# Shared memory the pipelined input buffers of one program may take (an H100 has 227 KiB per block,
+# an A100 163 KiB; the rest is left to the products' operand staging).
+PIPELINE_BYTES = 144 * 1024
+
+# A state tile of at most this many float32 entries stays in registers (64 per thread at 8 warps).
+STATE_TILE_ENTRIES = 128 * 128
 
 
 class Tiles(NamedTuple):
@@ -70,6 +81,14 @@ def supported(q_shape, v_shape, chunk_size: int, dtype) -> str | None:
         if not _power_of_two(size):
             return f"{name} = {size} (the kernels need powers of two >= 16)"
     return None
+
+
+def preferred(q_shape, v_shape, chunk_size: int, dtype) -> bool:
+    """Whether ``chunkwise(implementation="auto")`` takes the kernels: supported sizes whose whole [K, V]
+    state fits one tile. Wider heads (e.g. the paper's K = 256, V = 512) need tiles that re-read
+    their inputs and measured slower than the XLA form on an H100."""
+    fits = q_shape[-1] * v_shape[-1] <= STATE_TILE_ENTRIES
+    return fits and supported(q_shape, v_shape, chunk_size, dtype) is None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,10 +319,6 @@ def _retention_bwd(size, tiles, interpret, residuals, do):
 
 
 _retention.defvjp(_retention_fwd, _retention_bwd)
-
-
-# A state tile of at most this many float32 entries stays in registers (64 per thread at 8 warps).
-STATE_TILE_ENTRIES = 128 * 128
 
 
 def default_tiles(key_dim: int, value_dim: int) -> Tiles:

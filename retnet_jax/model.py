@@ -102,6 +102,9 @@ class RetNetLM(nn.Module):
         )
         block = nn.remat(RetNetBlock, prevent_cse=not cfg.scan_layers) if cfg.remat else RetNetBlock
         if cfg.scan_layers:
+            # A one-token decode step does little work per layer: unrolled, XLA fuses across layers and
+            # the GPU runs the step as a few large kernels instead of a loop of small ones.
+            one_step = mode == "recurrent" and tokens.shape[1] == 1 and state is not None
             blocks = nn.scan(
                 block,
                 variable_axes={"params": 0},
@@ -109,6 +112,7 @@ class RetNetLM(nn.Module):
                 in_axes=0,
                 out_axes=0,
                 length=cfg.num_layers,
+                unroll=cfg.num_layers if one_step and cfg.unroll_decode else 1,
                 metadata_params={nn.PARTITION_NAME: LAYERS},
             )
             x, state = blocks(**block_args, name="layers")(x, state)

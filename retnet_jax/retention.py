@@ -377,8 +377,9 @@ def chunkwise(
     """
     _check_inputs("chunkwise", q, k, v, log_decay, state)
     size = _check_chunk_size("chunkwise", chunk_size)
-    if _use_fused("chunkwise", implementation, q, v, size):
-        return _fused_chunkwise(q, k, v, log_decay, size, state, normalize)
+    fused_chunk = _fused_chunk("chunkwise", implementation, q, v, size)
+    if fused_chunk is not None:
+        return _fused_chunkwise(q, k, v, log_decay, fused_chunk, state, normalize)
     acc = _accumulator(q.dtype)
     if state is None:
         state = init_state(q.shape[0], q.shape[2], q.shape[3], v.shape[3], acc)
@@ -403,21 +404,30 @@ def chunkwise(
 # The fused Pallas kernels behind chunkwise(implementation="pallas" | "auto").
 
 
-def _use_fused(fn: str, implementation: str, q, v, size: int) -> bool:
+def _fused_chunk(fn: str, implementation: str, q, v, size: int) -> int | None:
+    """The chunk size the fused kernels run with, or None for the XLA form.
+
+    The chunk length only blocks the computation (every chunk size gives the same function), so "auto"
+    runs the kernels at their own ``fused_retention.AUTO_CHUNK`` whatever C the caller's config names,
+    and only where their whole state tile fits on chip (``fused_retention.preferred``); measured slower
+    than the XLA form otherwise.
+    """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"{fn}: unknown implementation {implementation!r}; expected one of {IMPLEMENTATIONS}."
         )
     if implementation == "xla":
-        return False
-    reason = fused_retention.supported(q.shape, v.shape, size, q.dtype)
+        return None
     if implementation == "auto":
-        return reason is None and jax.default_backend() == "gpu"
+        chunk = min(size, fused_retention.AUTO_CHUNK)
+        fits = fused_retention.preferred(q.shape, v.shape, chunk, q.dtype)
+        return chunk if fits and jax.default_backend() == "gpu" else None
+    reason = fused_retention.supported(q.shape, v.shape, size, q.dtype)
     if reason is not None:
         raise ValueError(
             f"{fn}: implementation='pallas' does not support {reason}; use implementation='xla' or 'auto'."
         )
-    return True
+    return size
 
 
 def _fused_chunkwise(q, k, v, log_decay, size, state, normalize):

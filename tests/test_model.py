@@ -258,3 +258,18 @@ def test_selected_rows_decode_as_if_alone():
     a, _ = step(variables, tokens[rows, -1], picked)
     b, _ = step(variables, tokens[rows, -1], alone)
     assert relative_error(a, b) < LOGITS_RTOL
+
+
+def test_unrolled_decode_step_equals_the_layer_loop():
+    """unroll_decode only changes how the one-token step is compiled, not what it computes."""
+    model, variables, tokens = _setup(TINY, length=6)
+    _, state = _apply(model, mode="chunkwise", return_state=True)(variables, tokens)
+    results = []
+    for unroll in (True, False):
+        looped = RetNetLM(TINY.replace(unroll_decode=unroll))
+        results.append(
+            jax.jit(lambda v, t, s, m=looped: decode_step(m, v, t, s))(variables, tokens[:, 0], state)
+        )
+    (logits_u, state_u), (logits_l, state_l) = results
+    assert relative_error(logits_u, logits_l) < LOGITS_RTOL
+    assert relative_error(state_u.kv, state_l.kv) < LOGITS_RTOL
