@@ -29,7 +29,6 @@ from __future__ import annotations
 import importlib.util
 import time
 
-import jax
 import numpy as np
 from absl import app, flags
 
@@ -45,6 +44,9 @@ _LENGTHS = flags.DEFINE_string("lengths", "2048,8192,16384", "Sequence lengths T
 _TOKENS = flags.DEFINE_integer("tokens_per_step", 16384, "B·T per step: B = max(1, tokens // T).")
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Rows per step (overrides --tokens_per_step when > 0).")
 _CHUNK = flags.DEFINE_integer("chunk_size", 512, "RetNet chunk size C (0: the parallel form).")
+_HEADS = flags.DEFINE_integer(
+    "retnet_heads", 0, "RetNet heads (0: the preset's); the Transformer keeps its own."
+)
 _REMAT = flags.DEFINE_bool("remat", True, "Recompute each block in the backward pass (all archs).")
 _DROPOUT = flags.DEFINE_float("dropout", 0.0, "Dropout rate (the paper presets say 0.1).")
 _STEPS = flags.DEFINE_integer("steps", 8, "Timed steps per configuration (after 2 warm-up steps).")
@@ -61,7 +63,15 @@ def configs():
             batch = _BATCH.value or max(1, _TOKENS.value // length)
             for arch in _ARCHS.value:
                 out.append(
-                    dict(arch=arch, model=model, T=length, B=batch, chunk=_CHUNK.value, remat=_REMAT.value)
+                    dict(
+                        arch=arch,
+                        model=model,
+                        T=length,
+                        B=batch,
+                        chunk=_CHUNK.value,
+                        remat=_REMAT.value,
+                        heads=_HEADS.value if arch == "retnet" else 0,
+                    )
                 )
     return out
 
@@ -81,44 +91,7 @@ def peaks_worker(payload):
 
 
 def jax_worker(cfg):
-    from retnet_jax import train
-    from retnet_jax.sharding import make_mesh
-
-    config = train.default_config()
-    config.arch, config.model = cfg["arch"], cfg["model"]
-    config.seq_len, config.batch_size = cfg["T"], cfg["B"]
-    config.dtype, config.chunk_size, config.remat = "bfloat16", cfg["chunk"], cfg["remat"]
-    config.dropout, config.steps, config.warmup_steps, config.learning_rate = cfg["dropout"], 1000, 10, 3e-4
-    vocab = RetNetConfig.preset(cfg["model"]).vocab_size
-    mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])  # one device, whatever the host has
-
-    start = time.perf_counter()
-    trainer = train.Trainer(config, vocab, mesh)
-    state = jax.block_until_ready(trainer.init(0))
-    init_s = time.perf_counter() - start
-    shape = (cfg["B"], cfg["T"])
-    batches = [
-        trainer.global_batch(
-            dict(
-                inputs=bl.random_tokens(2 * i, shape, vocab),
-                targets=bl.random_tokens(2 * i + 1, shape, vocab),
-            )
-        )
-        for i in range(2)
-    ]
-    start = time.perf_counter()
-    with trainer.context():  # the Trainer's own jitted step (shardings, donated state), compiled ahead
-        compiled = trainer._train_step.lower(state, batches[0]).compile()
-    compile_s = time.perf_counter() - start
-
-    carry = dict(state=state, step=0, loss=None)
-
-    def step():
-        carry["state"], metrics = compiled(carry["state"], batches[carry["step"] % 2])
-        carry["step"] += 1
-        carry["loss"] = metrics["loss"]
-        return carry["state"], metrics
-
+    step, trainer, init_s, compile_s, compiled = bl.jax_train_step(cfg)
     timing = bl.time_calls(step, repeats=cfg["steps"], warmup=2, calls_per_sample=1)
     return dict(
         num_params=trainer.num_params,
@@ -126,7 +99,7 @@ def jax_worker(cfg):
         init_s=init_s,
         compile_s=compile_s,
         timing=timing.to_dict(),
-        loss=float(carry["loss"]),
+        loss=float(step.carry["loss"]),
         memory=dict(bytes=bl.peak_bytes_in_use(), program=bl.program_memory(compiled)),
     )
 
@@ -241,7 +214,7 @@ def derive(row, device, ceilings):
 
 COLUMNS = [
     ("arch", lambda r: r["arch"]),
-    ("model", lambda r: r["model"]),
+    ("model", lambda r: r["model"] + (f" H{r['heads']}" if r.get("heads") else "")),
     ("params", lambda r: bl.fmt_count(r.get("num_params"))),
     ("T", lambda r: str(r["T"])),
     ("B", lambda r: str(r["B"])),

@@ -497,3 +497,50 @@ def save_figure(fig, path: str):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def jax_train_step(cfg: dict[str, Any]):
+    """(step, trainer, init_s, compile_s, compiled): ``step()`` runs one compiled train step of the
+    configuration on alternating synthetic batches, carrying the donated state."""
+    from retnet_jax import train
+    from retnet_jax.config import RetNetConfig
+    from retnet_jax.sharding import make_mesh
+
+    config = train.default_config()
+    config.arch, config.model, config.num_heads = cfg["arch"], cfg["model"], cfg.get("heads", 0)
+    config.seq_len, config.batch_size = cfg["T"], cfg["B"]
+    config.dtype, config.chunk_size, config.remat = "bfloat16", cfg["chunk"], cfg["remat"]
+    config.dropout, config.steps = cfg.get("dropout", 0.0), 1000
+    config.warmup_steps, config.learning_rate = 10, 3e-4
+    vocab = RetNetConfig.preset(cfg["model"]).vocab_size
+    mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])  # one device, whatever the host has
+
+    start = time.perf_counter()
+    trainer = train.Trainer(config, vocab, mesh)
+    state = jax.block_until_ready(trainer.init(0))
+    init_s = time.perf_counter() - start
+    shape = (cfg["B"], cfg["T"])
+    batches = [
+        trainer.global_batch(
+            dict(
+                inputs=random_tokens(2 * i, shape, vocab),
+                targets=random_tokens(2 * i + 1, shape, vocab),
+            )
+        )
+        for i in range(2)
+    ]
+    start = time.perf_counter()
+    with trainer.context():  # the Trainer's own jitted step (shardings, donated state), compiled ahead
+        compiled = trainer._train_step.lower(state, batches[0]).compile()
+    compile_s = time.perf_counter() - start
+
+    carry = dict(state=state, step=0, loss=None)
+
+    def step():
+        carry["state"], metrics = compiled(carry["state"], batches[carry["step"] % 2])
+        carry["step"] += 1
+        carry["loss"] = metrics["loss"]
+        return carry["state"], metrics
+
+    step.carry = carry
+    return step, trainer, init_s, compile_s, compiled

@@ -58,6 +58,8 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int):
     overrides: dict[str, Any] = dict(vocab_size=vocab_size, dtype=config.dtype, remat=config.remat)
     if config.dropout >= 0:
         overrides["dropout"] = config.dropout
+    if config.get("num_heads", 0) > 0 and config.arch == "retnet":  # absent from older checkpoints
+        overrides["num_heads"] = config.num_heads
     if config.chunk_size > 0:
         overrides.update(
             mode="chunkwise",

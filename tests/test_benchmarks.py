@@ -39,6 +39,14 @@ SCRIPTS = {
         "--batch_context=32",
         "--decode_steps=4",
     ],
+    "profile_steps": [
+        "--model=tiny",
+        "--archs=retnet",
+        "--targets=decode",
+        "--decode_steps=2",
+        "--decode_context=16",
+        "--plots=false",
+    ],
 }
 
 
@@ -86,3 +94,9 @@ def test_inference(tmp_path):
     assert all(r["status"] == "ok" for r in rows), [r for r in rows if r["status"] != "ok"]
     assert all(r["tokens_per_s"] > 0 for r in rows)
     assert "Fig. 6c" in text
+
+
+def test_profile(tmp_path):
+    _, text = run("profile_steps", tmp_path)
+    assert "## decode: retnet tiny" in text and "kernel launches" in text
+    assert "| kernel | ms | launches | kind |" in text

@@ -16,6 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Model.
     c.arch = "retnet"  # "retnet", or "transformer" (the baseline with the same parameter count)
     c.model = "tiny"  # preset name: tiny, small, paper-1.3b, ..., torchscale-base, ... (see RetNetConfig)
+    c.num_heads = 0  # >0 overrides the preset's retention heads (K = D / H, V = value_dim / H); RetNet only
     c.dtype = "float32"  # compute dtype: float32 or bfloat16 (params stay float32)
     c.chunk_size = 0  # >0: train with the chunkwise form at this chunk length; 0: the parallel form
     c.retention_impl = "auto"  # chunkwise retention: "auto" (fused Pallas kernels on GPU), "pallas", "xla"
