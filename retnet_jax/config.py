@@ -78,7 +78,7 @@ class RetNetConfig(ConfigMethods):
     dropout: float = 0.0  # residual and embedding dropout (paper: 0.1)
     mode: str = "parallel"  # default form for full-sequence calls
     chunk_size: int = 64  # C for the chunkwise form
-    retention_impl: str = "xla"  # chunkwise form: "xla", "pallas" (fused kernels) or "auto" (pallas on GPU)
+    retention_impl: str = "auto"  # chunkwise form: "xla", "pallas" (fused kernels) or "auto" (pallas on GPU)
     dtype: str = "float32"  # compute dtype; params, norms, decay, state and loss stay float32
     param_dtype: str = "float32"
     scan_layers: bool = True  # stack blocks with nn.scan (one compiled block)
