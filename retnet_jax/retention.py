@@ -410,7 +410,8 @@ def _fused_chunk(fn: str, implementation: str, q, v, size: int) -> int | None:
     The chunk length only blocks the computation (every chunk size gives the same function), so "auto"
     runs the kernels at their own ``fused_retention.AUTO_CHUNK`` whatever C the caller's config names,
     and only where their whole state tile fits on chip (``fused_retention.preferred``); measured slower
-    than the XLA form otherwise.
+    than the XLA form otherwise. Under a mesh of several devices "auto" keeps the XLA form: the kernel
+    call has no partitioning rule, so XLA would gather its operands onto every device.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
@@ -421,7 +422,8 @@ def _fused_chunk(fn: str, implementation: str, q, v, size: int) -> int | None:
     if implementation == "auto":
         chunk = min(size, fused_retention.AUTO_CHUNK)
         fits = fused_retention.preferred(q.shape, v.shape, chunk, q.dtype)
-        return chunk if fits and jax.default_backend() == "gpu" else None
+        one_device = jax.sharding.get_abstract_mesh().size <= 1
+        return chunk if fits and one_device and jax.default_backend() == "gpu" else None
     reason = fused_retention.supported(q.shape, v.shape, size, q.dtype)
     if reason is not None:
         raise ValueError(
