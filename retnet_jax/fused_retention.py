@@ -123,93 +123,102 @@ def _decays(lam_ref, size: int) -> _Decays:
     )
 
 
+def _walk(size: int, groups: int, body, init, *, reverse: bool = False):
+    """Runs ``carry = body(rows, carry)`` over the chunks (in order, or last to first) from ``init``;
+    ``rows`` is the chunk's slice of the [T, ·] refs."""
+
+    def step(t, carry):
+        g = groups - 1 - t if reverse else t
+        return body(pl.ds(pl.multiple_of(g * size, size), size), carry)
+
+    jax.lax.fori_loop(0, groups, step, init)
+
+
+def _masked(a, b, d: _Decays, precision):
+    """(a bᵀ) ⊙ D [C, S] in the inputs' dtype: the decayed in-chunk scores (q, k) or (dO, v)."""
+    return (_dot(a, b, (1, 1), precision) * d.mask).astype(a.dtype)
+
+
+def _carried(state, x, decay, y, chunk, precision):
+    """γ^C state + (x ⊙ decay)ᵀ y: S_{g+1} from (k, γ^(C−1−j), v), or dS_g from (q, γ^(i+1), dO)."""
+    return chunk * state + _dot((x * decay).astype(x.dtype), y, (0, 0), precision)
+
+
+def _dk_rows(q, v, do, dstate, d: _Decays, precision):
+    """dk of one chunk: ((dO Vᵀ) ⊙ D)ᵀ Q + (V dS_{g+1}ᵀ) ⊙ γ^(C−1−j)."""
+    intra = _dot(_masked(do, v, d, precision), q, (0, 0), precision)
+    return intra + _dot(v, dstate.astype(v.dtype), (1, 1), precision) * d.key
+
+
+def _dv_rows(q, k, do, dstate, d: _Decays, precision):
+    """dv of one chunk: ((Q Kᵀ) ⊙ D)ᵀ dO + (K dS_{g+1}) ⊙ γ^(C−1−j)."""
+    intra = _dot(_masked(q, k, d, precision), do, (0, 0), precision)
+    return intra + _dot(k, dstate.astype(k.dtype), (1, 0), precision) * d.key
+
+
 def _forward_kernel(lam_ref, q_ref, k_ref, v_ref, o_ref, *, size, groups, precision):
     d = _decays(lam_ref, size)
-    low = q_ref.dtype
 
-    def body(g, state):  # state S_g [BK, BV] float32
-        rows = pl.ds(pl.multiple_of(g * size, size), size)
+    def body(rows, state):  # S_g [K, BV] float32
         q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
-        weights = (_dot(q, k, (1, 1), precision) * d.mask).astype(low)  # [C, S]
-        q_decayed = (q * d.query).astype(low)
-        o = _dot(weights, v, (1, 0), precision) + _dot(q_decayed, state.astype(low), (1, 0), precision)
+        q_decayed = (q * d.query).astype(q.dtype)
+        o = _dot(_masked(q, k, d, precision), v, (1, 0), precision)
+        o = o + _dot(q_decayed, state.astype(q.dtype), (1, 0), precision)
         o_ref[rows, :] = o.astype(o_ref.dtype)
-        k_decayed = (k * d.key).astype(low)
-        return d.chunk * state + _dot(k_decayed, v, (0, 0), precision)
+        return _carried(state, k, d.key, v, d.chunk, precision)
 
-    state = jnp.zeros((q_ref.shape[-1], v_ref.shape[-1]), jnp.float32)
-    jax.lax.fori_loop(0, groups, body, state)
+    _walk(size, groups, body, jnp.zeros((q_ref.shape[-1], v_ref.shape[-1]), jnp.float32))
 
 
 def _dq_kernel(lam_ref, k_ref, v_ref, do_ref, dq_ref, *, size, groups, precision):
     d = _decays(lam_ref, size)
-    low = k_ref.dtype
 
-    def body(g, state):
-        rows = pl.ds(pl.multiple_of(g * size, size), size)
+    def body(rows, state):  # S_g [BK, V] float32
         k, v, do = k_ref[rows, :], v_ref[rows, :], do_ref[rows, :]
-        p = (_dot(do, v, (1, 1), precision) * d.mask).astype(low)  # [C, S]
-        dq = _dot(p, k, (1, 0), precision) + _dot(do, state.astype(low), (1, 1), precision) * d.query
+        dq = _dot(_masked(do, v, d, precision), k, (1, 0), precision)
+        dq = dq + _dot(do, state.astype(do.dtype), (1, 1), precision) * d.query
         dq_ref[rows, :] = dq.astype(dq_ref.dtype)
-        k_decayed = (k * d.key).astype(low)
-        return d.chunk * state + _dot(k_decayed, v, (0, 0), precision)
+        return _carried(state, k, d.key, v, d.chunk, precision)
 
-    state = jnp.zeros((k_ref.shape[-1], v_ref.shape[-1]), jnp.float32)
-    jax.lax.fori_loop(0, groups, body, state)
+    _walk(size, groups, body, jnp.zeros((k_ref.shape[-1], v_ref.shape[-1]), jnp.float32))
 
 
 def _dk_kernel(lam_ref, q_ref, v_ref, do_ref, dk_ref, *, size, groups, precision):
     d = _decays(lam_ref, size)
-    low = q_ref.dtype
 
-    def body(t, dstate):  # dS_{g+1} [BK, V]
-        rows = pl.ds(pl.multiple_of((groups - 1 - t) * size, size), size)
+    def body(rows, dstate):  # dS_{g+1} [BK, V] float32
         q, v, do = q_ref[rows, :], v_ref[rows, :], do_ref[rows, :]
-        p = (_dot(do, v, (1, 1), precision) * d.mask).astype(low)
-        dk = _dot(p, q, (0, 0), precision) + _dot(v, dstate.astype(low), (1, 1), precision) * d.key
-        dk_ref[rows, :] = dk.astype(dk_ref.dtype)
-        return d.chunk * dstate + _dot((q * d.query).astype(low), do, (0, 0), precision)
+        dk_ref[rows, :] = _dk_rows(q, v, do, dstate, d, precision).astype(dk_ref.dtype)
+        return _carried(dstate, q, d.query, do, d.chunk, precision)
 
-    dstate = jnp.zeros((q_ref.shape[-1], v_ref.shape[-1]), jnp.float32)
-    jax.lax.fori_loop(0, groups, body, dstate)
+    init = jnp.zeros((q_ref.shape[-1], v_ref.shape[-1]), jnp.float32)
+    _walk(size, groups, body, init, reverse=True)
 
 
 def _dv_kernel(lam_ref, q_ref, k_ref, do_ref, dv_ref, *, size, groups, precision):
     d = _decays(lam_ref, size)
-    low = q_ref.dtype
 
-    def body(t, dstate):  # dS_{g+1} [K, BV]
-        rows = pl.ds(pl.multiple_of((groups - 1 - t) * size, size), size)
+    def body(rows, dstate):  # dS_{g+1} [K, BV] float32
         q, k, do = q_ref[rows, :], k_ref[rows, :], do_ref[rows, :]
-        a = (_dot(q, k, (1, 1), precision) * d.mask).astype(low)
-        dv = _dot(a, do, (0, 0), precision) + _dot(k, dstate.astype(low), (1, 0), precision) * d.key
-        dv_ref[rows, :] = dv.astype(dv_ref.dtype)
-        return d.chunk * dstate + _dot((q * d.query).astype(low), do, (0, 0), precision)
+        dv_ref[rows, :] = _dv_rows(q, k, do, dstate, d, precision).astype(dv_ref.dtype)
+        return _carried(dstate, q, d.query, do, d.chunk, precision)
 
-    dstate = jnp.zeros((q_ref.shape[-1], do_ref.shape[-1]), jnp.float32)
-    jax.lax.fori_loop(0, groups, body, dstate)
+    init = jnp.zeros((q_ref.shape[-1], do_ref.shape[-1]), jnp.float32)
+    _walk(size, groups, body, init, reverse=True)
 
 
 def _dkdv_kernel(lam_ref, q_ref, k_ref, v_ref, do_ref, dk_ref, dv_ref, *, size, groups, precision):
+    """dk and dv in one reversed pass, when the whole [K, V] state fits one program."""
     d = _decays(lam_ref, size)
-    low = q_ref.dtype
 
-    def body(t, dstate):  # dstate dS_{g+1} [BK, BV] float32
-        g = groups - 1 - t
-        rows = pl.ds(pl.multiple_of(g * size, size), size)
+    def body(rows, dstate):  # dS_{g+1} [K, V] float32
         q, k, v, do = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], do_ref[rows, :]
-        a = (_dot(q, k, (1, 1), precision) * d.mask).astype(low)  # [C, S]
-        p = (_dot(do, v, (1, 1), precision) * d.mask).astype(low)
-        ds = dstate.astype(low)
-        dk = _dot(p, q, (0, 0), precision) + _dot(v, ds, (1, 1), precision) * d.key
-        dv = _dot(a, do, (0, 0), precision) + _dot(k, ds, (1, 0), precision) * d.key
-        dk_ref[rows, :] = dk.astype(dk_ref.dtype)
-        dv_ref[rows, :] = dv.astype(dv_ref.dtype)
-        q_decayed = (q * d.query).astype(low)
-        return d.chunk * dstate + _dot(q_decayed, do, (0, 0), precision)
+        dk_ref[rows, :] = _dk_rows(q, v, do, dstate, d, precision).astype(dk_ref.dtype)
+        dv_ref[rows, :] = _dv_rows(q, k, do, dstate, d, precision).astype(dv_ref.dtype)
+        return _carried(dstate, q, d.query, do, d.chunk, precision)
 
-    dstate = jnp.zeros((q_ref.shape[-1], v_ref.shape[-1]), jnp.float32)
-    jax.lax.fori_loop(0, groups, body, dstate)
+    init = jnp.zeros((q_ref.shape[-1], v_ref.shape[-1]), jnp.float32)
+    _walk(size, groups, body, init, reverse=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,7 +236,7 @@ def _launch(kernel, ins, outs, log_decay, size, tiles: Tiles, interpret: bool, s
     """
     batch, length, heads = ins[0][0].shape[:3]
     widths = [(x.shape[-1], tile) for x, tile in ins] + [(w, tile) for w, _, tile in outs]
-    count = max(width // tile for width, tile in widths if tile) if any(t for _, t in widths) else 1
+    count = max((width // tile for width, tile in widths if tile), default=1)
 
     def spec(width, tile):
         if tile is None:

@@ -440,16 +440,16 @@ def _fused_chunkwise(q, k, v, log_decay, size, state, normalize):
     o = fused_retention.fused_chunk_retention(q, k, v, log_decay, chunk_size=size, interpret=interpret)
     acc = _accumulator(q.dtype)
     log_decay = log_decay.astype(acc)
-    if state is None and not normalize:
-        empty = init_state(q.shape[0], q.shape[2], q.shape[3], v.shape[3], acc)
-        return o, update_state(k, v, log_decay, empty)
-    o = o.astype(acc)
-    if state is None:
+    incoming = state is not None
+    if not incoming:
         state = init_state(q.shape[0], q.shape[2], q.shape[3], v.shape[3], acc)
-    else:  # S_0 decayed to each position: o_n += γ^(n+1) q_n S_0
-        state = RetentionState(state.kv.astype(acc), state.count)
-        q_decayed = q * _powers(jnp.arange(1, length + 1), log_decay)[None, ..., None]
-        o = o + jnp.einsum("BTHK,BHKV->BTHV", q_decayed.astype(acc), state.kv)
-    if normalize:
-        o = o * _row_scale(state.count[:, None] + jnp.arange(length), log_decay)[..., None]
-    return o.astype(v.dtype), update_state(k, v, log_decay, state)
+    state = RetentionState(state.kv.astype(acc), state.count)
+    if incoming or normalize:
+        o = o.astype(acc)
+        if incoming:  # S_0 decayed to each position: o_n += γ^(n+1) q_n S_0
+            q_decayed = q * _powers(jnp.arange(1, length + 1), log_decay)[None, ..., None]
+            o = o + jnp.einsum("BTHK,BHKV->BTHV", q_decayed.astype(acc), state.kv)
+        if normalize:
+            o = o * _row_scale(state.count[:, None] + jnp.arange(length), log_decay)[..., None]
+        o = o.astype(v.dtype)
+    return o, update_state(k, v, log_decay, state)

@@ -1,5 +1,7 @@
 """Shared test helpers: error measures and tolerances, written down per dtype."""
 
+import flax.linen as nn
+import jax
 import numpy as np
 
 # Normwise relative error ‖a − b‖ / ‖b‖ allowed between two forms of the same function.
@@ -23,3 +25,11 @@ def random_inputs(rng, batch, length, heads, key_dim, value_dim, dtype):
     k = rng.standard_normal((batch, length, heads, key_dim)) * key_dim**-0.5
     v = rng.standard_normal((batch, length, heads, value_dim))
     return tuple(np.asarray(x, dtype) for x in (q, k, v))
+
+
+def assert_logical_axes(variables):
+    """Every parameter is boxed with one logical axis name per dimension."""
+    boxed = jax.tree.leaves(variables, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    assert boxed and all(isinstance(x, nn.Partitioned) for x in boxed)
+    for x in boxed:
+        assert len(x.names) == len(x.value.shape), x

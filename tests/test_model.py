@@ -11,7 +11,7 @@ import pytest
 from retnet_jax import model as model_lib
 from retnet_jax.config import PRESETS, RetNetConfig
 from retnet_jax.model import RetNetLM, decode_step, init_state
-from tests.helpers import relative_error
+from tests.helpers import assert_logical_axes, relative_error
 
 # Logits of two modes of the float32 model; measured ≈ 5e-7 normwise.
 LOGITS_RTOL = 1e-5
@@ -154,11 +154,7 @@ def test_dropout_is_active_only_when_asked():
 
 def test_every_parameter_has_logical_axes():
     for config in (TINY, OPTIONS):
-        variables = jax.eval_shape(lambda c=config: _setup(c)[1])
-        boxed = jax.tree.leaves(variables, is_leaf=lambda x: isinstance(x, nn.Partitioned))
-        assert boxed and all(isinstance(x, nn.Partitioned) for x in boxed)
-        for x in boxed:
-            assert len(x.names) == len(x.value.shape), x
+        assert_logical_axes(jax.eval_shape(lambda c=config: _setup(c)[1]))
 
 
 def _count(config):

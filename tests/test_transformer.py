@@ -20,7 +20,7 @@ from retnet_jax.transformer import (
     init_cache,
     prefill,
 )
-from tests.helpers import relative_error
+from tests.helpers import assert_logical_axes, relative_error
 
 # Logits of the float32 model, cached against uncached; measured ≈ 3e-7 normwise (2 cores, XLA CPU).
 LOGITS_RTOL = 1e-5
@@ -157,11 +157,7 @@ def test_bad_calls_are_named():
 
 def test_every_parameter_has_logical_axes():
     for config in (TINY, OPTIONS):
-        variables = jax.eval_shape(lambda c=config: _setup(c)[1])
-        boxed = jax.tree.leaves(variables, is_leaf=lambda x: isinstance(x, nn.Partitioned))
-        assert boxed and all(isinstance(x, nn.Partitioned) for x in boxed)
-        for x in boxed:
-            assert len(x.names) == len(x.value.shape), x
+        assert_logical_axes(jax.eval_shape(lambda c=config: _setup(c)[1]))
 
 
 def _count(model):
