@@ -37,11 +37,11 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from experiments import benchlib as bl
-from retnet_jax import model as model_lib
-from retnet_jax import transformer
-from retnet_jax.config import RetNetConfig
-from retnet_jax.generate import RetNetDecoder
-from retnet_jax.model import RetNetLM
+from retnet_jax.models import retnet as model_lib
+from retnet_jax.models import transformer
+from retnet_jax.models.config import RetNetConfig
+from retnet_jax.inference.generate import RetNetDecoder
+from retnet_jax.models.retnet import RetNetLM
 from retnet_jax.retention import RetentionState
 
 _ARCHS = flags.DEFINE_list(

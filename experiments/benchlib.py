@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from retnet_jax import flops as flops_lib
+from retnet_jax.training import flops as flops_lib
 
 # Read when JAX creates its GPU client (at the first device use, not at import), so this is in time.
 # JAX's default (75% of the GPU) would turn large configurations into spurious OOMs.
@@ -502,9 +502,9 @@ def save_figure(fig, path: str):
 def jax_train_step(cfg: dict[str, Any]):
     """(step, trainer, init_s, compile_s, compiled): ``step()`` runs one compiled train step of the
     configuration on alternating synthetic batches, carrying the donated state."""
-    from retnet_jax import train
-    from retnet_jax.config import RetNetConfig
-    from retnet_jax.sharding import make_mesh
+    from retnet_jax.training import trainer as train
+    from retnet_jax.models.config import RetNetConfig
+    from retnet_jax.training.sharding import make_mesh
 
     config = train.default_config()
     config.arch, config.model, config.num_heads = cfg["arch"], cfg["model"], cfg.get("heads", 0)

@@ -20,7 +20,7 @@ import pytest  # noqa: E402
 
 def small_config(**overrides):
     """The default experiment shrunk to seconds: 12 steps of 8×32 tokens, everything logged."""
-    from retnet_jax import train
+    from retnet_jax.training import trainer as train
 
     config = train.default_config()
     config.update(
@@ -43,7 +43,7 @@ def small_config(**overrides):
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """One full run of ``small_config()``: (workdir, config, final state), shared by several tests."""
-    from retnet_jax import train
+    from retnet_jax.training import trainer as train
 
     workdir = str(tmp_path_factory.mktemp("trained"))
     config = small_config()

@@ -26,7 +26,7 @@ from flax import struct
 from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
-from retnet_jax.checkpoint import Checkpoints
+from retnet_jax.training.checkpoints import Checkpoints
 
 CONFIG = {
     "model": "tiny",
@@ -258,7 +258,7 @@ _KILLED_RUN = """
 import os, signal, sys, time
 sys.path.insert(0, {tests!r})
 import test_checkpoint as t
-from retnet_jax import checkpoint
+from retnet_jax.training import checkpoints as checkpoint
 
 ckpt = checkpoint.Checkpoints({workdir!r}, every=1, keep=5, async_save=True)
 iterator = t.make_iterator()

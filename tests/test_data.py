@@ -9,8 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from retnet_jax import corpus, data
-from retnet_jax import tokenizer as tokenizer_lib
+from retnet_jax.training import corpus
+from retnet_jax.training import data
+from retnet_jax.training import tokenizers as tokenizer_lib
 
 BYTES = tokenizer_lib.ByteTokenizer()
 _CONFIG_PATH = pathlib.Path(__file__).parents[1] / "experiments" / "configs" / "default.py"

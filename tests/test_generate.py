@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from retnet_jax.config import RetNetConfig
-from retnet_jax.generate import (
+from retnet_jax.models.config import RetNetConfig
+from retnet_jax.inference.generate import (
     Generation,
     RetNetDecoder,
     decode_text,
@@ -17,8 +17,8 @@ from retnet_jax.generate import (
     top_k_filter,
     top_p_filter,
 )
-from retnet_jax.model import RetNetLM, decode_step, init_state
-from retnet_jax.tokenizer import ByteTokenizer
+from retnet_jax.models.retnet import RetNetLM, decode_step, init_state
+from retnet_jax.training.tokenizers import ByteTokenizer
 from tests.helpers import relative_error
 
 TINY = RetNetConfig.preset("tiny")

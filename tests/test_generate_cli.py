@@ -6,12 +6,13 @@ import sys
 import numpy as np
 import pytest
 
-from retnet_jax import generate, train
+from retnet_jax.inference import generate
+from retnet_jax.training import trainer as train
 
 
 def _cli(*args, stdin=None):
     return subprocess.run(
-        [sys.executable, "-m", "retnet_jax.generate_cli", *args],
+        [sys.executable, "-m", "retnet_jax.cli.generate", *args],
         input=stdin,
         capture_output=True,
         text=True,
@@ -56,7 +57,7 @@ def test_interactive_mode_reads_prompts_from_stdin(trained):
 def test_bad_flags_and_missing_checkpoints_are_named(trained, tmp_path, capsys):
     from absl import flags
 
-    from retnet_jax import generate_cli
+    from retnet_jax.cli import generate as generate_cli
 
     def fails(*argv):
         flags.FLAGS.unparse_flags()

@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from retnet_jax import model as model_lib
-from retnet_jax.config import PRESETS, RetNetConfig
-from retnet_jax.model import RetNetLM, decode_step, init_state
+from retnet_jax.models import retnet as model_lib
+from retnet_jax.models.config import PRESETS, RetNetConfig
+from retnet_jax.models.retnet import RetNetLM, decode_step, init_state
 from tests.helpers import assert_logical_axes, relative_error
 
 # Logits of two modes of the float32 model; measured ≈ 5e-7 normwise.

@@ -7,7 +7,7 @@ import random
 import pytest
 import tokenizers
 
-from retnet_jax import tokenizer as tokenizer_lib
+from retnet_jax.training import tokenizers as tokenizer_lib
 
 # Code-like text with indentation, tabs, newlines, accents and characters outside any training text.
 SAMPLE = "def f(x):\n    return  x ** 2  # héllo\n\tz = 'ünïcode ✓ 中文 🙂'\n"

@@ -12,8 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from retnet_jax import reporting, train
-from retnet_jax.sharding import make_mesh
+from retnet_jax.training import reporting
+from retnet_jax.training import trainer as train
+from retnet_jax.training.sharding import make_mesh
 from tests.conftest import small_config
 
 # Losses of the same steps under different meshes: the reductions run in another order, so float32
@@ -22,7 +23,7 @@ MESH_LOSS_RTOL = 1e-5
 
 
 def _cli_args(config, workdir):
-    args = [sys.executable, "-m", "retnet_jax.train_cli", f"--workdir={workdir}"]
+    args = [sys.executable, "-m", "retnet_jax.cli.train", f"--workdir={workdir}"]
     defaults = train.default_config()
     for key, value in config.items():
         if defaults[key] != value:
@@ -208,7 +209,7 @@ def test_load_for_inference_restores_the_trained_params(trained):
 
 def test_cli_help_documents_the_config_fields():
     out = subprocess.run(
-        [sys.executable, "-m", "retnet_jax.train_cli", "--help"], capture_output=True, text=True
+        [sys.executable, "-m", "retnet_jax.cli.train", "--help"], capture_output=True, text=True
     ).stdout
     for flag in (
         "--workdir",
@@ -223,7 +224,8 @@ def test_cli_help_documents_the_config_fields():
 DRIVER = """
 import sys
 import jax, jax.numpy as jnp
-from retnet_jax import distributed, train
+from retnet_jax.training import distributed
+from retnet_jax.training import trainer as train
 distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
 config = train.default_config()
 config.update(dict(seq_len=16, batch_size=4, steps=2, warmup_steps=1, log_every=1, eval_every=2,

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from retnet_jax.config import RetNetConfig
-from retnet_jax.model import RetNetLM
-from retnet_jax.transformer import (
+from retnet_jax.models.config import RetNetConfig
+from retnet_jax.models.retnet import RetNetLM
+from retnet_jax.models.transformer import (
     TransformerConfig,
     TransformerDecoder,
     TransformerLM,

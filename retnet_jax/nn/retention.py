@@ -12,11 +12,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from retnet_jax import retention, rotation
-from retnet_jax.config import RetNetConfig
-from retnet_jax.norms import HeadNorm
-from retnet_jax.projection import Projection
-from retnet_jax.sharding import EMBED, HEAD_DIM, HEADS
+from retnet_jax.ops import dispatch, retention
+from retnet_jax.ops import rotation
+from retnet_jax.models.config import RetNetConfig
+from retnet_jax.nn.norms import HeadNorm
+from retnet_jax.nn.projection import Projection
+from retnet_jax.nn.axes import EMBED, HEAD_DIM, HEADS
 
 
 class MultiScaleRetention(nn.Module):
@@ -99,7 +100,7 @@ class MultiScaleRetention(nn.Module):
                 return o[:, None], state
             o, state = retention.recurrent(q, k, v, log_decay, state=state, normalize=norm)
         elif self.mode == "chunkwise":
-            o, state = retention.chunkwise(
+            o, state = dispatch.chunkwise(
                 q,
                 k,
                 v,

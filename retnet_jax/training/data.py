@@ -36,8 +36,8 @@ import jax
 import numpy as np
 from absl import flags
 
-from retnet_jax import corpus
-from retnet_jax import tokenizer as tokenizer_lib
+from retnet_jax.training import corpus
+from retnet_jax.training import tokenizers as tokenizer_lib
 
 __all__ = ["document_dataset", "make_dataset", "make_tokenizer"]
 

@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from retnet_jax.sharding import EMBED, HEAD_DIM, partitioned
+from retnet_jax.nn.axes import EMBED, HEAD_DIM, partitioned
 
 
 def rms_normalize(x, eps: float):

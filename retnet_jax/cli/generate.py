@@ -48,7 +48,7 @@ def _fail(message: str):
 
 
 def _check_flags():
-    from retnet_jax import generate
+    from retnet_jax.inference import generate
 
     if (_WORKDIR.value is None) == (_CHECKPOINT.value is None):
         _fail("pass exactly one of --workdir or --checkpoint.")
@@ -67,7 +67,7 @@ def _check_flags():
 
 def _continue(model, variables, tokenizer, text: str):
     """Streams the continuation of ``text`` to stdout."""
-    from retnet_jax import generate
+    from retnet_jax.inference import generate
 
     blocks = generate.stream(
         model,
@@ -96,7 +96,7 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     _check_flags()
     absl_logging.set_verbosity(absl_logging.ERROR)
-    from retnet_jax import train
+    from retnet_jax.training import trainer as train
 
     try:
         model, variables, tokenizer, _ = train.load_for_inference(

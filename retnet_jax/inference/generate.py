@@ -42,9 +42,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from retnet_jax import model as model_lib
-from retnet_jax.config import MODES
-from retnet_jax.model import RetNetLM
+from retnet_jax.models import retnet as model_lib
+from retnet_jax.models.config import MODES
+from retnet_jax.models.retnet import RetNetLM
 
 __all__ = [
     "Decoder",

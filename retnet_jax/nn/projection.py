@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from retnet_jax.sharding import partitioned
+from retnet_jax.nn.axes import partitioned
 
 
 class Projection(nn.Module):

@@ -63,14 +63,14 @@ _PROCESS_ID = flags.DEFINE_integer(
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    from retnet_jax import distributed
+    from retnet_jax.training import distributed
 
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     absl_logging.set_verbosity(absl_logging.ERROR)  # tfds and XLA start-up chatter
     import tensorflow_datasets as tfds
 
     tfds.disable_progress_bar()
-    from retnet_jax import train
+    from retnet_jax.training import trainer as train
 
     config = flags.FLAGS.config
     print(f"workdir: {_WORKDIR.value}\n{config}")

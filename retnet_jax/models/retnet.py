@@ -18,13 +18,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from retnet_jax import retention
-from retnet_jax.config import MODES, RetNetConfig
-from retnet_jax.embedding import ACTIVATION_AXES, embed_tokens, output_logits
-from retnet_jax.feedforward import FeedForward
-from retnet_jax.multiscale_retention import MultiScaleRetention
-from retnet_jax.norms import Norm
-from retnet_jax.sharding import LAYERS
+from retnet_jax.ops import retention
+from retnet_jax.models.config import MODES, RetNetConfig
+from retnet_jax.nn.embedding import ACTIVATION_AXES, embed_tokens, output_logits
+from retnet_jax.nn.feedforward import FeedForward
+from retnet_jax.nn.retention import MultiScaleRetention
+from retnet_jax.nn.norms import Norm
+from retnet_jax.nn.axes import LAYERS
 
 
 class RetNetBlock(nn.Module):

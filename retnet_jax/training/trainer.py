@@ -26,15 +26,15 @@ import numpy as np
 import optax
 from flax import struct
 
-from retnet_jax import checkpoint as checkpoint_lib
-from retnet_jax import data as data_lib
-from retnet_jax import flops as flops_lib
-from retnet_jax import reporting
-from retnet_jax import tokenizer as tokenizer_lib
-from retnet_jax.config import RetNetConfig
-from retnet_jax.model import RetNetLM, cast_params
-from retnet_jax.optim import make_optimizer
-from retnet_jax.sharding import LOGICAL_RULES, batch_sharding, make_mesh, shardings_of
+from retnet_jax.training import checkpoints as checkpoint_lib
+from retnet_jax.training import data as data_lib
+from retnet_jax.training import flops as flops_lib
+from retnet_jax.training import reporting
+from retnet_jax.training import tokenizers as tokenizer_lib
+from retnet_jax.models.config import RetNetConfig
+from retnet_jax.models.retnet import RetNetLM, cast_params
+from retnet_jax.training.optim import make_optimizer
+from retnet_jax.training.sharding import LOGICAL_RULES, batch_sharding, make_mesh, shardings_of
 
 log = logging.getLogger("retnet_jax")
 
@@ -72,7 +72,7 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int):
     if config.arch == "retnet":
         return RetNetLM(retnet_config), retnet_config
     if config.arch == "transformer":
-        from retnet_jax import transformer
+        from retnet_jax.models import transformer
 
         transformer_config = transformer.TransformerConfig.matching(retnet_config)
         return transformer.TransformerLM(transformer_config), transformer_config
@@ -434,7 +434,7 @@ def evaluate(trainer: Trainer, params, tokenizer, config, vocab_size: int) -> fl
 
 def sample(trainer: Trainer, params, tokenizer, config) -> str:
     """Continues ``config.sample_prompt`` for ``sample_tokens`` tokens (recurrent decoding)."""
-    from retnet_jax import generate
+    from retnet_jax.inference import generate
 
     result = generate.generate(
         trainer.model,

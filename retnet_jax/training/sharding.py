@@ -1,9 +1,9 @@
-"""Sharding as metadata: logical axis names on every parameter and activation, one table to the mesh.
+"""Sharding as metadata: one table from the layers' logical axis names to the axes of a device mesh.
 
-Parameters are created with ``nn.with_logical_partitioning`` using the names below; activations are
-constrained with ``nn.with_logical_constraint``. ``LOGICAL_RULES`` maps each name to mesh axes of a mesh
-with axes ``MESH_AXES`` (data, fsdp, tensor). With no mesh and no rules in context the names are inert,
-so the same model runs unchanged on one device.
+Parameters are created with logical names (``nn.axes``); activations are constrained with
+``nn.with_logical_constraint``. ``LOGICAL_RULES`` maps each name to mesh axes of a mesh with axes
+``MESH_AXES`` (data, fsdp, tensor). With no mesh and no rules in context the names are inert, so the
+same model runs unchanged on one device.
 """
 
 from __future__ import annotations
@@ -11,17 +11,9 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-MESH_AXES = ("data", "fsdp", "tensor")
+from retnet_jax.nn.axes import BATCH, EMBED, HEAD_DIM, HEADS, LAYERS, LENGTH, MLP, VOCAB
 
-# Logical axis names (the axis letters of retention.py in words).
-BATCH = "batch"  # B
-LENGTH = "length"  # T
-EMBED = "embed"  # D
-HEADS = "heads"  # H
-HEAD_DIM = "kv"  # K or V (per-head width)
-MLP = "mlp"  # F
-VOCAB = "vocab"  # N
-LAYERS = "layers"  # L (stacked by nn.scan)
+MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical name -> mesh axes. Batches split over data and fsdp; parameters fully sharded over fsdp on
 # their model width and split over tensor on heads / feed-forward / vocabulary (Megatron style).
@@ -35,11 +27,6 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     (VOCAB, "tensor"),
     (LAYERS, None),
 )
-
-
-def partitioned(init, *names: str):
-    """An initializer that tags its parameter with logical axis names."""
-    return nn.with_logical_partitioning(init, names)
 
 
 def parse_mesh_shape(spec: str | tuple[int, ...], device_count: int) -> tuple[int, int, int]:

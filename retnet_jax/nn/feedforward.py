@@ -9,8 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from retnet_jax.config import RetNetConfig
-from retnet_jax.sharding import EMBED, MLP, partitioned
+from retnet_jax.models.config import RetNetConfig
+from retnet_jax.nn.axes import EMBED, MLP, partitioned
 
 ACTIVATIONS = {"swish": jax.nn.swish, "gelu": jax.nn.gelu}
 TORCH_LINEAR_INIT = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")

@@ -1,0 +1,390 @@
+"""Retention (Sun et al. 2023, §2) in its three forms, as pure functions of arrays.
+
+Axis letters, used in einsum strings, shape comments and logical axis names throughout the package:
+
+    B batch · T query time · S key time · H heads · D model width · K key/query head dim ·
+    V value head dim · C chunk length · G chunk index · F feed-forward width · N vocabulary.
+
+Per head, with decay γ = exp(log_decay[h]) and absolute positions n, m (the state's ``count`` plus the
+index inside the call), every form computes
+
+    o_n = Σ_{m ≤ n} γ^(n−m) (q_n · k_m) v_m / sqrt(c_n),    c_n = Σ_{j=0..n} γ^j = (1 − γ^(n+1)) / (1 − γ)
+
+(``normalize=False`` drops the division: the unnormalized retention of fla). q and k arrive already
+projected, rotated and scaled; this module holds no parameters.
+
+* ``parallel``: ((Q Kᵀ) ⊙ D) V with the decay mask D, O(T²) work, no state in or out.
+* ``recurrent`` / ``recurrent_step``: S_n = γ S_{n−1} + k_nᵀ v_n, o_n = q_n S_n / sqrt(c_n); O(1) per token.
+* ``chunkwise``: parallel inside chunks of C tokens, recurrent across chunks (a ``lax.scan`` carrying S).
+
+The forms agree to rounding for every length, chunk size and state, so a prompt can be prefilled by one
+form and continued by another. Numerics (REFERENCE §1): decay and state are float32 (float64 for float64
+inputs); every decay factor is exp of a non-positive exponent, masks are built from exponents with −inf
+above the diagonal *before* the exp, so nothing overflows and γ is never rounded to 1 by a low-precision
+dtype. Matrix products take their operands in the input dtype and accumulate in float32.
+
+Padding: a state whose ``count`` is negative (−p) announces p pad tokens before the first real one. Those
+positions get normalizer c_0; their k (or v) must be zero (the model masks them) so that they leave the
+state untouched, and the count reaches the number of real tokens when they are consumed.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "RetentionState",
+    "chunkwise",
+    "init_state",
+    "log_decays",
+    "parallel",
+    "recurrent",
+    "recurrent_step",
+    "update_state",
+]
+
+DECAY_SCHEDULES = ("paper", "linspace")
+
+
+class RetentionState(NamedTuple):
+    """Recurrent state of retention; every array is batch-major so rows can be selected or reordered.
+
+    Attributes:
+        kv: [B, H, K, V] float32 (float64 for float64 inputs): S = Σ_m γ^(n−m) k_mᵀ v_m.
+        count: [B] int32: tokens seen so far (the absolute position of the next token).
+    """
+
+    kv: jax.Array
+    count: jax.Array
+
+
+def init_state(batch: int, heads: int, key_dim: int, value_dim: int, dtype=jnp.float32):
+    """The empty state: no tokens seen. Returns a ``RetentionState`` of zeros."""
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
+        raise ValueError(
+            f"init_state: dtype must be float32 or float64 (the state is never held in low precision); "
+            f"got {jnp.dtype(dtype).name}."
+        )
+    return RetentionState(
+        kv=jnp.zeros((batch, heads, key_dim, value_dim), dtype),
+        count=jnp.zeros((batch,), jnp.int32),
+    )
+
+
+def log_decays(num_heads: int, schedule: str = "paper") -> jax.Array:
+    """log γ_h per head, float32 [H].
+
+    ``"paper"``: γ_h = 1 − 2^(−5−h) (the paper and torchscale). ``"linspace"``: γ = 1 − exp(x) with x
+    evenly spaced from log(1/32) to log(1/512). Computed in float64 and rounded once to float32.
+    """
+    if num_heads < 1:
+        raise ValueError(f"log_decays: num_heads must be >= 1; got {num_heads}.")
+    if schedule == "paper":
+        one_minus_gamma = 2.0 ** (-5.0 - np.arange(num_heads, dtype=np.float64))
+    elif schedule == "linspace":
+        one_minus_gamma = np.exp(np.linspace(np.log(1 / 32), np.log(1 / 512), num_heads))
+    else:
+        raise ValueError(f"log_decays: unknown schedule {schedule!r}; expected one of {DECAY_SCHEDULES}.")
+    return jnp.asarray(np.log1p(-one_minus_gamma), jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks: run at trace time on static shapes, so they cost nothing inside jit.
+
+
+def _accumulator(dtype) -> jnp.dtype:
+    return jnp.dtype(jnp.float64) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(jnp.float32)
+
+
+def _check_inputs(fn: str, q, k, v, log_decay, state, *, step: bool = False):
+    lead = "[B, H" if step else "[B, T, H"
+    rank = 3 if step else 4
+    for name, x, last in (("q", q, "K"), ("k", k, "K"), ("v", v, "V")):
+        if x.ndim != rank:
+            raise ValueError(
+                f"{fn}: {name} must have shape {lead}, {last}] (rank {rank}); got shape {tuple(x.shape)}."
+            )
+    if k.shape != q.shape:
+        raise ValueError(f"{fn}: k must have the shape of q {tuple(q.shape)}; got {tuple(k.shape)}.")
+    if v.shape[:-1] != q.shape[:-1]:
+        raise ValueError(
+            f"{fn}: v must share q's leading axes {tuple(q.shape[:-1])} ({lead}]); "
+            f"got v of shape {tuple(v.shape)}."
+        )
+    if not step and q.shape[1] < 1:
+        raise ValueError(f"{fn}: the sequence is empty (T = 0); pass at least one token.")
+    if not (q.dtype == k.dtype == v.dtype) or not jnp.issubdtype(q.dtype, jnp.floating):
+        raise ValueError(
+            f"{fn}: q, k and v must share one floating dtype; got {q.dtype}, {k.dtype}, {v.dtype}."
+        )
+    heads = q.shape[-2]
+    if log_decay.shape != (heads,):
+        raise ValueError(
+            f"{fn}: log_decay must have shape [H] = ({heads},), one decay per head; "
+            f"got {tuple(log_decay.shape)}."
+        )
+    if jnp.dtype(log_decay.dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
+        raise ValueError(
+            f"{fn}: log_decay must be float32 (or float64); got {log_decay.dtype}. In bfloat16/float16 "
+            f"γ rounds to 1 and the decay disappears; build it with retention.log_decays()."
+        )
+    if state is not None:
+        batch, _, key_dim = q.shape[0], heads, q.shape[-1]
+        expected = (batch, heads, key_dim, v.shape[-1])
+        if not isinstance(state, RetentionState):
+            raise ValueError(f"{fn}: state must be a RetentionState; got {type(state).__name__}.")
+        if state.kv.shape != expected or state.count.shape != (batch,):
+            raise ValueError(
+                f"{fn}: state does not fit these inputs: expected kv {expected} and count ({batch},), "
+                f"got kv {tuple(state.kv.shape)} and count {tuple(state.count.shape)}. Was it made "
+                f"for another batch size or model config? Build one with init_state({batch}, {heads}, "
+                f"{key_dim}, {v.shape[-1]})."
+            )
+
+
+def _check_chunk_size(fn: str, chunk_size) -> int:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int | np.integer):
+        raise ValueError(f"{fn}: chunk_size must be a Python int >= 1; got {chunk_size!r}.")
+    if chunk_size < 1:
+        raise ValueError(f"{fn}: chunk_size must be >= 1; got {chunk_size}.")
+    return int(chunk_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared pieces.
+
+
+def _row_scale(positions, log_decay):
+    """1/sqrt(c_n) for positions [...] → [..., H], from exponents only (no γ^n subtraction near 1).
+
+    c_n = (1 − γ^(n+1)) / (1 − γ) = expm1((n+1)·log γ) / expm1(log γ); negative positions (pads) get c_0.
+    """
+    n = jnp.maximum(positions, 0).astype(log_decay.dtype)[..., None]
+    log_c = jnp.log(-jnp.expm1((n + 1) * log_decay)) - jnp.log(-jnp.expm1(log_decay))
+    return jnp.exp(-0.5 * log_c)
+
+
+def _powers(exponents, log_decay):
+    """γ^e for integer exponents e >= 0 [...] → [..., H]."""
+    return jnp.exp(exponents.astype(log_decay.dtype)[..., None] * log_decay)
+
+
+def _decayed_scores(q, k, log_decay, row_scale, acc):
+    """W_ij = (q_i · k_j) γ^(i−j) s_i for j ≤ i, else 0, inside each chunk: [B, G, C, H, K] → [B, G, H, C, S].
+
+    s_i is the row factor (1/sqrt(c_n), or None). Low-precision inputs keep the raw scores in their own
+    dtype (accumulated in float32 by the product) to halve the largest intermediate; the decay and row
+    factors are applied in float32 and the result is returned in ``acc``.
+    """
+    i = jnp.arange(q.shape[2])
+    rel = i[:, None] - i[None, :]  # [C, S]
+    exponent = jnp.where(rel >= 0, rel * log_decay[:, None, None], -jnp.inf)  # [H, C, S]
+    scores = jnp.einsum("BGCHK,BGSHK->BGHCS", q, k, preferred_element_type=_intermediate(q.dtype, acc))
+    weights = scores.astype(acc) * jnp.exp(exponent)
+    if row_scale is not None:  # [B, G, C, H]
+        weights = weights * jnp.moveaxis(row_scale, -1, 2)[..., None]
+    return weights
+
+
+def _intermediate(dtype, acc):
+    """Dtype of the large intermediates: the input's own if it is below 32 bits, else the accumulator."""
+    return jnp.dtype(dtype) if jnp.finfo(dtype).bits < 32 else acc
+
+
+def _chunk_updates(k, v, log_decay, acc):
+    """Σ_j γ^(C−1−j) k_jᵀ v_j for each chunk: [B, G, C, H, K|V] → [B, G, H, K, V] (acc)."""
+    size = k.shape[2]
+    k_decayed = (k * _powers(size - 1 - jnp.arange(size), log_decay)[..., None]).astype(k.dtype)
+    return jnp.einsum("BGSHK,BGSHV->BGHKV", k_decayed, v, preferred_element_type=acc)
+
+
+# Up to this many chunks, the states entering the chunks come from one product with a [G+1, G] decay
+# matrix per head (no sequential loop); beyond it the O(G²) product costs more than a scan.
+MATRIX_CARRY_MAX_CHUNKS = 64
+
+
+def _carry_states(updates, kv, log_decay, size):
+    """States entering each chunk and after the last: S_g = γ^(C·g) S_0 + Σ_{f<g} γ^(C(g−1−f)) U_f.
+
+    Args:
+        updates: U [B, G, H, K, V]; kv: S_0 [B, H, K, V]; size: C.
+
+    Returns:
+        (states entering the chunks [B, G, H, K, V], final state [B, H, K, V]).
+    """
+    groups = updates.shape[1]
+    if groups > MATRIX_CARRY_MAX_CHUNKS:
+        chunk_decay = jnp.exp(size * log_decay)[:, None, None]  # [H, 1, 1]
+
+        def step(state, update):
+            return chunk_decay * state + update, state
+
+        final, before = jax.lax.scan(step, kv, jnp.moveaxis(updates, 1, 0))
+        return jnp.moveaxis(before, 0, 1), final
+    g = jnp.arange(groups + 1)
+    rel = g[:, None] - 1 - jnp.arange(groups)[None, :]  # [G+1, F]
+    exponent = jnp.where(rel >= 0, (rel * size) * log_decay[:, None, None], -jnp.inf)  # [H, G+1, F]
+    states = jnp.einsum("HGF,BFHKV->BGHKV", jnp.exp(exponent), updates)
+    states = states + _powers(g * size, log_decay)[None, :, :, None, None] * kv[:, None]
+    return states[:, :groups], states[:, groups]
+
+
+def update_state(k, v, log_decay, state: RetentionState) -> RetentionState:
+    """The state after consuming k, v [B, T, H, K|V] in one step: S ← γ^T S + Σ_j γ^(T−1−j) k_jᵀ v_j.
+
+    This is how the parallel form hands a prompt over to recurrent decoding.
+    """
+    _check_inputs("update_state", k, k, v, log_decay, state)
+    acc = _accumulator(k.dtype)
+    log_decay = log_decay.astype(acc)
+    size = k.shape[1]
+    update = _chunk_updates(k[:, None], v[:, None], log_decay, acc)[:, 0]
+    kv = jnp.exp(size * log_decay)[:, None, None] * state.kv.astype(acc) + update
+    return RetentionState(kv, state.count + size)
+
+
+# ----------------------------------------------------------------------------------------------
+# The three forms.
+
+
+def parallel(q, k, v, log_decay, *, normalize: bool = True):
+    """Parallel retention: O = ((Q Kᵀ) ⊙ D) V, positions counted from 0.
+
+    Args:
+        q, k: [B, T, H, K]; v: [B, T, H, V]; log_decay: [H] float32.
+        normalize: divide row n by sqrt(c_n) (normalized retention) or not.
+
+    Returns:
+        o: [B, T, H, V] in the input dtype.
+    """
+    _check_inputs("parallel", q, k, v, log_decay, None)
+    acc = _accumulator(q.dtype)
+    log_decay = log_decay.astype(acc)
+    row_scale = _row_scale(jnp.arange(q.shape[1]), log_decay)[None, None] if normalize else None
+    weights = _decayed_scores(q[:, None], k[:, None], log_decay, row_scale, acc)[:, 0]  # [B, H, T, S]
+    o = jnp.einsum("BHTS,BSHV->BTHV", weights.astype(v.dtype), v, preferred_element_type=acc)
+    return o.astype(v.dtype)
+
+
+def recurrent_step(q, k, v, log_decay, state: RetentionState, *, normalize: bool = True):
+    """One token of recurrent retention.
+
+    Args:
+        q, k: [B, H, K]; v: [B, H, V]; log_decay: [H] float32; state: ``RetentionState``.
+
+    Returns:
+        (o [B, H, V] in the input dtype, the new state).
+    """
+    _check_inputs("recurrent_step", q, k, v, log_decay, state, step=True)
+    acc = _accumulator(q.dtype)
+    log_decay = log_decay.astype(acc)
+    kv = jnp.exp(log_decay)[:, None, None] * state.kv.astype(acc)
+    kv = kv + jnp.einsum("BHK,BHV->BHKV", k.astype(acc), v.astype(acc))
+    o = jnp.einsum("BHK,BHKV->BHV", q.astype(acc), kv)
+    if normalize:
+        o = o * _row_scale(state.count, log_decay)[..., None]
+    return o.astype(v.dtype), RetentionState(kv, state.count + 1)
+
+
+def recurrent(q, k, v, log_decay, *, state: RetentionState | None = None, normalize: bool = True):
+    """Recurrent retention over a sequence: ``recurrent_step`` under ``lax.scan``.
+
+    Args:
+        q, k: [B, T, H, K]; v: [B, T, H, V]; log_decay: [H] float32; state: carried in (default empty).
+
+    Returns:
+        (o [B, T, H, V] in the input dtype, the state after the last token).
+    """
+    _check_inputs("recurrent", q, k, v, log_decay, state)
+    acc = _accumulator(q.dtype)
+    if state is None:
+        state = init_state(q.shape[0], q.shape[2], q.shape[3], v.shape[3], acc)
+    state = RetentionState(state.kv.astype(acc), state.count)
+
+    def step(carry, qkv):
+        o, carry = recurrent_step(*qkv, log_decay, carry, normalize=normalize)
+        return carry, o
+
+    # Upcast once outside the loop (each step works in the accumulator dtype anyway).
+    time_major = [jnp.moveaxis(x, 1, 0).astype(acc) for x in (q, k, v)]  # [T, B, H, K|V]
+    state, o = jax.lax.scan(step, state, time_major)
+    return jnp.moveaxis(o, 0, 1).astype(v.dtype), state
+
+
+def _chunks(q, k, v, log_decay, state, size, normalize):
+    """Chunkwise retention over T = G·size tokens, starting from ``state``.
+
+    Per chunk, o = [W | Q̃] · [V ; S_g]: the decayed in-chunk scores W and the decayed queries
+    Q̃_i = q_i γ^(i+1) (both with the row factor folded in) meet the chunk's values and entering state
+    in one product, so the inner and cross terms never exist as separate float32 arrays.
+    """
+    batch, length, heads, _ = q.shape
+    groups = length // size
+    acc = state.kv.dtype
+    qc, kc, vc = (x.reshape(batch, groups, size, heads, x.shape[-1]) for x in (q, k, v))
+    row_scale = None
+    if normalize:
+        positions = state.count[:, None] + jnp.arange(length)  # [B, T]
+        row_scale = _row_scale(positions, log_decay).reshape(batch, groups, size, heads)
+
+    weights = _decayed_scores(qc, kc, log_decay, row_scale, acc)  # [B, G, H, C, S]
+    q_decayed = qc * _powers(jnp.arange(1, size + 1), log_decay)[..., None]  # [B, G, C, H, K]
+    if row_scale is not None:
+        q_decayed = q_decayed * row_scale[..., None]
+    before, kv_final = _carry_states(_chunk_updates(kc, vc, log_decay, acc), state.kv, log_decay, size)
+
+    low = v.dtype
+    lhs = jnp.concatenate([weights.astype(low), jnp.swapaxes(q_decayed, 2, 3).astype(low)], -1)
+    rhs = jnp.concatenate([jnp.swapaxes(vc, 2, 3), before.astype(low)], -2)  # [B, G, H, S+K, V]
+    o = jnp.einsum("BGHCX,BGHXV->BGCHV", lhs, rhs, preferred_element_type=acc)
+    return o.reshape(batch, length, heads, -1).astype(v.dtype), RetentionState(kv_final, state.count + length)
+
+
+def chunkwise(
+    q,
+    k,
+    v,
+    log_decay,
+    *,
+    chunk_size: int,
+    state: RetentionState | None = None,
+    normalize: bool = True,
+):
+    """Chunkwise recurrent retention: parallel inside chunks, a ``lax.scan`` over chunks carrying S.
+
+    Any T >= 1 works: the whole chunks go through the scan and a last partial chunk is computed with its
+    true length, so the final state equals the recurrent one exactly.
+
+    Args:
+        q, k: [B, T, H, K]; v: [B, T, H, V]; log_decay: [H] float32.
+        chunk_size: C >= 1, a Python int.
+        state: carried in (default empty); its count sets the absolute positions.
+        normalize: divide row n by sqrt(c_n) or not.
+
+    Returns:
+        (o [B, T, H, V] in the input dtype, the state after the last token).
+    """
+    _check_inputs("chunkwise", q, k, v, log_decay, state)
+    size = _check_chunk_size("chunkwise", chunk_size)
+    acc = _accumulator(q.dtype)
+    if state is None:
+        state = init_state(q.shape[0], q.shape[2], q.shape[3], v.shape[3], acc)
+    state = RetentionState(state.kv.astype(acc), state.count)
+    log_decay = log_decay.astype(acc)
+
+    length = q.shape[1]
+    whole = (length // size) * size
+    outputs = []
+    if whole:
+        o, state = _chunks(q[:, :whole], k[:, :whole], v[:, :whole], log_decay, state, size, normalize)
+        outputs.append(o)
+    if whole < length:
+        rest = length - whole
+        o, state = _chunks(q[:, whole:], k[:, whole:], v[:, whole:], log_decay, state, rest, normalize)
+        outputs.append(o)
+    o = outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=1)
+    return o, state
