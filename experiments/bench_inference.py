@@ -37,10 +37,10 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from experiments import benchlib as bl
+from retnet_jax.inference.generate import RetNetDecoder
 from retnet_jax.models import retnet as model_lib
 from retnet_jax.models import transformer
 from retnet_jax.models.config import RetNetConfig
-from retnet_jax.inference.generate import RetNetDecoder
 from retnet_jax.models.retnet import RetNetLM
 from retnet_jax.retention import RetentionState
 

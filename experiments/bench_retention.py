@@ -39,9 +39,9 @@ import numpy as np
 from absl import app, flags
 
 from experiments import benchlib as bl
-from retnet_jax.training import flops as flops_lib
 from retnet_jax import retention
 from retnet_jax.ops.gpu import chunk_retention as fused_retention
+from retnet_jax.training import flops as flops_lib
 
 SHAPES = {"fla": dict(H=32, K=128, V=128), "paper": dict(H=8, K=256, V=512)}
 TARGET = dict(shape="fla", B=8, T=8192, passes="fwdbwd", ratio=0.7)

@@ -33,8 +33,8 @@ import numpy as np
 from absl import app, flags
 
 from experiments import benchlib as bl
-from retnet_jax.training import flops as flops_lib
 from retnet_jax.models.config import RetNetConfig
+from retnet_jax.training import flops as flops_lib
 
 ARCHS = ("retnet", "transformer", "torchscale")
 

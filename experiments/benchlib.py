@@ -502,8 +502,8 @@ def save_figure(fig, path: str):
 def jax_train_step(cfg: dict[str, Any]):
     """(step, trainer, init_s, compile_s, compiled): ``step()`` runs one compiled train step of the
     configuration on alternating synthetic batches, carrying the donated state."""
-    from retnet_jax.training import trainer as train
     from retnet_jax.models.config import RetNetConfig
+    from retnet_jax.training import trainer as train
     from retnet_jax.training.sharding import make_mesh
 
     config = train.default_config()

@@ -9,8 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from retnet_jax.training import corpus
-from retnet_jax.training import data
+from retnet_jax.training import corpus, data
 from retnet_jax.training import tokenizers as tokenizer_lib
 
 BYTES = tokenizer_lib.ByteTokenizer()

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from retnet_jax import retention
-from retnet_jax.ops import reference
-from retnet_jax.ops.gpu import chunk_retention as fused_retention
 from retnet_jax.models.config import RetNetConfig
 from retnet_jax.models.retnet import RetNetLM
+from retnet_jax.ops import reference
+from retnet_jax.ops.gpu import chunk_retention as fused_retention
 from tests.helpers import FORM_RTOL, GRAD_RTOL, random_inputs, relative_error
 
 # bf16 inputs against the float32 reference: the kernels round the decayed scores and the state to

@@ -6,7 +6,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from retnet_jax.models.config import RetNetConfig
 from retnet_jax.inference.generate import (
     Generation,
     RetNetDecoder,
@@ -17,6 +16,7 @@ from retnet_jax.inference.generate import (
     top_k_filter,
     top_p_filter,
 )
+from retnet_jax.models.config import RetNetConfig
 from retnet_jax.models.retnet import RetNetLM, decode_step, init_state
 from retnet_jax.training.tokenizers import ByteTokenizer
 from tests.helpers import relative_error

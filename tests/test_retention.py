@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from retnet_jax.ops import reference
 from retnet_jax import retention
+from retnet_jax.ops import reference
 from tests.helpers import FORM_RTOL, GRAD_RTOL, random_inputs, relative_error
 
 # (B, H, K, V, T, C, normalize): T below, equal to, not a multiple of and above C; C = 1; T = 1.

@@ -18,13 +18,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from retnet_jax.ops import retention
 from retnet_jax.models.config import MODES, RetNetConfig
+from retnet_jax.nn.axes import LAYERS
 from retnet_jax.nn.embedding import ACTIVATION_AXES, embed_tokens, output_logits
 from retnet_jax.nn.feedforward import FeedForward
-from retnet_jax.nn.retention import MultiScaleRetention
 from retnet_jax.nn.norms import Norm
-from retnet_jax.nn.axes import LAYERS
+from retnet_jax.nn.retention import MultiScaleRetention
+from retnet_jax.ops import retention
 
 
 class RetNetBlock(nn.Module):

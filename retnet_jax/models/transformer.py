@@ -49,15 +49,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from retnet_jax.ops import rotation
-from retnet_jax.ops.attention import cached_attention, causal_attention, write_cache
 from retnet_jax.models.config import ACTIVATIONS, DTYPES, FFN_TYPES, MODES, NORMS, ConfigMethods, RetNetConfig
 from retnet_jax.models.config import PRESETS as RETNET_PRESETS
+from retnet_jax.nn.axes import BATCH, EMBED, HEAD_DIM, HEADS, LAYERS, LENGTH
 from retnet_jax.nn.embedding import ACTIVATION_AXES, embed_tokens, output_logits
 from retnet_jax.nn.feedforward import FeedForward
 from retnet_jax.nn.norms import Norm
 from retnet_jax.nn.projection import Projection
-from retnet_jax.nn.axes import BATCH, EMBED, HEAD_DIM, HEADS, LAYERS, LENGTH
+from retnet_jax.ops import rotation
+from retnet_jax.ops.attention import cached_attention, causal_attention, write_cache
 
 ATTENTION_IMPLS = ("auto", "cudnn", "xla")
 HEAD_AXES = (BATCH, LENGTH, HEADS, HEAD_DIM)

@@ -11,8 +11,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from retnet_jax.nn.norms import Norm
 from retnet_jax.nn.axes import BATCH, EMBED, LENGTH, VOCAB, partitioned
+from retnet_jax.nn.norms import Norm
 
 ACTIVATION_AXES = (BATCH, LENGTH, EMBED)
 

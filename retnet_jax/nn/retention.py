@@ -12,12 +12,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from retnet_jax.ops import dispatch, retention
-from retnet_jax.ops import rotation
 from retnet_jax.models.config import RetNetConfig
+from retnet_jax.nn.axes import EMBED, HEAD_DIM, HEADS
 from retnet_jax.nn.norms import HeadNorm
 from retnet_jax.nn.projection import Projection
-from retnet_jax.nn.axes import EMBED, HEAD_DIM, HEADS
+from retnet_jax.ops import dispatch, retention, rotation
 
 
 class MultiScaleRetention(nn.Module):

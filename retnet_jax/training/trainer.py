@@ -26,13 +26,13 @@ import numpy as np
 import optax
 from flax import struct
 
+from retnet_jax.models.config import RetNetConfig
+from retnet_jax.models.retnet import RetNetLM, cast_params
 from retnet_jax.training import checkpoints as checkpoint_lib
 from retnet_jax.training import data as data_lib
 from retnet_jax.training import flops as flops_lib
 from retnet_jax.training import reporting
 from retnet_jax.training import tokenizers as tokenizer_lib
-from retnet_jax.models.config import RetNetConfig
-from retnet_jax.models.retnet import RetNetLM, cast_params
 from retnet_jax.training.optim import make_optimizer
 from retnet_jax.training.sharding import LOGICAL_RULES, batch_sharding, make_mesh, shardings_of
 
