@@ -7,11 +7,14 @@
 
 import os
 
-os.environ.setdefault(
-    "XLA_FLAGS",
-    "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
-    "--xla_cpu_use_fusion_emitters=false",
-)
+# Appended to whatever the environment sets, so the 8 fake devices are there in any case.
+os.environ["XLA_FLAGS"] = " ".join(
+    [
+        os.environ.get("XLA_FLAGS", ""),
+        "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0",
+        "--xla_cpu_use_fusion_emitters=false",
+    ]
+).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
@@ -20,9 +23,9 @@ import pytest  # noqa: E402
 
 def small_config(**overrides):
     """The default experiment shrunk to seconds: 12 steps of 8×32 tokens, everything logged."""
-    from retnet_jax.training import trainer as train
+    from retnet_jax.configs.default import get_config
 
-    config = train.default_config()
+    config = get_config()
     config.update(
         dict(
             seq_len=32,
@@ -43,9 +46,9 @@ def small_config(**overrides):
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """One full run of ``small_config()``: (workdir, config, final state), shared by several tests."""
-    from retnet_jax.training import trainer as train
+    from retnet_jax.training import loop
 
     workdir = str(tmp_path_factory.mktemp("trained"))
     config = small_config()
-    state = train.train_and_evaluate(config, workdir)
+    state = loop.train_and_evaluate(config, workdir)
     return workdir, config, state

@@ -13,7 +13,7 @@ import pytest
 
 from retnet_jax import retention
 from retnet_jax.models.config import RetNetConfig
-from retnet_jax.models.retnet import RetNetLM
+from retnet_jax.models import RetNetLM
 from retnet_jax.ops import reference
 from retnet_jax.ops.gpu import chunk_retention as fused_retention
 from tests.helpers import FORM_RTOL, GRAD_RTOL, random_inputs, relative_error
@@ -98,13 +98,13 @@ def test_bf16_inputs_stay_close_to_float32():
 
 
 def test_model_with_pallas_retention_equals_xla():
-    config = RetNetConfig.preset("tiny", mode="chunkwise", chunk_size=16)
+    config = RetNetConfig.preset("tiny")
     tokens = jax.random.randint(jax.random.key(0), (2, 40), 0, config.vocab_size)
-    model = RetNetLM(config)
+    model = RetNetLM(config, mode="chunkwise", chunk_size=16)
     variables = model.init(jax.random.key(1), tokens)
     logits = {}
     for impl in ("xla", "pallas", "auto"):
-        model = RetNetLM(config.replace(retention_impl=impl))
+        model = RetNetLM(config, mode="chunkwise", chunk_size=16, implementation=impl)
         logits[impl], _ = jax.jit(model.apply)(variables, tokens)
     assert relative_error(logits["pallas"], logits["xla"]) < 1e-5
     np.testing.assert_array_equal(logits["auto"], logits["xla"])  # auto: XLA off the GPU
@@ -119,8 +119,9 @@ def test_unsupported_sizes_and_names_are_errors():
         fused_retention.fused_chunk_retention(q[..., :16], q[..., :16], q[..., :16], log_decay, chunk_size=12)
     with pytest.raises(ValueError, match="unknown implementation 'triton'"):
         retention.chunkwise(q, q, q, log_decay, chunk_size=16, implementation="triton")
-    with pytest.raises(ValueError, match="retention_impl"):
-        RetNetConfig.preset("tiny", retention_impl="cuda")
+    with pytest.raises(ValueError, match="unknown implementation 'cuda'"):
+        model = RetNetLM(RetNetConfig.preset("tiny"), mode="chunkwise", implementation="cuda")
+        model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
     # "auto" falls back to the XLA form for sizes the kernels do not take.
     o, _ = retention.chunkwise(q, q, q, log_decay, chunk_size=16, implementation="auto")
     assert o.shape == q.shape

@@ -13,8 +13,8 @@ from retnet_jax.configs.default import get_config as default_config
 
 def get_config():
     c = default_config()
-    c.model = "paper-1.3b"
-    c.dtype = "bfloat16"
+    c.model = "paper-1.3b"  # the preset computes in bfloat16
+    c.mode = "chunkwise"
     c.chunk_size = 256
     c.remat = True
     c.seq_len = 2048

@@ -1,4 +1,4 @@
-"""`retnet-generate`: continue text with a trained RetNet, streaming to stdout.
+"""`retnet-generate`: continue text with a trained model (RetNet or the Transformer baseline), streaming to stdout.
 
     retnet-generate --workdir=/tmp/retnet-tiny --prompt="def " --max_new_tokens=200
     retnet-generate --checkpoint=/tmp/retnet-tiny/checkpoints/300 --temperature=0.8 --top_p=0.95
@@ -48,12 +48,12 @@ def _fail(message: str):
 
 
 def _check_flags():
-    from retnet_jax.inference import generate
+    from retnet_jax.inference import sampling
 
     if (_WORKDIR.value is None) == (_CHECKPOINT.value is None):
         _fail("pass exactly one of --workdir or --checkpoint.")
     try:
-        generate.check_sampling(
+        sampling.check_sampling(
             temperature=_TEMPERATURE.value,
             top_k=_TOP_K.value,
             top_p=_TOP_P.value,
@@ -96,12 +96,10 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     _check_flags()
     absl_logging.set_verbosity(absl_logging.ERROR)
-    from retnet_jax.training import trainer as train
+    from retnet_jax.inference import loading
 
     try:
-        model, variables, tokenizer, _ = train.load_for_inference(
-            _WORKDIR.value, checkpoint=_CHECKPOINT.value
-        )
+        model, variables, tokenizer = loading.load(_WORKDIR.value, checkpoint=_CHECKPOINT.value)
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
     if _PROMPT.value is not None:

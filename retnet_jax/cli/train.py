@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import sys
 
+import jax
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
@@ -70,11 +71,34 @@ def main(argv):
     import tensorflow_datasets as tfds
 
     tfds.disable_progress_bar()
-    from retnet_jax.training import trainer as train
+    from retnet_jax.training import loop
 
     config = flags.FLAGS.config
     print(f"workdir: {_WORKDIR.value}\n{config}")
-    train.train_and_evaluate(config, _WORKDIR.value)
+    state = loop.train_and_evaluate(config, _WORKDIR.value)
+    if int(state.step) >= config.steps and config.sample_tokens > 0:
+        _sample(config, _WORKDIR.value)
+
+
+def _sample(config, workdir: str):
+    """Continues ``config.sample_prompt`` with the trained model, read back from its final checkpoint."""
+    from retnet_jax.inference import generate, loading
+
+    model, variables, tokenizer = loading.load(workdir)
+    result = generate.generate(
+        model,
+        variables,
+        [tokenizer.encode(config.sample_prompt)],
+        max_new_tokens=config.sample_tokens,
+        temperature=config.sample_temperature,
+        seed=config.seed,
+        bos_id=tokenizer.bos_id,
+        pad_id=tokenizer.pad_id,
+        stop_tokens=(tokenizer.eos_id,),
+    )
+    text = tokenizer.decode(result.to_lists()[0])
+    if jax.process_index() == 0:
+        print(f"\n--- sample (temperature {config.sample_temperature}) ---\n{config.sample_prompt}{text}\n")
 
 
 def run():

@@ -2,26 +2,47 @@
 
     retnet-train --workdir=/tmp/retnet-tiny
     retnet-train --workdir=/tmp/retnet-tiny --config.steps=1000 --config.model=small
+    retnet-train --workdir=/tmp/retnet-h8 --config.model=small --config.model_overrides.num_heads=8
 
 Every field can be overridden on the command line as ``--config.FIELD=VALUE``. The experiment files in
 ``experiments/configs/`` start from this one and change what they need.
 """
 
+import dataclasses
+
 import ml_collections
+from ml_collections import config_dict
+
+from retnet_jax.models.config import RetNetConfig
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def model_overrides() -> ml_collections.ConfigDict:
+    """One unset (None) field per architecture field of ``RetNetConfig``, typed as the field is; the
+    tokenizer sets ``vocab_size``."""
+    overrides = ml_collections.ConfigDict()
+    for field in dataclasses.fields(RetNetConfig):
+        if field.name != "vocab_size":
+            overrides[field.name] = config_dict.placeholder(_TYPES[field.type])
+    return overrides
 
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
 
-    # Model.
+    # Model: a preset, and any architecture field of RetNetConfig changed from it (unset = the preset's).
     c.arch = "retnet"  # "retnet", or "transformer" (the baseline with the same parameter count)
-    c.model = "tiny"  # preset name: tiny, small, paper-1.3b, ..., torchscale-base, ... (see RetNetConfig)
-    c.num_heads = 0  # >0 overrides the preset's retention heads (K = D / H, V = value_dim / H); RetNet only
-    c.dtype = "float32"  # compute dtype: float32 or bfloat16 (params stay float32)
-    c.chunk_size = 0  # >0: train with the chunkwise form at this chunk length; 0: the parallel form
-    c.retention_impl = "auto"  # chunkwise retention: "auto" (fused Pallas kernels on GPU), "pallas", "xla"
+    c.model = "tiny"  # preset name: tiny, small, paper-1.3b, ..., torchscale-base, ... (models/presets.py)
+    c.model_overrides = model_overrides()  # e.g. --config.model_overrides.num_heads=32 (RetNet fields)
+
+    # How the model runs (none of this changes the function it computes).
+    c.mode = "parallel"  # training form of retention: "parallel" or "chunkwise"
+    c.chunk_size = 64  # C of the chunkwise form
+    c.implementation = "auto"  # chunkwise retention: "auto" (fused kernels on GPU), "pallas", "xla";
+    #                            attention: "auto" (cuDNN on GPU), "cudnn", "xla"
     c.remat = False  # recompute each block in the backward pass (saves activation memory)
-    c.dropout = -1.0  # >=0 overrides the preset's dropout rate
+    c.scan_layers = True  # one compiled block scanned over the layers
 
     # Data.
     c.dataset = "default"  # "default" (offline corpus), "text:DIR_OR_GLOB", or a tfds catalog name

@@ -1,105 +1,178 @@
-"""Model configuration: a frozen, validated dataclass and the named presets.
+"""Model configs: what a model *is* (its architecture), as frozen, validated dataclasses.
 
-Sizes follow REFERENCE §6: the paper's Table 2 (``paper-*``: GELU MLP with F = 2D, LayerNorm, value width
-2D, 12·D² parameters per layer) and torchscale's v2 archs (``torchscale-*``: swish GLU, RMSNorm, no bias,
-value width = F ≈ 1.69·D).
+``ModelConfig`` holds what every decoder LM of the library shares — vocabulary, width, depth, heads, the
+feed-forward sublayer, norms, embedding and head, dropout, dtypes — and its two kinds add their token
+mixer's fields:
+
+* ``RetNetConfig``: multi-scale retention (value width, head norm, rotation, decay, normalization).
+* ``TransformerConfig``: causal softmax attention with RoPE (the baseline); ``matching`` sizes it like a
+  RetNet.
+
+How a model is *run* is not here: the retention form and chunk size, the kernel, layer scanning, remat and
+decode unrolling are arguments of ``DecoderLM`` (``models.lm``), where they are used. A checkpoint stores
+``to_dict()``, which ``from_dict`` turns back into the config of the right kind.
+
+Each config also owns the constructor of its decoding state (``init_state``, as gemma's configs own their
+caches): a recurrent state for the RetNet, a KV cache for the Transformer (``models.state``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax.numpy as jnp
 
-from retnet_jax.retention import DECAY_SCHEDULES
-from retnet_jax.retention import IMPLEMENTATIONS as RETENTION_IMPLS
+from retnet_jax.models import state as state_lib
+from retnet_jax.nn.attention import Attention
+from retnet_jax.nn.feedforward import ACTIVATIONS, FFN_TYPES
+from retnet_jax.nn.norms import HEAD_NORMS, NORMS
+from retnet_jax.nn.retention import MultiScaleRetention
+from retnet_jax.ops.retention import DECAY_SCHEDULES
+from retnet_jax.ops.rotation import STYLES
 
-FFN_TYPES = ("glu", "mlp")
-ACTIVATIONS = ("swish", "gelu")
-NORMS = ("rmsnorm", "layernorm")
-HEAD_NORMS = ("rms", "layernorm", "rms_weight")
-ROTATIONS = ("interleaved", "rotate_half", "none")
-MODES = ("parallel", "chunkwise", "recurrent")
+__all__ = ["DTYPES", "ModelConfig", "RetNetConfig", "TransformerConfig", "from_dict"]
+
+ROTATIONS = (*STYLES, "none")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
-class ConfigMethods:
-    """What the model configs (RetNet, Transformer baseline) share: dtypes, copies, dicts."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """The fields every decoder LM shares. Derived sizes are properties; subclasses add the mixer's."""
+
+    arch: ClassVar[str]  # "retnet" or "transformer": the key of ``from_dict``
+    mixer_name: ClassVar[str]  # the mixer's parameter scope in each block ("retention" / "attention")
+    state_class: ClassVar[type]  # the decoding state (``models.state``)
+
+    vocab_size: int = 256  # N: rows of the embedding and the output head
+    d_model: int = 64  # D: model width
+    num_layers: int = 2  # L: blocks
+    num_heads: int = 2  # H: mixer heads; key/query head width K = D / H
+    ffn_dim: int = 128  # F: feed-forward width
+    ffn_type: str = "glu"  # "glu": fc2(act(fc1 x) ⊙ gate x); "mlp": the paper's fc2(act(fc1 x))
+    activation: str = "swish"  # FFN activation: "swish" or "gelu"
+    norm: str = "rmsnorm"  # block and final norm: "rmsnorm" (with weight) or "layernorm"
+    norm_eps: float = 1e-6
+    rotation_base: float = 10000.0  # base of the rotation angles (θ_j = base^−…)
+    use_bias: bool = False  # biases in the projections (torchscale v1 / paper) or not (v2)
+    tie_embeddings: bool = False  # output head = embeddingᵀ
+    embed_scale: bool = False  # multiply embeddings by sqrt(D)
+    embed_norm: bool = False  # a norm right after the embedding
+    dropout: float = 0.0  # residual and embedding dropout (paper: 0.1)
+    dtype: str = "float32"  # compute dtype; norms, decay, recurrent state, softmax and loss stay float32
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "ffn_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                self._fail(name, value, "an integer >= 1")
+        if self.d_model % self.num_heads:
+            raise ValueError(
+                f"{type(self).__name__}.d_model ({self.d_model}) must be divisible by num_heads "
+                f"({self.num_heads}): each head gets K = d_model / num_heads. Change one of them."
+            )
+        self._check_choices(
+            ("ffn_type", FFN_TYPES),
+            ("activation", tuple(ACTIVATIONS)),
+            ("norm", NORMS),
+            ("dtype", DTYPES),
+            ("param_dtype", DTYPES),
+        )
+        if not 0.0 <= self.dropout < 1.0:
+            self._fail("dropout", self.dropout, "a rate in [0, 1)")
+        if not self.norm_eps >= 0:
+            self._fail("norm_eps", self.norm_eps, "a value >= 0")
+
+    # -- derived sizes and dtypes ------------------------------------------------------------------
 
     @property
-    def compute_dtype(self):
+    def key_dim(self) -> int:
+        """K: query/key width per head."""
+        return self.d_model // self.num_heads
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.dtype)
 
     @property
-    def params_dtype(self):
+    def params_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.param_dtype)
+
+    # -- what the LM skeleton asks of its config ---------------------------------------------------
+
+    def mixer(self, **run_options: Any):
+        """The token mixer of one block: a Linen module called as ``(x, positions, state) → (y, state)``."""
+        raise NotImplementedError
+
+    def init_state(self, batch: int, *, max_length: int | None = None):
+        """The empty decoding state of ``batch`` rows (see ``models.state``)."""
+        raise NotImplementedError
+
+    def mixer_flops_per_token(self, seq_len: int, chunk_size: int | None = None) -> float:
+        """Forward FLOPs per token of the mixer itself (beyond its projections), one layer."""
+        raise NotImplementedError
+
+    # -- copies and dicts -------------------------------------------------------------------------
 
     def replace(self, **changes: Any):
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields and ``arch``, JSON-ready; ``from_dict`` reverses it."""
+        return {"arch": self.arch, **dataclasses.asdict(self)}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]):
+        values = dict(values)
+        arch = values.pop("arch", cls.arch)
+        if arch != cls.arch:
+            raise ValueError(f"{cls.__name__}.from_dict: the dict describes arch {arch!r}, not {cls.arch!r}.")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"{cls.__name__}: unknown fields {unknown}; known fields: {sorted(known)}.")
         return cls(**values)
 
+    # -- validation helpers ----------------------------------------------------------------------
 
-@dataclasses.dataclass(frozen=True)
-class RetNetConfig(ConfigMethods):
-    """Sizes and options of a RetNet language model. Derived sizes are properties."""
+    def _fail(self, name: str, value: Any, expected: str):
+        raise ValueError(f"{type(self).__name__}.{name} must be {expected}; got {value!r}.")
 
-    vocab_size: int = 256  # N: rows of the embedding and the output head
-    d_model: int = 64  # D: model width
-    num_layers: int = 2  # L: blocks
-    num_heads: int = 2  # H: retention heads; key/query head dim K = D / H
+    def _check_choices(self, *pairs: tuple[str, tuple[str, ...]]):
+        for name, allowed in pairs:
+            if getattr(self, name) not in allowed:
+                self._fail(name, getattr(self, name), f"one of {allowed}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RetNetConfig(ModelConfig):
+    """A RetNet language model: multi-scale retention as the mixer (the paper's §2.2)."""
+
+    arch: ClassVar[str] = "retnet"
+    mixer_name: ClassVar[str] = "retention"
+    state_class: ClassVar[type] = state_lib.RecurrentState
+
     value_dim: int = 128  # total value width H·V (paper: 2D; torchscale v2: ≈1.69·D)
-    ffn_dim: int = 128  # F: feed-forward width
-    ffn_type: str = "glu"  # "glu": fc2(act(fc1 x) ⊙ gate x); "mlp": the paper's fc2(act(fc1 x))
-    activation: str = "swish"  # FFN activation: "swish" or "gelu"
-    norm: str = "rmsnorm"  # block and final norm: "rmsnorm" (with weight) or "layernorm"
-    norm_eps: float = 1e-6
-    head_norm: str = "rms"  # per-head norm: "rms" (no weight, torchscale v2), "layernorm", "rms_weight"
+    head_norm: str = "rms"  # per-head norm: "rms" (no weight, torchscale v2), "layernorm", "rms_weight" (fla)
     head_norm_eps: float = 1e-6
     rotation: str = "interleaved"  # "interleaved" (torchscale), "rotate_half" (fla), or "none"
-    rotation_base: float = 10000.0
     decay: str = "paper"  # γ schedule: "paper" (1 − 2^(−5−h)) or "linspace"
     normalize: bool = True  # normalized retention (divide by sqrt(c_n)); False = fla's unnormalized
-    use_bias: bool = False  # biases in the projections (torchscale v1 / paper) or not (v2)
-    tie_embeddings: bool = False  # output head = embeddingᵀ
-    embed_scale: bool = False  # multiply embeddings by sqrt(D)
-    embed_norm: bool = False  # a norm right after the embedding
-    dropout: float = 0.0  # residual and embedding dropout (paper: 0.1)
-    mode: str = "parallel"  # default form for full-sequence calls
-    chunk_size: int = 64  # C for the chunkwise form
-    retention_impl: str = "auto"  # chunkwise form: "xla", "pallas" (fused kernels) or "auto" (pallas on GPU)
-    dtype: str = "float32"  # compute dtype; params, norms, decay, state and loss stay float32
-    param_dtype: str = "float32"
-    scan_layers: bool = True  # stack blocks with nn.scan (one compiled block)
-    remat: bool = False  # recompute blocks in the backward pass
-    unroll_decode: bool = True  # unroll the layer loop of one-token decode steps (one fused program)
 
     def __post_init__(self):
-        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "value_dim", "ffn_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"RetNetConfig.{name} must be an integer >= 1; got {value!r}.")
-        if self.d_model % self.num_heads:
-            raise ValueError(
-                f"RetNetConfig.d_model ({self.d_model}) must be divisible by num_heads "
-                f"({self.num_heads}): each head gets K = d_model / num_heads. Change one of them."
-            )
+        super().__post_init__()
+        value = self.value_dim
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            self._fail("value_dim", value, "an integer >= 1")
         if self.value_dim % self.num_heads:
             raise ValueError(
                 f"RetNetConfig.value_dim ({self.value_dim}) must be divisible by num_heads "
                 f"({self.num_heads}); e.g. value_dim={self.num_heads * -(-self.value_dim // self.num_heads)}."
             )
+        self._check_choices(("head_norm", HEAD_NORMS), ("rotation", ROTATIONS), ("decay", DECAY_SCHEDULES))
         if self.rotation != "none" and self.key_dim % 2:
             raise ValueError(
                 f"RetNetConfig: the rotation pairs features, so K = d_model / num_heads must be even; "
@@ -110,33 +183,8 @@ class RetNetConfig(ConfigMethods):
                 f"RetNetConfig: rotation='interleaved' needs K >= 4 (its angles span K/2 − 1 steps); "
                 f"got K = {self.key_dim}. Use rotation='rotate_half' or wider heads."
             )
-        chunk = self.chunk_size
-        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-            _fail("chunk_size", self.chunk_size, "an integer >= 1")
-        for name, allowed in (
-            ("ffn_type", FFN_TYPES),
-            ("activation", ACTIVATIONS),
-            ("norm", NORMS),
-            ("head_norm", HEAD_NORMS),
-            ("rotation", ROTATIONS),
-            ("decay", DECAY_SCHEDULES),
-            ("mode", MODES),
-            ("retention_impl", RETENTION_IMPLS),
-            ("dtype", DTYPES),
-            ("param_dtype", DTYPES),
-        ):
-            if getattr(self, name) not in allowed:
-                _fail(name, getattr(self, name), f"one of {allowed}")
-        if not 0.0 <= self.dropout < 1.0:
-            _fail("dropout", self.dropout, "a rate in [0, 1)")
-        for name in ("norm_eps", "head_norm_eps"):
-            if getattr(self, name) < 0:
-                _fail(name, getattr(self, name), "a value >= 0")
-
-    @property
-    def key_dim(self) -> int:
-        """K: query/key width per head."""
-        return self.d_model // self.num_heads
+        if not self.head_norm_eps >= 0:
+            self._fail("head_norm_eps", self.head_norm_eps, "a value >= 0")
 
     @property
     def head_value_dim(self) -> int:
@@ -145,78 +193,152 @@ class RetNetConfig(ConfigMethods):
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> RetNetConfig:
-        """A named preset (see ``PRESETS``), with optional field overrides."""
+        """A named preset (``models.presets.PRESETS``), with optional field overrides."""
+        from retnet_jax.models.presets import PRESETS
+
         if name not in PRESETS:
             raise ValueError(f"Unknown model preset {name!r}; available: {sorted(PRESETS)}.")
         return cls(**{**PRESETS[name], **overrides})
 
+    def mixer(self, *, mode="parallel", chunk_size=64, implementation="auto", return_state=False, name=None):
+        return MultiScaleRetention(
+            num_heads=self.num_heads,
+            key_dim=self.key_dim,
+            value_dim=self.head_value_dim,
+            rotation=self.rotation,
+            rotation_base=self.rotation_base,
+            decay=self.decay,
+            normalize=self.normalize,
+            head_norm=self.head_norm,
+            head_norm_eps=self.head_norm_eps,
+            use_bias=self.use_bias,
+            dtype=self.compute_dtype,
+            param_dtype=self.params_dtype,
+            mode=mode,
+            chunk_size=chunk_size,
+            implementation=implementation,
+            return_state=return_state,
+            name=name,
+        )
 
-def _fail(name: str, value: Any, expected: str):
-    raise ValueError(f"RetNetConfig.{name} must be {expected}; got {value!r}.")
+    def init_state(self, batch: int, *, max_length: int | None = None) -> state_lib.RecurrentState:
+        del max_length  # the recurrent state's size does not depend on the length
+        return state_lib.RecurrentState.empty(
+            self.num_layers, batch, self.num_heads, self.key_dim, self.head_value_dim
+        )
+
+    def mixer_flops_per_token(self, seq_len: int, chunk_size: int | None = None) -> float:
+        # Parallel: Q Kᵀ and (·)V over the T×T scores. Chunkwise: the same inside chunks of C, plus the
+        # state update and the cross-chunk product (2·K·V each).
+        span = seq_len if not chunk_size else min(chunk_size, seq_len)
+        flops = 2 * span * self.num_heads * (self.key_dim + self.head_value_dim)
+        if chunk_size:
+            flops += 2 * 2 * self.num_heads * self.key_dim * self.head_value_dim
+        return float(flops)
 
 
-def _paper(d_model: int, num_layers: int, num_heads: int) -> dict[str, Any]:
-    # Table 2/7: K = 256 per head, value width 2D, GELU MLP with F = 2D, LayerNorm ("GroupNorm" per head).
-    return dict(
-        vocab_size=50304,
-        d_model=d_model,
-        num_layers=num_layers,
-        num_heads=num_heads,
-        value_dim=2 * d_model,
-        ffn_dim=2 * d_model,
-        ffn_type="mlp",
-        activation="gelu",
-        norm="layernorm",
-        head_norm="layernorm",
-        dropout=0.1,
-        chunk_size=512,
-        dtype="bfloat16",
-    )
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TransformerConfig(ModelConfig):
+    """The Transformer baseline: causal softmax attention with rotate-half RoPE as the mixer.
+
+    ``matching(retnet_config)`` gives the baseline with the RetNet's size: attention costs 4·D² weights
+    per layer and the FFN width takes the rest. For the paper presets (12·D² per layer: MSR 8·D², MLP
+    4·D²) that is a GELU MLP with F = 4·D, so weights, norms and embeddings match exactly:
+
+        paper-1.3b: 1,414,205,440 parameters (RetNet and Transformer alike)
+        paper-2.7b: 2,774,471,680 parameters (RetNet and Transformer alike)
+
+    GLU configs get F = (RetNet layer weights − 4·D²) / 3·D rounded to a multiple of 128 (8·D/3 for a
+    12·D² RetNet). Heads are 128 wide (H = D / 128: 16 heads at 1.3b, 20 at 2.7b), the usual width for
+    Transformers of this size and one that cuDNN's flash attention takes on every GPU generation; a
+    width D that 128 does not divide keeps the RetNet's K = D / H.
+    """
+
+    arch: ClassVar[str] = "transformer"
+    mixer_name: ClassVar[str] = "attention"
+    state_class: ClassVar[type] = state_lib.KVCache
+
+    ffn_dim: int = 256
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.key_dim % 2:
+            raise ValueError(
+                f"TransformerConfig: RoPE pairs features, so K = d_model / num_heads must be even; "
+                f"got K = {self.key_dim}. Change d_model or num_heads."
+            )
+
+    @property
+    def head_dim(self) -> int:
+        """K: query/key/value width per head."""
+        return self.key_dim
+
+    @classmethod
+    def matching(
+        cls, retnet: RetNetConfig, *, head_dim: int | None = None, ffn_multiple: int = 128, **overrides: Any
+    ) -> TransformerConfig:
+        """The Transformer with the RetNet's size: same D, L, N, norm, FFN kind, dtypes and options.
+
+        Args:
+            retnet: the RetNet config to match.
+            head_dim: K per head (default 128 where it divides D, else the RetNet's K).
+            ffn_multiple: F is rounded to a multiple of this (the paper presets need no rounding).
+            **overrides: fields to change afterwards.
+        """
+        d = retnet.d_model
+        if head_dim is None:
+            head_dim = 128 if d % 128 == 0 else retnet.key_dim
+        if d % head_dim:
+            raise ValueError(f"TransformerConfig.matching: head_dim ({head_dim}) must divide d_model ({d}).")
+        # Weights of one RetNet layer: q, k (D² each), v, g, out (D·H·V each), FFN (2 or 3 matrices D×F).
+        per_ffn_column = (3 if retnet.ffn_type == "glu" else 2) * d
+        retnet_layer = 2 * d * d + 3 * d * retnet.value_dim + per_ffn_column * retnet.ffn_dim
+        ffn_dim = (retnet_layer - 4 * d * d) / per_ffn_column
+        ffn_dim = ffn_dim if ffn_dim == int(ffn_dim) else round(ffn_dim / ffn_multiple) * ffn_multiple
+        shared = {f.name: getattr(retnet, f.name) for f in dataclasses.fields(ModelConfig)}
+        fields = {**shared, "num_heads": d // head_dim, "ffn_dim": max(int(ffn_dim), ffn_multiple)}
+        return cls(**{**fields, **overrides})
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> TransformerConfig:
+        """The Transformer matching the RetNet preset ``name`` (e.g. "paper-1.3b"), with field overrides."""
+        return cls.matching(RetNetConfig.preset(name), **overrides)
+
+    def mixer(self, *, implementation="auto", name=None, **unused_retention_options):
+        del unused_retention_options  # one form of attention: mode and chunk size change nothing
+        return Attention(
+            num_heads=self.num_heads,
+            head_dim=self.head_dim,
+            rotation_base=self.rotation_base,
+            use_bias=self.use_bias,
+            dtype=self.compute_dtype,
+            param_dtype=self.params_dtype,
+            implementation=implementation,
+            name=name,
+        )
+
+    def init_state(self, batch: int, *, max_length: int | None = None) -> state_lib.KVCache:
+        if max_length is None:
+            raise ValueError(
+                "TransformerConfig.init_state: a KV cache needs max_length (the most tokens a row will "
+                "hold: prompt plus generated)."
+            )
+        return state_lib.KVCache.empty(
+            self.num_layers, batch, self.num_heads, max_length, self.head_dim, self.compute_dtype
+        )
+
+    def mixer_flops_per_token(self, seq_len: int, chunk_size: int | None = None) -> float:
+        # Q Kᵀ and (·)V over the full T×T scores (2·T·H·K each), counted as the RetNet's parallel form.
+        del chunk_size
+        return float(2 * 2 * seq_len * self.num_heads * self.head_dim)
 
 
-def _torchscale(d_model: int, num_layers: int, num_heads: int, ffn_dim: int) -> dict[str, Any]:
-    # torchscale 0.3.0 (v2) archs: swish GLU, RMSNorm, no bias, value width = F.
-    return dict(
-        vocab_size=50304,
-        d_model=d_model,
-        num_layers=num_layers,
-        num_heads=num_heads,
-        value_dim=ffn_dim,
-        ffn_dim=ffn_dim,
-        chunk_size=512,
-        dtype="bfloat16",
-    )
+CONFIGS: dict[str, type[ModelConfig]] = {c.arch: c for c in (RetNetConfig, TransformerConfig)}
 
 
-PRESETS: dict[str, dict[str, Any]] = {
-    # CPU sizes for tests, notebooks and the default run.
-    "tiny": dict(
-        vocab_size=264,
-        d_model=64,
-        num_layers=2,
-        num_heads=2,
-        value_dim=128,
-        ffn_dim=128,
-        chunk_size=32,
-    ),
-    "small": dict(
-        vocab_size=264,
-        d_model=256,
-        num_layers=4,
-        num_heads=4,
-        value_dim=512,
-        ffn_dim=512,
-        chunk_size=64,
-    ),
-    "paper-1.3b": _paper(2048, 24, 8),
-    "paper-2.7b": _paper(2560, 32, 10),
-    "paper-6.7b": _paper(4096, 32, 16),
-    "paper-13b": _paper(5120, 40, 20),
-    "torchscale-base": _torchscale(512, 6, 2, 864),
-    "torchscale-medium": _torchscale(1024, 16, 4, 1728),
-    "torchscale-xl": _torchscale(2048, 24, 8, 3456),
-    "torchscale-3b": _torchscale(2560, 32, 10, 4280),
-    "torchscale-7b": _torchscale(4096, 32, 16, 6912),
-    "torchscale-13b": _torchscale(5120, 40, 20, 8560),
-    "torchscale-65b": _torchscale(8192, 64, 32, 13824),
-}
+def from_dict(values: dict[str, Any]) -> ModelConfig:
+    """The config a ``to_dict()`` describes (its ``arch`` picks the kind)."""
+    arch = values.get("arch")
+    if arch not in CONFIGS:
+        raise ValueError(f"A model config dict needs 'arch' in {sorted(CONFIGS)}; got {arch!r}.")
+    return CONFIGS[arch].from_dict(values)

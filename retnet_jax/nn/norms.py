@@ -1,4 +1,4 @@
-"""Normalization layers, computed in float32 whatever the compute dtype (REFERENCE §4, §5)."""
+"""Normalization layers, computed in float32 whatever the compute dtype."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ import jax
 import jax.numpy as jnp
 
 from retnet_jax.nn.axes import EMBED, HEAD_DIM, partitioned
+
+NORMS = ("rmsnorm", "layernorm")  # of Norm
+HEAD_NORMS = ("rms", "layernorm", "rms_weight")  # of HeadNorm
 
 
 def rms_normalize(x, eps: float):

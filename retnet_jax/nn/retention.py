@@ -1,9 +1,11 @@
-"""Multi-scale retention (the paper's §2.2; REFERENCE §4): projections, rotation, retention, head norm, gate.
+"""Multi-scale retention (the paper's §2.2): projections, rotation, retention, head norm, gate.
 
     q, k: D → H·K    v, g: D → H·V    out: H·V → D
     Y = out( swish(g) ⊙ HeadNorm(Retention(rotate(q), rotate(k)·K^−1/2, v)) )
 
-The module owns the parameters; the numerics live in ``retention`` (the three forms) and ``rotation``.
+The layer owns the parameters; the numerics live in ``ops`` (``retention`` for the forms, ``dispatch`` for
+the kernel choice, ``rotation``). It is the RetNet's token mixer, called as every mixer of the library is:
+``(x, positions, state) → (y, state)``.
 """
 
 from __future__ import annotations
@@ -12,38 +14,64 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from retnet_jax.models.config import RetNetConfig
 from retnet_jax.nn.axes import EMBED, HEAD_DIM, HEADS
 from retnet_jax.nn.norms import HeadNorm
 from retnet_jax.nn.projection import Projection
 from retnet_jax.ops import dispatch, retention, rotation
+
+MODES = ("parallel", "chunkwise", "recurrent")
 
 
 class MultiScaleRetention(nn.Module):
     """One retention layer over [B, T, D].
 
     Attributes:
-        config: the model config.
-        mode: "parallel", "chunkwise" or "recurrent" (T = 1 with a state runs one recurrent step).
+        num_heads, key_dim, value_dim: H, K and V (per head).
+        rotation: "interleaved", "rotate_half" or "none"; rotation_base: its base.
+        decay: the γ schedule ("paper" or "linspace").
+        normalize: normalized retention (divide by sqrt(c_n)) or fla's unnormalized.
+        head_norm, head_norm_eps: the per-head norm ("rms", "layernorm", "rms_weight").
+        use_bias, dtype, param_dtype: projections' bias, compute and parameter dtypes.
+        mode: the form of a full call: "parallel", "chunkwise" or "recurrent" (T = 1 with a state always
+            runs one recurrent step).
         chunk_size: C for the chunkwise form.
-        return_state: also return the state after the last token (parallel mode computes it separately).
+        implementation: how the chunkwise form runs ("auto", "xla", "pallas": ``ops.dispatch``).
+        return_state: compute the state after the call when none came in (the parallel form computes it
+            apart; a call with a state always returns the new one).
     """
 
-    config: RetNetConfig
+    num_heads: int
+    key_dim: int
+    value_dim: int
+    rotation: str = "interleaved"
+    rotation_base: float = 10000.0
+    decay: str = "paper"
+    normalize: bool = True
+    head_norm: str = "rms"
+    head_norm_eps: float = 1e-6
+    use_bias: bool = False
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
     mode: str = "parallel"
     chunk_size: int = 64
+    implementation: str = "auto"
     return_state: bool = False
 
     @nn.compact
-    def __call__(self, x, state: retention.RetentionState | None = None):
-        """x: [B, T, D]; state: carried in, or None (positions start at 0).
+    def __call__(self, x, positions, state: retention.RetentionState | None = None):
+        """Retention over the call, continuing ``state`` if given.
+
+        Args:
+            x: [B, T, D].
+            positions: [B or 1, T] int absolute positions of the call's tokens; negative = left pads.
+            state: this layer's ``RetentionState`` (kv [B, H, K, V], count [B] = positions[:, 0]), or None
+                (the call starts at position 0).
 
         Returns:
-            (y [B, T, D] in the compute dtype, the new state or None).
+            (y [B, T, D] in the compute dtype, the new state: None when none came in and
+            ``return_state`` is False).
         """
-        cfg = self.config
-        heads, key_dim, value_dim = cfg.num_heads, cfg.key_dim, cfg.head_value_dim
-        dtype, param_dtype = cfg.compute_dtype, cfg.params_dtype
+        heads, key_dim, value_dim = self.num_heads, self.key_dim, self.value_dim
 
         def project(features, name):
             return Projection(
@@ -51,9 +79,9 @@ class MultiScaleRetention(nn.Module):
                 (EMBED,),
                 (HEADS, HEAD_DIM),
                 init_scale=(2**-2.5) ** 2,  # torchscale: xavier-uniform, gain 2^-2.5
-                use_bias=cfg.use_bias,
-                dtype=dtype,
-                param_dtype=param_dtype,
+                use_bias=self.use_bias,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
                 name=name,
             )(x)
 
@@ -62,34 +90,30 @@ class MultiScaleRetention(nn.Module):
         v = project((heads, value_dim), "v_proj")  # [B, T, H, V]
         g = project((heads, value_dim), "g_proj")  # [B, T, H, V]
 
-        length = x.shape[1]
-        positions = jnp.arange(length)[None]  # [1, T]
         if state is not None:
-            positions = state.count[:, None] + positions  # [B, T]; negative = left padding
             k = jnp.where((positions >= 0)[..., None, None], k, 0)  # pads never enter the state
-        if cfg.rotation != "none":
-            q = rotation.rotate(q, positions, cfg.rotation, cfg.rotation_base)
-            k = rotation.rotate(k, positions, cfg.rotation, cfg.rotation_base)
+        if self.rotation != "none":
+            q = rotation.rotate(q, positions, self.rotation, self.rotation_base)
+            k = rotation.rotate(k, positions, self.rotation, self.rotation_base)
 
         o, state = self._retention(q, k, v, state)  # [B, T, H, V]
-        o = HeadNorm(cfg.head_norm, cfg.head_norm_eps, param_dtype, name="head_norm")(o)
-        o = (jax.nn.swish(g.astype(o.dtype)) * o).astype(dtype)
+        o = HeadNorm(self.head_norm, self.head_norm_eps, self.param_dtype, name="head_norm")(o)
+        o = (jax.nn.swish(g.astype(o.dtype)) * o).astype(self.dtype)
         y = Projection(
-            (cfg.d_model,),
+            (x.shape[-1],),
             (HEADS, HEAD_DIM),
             (EMBED,),
             init_scale=(2**-1) ** 2,  # torchscale: xavier-uniform, gain 2^-1
-            use_bias=cfg.use_bias,
-            dtype=dtype,
-            param_dtype=param_dtype,
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
             name="out_proj",
         )(o)
         return y, state
 
     def _retention(self, q, k, v, state):
-        cfg = self.config
-        log_decay = retention.log_decays(cfg.num_heads, cfg.decay)
-        norm = cfg.normalize
+        log_decay = retention.log_decays(self.num_heads, self.decay)
+        norm = self.normalize
         wants_state = self.return_state or state is not None
         if self.mode == "recurrent":
             if q.shape[1] == 1 and state is not None:
@@ -107,7 +131,7 @@ class MultiScaleRetention(nn.Module):
                 chunk_size=self.chunk_size,
                 state=state,
                 normalize=norm,
-                implementation=cfg.retention_impl,
+                implementation=self.implementation,
             )
         elif state is not None:
             # Parallel over the whole call, continuing a state: one chunk of the chunkwise form.

@@ -2,13 +2,17 @@
 
 The training loop talks to checkpoints only through ``Checkpoints``; orbax and grain's orbax
 integration stay behind this file, so changing either library touches nothing else. Each saved
-step is one directory ``WORKDIR/checkpoints/STEP`` holding four items:
+step is one directory ``WORKDIR/checkpoints/STEP`` holding five items:
 
 * ``state``: the train state pytree (params, optimizer state, step), written by orbax shard by
   shard and read back onto whatever mesh the restoring run asks for (``restore``'s shardings);
+  ``restore_params`` reads the parameters alone (serving needs no optimizer);
 * ``data``: the grain iterator's position, one JSON file per process, so a resumed run sees
   exactly the batches an uninterrupted run would;
-* ``config`` and ``tokenizer``: JSON dicts, readable without loading any array.
+* ``model``: the resolved model config (``ModelConfig.to_dict()``: the architecture, whatever preset
+  and overrides produced it), enough to rebuild the model;
+* ``config`` and ``tokenizer``: the experiment config and the tokenizer as JSON dicts, readable
+  without loading any array.
 
 Saves are asynchronous by default: ``save`` copies the arrays off the devices and returns while a
 background thread writes them. A step is written to a temporary directory that is renamed when
@@ -18,14 +22,15 @@ half-written one invisible; the next ``Checkpoints`` on that workdir deletes it.
 Typical use::
 
     ckpt = Checkpoints(workdir, every=config.checkpoint_every, keep=config.keep_checkpoints)
-    ckpt.check_compatible(config.to_dict())
+    ckpt.check_compatible(config.to_dict(), model=model_config.to_dict())
     start = ckpt.latest_step() or 0
     if start:
         state = ckpt.restore(abstract_state, data_iterator=train_iter)
     for step in range(start + 1, config.steps + 1):
         state = update_fn(state, next(train_iter))
         ckpt.save(step, state, data_iterator=train_iter, config=config.to_dict(),
-                  tokenizer=tokenizer.to_dict(), force=step == config.steps)
+                  model=model_config.to_dict(), tokenizer=tokenizer.to_dict(),
+                  force=step == config.steps)
     ckpt.close()
 """
 
@@ -43,12 +48,10 @@ from etils import epath
 
 __all__ = ["COMPATIBILITY_KEYS", "Checkpoints"]
 
-# Config fields that must match to resume a run: they fix the shapes of the state (model preset,
-# vocabulary) or the meaning of the saved data position (dataset, tokenizer, sequence and batch
-# size).
+# Experiment-config fields that must match to resume a run: they fix the meaning of the saved data
+# position (dataset, tokenizer, sequence and batch size). The model is compared whole (its resolved
+# config), since it fixes the shapes of the state.
 COMPATIBILITY_KEYS = (
-    "model",
-    "vocab_size",
     "tokenizer",
     "tokenizer_vocab_size",
     "dataset",
@@ -56,7 +59,7 @@ COMPATIBILITY_KEYS = (
     "batch_size",
 )
 
-_ITEMS = ("state", "data", "config", "tokenizer")
+_ITEMS = ("state", "data", "config", "model", "tokenizer")
 _MISSING = "<not set>"
 
 
@@ -154,6 +157,7 @@ class Checkpoints:
         *,
         data_iterator: grain.DatasetIterator,
         config: dict[str, Any],
+        model: dict[str, Any],
         tokenizer: dict[str, Any],
         force: bool = False,
     ) -> bool:
@@ -169,6 +173,7 @@ class Checkpoints:
             state: the train state, a pytree of jax arrays with any sharding.
             data_iterator: the training data iterator, positioned at the next batch to consume.
             config: the experiment config, a JSON-serializable dict.
+            model: the resolved model config (``ModelConfig.to_dict()``).
             tokenizer: the tokenizer's description, a JSON-serializable dict.
             force: save even when ``should_save(step)`` is False.
 
@@ -176,17 +181,19 @@ class Checkpoints:
             Whether a checkpoint was started.
 
         Raises:
-            TypeError: ``config`` or ``tokenizer`` is not JSON-serializable.
+            TypeError: ``config``, ``model`` or ``tokenizer`` is not JSON-serializable.
         """
         if step in self._manager.all_steps() or not (force or self.should_save(step)):
             return False
         config = _as_json(config, "config")
+        model = _as_json(model, "model")
         tokenizer = _as_json(tokenizer, "tokenizer")
         position = _IteratorPosition(data_iterator.get_state())
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(position),
             config=ocp.args.JsonSave(config),
+            model=ocp.args.JsonSave(model),
             tokenizer=ocp.args.JsonSave(tokenizer),
         )
         return self._manager.save(step, args=args, force=True)
@@ -238,6 +245,38 @@ class Checkpoints:
             data_iterator.set_state(position.state)
         return restored["state"]
 
+    def restore_params(self, abstract_params: Any, *, step: int | None = None) -> Any:
+        """The parameters alone of ``step`` (default: the latest), read onto ``abstract_params``'
+        shardings; the optimizer state is not read.
+
+        Args:
+            abstract_params: the parameters' structure, ``jax.ShapeDtypeStruct`` leaves with shardings
+                (e.g. ``jax.eval_shape`` of the model's init, placed on one device). A leaf's dtype may
+                differ from the saved one: it is cast while reading.
+
+        Raises:
+            FileNotFoundError: there is no checkpoint, or none of ``step``.
+            ValueError: the checkpoint's parameters do not fit ``abstract_params``.
+        """
+        step = self._existing_step(step)
+        target = {"params": jax.tree_util.tree_map_with_path(_with_sharding, abstract_params)}
+        restore_args = jax.tree.map(
+            lambda leaf: ocp.ArrayRestoreArgs(sharding=leaf.sharding, dtype=leaf.dtype), target
+        )
+        args = ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(state=args))
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(
+                f"Could not restore the parameters of step {step} of {self.directory}: {err}\n"
+                "They do not fit the model built from the checkpoint's model config."
+            ) from err
+        return restored["state"]["params"]
+
+    def restore_model_config(self, step: int | None = None) -> dict[str, Any]:
+        """The resolved model config saved with ``step`` (default: the latest); loads no arrays."""
+        return self._restore_json("model", step)
+
     def restore_config(self, step: int | None = None) -> dict[str, Any]:
         """The experiment config saved with ``step`` (default: the latest); loads no arrays."""
         return self._restore_json("config", step)
@@ -246,15 +285,22 @@ class Checkpoints:
         """The tokenizer dict saved with ``step`` (default: the latest); loads no arrays."""
         return self._restore_json("tokenizer", step)
 
-    def check_compatible(self, config: dict[str, Any], keys: Sequence[str] = COMPATIBILITY_KEYS):
-        """Checks that the workdir's checkpoints come from a config like ``config``.
+    def check_compatible(
+        self,
+        config: dict[str, Any],
+        *,
+        model: dict[str, Any] | None = None,
+        keys: Sequence[str] = COMPATIBILITY_KEYS,
+    ):
+        """Checks that the workdir's checkpoints come from a run like this one.
 
         Call it before the first save, so that a run with other settings never overwrites another
         run's checkpoints. Passes when the workdir has no checkpoint.
 
         Args:
             config: this run's experiment config, as a dict.
-            keys: the fields that must match; dotted paths reach into nested dicts
+            model: this run's resolved model config; every field must match the saved one.
+            keys: the experiment-config fields that must match; dotted paths reach into nested dicts
                 (``"model.d_model"``). A field missing from both configs matches.
 
         Raises:
@@ -270,6 +316,14 @@ class Checkpoints:
             for key in keys
             if _lookup(saved, key) != _lookup(config, key)
         ]
+        if model is not None:
+            saved_model, model = self.restore_model_config(step), _as_json(model, "model")
+            differences += [
+                f"  model {key}: checkpoint has {saved_model.get(key, _MISSING)!r}, this run has "
+                f"{model.get(key, _MISSING)!r}"
+                for key in sorted(set(saved_model) | set(model))
+                if saved_model.get(key, _MISSING) != model.get(key, _MISSING)
+            ]
         if differences:
             raise ValueError(
                 f"{self.directory} holds checkpoints (latest step {step}) of another experiment:\n"

@@ -1,4 +1,5 @@
-"""Training: the loop's outputs, exact resumption after SIGTERM and SIGKILL, sharding, bad input."""
+"""The training loop: its outputs, exact resumption after SIGTERM and SIGKILL, NaN, bad input, two
+processes."""
 
 import os
 import random
@@ -7,26 +8,21 @@ import subprocess
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from retnet_jax.training import reporting
-from retnet_jax.training import trainer as train
-from retnet_jax.training.sharding import make_mesh
+from retnet_jax.configs.default import get_config
+from retnet_jax.training import loop, reporting
 from tests.conftest import small_config
-
-# Losses of the same steps under different meshes: the reductions run in another order, so float32
-# rounding differs; measured ≤ 3e-7 relative.
-MESH_LOSS_RTOL = 1e-5
 
 
 def _cli_args(config, workdir):
     args = [sys.executable, "-m", "retnet_jax.cli.train", f"--workdir={workdir}"]
-    defaults = train.default_config()
+    defaults = get_config()
     for key, value in config.items():
-        if defaults[key] != value:
+        if key == "model_overrides":
+            args += [f"--config.{key}.{k}={v}" for k, v in value.items() if v is not None]
+        elif defaults[key] != value:
             args.append(f"--config.{key}={value}")
     return args
 
@@ -62,7 +58,7 @@ def test_resume_after_sigterm_and_sigkill_is_bit_exact(trained, tmp_path):
     expected = _train_losses(reference_dir)
     workdir = str(tmp_path / "run")
     args = _cli_args(config, workdir)
-    rng = random.Random(int(time.time()))
+    rng = random.Random(0)
 
     def run_until(step, sig):
         process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -71,17 +67,17 @@ def test_resume_after_sigterm_and_sigkill_is_bit_exact(trained, tmp_path):
             assert process.poll() is None, process.communicate()[0][-3000:]
             assert time.time() < deadline, "training did not reach the step in time"
             time.sleep(0.05)
-        sent = time.time()
+        seen = max(_train_losses(workdir))
         process.send_signal(sig)
         out = process.communicate(timeout=60)[0]
-        return time.time() - sent, out
+        return seen, out
 
     term_step = rng.randint(2, 6)
-    seconds, out = run_until(term_step, signal.SIGTERM)
-    assert seconds < 15, f"SIGTERM took {seconds:.1f}s"
+    seen, out = run_until(term_step, signal.SIGTERM)
     assert "Preempted: saved step" in out
     saved = max(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")))
-    assert saved >= term_step
+    # It stopped at once (within the step or two in flight), not at the end of the run.
+    assert term_step <= saved <= seen + 2 and saved < config.steps - 1, (term_step, seen, saved)
 
     kill_step = rng.randint(saved + 1, config.steps - 1)
     run_until(kill_step, signal.SIGKILL)
@@ -92,71 +88,10 @@ def test_resume_after_sigterm_and_sigkill_is_bit_exact(trained, tmp_path):
     assert _train_losses(workdir) == expected  # bit for bit, every step
 
 
-def test_sharded_losses_equal_single_device_and_follow_the_rules():
-    config = small_config(model="tiny", batch_size=8, seq_len=16)
-    rng = np.random.default_rng(0)
-    batches = [
-        {
-            "inputs": rng.integers(0, 259, (8, 16)).astype(np.int32),
-            "targets": rng.integers(0, 259, (8, 16)).astype(np.int32),
-        }
-        for _ in range(3)
-    ]
-
-    def losses(mesh):
-        trainer = train.Trainer(config, 264, mesh)
-        state = trainer.init(0)
-        out = []
-        for b in batches:
-            state, metrics = trainer.train_step(state, trainer.global_batch(b))
-            out.append(float(metrics["loss"]))
-        return np.array(out), trainer, state
-
-    single, _, _ = losses(make_mesh((1, 1, 1), devices=jax.devices()[:1]))
-    for shape in ((8, 1, 1), (2, 4, 1), (2, 2, 2)):
-        sharded, trainer, state = losses(make_mesh(shape))
-        np.testing.assert_allclose(sharded, single, rtol=MESH_LOSS_RTOL)
-        if shape == (2, 2, 2):
-            p = state.params
-            spec = lambda x: tuple(x.sharding.spec)  # noqa: E731
-            assert spec(p["embed"]["embedding"]) == ("tensor", "fsdp")
-            assert spec(p["layers"]["retention"]["q_proj"]["kernel"]) == (None, "fsdp", "tensor", None)
-            assert spec(p["layers"]["retention"]["out_proj"]["kernel"]) == (None, "tensor", None, "fsdp")
-            assert spec(p["layers"]["ffn"]["fc1"]["kernel"]) == (None, "fsdp", "tensor")
-            assert spec(p["head"]["kernel"]) == ("fsdp", "tensor")
-            mu = state.opt_state[1][0].mu["layers"]["ffn"]["fc2"]["kernel"]
-            assert spec(mu) == (None, "tensor", "fsdp")
-            assert trainer.batch_sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), None)
-
-
-def test_gradient_accumulation_matches_the_full_batch():
-    config = small_config(batch_size=16, seq_len=16)
-    mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    rng = np.random.default_rng(1)
-    batch = {k: rng.integers(0, 259, (16, 16)).astype(np.int32) for k in ("inputs", "targets")}
-    results = []
-    for micro in (1, 4):
-        config.grad_accum_steps = micro
-        trainer = train.Trainer(config, 264, mesh)
-        _, metrics = trainer.train_step(trainer.init(0), trainer.global_batch(batch))
-        results.append(jax.device_get(metrics))
-    # Same mean loss and gradient; measured ≈ 1e-7 relative.
-    np.testing.assert_allclose(results[1]["loss"], results[0]["loss"], rtol=1e-5)
-    np.testing.assert_allclose(results[1]["grad_norm"], results[0]["grad_norm"], rtol=1e-4)
-
-
-def test_cross_entropy_and_z_loss():
-    logits = jnp.array([[[0.0, jnp.log(3.0)]]])
-    targets = jnp.array([[1]])
-    objective, ce = train.cross_entropy(logits, targets, z_loss=0.5)
-    np.testing.assert_allclose(ce, -np.log(0.75), rtol=1e-6)
-    np.testing.assert_allclose(objective, -np.log(0.75) + 0.5 * np.log(4.0) ** 2, rtol=1e-6)
-
-
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     config = small_config(learning_rate=1e9, grad_clip=0.0, warmup_steps=0, steps=12, checkpoint_every=1)
     with pytest.raises(FloatingPointError, match=r"the loss became (nan|inf) at step (\d+)") as info:
-        train.train_and_evaluate(config, str(tmp_path))
+        loop.train_and_evaluate(config, str(tmp_path))
     message = str(info.value)
     bad_step = int(message.split(" at step ")[1].split(".")[0])
     saved = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints"))
@@ -166,17 +101,17 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
 
 def test_bad_input_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"batch_size=12 is not divisible by the data-parallel size 8"):
-        train.train_and_evaluate(small_config(batch_size=12), str(tmp_path / "a"))
+        loop.train_and_evaluate(small_config(batch_size=12), str(tmp_path / "a"))
     with pytest.raises(ValueError, match="Unknown dataset 'no_such_corpus_xyz'|no_such_corpus_xyz"):
-        train.train_and_evaluate(small_config(dataset="no_such_corpus_xyz"), str(tmp_path / "b"))
+        loop.train_and_evaluate(small_config(dataset="no_such_corpus_xyz"), str(tmp_path / "b"))
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(ValueError, match="Cannot write checkpoints to"):
-        train.train_and_evaluate(small_config(), str(blocker / "run"))
+        loop.train_and_evaluate(small_config(), str(blocker / "run"))
     with pytest.raises(ValueError, match="--config.mesh"):
-        train.train_and_evaluate(small_config(mesh="3,1,1"), str(tmp_path / "c"))
+        loop.train_and_evaluate(small_config(mesh="3,1,1"), str(tmp_path / "c"))
     with pytest.raises(ValueError, match="--config.arch must be one of"):
-        train.train_and_evaluate(small_config(arch="lstm"), str(tmp_path / "d"))
+        loop.train_and_evaluate(small_config(arch="lstm"), str(tmp_path / "d"))
 
 
 def test_workdir_of_another_config_is_refused_untouched(trained):
@@ -191,46 +126,21 @@ def test_workdir_of_another_config_is_refused_untouched(trained):
 
     before = files()
     with pytest.raises(ValueError, match="seq_len"):
-        train.train_and_evaluate(small_config(seq_len=64), workdir)
+        loop.train_and_evaluate(small_config(seq_len=64), workdir)
     assert files() == before
-
-
-def test_load_for_inference_restores_the_trained_params(trained):
-    workdir, config, state = trained
-    model, variables, tokenizer, loaded = train.load_for_inference(workdir)
-    assert loaded.seq_len == config.seq_len and tokenizer.vocab_size == 259
-    for a, b in zip(jax.tree.leaves(variables["params"]), jax.tree.leaves(state.params), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    with pytest.raises(FileNotFoundError, match="No checkpoints in"):
-        train.load_for_inference(os.path.join(workdir, "tensorboard"))
-    with pytest.raises(ValueError, match="--checkpoint must be a step directory"):
-        train.load_for_inference(checkpoint=os.path.join(workdir, "checkpoints"))
-
-
-def test_cli_help_documents_the_config_fields():
-    out = subprocess.run(
-        [sys.executable, "-m", "retnet_jax.cli.train", "--help"], capture_output=True, text=True
-    ).stdout
-    for flag in (
-        "--workdir",
-        "--config.steps",
-        "--config.checkpoint_every",
-        "--config.seed",
-        "--config.mesh",
-    ):
-        assert flag in out, flag
 
 
 DRIVER = """
 import sys
 import jax, jax.numpy as jnp
 from retnet_jax.training import distributed
-from retnet_jax.training import trainer as train
+from retnet_jax.configs.default import get_config
+from retnet_jax.training import loop
 distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
-config = train.default_config()
+config = get_config()
 config.update(dict(seq_len=16, batch_size=4, steps=2, warmup_steps=1, log_every=1, eval_every=2,
-                   eval_batches=1, checkpoint_every=2, sample_tokens=4))
-state = train.train_and_evaluate(config, sys.argv[3])
+                   eval_batches=1, checkpoint_every=2))
+state = loop.train_and_evaluate(config, sys.argv[3])
 total = sum(jnp.sum(x) for x in jax.tree.leaves(state.params))
 print("PROCESSES", jax.process_count(), "DEVICES", jax.device_count(), "CHECKSUM", repr(float(total)))
 """
@@ -263,19 +173,3 @@ def test_two_processes_train_together(tmp_path):
     assert summaries[0].startswith("PROCESSES 2 DEVICES 2 CHECKSUM")
     assert [r["step"] for r in reporting.read_metrics(workdir) if "loss" in r] == [1, 2]
     assert os.listdir(os.path.join(workdir, "checkpoints")) == ["2"]
-
-
-def test_experiment_configs_load_and_name_valid_models():
-    import glob
-    import importlib.util
-
-    paths = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "experiments", "configs", "*.py")))
-    assert len(paths) >= 3
-    for path in paths:
-        spec = importlib.util.spec_from_file_location("experiment_config", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        config = module.get_config()
-        assert set(config.keys()) == set(train.default_config().keys()), path
-        _, model_config = train.build_model(config, 264)
-        assert model_config.vocab_size == 264

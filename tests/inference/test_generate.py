@@ -1,27 +1,21 @@
-"""Generation: greedy decoding equals the parallel model, batching and padding change nothing, sampling
-options reduce to greedy where they must, streaming equals the one-shot call, the state stays constant."""
+"""Generation, for both LMs: greedy decoding equals the parallel model, batching and padding change
+nothing, sampling options reduce to greedy where they must, streaming equals the one-shot call, the
+RetNet's state stays constant."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from retnet_jax.inference.generate import (
-    Generation,
-    RetNetDecoder,
-    decode_text,
-    generate,
-    prepare_prompts,
-    stream,
-    top_k_filter,
-    top_p_filter,
-)
-from retnet_jax.models.config import RetNetConfig
-from retnet_jax.models.retnet import RetNetLM, decode_step, init_state
+from retnet_jax.inference.decoding import LMDecoder
+from retnet_jax.inference.generate import Generation, decode_text, generate, stream
+from retnet_jax.inference.prompts import prepare_prompts
+from retnet_jax.models import DecoderLM, RetNetConfig, TransformerConfig, decode_step
 from retnet_jax.training.tokenizers import ByteTokenizer
 from tests.helpers import relative_error
 
 TINY = RetNetConfig.preset("tiny")
+CONFIGS = {"retnet": TINY, "transformer": TransformerConfig.matching(TINY)}
 IDS = dict(bos_id=ByteTokenizer.bos_id, pad_id=ByteTokenizer.pad_id)
 # Framed ([BOS] + ids) lengths 1, 5 and 12 in one batch.
 PROMPTS = [[], [10, 20, 30, 40], list(range(50, 61))]
@@ -33,10 +27,14 @@ LOGPROB_ATOL = 1e-4
 SAMPLING = dict(temperature=1.0, top_p=0.9)
 
 
+def _lm(name):
+    model = DecoderLM(CONFIGS[name])
+    return model, model.init(jax.random.key(1), jnp.zeros((1, 4), jnp.int32))
+
+
 @pytest.fixture(scope="module")
 def lm():
-    model = RetNetLM(TINY)
-    return model, model.init(jax.random.key(1), jnp.zeros((1, 4), jnp.int32))
+    return _lm("retnet")
 
 
 def _generate(lm, prompts=PROMPTS, **kwargs):
@@ -50,9 +48,11 @@ def greedy(lm):
     return _generate(lm)
 
 
-def test_greedy_equals_parallel_reference(lm, greedy):
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_greedy_equals_parallel_reference(name):
     """Token by token in Python: argmax of the parallel logits at the last position of the growing row."""
-    model, variables = lm
+    model, variables = lm = _lm(name)
+    greedy = _generate(lm)
     forward = jax.jit(lambda v, t: model.apply(v, t, mode="parallel")[0])
     rows = np.arange(len(PROMPTS))
     # Right padding: the model is causal, so what follows a position never changes its logits.
@@ -83,23 +83,23 @@ def test_batched_equals_one_by_one(lm, greedy):
 def test_prefill_state_equals_recurrent_steps(lm, mode, chunk):
     """The padded batch's prefill state equals each unpadded prompt stepped through one token at a time."""
     model, variables = lm
-    decoder = RetNetDecoder(model, mode, chunk)
+    decoder = LMDecoder(model, mode, chunk)
     tokens, pads = prepare_prompts(PROMPTS, **IDS)
     logits, state = jax.jit(decoder.prefill)(variables, tokens, decoder.init_state(jnp.asarray(pads), 0))
     step = jax.jit(lambda t, s: decode_step(model, variables, t, s))
     for b, prompt in enumerate(PROMPTS):
-        expected = init_state(TINY, 1)
+        expected = TINY.init_state(1)
         for token in [IDS["bos_id"], *prompt]:
             expected_logits, expected = step(jnp.asarray([token]), expected)
         assert relative_error(state.kv[:, b], expected.kv[:, 0]) < STATE_RTOL
         assert relative_error(logits[b], expected_logits[0]) < STATE_RTOL
-        np.testing.assert_array_equal(state.count[:, b], expected.count[:, 0])
+        assert int(state.position[b]) == int(expected.position[0]) == len(prompt) + 1
 
 
 def test_state_shapes_do_not_depend_on_position(lm):
     """Constant memory: the step's state has the same shapes after a short and a long prompt."""
     model, variables = lm
-    decoder = RetNetDecoder(model)
+    decoder = LMDecoder(model)
     shapes = []
     for prompts in ([[1]], [list(range(100))]):
         tokens, pads = prepare_prompts(prompts, **IDS)
@@ -121,16 +121,6 @@ def test_sampling_is_reproducible_and_reduces_to_greedy(lm, greedy):
     np.testing.assert_array_equal(tiny_p.tokens, greedy.tokens)
     top_1 = _generate(lm, temperature=1.0, top_k=1, seed=5)
     np.testing.assert_array_equal(top_1.tokens, greedy.tokens)
-
-
-def test_filters():
-    logits = jnp.asarray([[2.0, 1.0, 0.0, -1.0], [0.0, 3.0, 3.0, 1.0]])
-    inf = -np.inf
-    np.testing.assert_array_equal(top_k_filter(logits, 2), [[2, 1, inf, inf], [inf, 3, 3, inf]])
-    np.testing.assert_array_equal(top_k_filter(logits, 0), logits)
-    # Probabilities of row 0 ≈ (.64, .24, .09, .03): p = 0.7 keeps the first two.
-    np.testing.assert_array_equal(top_p_filter(logits[:1], 0.7), [[2, 1, inf, inf]])
-    np.testing.assert_array_equal(top_p_filter(logits, 1e-6), [[2, inf, inf, inf], [inf, 3, inf, inf]])
 
 
 def test_stop_tokens_end_rows_and_pad_the_rest(lm, greedy):

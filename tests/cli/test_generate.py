@@ -6,8 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from retnet_jax.inference import generate
-from retnet_jax.training import trainer as train
+from retnet_jax.inference import generate, loading
 
 
 def _cli(*args, stdin=None):
@@ -32,7 +31,7 @@ def test_greedy_cli_is_deterministic_and_matches_the_library(trained):
     first, second = _cli(*args), _cli(*args)
     assert first.returncode == 0, first.stderr[-2000:]
     assert first.stdout == second.stdout
-    model, variables, tokenizer, _ = train.load_for_inference(workdir)
+    model, variables, tokenizer = loading.load(workdir)
     result = generate.generate(
         model,
         variables,
@@ -50,8 +49,8 @@ def test_interactive_mode_reads_prompts_from_stdin(trained):
     workdir, _, _ = trained
     out = _cli(f"--workdir={workdir}", "--max_new_tokens=8", "--seed=1", stdin="import\nclass\n")
     assert out.returncode == 0, out.stderr[-2000:]
-    lines = [line for line in out.stdout.split("> ") if line]
-    assert lines[0].startswith("import") and lines[1].startswith("class")
+    # Each prompt is echoed after the "> " prompt and continued on its line.
+    assert out.stdout.startswith("> import") and "\n> class" in out.stdout, out.stdout
 
 
 def test_bad_flags_and_missing_checkpoints_are_named(trained, tmp_path, capsys):

@@ -29,7 +29,6 @@ from jax.sharding import PartitionSpec as P
 from retnet_jax.training.checkpoints import Checkpoints
 
 CONFIG = {
-    "model": "tiny",
     "seq_len": 128,
     "batch_size": 4,
     "dataset": "default",
@@ -38,6 +37,7 @@ CONFIG = {
     "steps": 300,
     "betas": (0.9, 0.98),  # a tuple reads back as a list; still compatible
 }
+MODEL = {"arch": "retnet", "d_model": 64, "num_layers": 2}
 TOKENIZER = {"kind": "byte", "vocab_size": 264, "special": {"bos": 256, "eos": 257, "pad": 258}}
 
 
@@ -101,7 +101,12 @@ def test_resume_restores_state_and_data_position_and_keeps_last_k(tmp_path, asyn
         for step in range(1, 9):
             take(iterator, 1)  # the batch of this step
             saved = ckpt.save(
-                step, make_state(step), data_iterator=iterator, config=CONFIG, tokenizer=TOKENIZER
+                step,
+                make_state(step),
+                data_iterator=iterator,
+                config=CONFIG,
+                model=MODEL,
+                tokenizer=TOKENIZER,
             )
             assert saved == (step % 2 == 0)
             if saved:
@@ -125,7 +130,7 @@ def test_resume_restores_state_and_data_position_and_keeps_last_k(tmp_path, asyn
 def test_should_save_every_and_force(tmp_path):
     with Checkpoints(tmp_path, every=5, keep=3) as ckpt:
         assert [s for s in range(1, 16) if ckpt.should_save(s)] == [5, 10, 15]
-        kwargs = dict(data_iterator=make_iterator(), config=CONFIG, tokenizer=TOKENIZER)
+        kwargs = dict(data_iterator=make_iterator(), config=CONFIG, model=MODEL, tokenizer=TOKENIZER)
         assert not ckpt.save(3, make_state(3), **kwargs)
         assert ckpt.save(5, make_state(5), **kwargs)
         assert not ckpt.should_save(5)  # already saved
@@ -146,6 +151,7 @@ def test_async_saves_back_to_back_then_wait(tmp_path):
             make_state(step, big=True),
             data_iterator=iterator,
             config=CONFIG,
+            model=MODEL,
             tokenizer=TOKENIZER,
         )
     ckpt.wait()
@@ -172,7 +178,9 @@ def test_restore_onto_a_different_mesh(tmp_path):
     saved_state = jax.tree.map(lambda x: jax.device_put(x, on_mesh8(x)), expected)
     assert saved_state.params["embed"].sharding.spec == P("data")
     with Checkpoints(tmp_path, every=1, keep=1) as ckpt:
-        ckpt.save(4, saved_state, data_iterator=make_iterator(), config=CONFIG, tokenizer=TOKENIZER)
+        ckpt.save(
+            4, saved_state, data_iterator=make_iterator(), config=CONFIG, model=MODEL, tokenizer=TOKENIZER
+        )
         target = abstract(expected, on_mesh24)
         state = ckpt.restore(target)
     assert_trees_equal(state, expected)
@@ -185,20 +193,23 @@ def test_restore_onto_a_different_mesh(tmp_path):
 def test_check_compatible_names_the_differing_fields_and_overwrites_nothing(tmp_path):
     with Checkpoints(tmp_path, every=1, keep=2) as ckpt:
         ckpt.check_compatible(CONFIG)  # empty workdir: anything goes
-        ckpt.save(1, make_state(1), data_iterator=make_iterator(), config=CONFIG, tokenizer=TOKENIZER)
+        ckpt.save(
+            1, make_state(1), data_iterator=make_iterator(), config=CONFIG, model=MODEL, tokenizer=TOKENIZER
+        )
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
 
     with Checkpoints(tmp_path, every=1, keep=2) as ckpt:
         ckpt.check_compatible(CONFIG)
         ckpt.check_compatible({**CONFIG, "steps": 1000, "learning_rate": 1e-3})  # not checked
-        other = {**CONFIG, "model": "small", "seq_len": 256}
+        ckpt.check_compatible(CONFIG, model=MODEL)
+        other = {**CONFIG, "seq_len": 256}
         with pytest.raises(ValueError) as err:
-            ckpt.check_compatible(other)
+            ckpt.check_compatible(other, model={**MODEL, "d_model": 128})
         message = str(err.value)
         for text in (
-            "model",
-            "'tiny'",
-            "'small'",
+            "model d_model",
+            "64",
+            "128",
             "seq_len",
             "128",
             "256",
@@ -206,7 +217,7 @@ def test_check_compatible_names_the_differing_fields_and_overwrites_nothing(tmp_
             str(tmp_path),
         ):
             assert text in message
-        assert "batch_size" not in message
+        assert "batch_size" not in message and "num_layers" not in message
         with pytest.raises(ValueError, match=r"vocab_size.*<not set>.*264"):
             ckpt.check_compatible({**CONFIG, "model": {"vocab_size": 264}}, keys=("model.vocab_size",))
         assert ckpt.all_steps() == [1]
@@ -222,10 +233,13 @@ def test_unwritable_workdir_fails_at_construction_naming_the_path(tmp_path):
 
 def test_config_and_tokenizer_read_without_the_arrays(tmp_path):
     with Checkpoints(tmp_path, every=1, keep=1) as ckpt:
-        ckpt.save(3, make_state(3), data_iterator=make_iterator(), config=CONFIG, tokenizer=TOKENIZER)
+        ckpt.save(
+            3, make_state(3), data_iterator=make_iterator(), config=CONFIG, model=MODEL, tokenizer=TOKENIZER
+        )
     shutil.rmtree(tmp_path / "checkpoints" / "3" / "state")
     with Checkpoints(tmp_path, every=1, keep=1) as ckpt:
         assert ckpt.restore_tokenizer() == TOKENIZER
+        assert ckpt.restore_model_config() == MODEL
         assert ckpt.restore_config(step=3)["betas"] == [0.9, 0.98]
         ckpt.check_compatible(CONFIG)
 
@@ -242,9 +256,12 @@ def test_errors_name_the_problem(tmp_path):
                 make_state(1),
                 data_iterator=make_iterator(),
                 config=CONFIG,
+                model=MODEL,
                 tokenizer={"table": np.zeros(3)},
             )
-        ckpt.save(1, make_state(1), data_iterator=make_iterator(), config=CONFIG, tokenizer=TOKENIZER)
+        ckpt.save(
+            1, make_state(1), data_iterator=make_iterator(), config=CONFIG, model=MODEL, tokenizer=TOKENIZER
+        )
         with pytest.raises(FileNotFoundError, match=r"kept steps are \[1\]"):
             ckpt.restore(abstract(make_state(0)), step=2)
         unsharded = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), make_state(0))
@@ -257,13 +274,13 @@ def test_errors_name_the_problem(tmp_path):
 _KILLED_RUN = """
 import os, signal, sys, time
 sys.path.insert(0, {tests!r})
-import test_checkpoint as t
+import test_checkpoints as t
 from retnet_jax.training import checkpoints as checkpoint
 
 ckpt = checkpoint.Checkpoints({workdir!r}, every=1, keep=5, async_save=True)
 iterator = t.make_iterator()
 next(iterator)
-kwargs = dict(data_iterator=iterator, config=t.CONFIG, tokenizer=t.TOKENIZER)
+kwargs = dict(data_iterator=iterator, config=t.CONFIG, model=t.MODEL, tokenizer=t.TOKENIZER)
 ckpt.save(1, t.make_state(1, big=True), **kwargs)
 ckpt.wait()
 next(iterator)
@@ -307,8 +324,8 @@ def test_save_killed_midway_leaves_previous_checkpoint_restorable(tmp_path, phas
             assert latest == 1
         # The background writes may, rarely, beat the kill; either way latest is complete.
         assert latest in (1, 2)
-        if latest == 1:  # the half-written step was there, under a temporary name
-            assert any(name.startswith("2.") for name in leftovers), leftovers
+        if latest == 1:  # the half-written step was never committed under its own name
+            assert "2" not in leftovers, leftovers
         iterator = make_iterator()
         assert_trees_equal(ckpt.restore(abstract(big), data_iterator=iterator), make_state(latest, big=True))
         assert take(iterator, 1) == take(make_iterator(), latest + 1)[-1:]
@@ -319,6 +336,7 @@ def test_save_killed_midway_leaves_previous_checkpoint_restorable(tmp_path, phas
             make_state(latest + 1, big=True),
             data_iterator=iterator,
             config=CONFIG,
+            model=MODEL,
             tokenizer=TOKENIZER,
         )
         ckpt.wait()

@@ -1,0 +1,184 @@
+"""The decode loop: prefill a batch of prompts, then sample, step, repeat — inside one jitted while loop.
+
+The loop sees a model only through a ``Decoder`` (``init_state``, ``prefill``, ``step``). ``LMDecoder``
+is any ``DecoderLM``'s (RetNet or Transformer): the prompt but its last token goes through the model's
+full-call form (chunkwise or parallel for a RetNet), the last token through a one-token step, which
+gives the logits of the first new token (the head is never applied to the other prompt positions).
+
+Each iteration emits one token: drawn by the sampler from ``fold_in(key, i)`` for token i of the call,
+so a streamed call (``decode`` resumed block by block from the carry) draws exactly the tokens of the
+one-shot call. The loop ends after ``limit`` tokens or as soon as every row has emitted a stop token;
+rows that ended get ``pad_id``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+
+from retnet_jax.models.lm import MODES, DecoderLM, decode_step
+
+__all__ = ["Buffers", "Carry", "Decoder", "LMDecoder", "Spec", "decode", "prefill_and_decode"]
+
+
+class Decoder(Protocol):
+    """What the loop needs from a model. Implementations must be hashable (frozen dataclasses): they are
+    static arguments of the jitted loop, and equal decoders share compiled programs."""
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def init_state(self, pads: jax.Array, max_length: int) -> Any:
+        """The empty state for rows whose first ``pads`` [B] tokens are padding; ``max_length`` bounds the
+        positions the call will reach (a KV cache needs it; a recurrent state does not)."""
+
+    def prefill(self, variables, tokens: jax.Array, state) -> tuple[jax.Array, Any]:
+        """Consumes tokens [B, T] → (logits [B, N] float32 of the next token, the new state)."""
+
+    def step(self, variables, tokens: jax.Array, state) -> tuple[jax.Array, Any]:
+        """Consumes tokens [B] → (logits [B, N] float32 of the next token, the new state)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LMDecoder:
+    """A ``DecoderLM`` as a ``Decoder``.
+
+    Attributes:
+        model: the LM (RetNet or Transformer).
+        prefill_mode: the form that consumes the prompt: "chunkwise", "parallel" or "recurrent" (a
+            RetNet's; attention has one form).
+        chunk_size: C for a chunkwise prefill (default: the model's).
+    """
+
+    model: DecoderLM
+    prefill_mode: str = "chunkwise"
+    chunk_size: int | None = None
+
+    def __post_init__(self):
+        if self.prefill_mode not in MODES:
+            raise ValueError(f"prefill_mode must be one of {MODES}; got {self.prefill_mode!r}.")
+        chunk = self.chunk_size
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(f"chunk_size must be an integer >= 1 or None (the model's); got {chunk!r}.")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.config.vocab_size
+
+    def init_state(self, pads, max_length):
+        state = self.model.config.init_state(pads.shape[0], max_length=max_length)
+        return state._replace(position=-pads.astype(jnp.int32))
+
+    def prefill(self, variables, tokens, state):
+        if tokens.shape[1] > 1:  # the logits of these tokens are unused: jit drops the head for them
+            _, state = self.model.apply(
+                variables, tokens[:, :-1], state=state, mode=self.prefill_mode, chunk_size=self.chunk_size
+            )
+        return self.step(variables, tokens[:, -1], state)
+
+    def step(self, variables, tokens, state):
+        return decode_step(self.model, variables, tokens, state)
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """The static choices of a call (each distinct value compiles once)."""
+
+    width: int  # columns of the output buffer
+    pad_id: int
+    logprobs: bool
+
+
+class Carry(NamedTuple):
+    index: jax.Array  # [] int32: tokens emitted so far (the next token's index)
+    token: jax.Array  # [B] int32: the last emitted token, not yet consumed by the state
+    state: Any  # the decoder's state
+    done: jax.Array  # [B] bool: the row has emitted a stop token
+    lengths: jax.Array  # [B] int32: tokens emitted per row, the stop token included
+
+
+class Buffers(NamedTuple):
+    tokens: jax.Array  # [B, W] int32
+    logprobs: jax.Array | None  # [B, W] float32
+
+
+class Sampling(NamedTuple):
+    """The traced inputs of a call's draws."""
+
+    sampler: Any  # a ``sampling`` sampler
+    key: jax.Array  # the call's PRNG key
+    stops: jax.Array  # [S] int32 stop-token ids
+
+
+def _emit(carry: Carry, logits, buffers: Buffers, offset, draw: Sampling, spec: Spec):
+    """Samples token ``carry.index`` from logits [B, N] and writes it at column index − offset."""
+    i = carry.index
+    token = draw.sampler(jax.random.fold_in(draw.key, i), logits)
+    token = jnp.where(carry.done, spec.pad_id, token)
+    column = (0, i - offset)
+    out_tokens = jax.lax.dynamic_update_slice(buffers.tokens, token[:, None], column)
+    out_logprobs = buffers.logprobs
+    if spec.logprobs:
+        # Under the model's distribution, before temperature and filtering.
+        logprob = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
+        logprob = jnp.where(carry.done, 0.0, logprob)
+        out_logprobs = jax.lax.dynamic_update_slice(out_logprobs, logprob[:, None], column)
+    lengths = carry.lengths + (~carry.done).astype(jnp.int32)
+    done = carry.done | jnp.isin(token, draw.stops) if draw.stops.shape[0] else carry.done
+    carry = carry._replace(index=i + 1, token=token, done=done, lengths=lengths)
+    return carry, Buffers(out_tokens, out_logprobs)
+
+
+def _empty_buffers(batch: int, spec: Spec) -> Buffers:
+    tokens = jnp.full((batch, spec.width), spec.pad_id, jnp.int32)
+    return Buffers(tokens, jnp.zeros((batch, spec.width), jnp.float32) if spec.logprobs else None)
+
+
+def _loop(
+    decoder: Decoder, variables, carry: Carry, buffers: Buffers, offset, limit, draw: Sampling, spec: Spec
+):
+    """Emits tokens until index == limit or every row is done, token i into column i − offset; each
+    iteration is one decoder step."""
+
+    def cond(loop):
+        carry, _ = loop
+        return (carry.index < limit) & ~jnp.all(carry.done)
+
+    def body(loop):
+        carry, buffers = loop
+        logits, state = decoder.step(variables, carry.token, carry.state)
+        return _emit(carry._replace(state=state), logits, buffers, offset, draw, spec)
+
+    return jax.lax.while_loop(cond, body, (carry, buffers))
+
+
+@functools.partial(jax.jit, static_argnames=("decoder", "max_length", "spec"))
+def prefill_and_decode(decoder: Decoder, variables, tokens, pads, limit, draw: Sampling, *, max_length, spec):
+    """Prefills tokens [B, T] (``pads`` [B] left pads each) and emits tokens 0 .. limit−1.
+
+    Returns:
+        (the ``Carry`` after the last token, ``Buffers`` of [B, spec.width]).
+    """
+    batch = tokens.shape[0]
+    state = decoder.init_state(pads, max_length)
+    logits, state = decoder.prefill(variables, tokens, state)
+    carry = Carry(
+        index=jnp.zeros((), jnp.int32),
+        token=jnp.zeros((batch,), jnp.int32),
+        state=state,
+        done=jnp.zeros((batch,), bool),
+        lengths=jnp.zeros((batch,), jnp.int32),
+    )
+    carry, buffers = _emit(carry, logits, _empty_buffers(batch, spec), 0, draw, spec)
+    return _loop(decoder, variables, carry, buffers, 0, limit, draw, spec)
+
+
+@functools.partial(jax.jit, static_argnames=("decoder", "spec"), donate_argnames=("carry",))
+def decode(decoder: Decoder, variables, carry: Carry, limit, draw: Sampling, *, spec):
+    """Continues from ``carry``: emits tokens carry.index .. limit−1 into a fresh [B, spec.width] buffer."""
+    buffers = _empty_buffers(carry.token.shape[0], spec)
+    return _loop(decoder, variables, carry, buffers, carry.index, limit, draw, spec)

@@ -1,0 +1,202 @@
+"""Decoding states: what a model carries from one call to the next, behind one protocol.
+
+Both kinds are NamedTuples whose arrays put the layer axis first and the batch second (a layer's slice is
+contiguous, so the layer loop reads and writes it in place), and both have:
+
+* ``position`` [B] int32: the absolute position of each row's next token. A negative start −p announces p
+  left pads: they never enter the state and the row's first real token sits at position 0.
+* ``take(rows)``: the state of batch rows ``rows`` (int [R]), in that order (beam search, dropping rows).
+* ``layer(i)`` → the mixer's view of layer ``i``; ``write(i, new, positions)`` → the state with the
+  mixer's new layer state written; ``from_layers(new, length)`` → a state built from every layer's new
+  state of a call that started empty (stacked over layers); ``reserve(max_length)``; ``check(...)``.
+
+``RecurrentState`` (RetNet): every layer's retention state S [B, H, K, V] in float32 — the same size at
+any context. ``KVCache`` (Transformer): every layer's rotated keys and values, S slots each — it grows
+with the context, which is the cost RetNet's O(1) state avoids. A mixer's new layer state is its whole
+state for retention, and the call's own keys and values for attention (the cache appends them).
+Configs build empty ones: ``config.init_state(batch, max_length=...)``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from retnet_jax.ops.attention import write_cache
+from retnet_jax.ops.retention import RetentionState
+
+__all__ = ["KVCache", "RecurrentState"]
+
+
+def _check_position(name: str, position, batch: int):
+    if position.shape != (batch,):
+        raise ValueError(f"{name}.position must have shape [B] = ({batch},); got {tuple(position.shape)}.")
+
+
+class RecurrentState(NamedTuple):
+    """RetNet's decoding state.
+
+    Attributes:
+        kv: [L, B, H, K, V] float32: each layer's S = Σ_m γ^(n−m) k_mᵀ v_m.
+        position: [B] int32: tokens seen per row (the absolute position of the next token).
+    """
+
+    kv: jax.Array
+    position: jax.Array
+
+    @classmethod
+    def empty(cls, layers: int, batch: int, heads: int, key_dim: int, value_dim: int) -> RecurrentState:
+        return cls(
+            kv=jnp.zeros((layers, batch, heads, key_dim, value_dim), jnp.float32),
+            position=jnp.zeros((batch,), jnp.int32),
+        )
+
+    def take(self, rows) -> RecurrentState:
+        return RecurrentState(jnp.take(self.kv, rows, axis=1), jnp.take(self.position, rows, axis=0))
+
+    def layer(self, index) -> RetentionState:
+        return RetentionState(jax.lax.dynamic_index_in_dim(self.kv, index, 0, keepdims=False), self.position)
+
+    def write(self, index, new: RetentionState, positions) -> RecurrentState:
+        del positions  # the layer's whole state is replaced
+        kv = jax.lax.dynamic_update_index_in_dim(self.kv, new.kv.astype(self.kv.dtype), index, 0)
+        return self._replace(kv=kv)
+
+    @classmethod
+    def from_layers(cls, new: RetentionState, length: int) -> RecurrentState:
+        """From the stacked new states (kv [L, B, H, K, V]) of a call of ``length`` tokens from empty."""
+        return cls(new.kv, jnp.full(new.kv.shape[1:2], length, jnp.int32))
+
+    def advance(self, length: int) -> RecurrentState:
+        return self._replace(position=self.position + length)
+
+    def reserve(self, max_length: int) -> RecurrentState:
+        del max_length  # nothing grows
+        return self
+
+    def overflows(self, length: int):
+        """Rows the call of ``length`` tokens would run past the state's capacity: none."""
+        return None
+
+    def check(self, config, batch: int, length: int):
+        """Raises ValueError (outside jit) if this state does not fit ``config``'s model and the batch."""
+        del length  # any number of tokens fits
+        expected = (config.num_layers, batch, config.num_heads, config.key_dim, config.head_value_dim)
+        if self.kv.shape != expected:
+            raise ValueError(
+                f"The state does not fit this model and batch: expected kv of shape {expected}; got "
+                f"{tuple(self.kv.shape)}. Was it made for another config or batch size? Build one with "
+                f"config.init_state({batch})."
+            )
+        _check_position("RecurrentState", self.position, batch)
+
+
+class KVCache(NamedTuple):
+    """The Transformer's decoding state.
+
+    Attributes:
+        k: [L, B, H, S, K] rotated keys of every layer, in the compute dtype; slots >= position unused.
+            Layers first and heads before S: a layer's [B, H, S, K] slice is read by the attention
+            products without a transpose.
+        v: [L, B, H, S, K] values.
+        position: [B] int32: tokens cached per row (the absolute position of the next token).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    position: jax.Array
+
+    @classmethod
+    def empty(cls, layers: int, batch: int, heads: int, max_length: int, head_dim: int, dtype) -> KVCache:
+        """2·L·B·S·D values of ``dtype``."""
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+            raise ValueError(f"KVCache: max_length must be an integer >= 1; got {max_length!r}.")
+        shape = (layers, batch, heads, max_length, head_dim)
+        # Two arrays, not one shared: a jitted step that donates the cache must not donate a buffer twice.
+        k, v = (jnp.zeros(shape, dtype) for _ in range(2))
+        return cls(k, v, jnp.zeros((batch,), jnp.int32))
+
+    @property
+    def max_length(self) -> int:
+        return self.k.shape[3]
+
+    def take(self, rows) -> KVCache:
+        return KVCache(jnp.take(self.k, rows, axis=1), jnp.take(self.v, rows, axis=1), self.position[rows])
+
+    def layer(self, index) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(k, v) [B, H, S, K] of layer ``index`` and the rows' positions [B]."""
+        k = jax.lax.dynamic_index_in_dim(self.k, index, 0, keepdims=False)
+        v = jax.lax.dynamic_index_in_dim(self.v, index, 0, keepdims=False)
+        return k, v, self.position
+
+    def write(self, index, new: tuple[jax.Array, jax.Array], positions) -> KVCache:
+        """The call's keys and values new = (k, v) [B, T, H, K] written at (layer, row, positions [B, T]).
+
+        Pads (negative positions) and positions >= S are dropped, not wrapped.
+        """
+        k, v = new
+        return self._replace(
+            k=write_cache(self.k, k, index, positions), v=write_cache(self.v, v, index, positions)
+        )
+
+    @classmethod
+    def from_layers(cls, new: tuple[jax.Array, jax.Array], length: int) -> KVCache:
+        """From the stacked (k, v) [L, B, T, H, K] of a call of ``length`` tokens from empty: S = T."""
+        k, v = (jnp.swapaxes(a, 2, 3) for a in new)  # [L, B, H, T, K]
+        return cls(k, v, jnp.full(k.shape[1:2], length, jnp.int32))
+
+    def advance(self, length: int) -> KVCache:
+        return self._replace(position=self.position + length)
+
+    def reserve(self, max_length: int) -> KVCache:
+        """The cache with room for ``max_length`` tokens (padded with empty slots)."""
+        if max_length < self.max_length:
+            raise ValueError(f"KVCache.reserve: max_length {max_length} < the cache's {self.max_length}.")
+        pad = [(0, 0), (0, 0), (0, 0), (0, max_length - self.max_length), (0, 0)]
+        return self._replace(k=jnp.pad(self.k, pad), v=jnp.pad(self.v, pad))
+
+    def overflows(self, length: int):
+        """[B] bool: rows whose call of ``length`` tokens runs past the cache (their keys are dropped)."""
+        return self.position + length > self.max_length
+
+    def check(self, config, batch: int, length: int):
+        """Raises ValueError (outside jit) if this cache does not fit ``config``'s model, the batch and a
+        call of ``length`` tokens."""
+        layers, heads, head_dim, dtype = (
+            config.num_layers,
+            config.num_heads,
+            config.head_dim,
+            config.compute_dtype,
+        )
+        if (
+            self.k.ndim != 5
+            or (*self.k.shape[:3], self.k.shape[4]) != (layers, batch, heads, head_dim)
+            or self.v.shape != self.k.shape
+        ):
+            raise ValueError(
+                f"The cache does not fit this model and batch: expected k and v of shape ({layers}, "
+                f"{batch}, {heads}, max_length, {head_dim}); got k {tuple(self.k.shape)}, v "
+                f"{tuple(self.v.shape)}. Was it made for another config or batch size? Build one with "
+                f"config.init_state({batch}, max_length=...)."
+            )
+        _check_position("KVCache", self.position, batch)
+        if self.k.dtype != dtype or self.v.dtype != dtype:
+            raise ValueError(
+                f"The cache holds {self.k.dtype} but the model computes in {jnp.dtype(dtype).name}; build "
+                f"it with config.init_state."
+            )
+        if length > self.max_length:
+            raise ValueError(
+                f"{length} tokens do not fit a cache of max_length {self.max_length}; build a larger one "
+                f"with config.init_state(batch, max_length=...)."
+            )
+        if not isinstance(self.position, jax.core.Tracer):
+            longest = int(np.max(np.asarray(self.position)))
+            if longest + length > self.max_length:
+                raise ValueError(
+                    f"A cache row already holds {longest} tokens, so {length} more exceed its max_length "
+                    f"{self.max_length}; build a larger cache with config.init_state(..., max_length=...)."
+                )

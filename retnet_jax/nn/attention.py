@@ -1,0 +1,116 @@
+"""Multi-head causal self-attention with RoPE: the Transformer baseline's token mixer.
+
+    q, k, v: D → H·K    out: H·K → D    (H·K = D)
+    Y = out( softmax(rope(q) rope(k)ᵀ / sqrt(K) + causal mask) v )
+
+with rotate-half RoPE (θ_j = base^(−2j/K)) on q and k. Called as every mixer of the library is,
+``(x, positions, state) → (y, state)``: the state a layer gets is its KV-cache slice, and the new state it
+returns is the call's own keys and values, which the cache appends (``models.state.KVCache``).
+
+``implementation`` picks how a call without a cache runs: "cudnn" (cuDNN's flash attention, GPU, bf16 or
+fp16), "xla" (einsum-softmax, any backend) or "auto" (cuDNN on a GPU where it takes the heads and dtype,
+else XLA). A call with a cache always runs the XLA einsums (``ops.attention.cached_attention``): a
+decoding step is a memory-bound read of the cache.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from retnet_jax.nn.axes import EMBED, HEAD_AXES, HEAD_DIM, HEADS
+from retnet_jax.nn.projection import Projection
+from retnet_jax.ops import rotation
+from retnet_jax.ops.attention import cached_attention, causal_attention
+
+IMPLEMENTATIONS = ("auto", "cudnn", "xla")
+HALF_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def resolve_implementation(implementation: str, head_dim: int, dtype) -> str:
+    """ "auto" → "cudnn" on a GPU for bf16/fp16 heads cuDNN takes, else "xla"; a forced choice is checked."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"Attention: implementation must be one of {IMPLEMENTATIONS}; got {implementation!r}."
+        )
+    half = jnp.dtype(dtype) in HALF_DTYPES
+    if implementation == "cudnn" and not half:
+        raise ValueError(
+            f"Attention: implementation='cudnn' needs a bfloat16 or float16 compute dtype; got "
+            f"{jnp.dtype(dtype).name}. Use implementation='auto' or 'xla', or a half-precision dtype."
+        )
+    if implementation != "auto":
+        return implementation
+    fits = head_dim % 8 == 0 and head_dim <= 128  # cuDNN's limit before Hopper
+    return "cudnn" if jax.default_backend() == "gpu" and half and fits else "xla"
+
+
+class Attention(nn.Module):
+    """Causal self-attention over [B, T, D]; with a layer's cache, over the cached tokens too.
+
+    Attributes:
+        num_heads, head_dim: H and K.
+        rotation_base: RoPE base.
+        use_bias, dtype, param_dtype: projections' bias, compute and parameter dtypes.
+        implementation: "auto", "cudnn" or "xla" (calls without a cache).
+    """
+
+    num_heads: int
+    head_dim: int
+    rotation_base: float = 10000.0
+    use_bias: bool = False
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    implementation: str = "auto"
+
+    @nn.compact
+    def __call__(self, x, positions, state=None):
+        """Attention over the call, or over the cache and the call.
+
+        Args:
+            x: [B, T, D].
+            positions: [B or 1, T] absolute positions of the call's tokens (negative: left pads, attended
+                by no one).
+            state: this layer's cache (k, v [B, H, S, K], position [B]) from ``KVCache.layer``, or None.
+
+        Returns:
+            (y [B, T, D], the call's (k, v) [B, T, H, K] for the cache to append).
+        """
+        heads, head_dim = self.num_heads, self.head_dim
+
+        def project(name):
+            y = Projection(
+                (heads, head_dim),
+                (EMBED,),
+                (HEADS, HEAD_DIM),
+                init_scale=(2**-0.5) ** 2,  # torchscale's MultiheadAttention: xavier-uniform, gain 2^-1/2
+                use_bias=self.use_bias,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name=name,
+            )(x)
+            return nn.with_logical_constraint(y, HEAD_AXES)
+
+        q = rotation.rotate(project("q_proj"), positions, "rotate_half", self.rotation_base)  # [B, T, H, K]
+        k = rotation.rotate(project("k_proj"), positions, "rotate_half", self.rotation_base)  # [B, T, H, K]
+        v = project("v_proj")  # [B, T, H, K]
+        if state is None:
+            implementation = resolve_implementation(self.implementation, head_dim, self.dtype)
+            o = causal_attention(q, k, v, implementation)
+        else:
+            k_cache, v_cache, _ = state  # [B, H, S, K] each
+            positions = jnp.broadcast_to(positions, x.shape[:2])
+            o = cached_attention(q, k, v, k_cache, v_cache, positions)  # [B, T, H, K]
+        o = nn.with_logical_constraint(o, HEAD_AXES)
+        y = Projection(
+            (x.shape[-1],),
+            (HEADS, HEAD_DIM),
+            (EMBED,),
+            init_scale=1.0,  # torchscale: xavier-uniform, gain 1
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="out_proj",
+        )(o)
+        return y, (k, v)
