@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from retnet_jax import retention
-from retnet_jax.models.config import RetNetConfig
 from retnet_jax.models import RetNetLM
+from retnet_jax.models.config import RetNetConfig
 from retnet_jax.ops import reference
 from retnet_jax.ops.gpu import chunk_retention as fused_retention
 from tests.helpers import FORM_RTOL, GRAD_RTOL, random_inputs, relative_error

@@ -1,4 +1,4 @@
-"""`retnet-generate`: continue text with a trained model (RetNet or the Transformer baseline), streaming to stdout.
+"""`retnet-generate`: continue text with a trained model (RetNet or the Transformer), streaming it.
 
     retnet-generate --workdir=/tmp/retnet-tiny --prompt="def " --max_new_tokens=200
     retnet-generate --checkpoint=/tmp/retnet-tiny/checkpoints/300 --temperature=0.8 --top_p=0.95
