@@ -7,11 +7,11 @@
     python -m experiments.bench_inference --model=tiny --contexts=128,4096 --batches=1   # CPU (1-2 min)
 
 Decoding: one jitted ``lax.fori_loop`` of ``--decode_steps`` greedy steps through the model's
-``generate.Decoder`` (``RetNetDecoder`` / ``TransformerDecoder``: embedding, all layers, output head,
-argmax), its state donated and chained from call to call; time per token = call time / steps (median
+``decoding.LMDecoder`` (embedding, all layers, output head, argmax), its state donated and chained from
+call to call; time per token = call time / steps (median
 over ``--repeats`` calls, after a warm-up call; compilation timed apart). Decoding starts from a state
 already at the context length, filled with random values (the work of a step does not depend on them):
-a RetNet state whose count is the context, or a Transformer cache of ``context + decode_steps`` slots
+a RetNet state at the context's position, or a Transformer cache of ``context + decode_steps`` slots
 holding ``context`` tokens; each call sets the position back to the context, so every timed step sees
 the stated context. A RetNet state's shape does not depend on the context, so one compiled program
 serves all contexts of a batch size (later rows show compile "–"). Prefill (a random prompt of the
@@ -31,18 +31,12 @@ from __future__ import annotations
 import functools
 import gc
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from absl import app, flags
 
 from experiments import benchlib as bl
-from retnet_jax.inference.generate import RetNetDecoder
-from retnet_jax.models import retnet as model_lib
-from retnet_jax.models import transformer
-from retnet_jax.models.config import RetNetConfig
-from retnet_jax.models.retnet import RetNetLM
-from retnet_jax.retention import RetentionState
+from retnet_jax.models.lm import prefill as lm_prefill
 
 _ARCHS = flags.DEFINE_list(
     "archs",
@@ -66,76 +60,26 @@ flags.FLAGS.set_default("time_budget_s", 480.0)
 
 
 def build(arch: str, dtype: str):
-    """(model, decoder, variables) with random parameters in ``dtype``."""
-    cfg = RetNetConfig.preset(_MODEL.value, dtype=dtype, param_dtype=dtype, dropout=0.0)
-    if is_retnet(arch):
-        model = RetNetLM(cfg.replace(unroll_decode=arch == "retnet"))
-        decoder = RetNetDecoder(model, "chunkwise")
-    else:
-        model = transformer.TransformerLM(transformer.TransformerConfig.matching(cfg))
-        decoder = transformer.TransformerDecoder(model)
-    tokens = jnp.zeros((1, 8), jnp.int32)
-    variables = jax.jit(lambda key: nn.unbox(model.init(key, tokens)))(jax.random.key(0))
-    return model, decoder, variables
+    return bl.decode_model(arch, _MODEL.value, dtype)
 
 
 def is_retnet(arch: str) -> bool:
     return arch.startswith("retnet")
 
 
-def nbytes(tree) -> int:
-    return sum(x.nbytes for x in jax.tree.leaves(tree))
-
-
-def decode_state(arch, model, batch: int, context: int):
-    """A state at position ``context`` with random contents (see the module docstring)."""
-    cfg = model.config
-    if is_retnet(arch):
-        empty = jax.eval_shape(lambda: model_lib.init_state(cfg, batch))
-        kv = random_like(empty.kv, jax.random.key(1))
-        return RetentionState(kv, jnp.full(empty.count.shape, context, jnp.int32))
-    # The library's own cache (whatever its layout), with context + decode_steps slots.
-    empty = jax.eval_shape(lambda: transformer.init_cache(cfg, batch, context + _STEPS.value))
-    k, v = random_like(empty.k, jax.random.key(1)), random_like(empty.v, jax.random.key(2))
-    return transformer.KVCache(k, v, jnp.full(empty.length.shape, context, jnp.int32))
-
-
-def random_like(spec, key) -> jax.Array:
-    # Jitted, so the values are drawn straight into the array's dtype without a float32 copy of it.
-    return jax.jit(lambda key: jax.random.normal(key, spec.shape, spec.dtype))(key)
-
-
-def at_position(arch, state, context: int):
-    if is_retnet(arch):
-        return state._replace(count=jnp.full(state.count.shape, context, jnp.int32))
-    return state._replace(length=jnp.full(state.length.shape, context, jnp.int32))
-
-
-def decode_program(decoder, steps: int):
-    def decode(variables, token, state):
-        def body(_, carry):
-            token, state = carry
-            logits, state = decoder.step(variables, token, state)
-            return jnp.argmax(logits, axis=-1).astype(jnp.int32), state
-
-        return jax.lax.fori_loop(0, steps, body, (token, state))
-
-    return decode
-
-
 _PROGRAMS = {}  # compiled decoding programs of the current model, by state shape
 
 
 def run_decode(arch, model, decoder, variables, batch: int, context: int):
-    state = decode_state(arch, model, batch, context)
-    state_bytes = nbytes(state.kv if is_retnet(arch) else (state.k, state.v))
+    state = bl.decode_state(model, batch, context, extra_slots=_STEPS.value)
+    state_bytes = bl.nbytes(bl.state_arrays(state))
     token = jnp.asarray(bl.random_tokens(batch, (batch,), model.config.vocab_size))
     # A RetNet state's shape does not depend on the context: one program serves every context.
     key = (arch, batch, str(jax.tree.map(lambda x: (x.shape, x.dtype), state)))
     reused = key in _PROGRAMS
     if not reused:
         _PROGRAMS[key] = bl.compile_timed(
-            decode_program(decoder, _STEPS.value), variables, token, state, donate_argnums=(2,)
+            bl.decode_program(decoder, _STEPS.value), variables, token, state, donate_argnums=(2,)
         )
     compiled, compile_s, memory = _PROGRAMS[key]
     compile_s = None if reused else compile_s  # "–" in the table: compiled for an earlier context
@@ -143,7 +87,7 @@ def run_decode(arch, model, decoder, variables, batch: int, context: int):
     del state  # donated: only carry holds the live state
 
     def call():
-        state = at_position(arch, carry["state"], context)
+        state = bl.at_position(carry["state"], context)
         carry["token"], carry["state"] = compiled(variables, carry["token"], state)
         return carry["token"]
 
@@ -161,7 +105,7 @@ def run_prefill(arch, model, variables, batch: int, context: int):
     else:
 
         def prefill(variables, tokens):
-            return transformer.prefill(model, variables, tokens, max_length=context)[1]
+            return lm_prefill(model, variables, tokens, max_length=context)[1]
 
     compiled, compile_s, memory = bl.compile_timed(prefill, variables, tokens)
     timing = bl.time_calls(lambda: compiled(variables, tokens), warmup=1, calls_per_sample=1)
@@ -261,7 +205,7 @@ def plot(rows, path):
 def run_arch(arch, dtype, decode, prefill, budget, record):
     """Runs one architecture's configurations, passing each row to ``record`` (the model lives in here)."""
     model, decoder, variables = build(arch, dtype)
-    params_bytes = nbytes(variables)
+    params_bytes = bl.nbytes(variables)
     todo = [("decode", *key) for key in decode if key[0] == arch]
     todo += [("prefill", *key) for key in prefill if key[0] == arch]
     for kind, _, context, batch in todo:

@@ -40,8 +40,8 @@ from absl import app, flags
 
 from experiments import benchlib as bl
 from retnet_jax import retention
+from retnet_jax.ops import retention as retention_ops
 from retnet_jax.ops.gpu import chunk_retention as fused_retention
-from retnet_jax.training import flops as flops_lib
 
 SHAPES = {"fla": dict(H=32, K=128, V=128), "paper": dict(H=8, K=256, V=512)}
 TARGET = dict(shape="fla", B=8, T=8192, passes="fwdbwd", ratio=0.7)
@@ -102,7 +102,7 @@ def form_flops(cfg) -> float:
     if cfg["impl"] == "cudnn":
         forward = 2.0 * b * h * t * t * k  # causal: half of 2·(2·B·H·T²·K)
     else:
-        forward = flops_lib.retention_forward_flops(t, h, k, v, cfg["C"]) * b * t
+        forward = retention_ops.forward_flops(t, h, k, v, cfg["C"]) * b * t
     return forward * (3 if cfg["passes"] == "fwdbwd" else 1)
 
 

@@ -7,8 +7,8 @@ cross-entropy, backward, AdamW with clipping) for RetNet, the Transformer baseli
     python -m experiments.bench_training --models=tiny --lengths=64 --tokens_per_step=256 \
         --steps=3 --in_process                                      # CPU smoke run (under a minute)
 
-Ours runs through ``retnet_jax.train.Trainer`` (``--arch`` retnet or transformer, bf16 compute, float32
-parameters and optimizer state) on a one-device mesh, with synthetic batches of random token ids.
+Ours runs through ``retnet_jax.training.trainer.Trainer`` (``--arch`` retnet or transformer, bf16 compute,
+float32 parameters and optimizer state) on a one-device mesh, with synthetic batches of random token ids.
 B = max(1, tokens_per_step / T), unless ``--batch_size`` is given. RetNet trains chunkwise with
 ``--chunk_size`` (0: parallel); the Transformer uses cuDNN flash attention on GPU. torchscale 0.3.0's
 ``RetNetDecoder`` (PyTorch, bf16 autocast, float32 master weights, fused AdamW, the same clipping) runs
@@ -170,9 +170,7 @@ def torchscale_worker(cfg):
             loss = step(i)
             samples.append(time.perf_counter() - begin)
     chunk = cfg["chunk"] or None
-    mixer = flops_lib.retention_forward_flops(
-        cfg["T"], ours.num_heads, ours.key_dim, ours.head_value_dim, chunk
-    )
+    mixer = ours.mixer_flops_per_token(cfg["T"], chunk)
     forward = flops_lib.lm_forward_flops_per_token(num_params - n * d, ours.num_layers, mixer)
     return dict(
         num_params=num_params,

@@ -10,7 +10,7 @@ Timing method (every number the scripts report):
 * Inputs are random normal (tokens: uniform random ids), never zeros.
 * Ceilings are measured once per run on the device itself: a bf16 matrix product through ``jnp.dot``
   (2·n³ FLOPs) and a device-to-device pass over a float32 array (bytes read + bytes written). Achieved
-  rates are reported against these and against the datasheet peak (``retnet_jax.flops.PEAK_BF16``).
+  rates are reported against these and against the datasheet peak (``retnet_jax.training.flops.PEAK_BF16``).
 * Memory: ``memory_analysis`` of the compiled program (arguments + outputs + temporaries − aliased, or
   XLA's own peak estimate when it gives one) for programs that share a process; a process's
   ``peak_bytes_in_use`` where each configuration runs in a process of its own (XLA cannot reset it);
@@ -502,21 +502,26 @@ def save_figure(fig, path: str):
 def jax_train_step(cfg: dict[str, Any]):
     """(step, trainer, init_s, compile_s, compiled): ``step()`` runs one compiled train step of the
     configuration on alternating synthetic batches, carrying the donated state."""
+    from retnet_jax.configs.default import get_config
     from retnet_jax.models.config import RetNetConfig
     from retnet_jax.training import trainer as train
     from retnet_jax.training.sharding import make_mesh
 
-    config = train.default_config()
-    config.arch, config.model, config.num_heads = cfg["arch"], cfg["model"], cfg.get("heads", 0)
-    config.seq_len, config.batch_size = cfg["T"], cfg["B"]
-    config.dtype, config.chunk_size, config.remat = "bfloat16", cfg["chunk"], cfg["remat"]
-    config.dropout, config.steps = cfg.get("dropout", 0.0), 1000
-    config.warmup_steps, config.learning_rate = 10, 3e-4
+    config = get_config()
+    config.arch, config.model = cfg["arch"], cfg["model"]
+    if cfg.get("heads"):
+        config.model_overrides.num_heads = cfg["heads"]
+    config.model_overrides.dtype = "bfloat16"
+    config.model_overrides.dropout = cfg.get("dropout", 0.0)
+    config.seq_len, config.batch_size, config.remat = cfg["T"], cfg["B"], cfg["remat"]
+    config.mode = "chunkwise" if cfg["chunk"] else "parallel"
+    config.chunk_size = cfg["chunk"] or config.chunk_size
+    config.steps, config.warmup_steps, config.learning_rate = 1000, 10, 3e-4
     vocab = RetNetConfig.preset(cfg["model"]).vocab_size
     mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])  # one device, whatever the host has
 
     start = time.perf_counter()
-    trainer = train.Trainer(config, vocab, mesh)
+    trainer = train.Trainer(config, train.model_config(config, vocab), mesh)
     state = jax.block_until_ready(trainer.init(0))
     init_s = time.perf_counter() - start
     shape = (cfg["B"], cfg["T"])
@@ -530,8 +535,7 @@ def jax_train_step(cfg: dict[str, Any]):
         for i in range(2)
     ]
     start = time.perf_counter()
-    with trainer.context():  # the Trainer's own jitted step (shardings, donated state), compiled ahead
-        compiled = trainer._train_step.lower(state, batches[0]).compile()
+    compiled = trainer.lower_train_step(state, batches[0]).compile()  # the Trainer's own jitted step
     compile_s = time.perf_counter() - start
 
     carry = dict(state=state, step=0, loss=None)
@@ -544,3 +548,68 @@ def jax_train_step(cfg: dict[str, Any]):
 
     step.carry = carry
     return step, trainer, init_s, compile_s, compiled
+
+
+# ------------------------------------------------------------------------------------------------------
+# Decoding programs (bench_inference and profile_steps).
+
+
+def decode_model(arch: str, model_name: str, dtype: str):
+    """(model, decoder, variables) with random parameters in ``dtype``: ``arch`` retnet, retnet-loop (the
+    one-token step's layer loop not unrolled) or transformer (the baseline matching the preset)."""
+    import flax.linen as nn
+
+    from retnet_jax.inference.decoding import LMDecoder
+    from retnet_jax.models import DecoderLM, RetNetConfig, TransformerConfig
+
+    cfg = RetNetConfig.preset(model_name, dtype=dtype, param_dtype=dtype, dropout=0.0)
+    if arch.startswith("retnet"):
+        model = DecoderLM(cfg, unroll_decode=arch == "retnet")
+    else:
+        model = DecoderLM(TransformerConfig.matching(cfg))
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    variables = jax.jit(lambda key: nn.unbox(model.init(key, tokens)))(jax.random.key(0))
+    return model, LMDecoder(model, "chunkwise"), variables
+
+
+def nbytes(tree) -> int:
+    return sum(x.nbytes for x in jax.tree.leaves(tree))
+
+
+def state_arrays(state) -> list[jax.Array]:
+    """A decoding state's contents: every array but the position."""
+    return [a for name, a in state._asdict().items() if name != "position"]
+
+
+def decode_state(model, batch: int, context: int, *, extra_slots: int):
+    """The model's own decoding state (whatever its layout) at position ``context``, with random contents
+    (the work of a step does not depend on them); a KV cache gets ``context + extra_slots`` slots."""
+    empty = jax.eval_shape(lambda: model.config.init_state(batch, max_length=context + extra_slots))
+    # Jitted, so the values are drawn straight into the array's dtype without a float32 copy of it.
+    fields = {
+        name: jax.jit(lambda key, spec=spec: jax.random.normal(key, spec.shape, spec.dtype))(
+            jax.random.key(i)
+        )
+        for i, (name, spec) in enumerate(empty._asdict().items())
+        if name != "position"
+    }
+    return type(empty)(**fields, position=jnp.full(empty.position.shape, context, jnp.int32))
+
+
+def at_position(state, context: int):
+    """The state with every row's position set back to ``context``."""
+    return state._replace(position=jnp.full(state.position.shape, context, jnp.int32))
+
+
+def decode_program(decoder, steps: int):
+    """f(variables, token [B], state) → (token, state) after ``steps`` greedy steps (a fori_loop)."""
+
+    def decode(variables, token, state):
+        def body(_, carry):
+            token, state = carry
+            logits, state = decoder.step(variables, token, state)
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32), state
+
+        return jax.lax.fori_loop(0, steps, body, (token, state))
+
+    return decode

@@ -27,10 +27,12 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from experiments import bench_inference as inference
 from experiments import benchlib as bl
 
 _TARGETS = flags.DEFINE_list("targets", ["decode", "train"], "decode and/or train.")
+_MODEL = flags.DEFINE_string("model", "paper-1.3b", "Model preset (RetNetConfig.preset); tiny on a CPU.")
+_ARCHS = flags.DEFINE_list("archs", ["retnet", "transformer"], "retnet, retnet-loop, transformer.")
+_DECODE_STEPS = flags.DEFINE_integer("decode_steps", 64, "Decode steps per traced call.")
 _DECODE_BATCH = flags.DEFINE_integer("decode_batch", 1, "Batch of the decoding loop.")
 _DECODE_CONTEXT = flags.DEFINE_integer("decode_context", 8192, "Context of the decoding loop.")
 _TRAIN_T = flags.DEFINE_integer("train_T", 8192, "Sequence length of the train step.")
@@ -99,15 +101,15 @@ def profile(name: str, run, calls: int = 1):
 
 
 def decode_run(arch: str, dtype: str):
-    model, decoder, variables = inference.build(arch, dtype)
+    model, decoder, variables = bl.decode_model(arch, _MODEL.value, dtype)
     batch, context = _DECODE_BATCH.value, _DECODE_CONTEXT.value
-    state = inference.decode_state(arch, model, batch, context)
+    state = bl.decode_state(model, batch, context, extra_slots=_DECODE_STEPS.value)
     token = jnp.asarray(bl.random_tokens(batch, (batch,), model.config.vocab_size))
-    program = jax.jit(inference.decode_program(decoder, inference._STEPS.value), donate_argnums=(2,))
+    program = jax.jit(bl.decode_program(decoder, _DECODE_STEPS.value), donate_argnums=(2,))
     carry = dict(token=token, state=state)
 
     def run():
-        state = inference.at_position(arch, carry["state"], context)
+        state = bl.at_position(carry["state"], context)
         carry["token"], carry["state"] = program(variables, carry["token"], state)
         return carry["token"]
 
@@ -162,12 +164,12 @@ def main(argv):
     dtype = "float32" if device["platform"] == "cpu" else "bfloat16"
     report = bl.Report("profile_steps", device["short"])
     sections = []
-    model = inference._MODEL.value
-    for arch in inference._ARCHS.value:
+    model = _MODEL.value
+    for arch in _ARCHS.value:
         if "decode" in _TARGETS.value:
             name = (
                 f"decode: {arch} {model}, B{_DECODE_BATCH.value}, context {_DECODE_CONTEXT.value}, "
-                f"{inference._STEPS.value} steps per call (times per call)"
+                f"{_DECODE_STEPS.value} steps per call (times per call)"
             )
             print(name, flush=True)
             result = bl.guarded(lambda arch=arch, name=name: profile(name, decode_run(arch, dtype)))

@@ -28,7 +28,7 @@ from retnet_jax.nn.attention import Attention
 from retnet_jax.nn.feedforward import ACTIVATIONS, FFN_TYPES
 from retnet_jax.nn.norms import HEAD_NORMS, NORMS
 from retnet_jax.nn.retention import MultiScaleRetention
-from retnet_jax.ops.retention import DECAY_SCHEDULES
+from retnet_jax.ops.retention import DECAY_SCHEDULES, forward_flops
 from retnet_jax.ops.rotation import STYLES
 
 __all__ = ["DTYPES", "ModelConfig", "RetNetConfig", "TransformerConfig", "from_dict"]
@@ -228,13 +228,7 @@ class RetNetConfig(ModelConfig):
         )
 
     def mixer_flops_per_token(self, seq_len: int, chunk_size: int | None = None) -> float:
-        # Parallel: Q Kᵀ and (·)V over the T×T scores. Chunkwise: the same inside chunks of C, plus the
-        # state update and the cross-chunk product (2·K·V each).
-        span = seq_len if not chunk_size else min(chunk_size, seq_len)
-        flops = 2 * span * self.num_heads * (self.key_dim + self.head_value_dim)
-        if chunk_size:
-            flops += 2 * 2 * self.num_heads * self.key_dim * self.head_value_dim
-        return float(flops)
+        return forward_flops(seq_len, self.num_heads, self.key_dim, self.head_value_dim, chunk_size)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

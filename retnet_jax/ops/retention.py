@@ -39,6 +39,7 @@ import numpy as np
 __all__ = [
     "RetentionState",
     "chunkwise",
+    "forward_flops",
     "init_state",
     "log_decays",
     "parallel",
@@ -388,3 +389,16 @@ def chunkwise(
         outputs.append(o)
     o = outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=1)
     return o, state
+
+
+def forward_flops(seq_len: int, heads: int, key_dim: int, value_dim: int, chunk_size: int | None) -> float:
+    """Forward FLOPs per token of retention itself (the matrix products executed, 2 per multiply-add).
+
+    Parallel (``chunk_size`` None): Q Kᵀ and (·)V over the whole T×T score matrix. Chunkwise: the same
+    inside chunks of C, plus the state update and the cross-chunk product (2·K·V each).
+    """
+    span = seq_len if not chunk_size else min(chunk_size, seq_len)
+    flops = 2 * span * heads * (key_dim + value_dim)
+    if chunk_size:
+        flops += 2 * 2 * heads * key_dim * value_dim
+    return float(flops)

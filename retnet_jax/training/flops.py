@@ -1,7 +1,9 @@
-"""FLOP counts and device peaks, for MFU in the training log and the benchmarks.
+"""Device peaks and the LM's FLOP count, for MFU in the training log and the benchmarks.
 
 Counts are of the matrix products actually executed (2 FLOPs per multiply-add), forward only; a
 training step costs three times the forward (forward, and two products per product in the backward).
+The token mixers' own counts are the models' (``ModelConfig.mixer_flops_per_token``; retention's is
+``ops.retention.forward_flops``).
 """
 
 from __future__ import annotations
@@ -30,21 +32,6 @@ def device_peak_flops(device: jax.Device | None = None) -> float | None:
         if name.lower() in device.device_kind.lower():
             return peak
     return None
-
-
-def retention_forward_flops(
-    seq_len: int, heads: int, key_dim: int, value_dim: int, chunk_size: int | None
-) -> float:
-    """Forward FLOPs per token of retention itself, for one layer.
-
-    Parallel: Q Kᵀ and (·)V over the whole T×T score matrix. Chunkwise: the same inside chunks of C,
-    plus the state update and the cross-chunk product (2·K·V each).
-    """
-    span = seq_len if not chunk_size else min(chunk_size, seq_len)
-    flops = 2 * span * heads * (key_dim + value_dim)
-    if chunk_size:
-        flops += 2 * 2 * heads * key_dim * value_dim
-    return float(flops)
 
 
 def lm_forward_flops_per_token(num_matmul_params: int, num_layers: int, mixer_flops: float) -> float:
