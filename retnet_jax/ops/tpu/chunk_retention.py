@@ -135,7 +135,7 @@ def _masked(a, b, mask, precision):
 
 def _step(static: _Static, lam_ref, mask_ref, state_ref, init_ref, *, reverse: bool):
     """Per-step set-up shared by the kernels: on a program's first step, the mask and the carried state
-    (from ``init_ref``); returns (chunk index g, log γ, this chunk's decays)."""
+    (from ``init_ref``); returns this chunk's decay factors."""
     groups = pl.num_programs(2)
     t = pl.program_id(2)
     g = groups - 1 - t if reverse else t
@@ -148,11 +148,11 @@ def _step(static: _Static, lam_ref, mask_ref, state_ref, init_ref, *, reverse: b
 
     last = static.length - (static.length - 1) // static.size * static.size  # tokens in the last chunk
     valid = jnp.where(g == groups - 1, last, static.size)
-    return g, lam, _decays(lam, static.size, valid)
+    return _decays(lam, static.size, valid)
 
 
 def _forward_kernel(lam_ref, q_ref, k_ref, v_ref, kv_ref, o_ref, kv_out_ref, state_ref, mask_ref, *, static):
-    _, _, d = _step(static, lam_ref, mask_ref, state_ref, kv_ref, reverse=False)
+    d = _step(static, lam_ref, mask_ref, state_ref, kv_ref, reverse=False)
     precision = _precision(q_ref.dtype)
     q, k, v = q_ref[...], k_ref[...], v_ref[...]
     state = state_ref[...]  # S_g [K, V] float32
@@ -167,7 +167,7 @@ def _forward_kernel(lam_ref, q_ref, k_ref, v_ref, kv_ref, o_ref, kv_out_ref, sta
 
 
 def _dq_kernel(lam_ref, k_ref, v_ref, do_ref, kv_ref, dq_ref, state_ref, mask_ref, *, static):
-    _, _, d = _step(static, lam_ref, mask_ref, state_ref, kv_ref, reverse=False)
+    d = _step(static, lam_ref, mask_ref, state_ref, kv_ref, reverse=False)
     precision = _precision(k_ref.dtype)
     k, v, do = k_ref[...], v_ref[...], do_ref[...]
     state = state_ref[...]  # S_g [K, V] float32
@@ -180,7 +180,7 @@ def _dq_kernel(lam_ref, k_ref, v_ref, do_ref, kv_ref, dq_ref, state_ref, mask_re
 def _dkdv_kernel(
     lam_ref, q_ref, k_ref, v_ref, do_ref, dkv_ref, dk_ref, dv_ref, dkv_out_ref, state_ref, mask_ref, *, static
 ):
-    _, _, d = _step(static, lam_ref, mask_ref, state_ref, dkv_ref, reverse=True)
+    d = _step(static, lam_ref, mask_ref, state_ref, dkv_ref, reverse=True)
     precision = _precision(q_ref.dtype)
     q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
     mask = mask_ref[...]
@@ -259,12 +259,11 @@ def _launch(kernel, rows, states, outs, log_decay, static: _Static, *, reverse: 
 
 
 def _forward(q, k, v, log_decay, kv, static):
-    shape = v.shape
     return _launch(
         _forward_kernel,
         [q, k, v],
         [kv],
-        [(shape, v.dtype, "rows"), (kv.shape, jnp.float32, "state")],
+        [(v.shape, v.dtype, "rows"), (kv.shape, jnp.float32, "state")],
         log_decay,
         static,
     )
@@ -272,8 +271,7 @@ def _forward(q, k, v, log_decay, kv, static):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _retention(q, k, v, log_decay, kv, static):
-    o, kv_final = _forward(q, k, v, log_decay, kv, static)
-    return o, kv_final
+    return tuple(_forward(q, k, v, log_decay, kv, static))
 
 
 def _retention_fwd(q, k, v, log_decay, kv, static):
