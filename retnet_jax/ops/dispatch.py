@@ -5,7 +5,9 @@
 * ``"xla"``: ``ops.retention.chunkwise``, any backend.
 * ``"pallas"``: the fused GPU kernels of ``ops.gpu.chunk_retention`` (through the Pallas interpreter on a
   CPU, which is how the tests check them). Shapes they cannot run raise a ``ValueError`` naming the reason.
-* ``"auto"``: the kernels on a GPU where they are measured faster (see ``_fused_chunk``), else XLA.
+* ``"pallas_tpu"``: the Pallas TPU kernels of ``ops.tpu`` (through the Pallas TPU interpreter on a CPU).
+* ``"auto"``: the kernels on a GPU where they are measured faster (see ``_fused_chunk``), the TPU kernels
+  on a TPU where they run (see ``ops.tpu.select``), else XLA.
 
 Every implementation computes the same function: the kernels compute unnormalized retention from an
 empty state at position 0, and the wrapper here adds the incoming state's term, the row factors and the
@@ -17,12 +19,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from retnet_jax.ops import retention
+from retnet_jax.ops import retention, tpu
 from retnet_jax.ops.gpu import chunk_retention
 
 __all__ = ["IMPLEMENTATIONS", "chunkwise"]
 
-IMPLEMENTATIONS = ("xla", "pallas", "auto")
+IMPLEMENTATIONS = ("xla", "pallas", "pallas_tpu", "auto")
 
 
 def chunkwise(
@@ -43,13 +45,16 @@ def chunkwise(
         chunk_size: C >= 1, a Python int.
         state: carried in (default empty); its count sets the absolute positions.
         normalize: divide row n by sqrt(c_n) or not.
-        implementation: "xla", "pallas" or "auto".
+        implementation: "xla", "pallas", "pallas_tpu" or "auto".
 
     Returns:
         (o [B, T, H, V] in the input dtype, the state after the last token).
     """
     retention._check_inputs("chunkwise", q, k, v, log_decay, state)
     size = retention._check_chunk_size("chunkwise", chunk_size)
+    tpu_chunk = tpu.select("chunkwise", implementation, q, v, size)
+    if tpu_chunk is not None:
+        return tpu.chunkwise(q, k, v, log_decay, chunk_size=tpu_chunk, state=state, normalize=normalize)
     fused_chunk = _fused_chunk("chunkwise", implementation, q, v, size)
     if fused_chunk is None:
         return retention.chunkwise(q, k, v, log_decay, chunk_size=size, state=state, normalize=normalize)
