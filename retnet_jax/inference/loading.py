@@ -4,7 +4,9 @@
     model, variables, tokenizer = load(checkpoint="WORKDIR/checkpoints/300")
 
 A checkpoint holds the resolved model config, so the model is rebuilt from it alone (no experiment
-config, no optimizer); only the parameters are read.
+config, no optimizer); only the parameters are read. Nothing is written: the workdir may be read-only.
+A damaged checkpoint raises ``CorruptCheckpointError`` naming the file and the earlier step to load
+instead.
 """
 
 from __future__ import annotations
@@ -51,37 +53,55 @@ def load(workdir: str | None = None, *, checkpoint: str | None = None, dtype=Non
         (model, variables, tokenizer).
 
     Raises:
-        FileNotFoundError: no checkpoint there. ValueError: a bad path or a checkpoint without a model
-        config.
+        FileNotFoundError: no checkpoint there. CorruptCheckpointError (a ValueError): a file of the
+        checkpoint is damaged; the message names it and the previous step that reads. ValueError: a bad
+        path or a checkpoint without a model config.
     """
     workdir, step = _locate(workdir, checkpoint)
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise FileNotFoundError(
             f"No checkpoints in {workdir}: train first with `retnet-train --workdir={workdir}`."
         )
-    checkpoints = checkpoint_lib.Checkpoints(workdir, every=1, keep=1 << 30, async_save=False)
+    checkpoints = checkpoint_lib.Checkpoints(workdir, read_only=True)
     try:
-        if checkpoints.latest_step() is None:
+        steps = checkpoints.all_steps()
+        if not steps:
             raise FileNotFoundError(
                 f"No checkpoints in {workdir}: train first with `retnet-train --workdir={workdir}`."
             )
-        architecture = config_lib.from_dict(checkpoints.restore_model_config(step))
-        tokenizer = tokenizer_lib.tokenizer_from_dict(checkpoints.restore_tokenizer(step))
-        model = DecoderLM(architecture, **run_options)
-        dtype = jnp.dtype(
-            dtype or (architecture.compute_dtype if architecture.compute_dtype.itemsize < 4 else jnp.float32)
-        )
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        abstract = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))[
-            "params"
-        ]
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(
-                x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype, sharding=device
-            ),
-            abstract,
-        )
-        params = checkpoints.restore_params(abstract, step=step)
+        if step is not None and step not in steps:
+            raise FileNotFoundError(
+                f"No checkpoint of step {step} in {checkpoints.directory}; its steps are {steps}. "
+                f"Pass --checkpoint={checkpoints.directory}/{steps[-1]} (the latest) or another of them."
+            )
+        step = steps[-1] if step is None else step
+        try:
+            return _load_step(checkpoints, step, dtype, run_options)
+        except checkpoint_lib.CorruptCheckpointError as err:
+            earlier = [s for s in reversed(steps) if s < step and checkpoints.readable(s) is None]
+            if earlier:
+                hint = f"The previous step reads: pass --checkpoint={checkpoints.step_directory(earlier[0])}"
+            else:
+                hint = f"No earlier step reads; train again with `retnet-train --workdir={workdir}`."
+            raise err.with_hint(hint) from None
     finally:
         checkpoints.close()
+
+
+def _load_step(checkpoints: checkpoint_lib.Checkpoints, step: int, dtype, run_options):
+    architecture = config_lib.from_dict(checkpoints.restore_model_config(step))
+    tokenizer = tokenizer_lib.tokenizer_from_dict(checkpoints.restore_tokenizer(step))
+    model = DecoderLM(architecture, **run_options)
+    dtype = jnp.dtype(
+        dtype or (architecture.compute_dtype if architecture.compute_dtype.itemsize < 4 else jnp.float32)
+    )
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(
+            x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype, sharding=device
+        ),
+        abstract,
+    )
+    params = checkpoints.restore_params(abstract, step=step)
     return model, {"params": params}, tokenizer

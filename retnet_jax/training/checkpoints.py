@@ -17,7 +17,18 @@ step is one directory ``WORKDIR/checkpoints/STEP`` holding five items:
 Saves are asynchronous by default: ``save`` copies the arrays off the devices and returns while a
 background thread writes them. A step is written to a temporary directory that is renamed when
 complete (orbax's atomic commit), so a run killed mid-save leaves the earlier steps intact and the
-half-written one invisible; the next ``Checkpoints`` on that workdir deletes it.
+half-written one invisible; the next ``Checkpoints`` that writes to that workdir deletes it.
+
+``Checkpoints(workdir, read_only=True)`` reads without ever writing (no directory created, no
+temporary step cleaned up), so a model can be served from a read-only mount.
+
+A step whose files were damaged after it was committed (a truncated or garbled array file, an empty
+``state/_METADATA``, a garbled JSON item, a deleted ``state/``) raises ``CorruptCheckpointError``
+naming the file, never the storage layer's dump. ``set_aside`` renames such a step to
+``checkpoints/STEP.corrupt-ITEM``, which orbax does not list, so a run can resume from the previous
+step while the damaged one is kept for inspection. A checkpoint that is intact but holds another
+model or optimizer raises a plain ``ValueError`` instead: it is compared with the restore target
+through the saved tree metadata before any array is read.
 
 Typical use::
 
@@ -36,7 +47,11 @@ Typical use::
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
+import re
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -46,7 +61,13 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-__all__ = ["COMPATIBILITY_KEYS", "Checkpoints"]
+__all__ = [
+    "COMPATIBILITY_KEYS",
+    "Checkpoints",
+    "CorruptCheckpointError",
+    "check_can_write",
+    "set_aside",
+]
 
 # Experiment-config fields that must match to resume a run: they fix the meaning of the saved data
 # position (dataset, tokenizer, sequence and batch size). The model is compared whole (its resolved
@@ -86,23 +107,75 @@ class _IteratorPosition:
         """Nothing to prefetch: the real iterator starts when the loop asks for a batch."""
 
 
+class CorruptCheckpointError(ValueError):
+    """A committed checkpoint step that cannot be read: one of its files is missing, truncated or garbled.
+
+    Attributes:
+        directory: the checkpoints directory (``WORKDIR/checkpoints``).
+        step: the damaged step.
+        file: the damaged file or folder, relative to the step's directory (``"state/_METADATA"``,
+            ``"config/metadata"``, ``"state/ (array params.embed.embedding)"``, ...).
+        item: the checkpoint item it belongs to: state, data, config, model or tokenizer.
+        reason: what is wrong with it, in a few words.
+    """
+
+    def __init__(self, directory: epath.Path, step: int, file: str, reason: str, hint: str = ""):
+        self.directory = directory
+        self.step = step
+        self.file = file
+        self.item = file.split("/")[0].split(" ")[0]
+        self.reason = reason
+        self.hint = hint
+        super().__init__(
+            f"Checkpoint step {step} in {directory} is damaged: {file}: {reason}"
+            + (f"\n{hint}" if hint else "")
+        )
+
+    def with_hint(self, hint: str) -> CorruptCheckpointError:
+        """The same error with a second line saying what to do."""
+        return CorruptCheckpointError(self.directory, self.step, self.file, self.reason, hint)
+
+
 class Checkpoints:
     """Saves and restores a training run's checkpoints under ``workdir/checkpoints``.
 
     Args:
         workdir: the run's directory: a local path or any path ``etils.epath`` opens (``gs://``).
         every: save at steps that are multiples of ``every``; ``save(force=True)`` saves other
-            steps too (the final step, preemption).
+            steps too (the final step, preemption). Needed unless ``read_only``.
         keep: how many of the latest checkpoints to keep; older ones are deleted after a save.
+            Needed unless ``read_only``.
         async_save: write arrays in a background thread so that ``save`` returns promptly;
             ``wait()`` blocks until they are on disk.
+        read_only: only read: nothing is created, cleaned up or written, so the workdir may lie
+            on a read-only mount; ``save`` raises. A missing ``checkpoints`` folder reads as no
+            checkpoint.
 
     Raises:
         ValueError: ``every`` or ``keep`` is not a positive integer, or ``workdir`` cannot be
-            written (checked here, before any compute).
+            written (checked here, before any compute), unless ``read_only``.
     """
 
-    def __init__(self, workdir: str | epath.PathLike, *, every: int, keep: int, async_save: bool = True):
+    def __init__(
+        self,
+        workdir: str | epath.PathLike,
+        *,
+        every: int | None = None,
+        keep: int | None = None,
+        async_save: bool = True,
+        read_only: bool = False,
+    ):
+        self.directory = epath.Path(workdir) / "checkpoints"
+        self.read_only = read_only
+        self.every = every
+        self.keep = keep
+        self._manager = None
+        if read_only:
+            if self.directory.is_dir():
+                options = ocp.CheckpointManagerOptions(read_only=True, enable_async_checkpointing=False)
+                with _quiet_absl("Given directory is read only"):
+                    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
+            return
         for name, flag, value in (
             ("every", "checkpoint_every", every),
             ("keep", "keep_checkpoints", keep),
@@ -112,9 +185,6 @@ class Checkpoints:
                     f"Checkpoints: {name} must be an integer >= 1; got {value!r}. "
                     f"Set --config.{flag} to a positive integer."
                 )
-        self.every = every
-        self.keep = keep
-        self.directory = epath.Path(workdir) / "checkpoints"
         _check_writable(self.directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
@@ -127,11 +197,16 @@ class Checkpoints:
 
     def latest_step(self) -> int | None:
         """The step of the newest complete checkpoint, or None when there is none."""
-        return self._manager.latest_step()
+        steps = self.all_steps()
+        return steps[-1] if steps else None
 
     def all_steps(self) -> list[int]:
         """The steps of all kept checkpoints, oldest first."""
-        return sorted(self._manager.all_steps())
+        return sorted(self._manager.all_steps()) if self._manager is not None else []
+
+    def step_directory(self, step: int) -> epath.Path:
+        """Where ``step`` is (or would be) saved: ``workdir/checkpoints/STEP``."""
+        return self.directory / str(step)
 
     def should_save(self, step: int) -> bool:
         """Whether ``save(step, ...)`` would write a checkpoint without ``force``.
@@ -182,7 +257,10 @@ class Checkpoints:
 
         Raises:
             TypeError: ``config``, ``model`` or ``tokenizer`` is not JSON-serializable.
+            ValueError: this ``Checkpoints`` is read-only.
         """
+        if self.read_only:
+            raise ValueError(f"Checkpoints of {self.directory} were opened read-only; nothing can be saved.")
         if step in self._manager.all_steps() or not (force or self.should_save(step)):
             return False
         config = _as_json(config, "config")
@@ -217,31 +295,32 @@ class Checkpoints:
                 sharding.
             step: the step to restore; None for the latest.
             data_iterator: if given, a fresh iterator over the same dataset; it is moved (in
-                place) to the position saved with ``step``.
+                place) to the position saved with ``step`` once the whole state has been read.
 
         Returns:
             The train state: the pytree type of ``abstract_state``, arrays on its shardings.
 
         Raises:
             FileNotFoundError: there is no checkpoint, or none of ``step``.
-            ValueError: a leaf of ``abstract_state`` has no sharding, or the checkpoint does not
-                fit ``abstract_state`` (another model or optimizer).
+            CorruptCheckpointError: a file of the step is missing, truncated or garbled.
+            ValueError: a leaf of ``abstract_state`` has no sharding, or the checkpoint holds
+                another state (another model or optimizer).
         """
         step = self._existing_step(step)
         abstract_state = jax.tree_util.tree_map_with_path(_with_sharding, abstract_state)
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
-        position = _IteratorPosition()
+        self._check_fits(step, abstract_state, exact=True)
+        position = None
         if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(position)
-        try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        except (ValueError, KeyError, TypeError) as err:
-            raise ValueError(
-                f"Could not restore step {step} of {self.directory} into the given state: {err}\n"
-                "The checkpoint was probably written for another model or optimizer. Resume with "
-                "the flags it was saved with (see restore_config()), or use another --workdir."
-            ) from err
-        if data_iterator is not None:
+            position = _IteratorPosition()
+            args = ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(position))
+            with self._reading(step, "data"):
+                self._manager.restore(step, args=args)
+            if not isinstance(position.state, dict):
+                raise self._damage(step, "data", f"holds {type(position.state).__name__}, not a position")
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+        with self._reading(step, "state"):
+            restored = self._manager.restore(step, args=args)
+        if position is not None:
             data_iterator.set_state(position.state)
         return restored["state"]
 
@@ -256,34 +335,46 @@ class Checkpoints:
 
         Raises:
             FileNotFoundError: there is no checkpoint, or none of ``step``.
+            CorruptCheckpointError: a file the parameters are read from is missing, truncated or
+                garbled.
             ValueError: the checkpoint's parameters do not fit ``abstract_params``.
         """
         step = self._existing_step(step)
         target = {"params": jax.tree_util.tree_map_with_path(_with_sharding, abstract_params)}
+        self._check_fits(step, target, exact=False)
         restore_args = jax.tree.map(
             lambda leaf: ocp.ArrayRestoreArgs(sharding=leaf.sharding, dtype=leaf.dtype), target
         )
         args = ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
-        try:
+        with self._reading(step, "state"):
             restored = self._manager.restore(step, args=ocp.args.Composite(state=args))
-        except (ValueError, KeyError, TypeError) as err:
-            raise ValueError(
-                f"Could not restore the parameters of step {step} of {self.directory}: {err}\n"
-                "They do not fit the model built from the checkpoint's model config."
-            ) from err
         return restored["state"]["params"]
 
     def restore_model_config(self, step: int | None = None) -> dict[str, Any]:
-        """The resolved model config saved with ``step`` (default: the latest); loads no arrays."""
+        """The resolved model config saved with ``step`` (default: the latest); loads no arrays.
+        Raises ``CorruptCheckpointError`` when its file is damaged."""
         return self._restore_json("model", step)
 
     def restore_config(self, step: int | None = None) -> dict[str, Any]:
-        """The experiment config saved with ``step`` (default: the latest); loads no arrays."""
+        """The experiment config saved with ``step`` (default: the latest); loads no arrays.
+        Raises ``CorruptCheckpointError`` when its file is damaged."""
         return self._restore_json("config", step)
 
     def restore_tokenizer(self, step: int | None = None) -> dict[str, Any]:
-        """The tokenizer dict saved with ``step`` (default: the latest); loads no arrays."""
+        """The tokenizer dict saved with ``step`` (default: the latest); loads no arrays.
+        Raises ``CorruptCheckpointError`` when its file is damaged."""
         return self._restore_json("tokenizer", step)
+
+    def readable(self, step: int) -> CorruptCheckpointError | None:
+        """A quick check of ``step`` that reads no array: its JSON items and the state's tree
+        metadata. Returns the damage found, or None (array files are only checked by reading them)."""
+        try:
+            for item in ("model", "tokenizer", "config"):
+                self._restore_json(item, step)
+            self._saved_shapes(step)
+        except CorruptCheckpointError as err:
+            return err
+        return None
 
     def check_compatible(
         self,
@@ -312,33 +403,35 @@ class Checkpoints:
         saved = self.restore_config(step)
         config = _as_json(config, "config")
         differences = [
-            f"  {key}: checkpoint has {_lookup(saved, key)!r}, this run has {_lookup(config, key)!r}"
+            f"{key}: checkpoint has {_lookup(saved, key)!r}, this run has {_lookup(config, key)!r}"
             for key in keys
             if _lookup(saved, key) != _lookup(config, key)
         ]
         if model is not None:
             saved_model, model = self.restore_model_config(step), _as_json(model, "model")
             differences += [
-                f"  model {key}: checkpoint has {saved_model.get(key, _MISSING)!r}, this run has "
+                f"model {key}: checkpoint has {saved_model.get(key, _MISSING)!r}, this run has "
                 f"{model.get(key, _MISSING)!r}"
                 for key in sorted(set(saved_model) | set(model))
                 if saved_model.get(key, _MISSING) != model.get(key, _MISSING)
             ]
         if differences:
             raise ValueError(
-                f"{self.directory} holds checkpoints (latest step {step}) of another experiment:\n"
-                + "\n".join(differences)
-                + "\nNothing was overwritten. Use another --workdir for this experiment, or pass "
+                f"{self.directory} holds checkpoints (latest step {step}) of another experiment: "
+                + "; ".join(differences)
+                + ".\nNothing was overwritten. Use another --workdir for this experiment, or pass "
                 "flags matching the checkpoint's values to resume it."
             )
 
     def wait(self):
         """Blocks until all saves are written (and raises their errors, if any)."""
-        self._manager.wait_until_finished()
+        if self._manager is not None:
+            self._manager.wait_until_finished()
 
     def close(self):
         """Waits for pending saves, then releases the manager's threads."""
-        self._manager.close()
+        if self._manager is not None:
+            self._manager.close()
 
     def __enter__(self) -> Checkpoints:
         return self
@@ -366,7 +459,199 @@ class Checkpoints:
     def _restore_json(self, item: str, step: int | None) -> dict[str, Any]:
         step = self._existing_step(step)
         args = ocp.args.Composite(**{item: ocp.args.JsonRestore()})
-        return self._manager.restore(step, args=args)[item]
+        with self._reading(step, item):
+            value = self._manager.restore(step, args=args)[item]
+        if not isinstance(value, dict):
+            raise self._damage(step, item, f"holds {type(value).__name__}, not a JSON object")
+        return value
+
+    def _saved_shapes(self, step: int) -> dict[tuple[str, ...], tuple[int, ...]]:
+        """The saved state's leaf paths and shapes, from its tree metadata (no array is read)."""
+        handler = ocp.PyTreeCheckpointHandler()
+        try:
+            with self._reading(step, "state", file="state/_METADATA"):
+                metadata = handler.metadata(self.step_directory(step) / "state")
+        finally:
+            handler.close()
+        tree = getattr(metadata, "tree", metadata)
+        return {_names(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+    def _check_fits(self, step: int, target: Any, *, exact: bool):
+        """Raises ValueError naming the differences when the saved state does not have the leaves and
+        shapes of ``target`` (all of them when ``exact``, else those of ``target`` alone)."""
+        saved = self._saved_shapes(step)
+        wanted = {
+            _names(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(target)
+        }
+        keys = set(wanted) | (set(saved) if exact else set())
+        differences = [
+            f"{'.'.join(key)}: checkpoint {saved.get(key, 'missing')}, wanted {wanted.get(key, 'missing')}"
+            for key in sorted(keys)
+            if saved.get(key) != wanted.get(key)
+        ]
+        if differences:
+            more = f" and {len(differences) - 3} more" if len(differences) > 3 else ""
+            raise ValueError(
+                f"Step {step} of {self.directory} holds another model or optimizer state: "
+                + "; ".join(differences[:3])
+                + f"{more}.\nResume with the flags it was saved with (see its config/metadata), or use "
+                "another --workdir."
+            )
+
+    @contextlib.contextmanager
+    def _reading(self, step: int, item: str, file: str | None = None):
+        """Turns a failure to read ``item`` of ``step`` into a CorruptCheckpointError naming the file
+        (``file`` when the error does not say); errors that say the storage is busy or unreachable
+        (worth retrying) pass through."""
+        try:
+            yield
+        except CorruptCheckpointError:
+            raise
+        except Exception as err:
+            text = " ".join(str(e) for e in _chain(err))
+            if any(code in text for code in _TRANSIENT):
+                raise
+            raise self._damage(step, item, err, file) from err
+
+    def _damage(
+        self, step: int, item: str, err: BaseException | str, file: str | None = None
+    ) -> CorruptCheckpointError:
+        item_dir = self.step_directory(step) / item
+        if not item_dir.exists():
+            return CorruptCheckpointError(self.directory, step, f"{item}/", "missing")
+        if isinstance(err, str):
+            named, reason = None, err
+        else:
+            named, reason = _describe(err, self.step_directory(step))
+        return CorruptCheckpointError(
+            self.directory, step, named or file or _single_file(item_dir, item), reason
+        )
+
+
+def set_aside(error: CorruptCheckpointError) -> epath.Path:
+    """Renames the damaged step to ``checkpoints/STEP.corrupt-ITEM`` (``-2``, ``-3``... if taken).
+
+    Nothing is deleted; orbax lists only integer-named steps, so the renamed folder is left alone
+    (no keep-last-K deletion, no temporary-directory clean-up) and a new checkpoint of that step
+    can be saved. Needs write access; call it where no ``Checkpoints`` is open on the workdir.
+
+    Returns:
+        The new path.
+    """
+    source = error.directory / str(error.step)
+    target = error.directory / f"{error.step}.corrupt-{error.item}"
+    number = 1
+    while target.exists():
+        number += 1
+        target = error.directory / f"{error.step}.corrupt-{error.item}-{number}"
+    source.rename(target)
+    return target
+
+
+def check_can_write(workdir: str | epath.PathLike):
+    """Raises ValueError when checkpoints could not be created under ``workdir``; creates nothing.
+
+    Checks the nearest existing folder on the way to ``workdir/checkpoints``: it must be a folder
+    this process may write into. Paths that are not local (``gs://``) are not checked here.
+    """
+    directory = epath.Path(workdir) / "checkpoints"
+    if "://" in os.fspath(directory):
+        return
+    existing = directory
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    # os.access also answers "no" on a read-only mount, even to root.
+    if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK):
+        return
+    why = "is not a folder" if not existing.is_dir() else "is not writable"
+    raise ValueError(
+        f"Cannot write checkpoints to {directory}: {existing} {why}. Pass a --workdir that you can write to."
+    )
+
+
+# Storage errors worth retrying rather than calling the checkpoint damaged.
+_TRANSIENT = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "CANCELLED", "ABORTED")
+
+
+# TensorStore status codes of damaged files, in words.
+_KINDS = {
+    "OUT_OF_RANGE": "truncated",
+    "DATA_LOSS": "garbled",
+    "NOT_FOUND": "missing",
+    "INVALID_ARGUMENT": "garbled",
+}
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    """``err`` and the exceptions it was raised from, outermost first."""
+    chain = []
+    while err is not None and err not in chain:
+        chain.append(err)
+        err = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
+    return chain
+
+
+def _describe(err: BaseException, step_dir: epath.Path) -> tuple[str | None, str]:
+    """(damaged file relative to ``step_dir`` or None, a one-line reason) from a read error.
+
+    TensorStore's messages name the local file (or the OCDBT database folder and the array key)
+    somewhere in the chain of exceptions; the outermost one is a multi-line dump of its spec.
+    """
+    messages = [" ".join(str(e).split()) for e in _chain(err)]
+    status = [m for m in messages if re.match(r"[A-Z_]{4,}: ", m)]
+    text = status[-1] if status else next((m for m in messages if m), type(err).__name__)
+    text = re.sub(r"\s*\[tensorstore_spec=.*$", "", text)
+    code = re.match(r"([A-Z_]{4,}): ", text)
+    files = re.findall(r'local file "([^"]+)"', text)
+    file = None
+    if files:
+        path = files[-1]
+        relative = os.path.relpath(path, os.fspath(step_dir)) + ("/" if path.endswith("/") else "")
+        arrays = re.findall(r'Error reading "([^"/]+)/', text)
+        file = f"{relative} (array {arrays[-1]})" if relative.endswith("/") and arrays else relative
+        text = text.split(f'local file "{path}"')[-1].lstrip(": ")
+    if not text:
+        text = type(err).__name__
+    if code and code.group(1) in _KINDS:
+        text = f"{_KINDS[code.group(1)]} ({text})"
+    return file, text if len(text) <= 200 else text[:197] + "..."
+
+
+def _single_file(item_dir: epath.Path, item: str) -> str:
+    """``item/FILE`` when the item's folder holds one data file (JSON items), else ``item/``."""
+    files = [p.name for p in item_dir.iterdir() if p.name != "commit_success.txt"]
+    return f"{item}/{files[0]}" if len(files) == 1 else f"{item}/"
+
+
+def _names(path) -> tuple[str, ...]:
+    """A tree path as plain names, so that a dataclass's attributes, a dict's keys and a named
+    tuple's fields (as saved: dict keys or sequence indices) compare equal."""
+    names = []
+    for key in path:
+        for attribute in ("key", "name", "idx"):
+            if hasattr(key, attribute):
+                names.append(str(getattr(key, attribute)))
+                break
+        else:
+            names.append(str(key))
+    return tuple(names)
+
+
+@contextlib.contextmanager
+def _quiet_absl(prefix: str):
+    """Drops absl log records starting with ``prefix`` (orbax's notices about what it was asked)."""
+
+    class _Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not str(record.msg).startswith(prefix)
+
+    logger = logging.getLogger("absl")
+    drop = _Drop()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 def _check_writable(directory: epath.Path):
