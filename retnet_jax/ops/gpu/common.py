@@ -18,6 +18,7 @@ factors are the only place where the kernels learn the structure of the sequence
 from __future__ import annotations
 
 import functools
+import importlib
 from typing import NamedTuple
 
 import jax
@@ -35,7 +36,7 @@ DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32
 def triton_unavailable() -> str | None:
     """None when this JAX's Pallas has its Triton backend, else why not (checked once)."""
     try:
-        from jax.experimental.pallas import triton  # noqa: F401
+        importlib.import_module("jax.experimental.pallas.triton")
     except ImportError as error:
         return f"this JAX ({jax.__version__}) has no Pallas Triton backend ({error})"
     return None

@@ -46,7 +46,9 @@ def over_batch_and_heads(fn, in_rules: tuple[str, ...], out_rules: tuple[str, ..
             [B, T, H, K] or "h" for [H]; "b" and "h" mark the batch and head axes.
     """
     wrapped = custom_partitioning(fn)
-    others = sorted({f for rule in in_rules + out_rules for f in rule.split()} - set(_KEPT))
+    # Every factor but b and h, in order of first appearance (Shardy wants them sorted by index).
+    factors = dict.fromkeys(f for rule in in_rules + out_rules for f in rule.split())
+    others = [f for f in factors if f not in _KEPT]
 
     def shardings(mesh, arg_shapes):
         batch, heads = _axes(arg_shapes, in_rules)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from retnet_jax.ops.gpu import chunk_retention, common, split_retention
 
-__all__ = ["FAMILIES", "MAX_CHUNK", "Plan", "make", "padded_dims", "shared_memory"]
+__all__ = ["FAMILIES", "MAX_CHUNK", "MIN_CHUNK", "Plan", "family_of", "make", "padded_dims", "shared_memory"]
 
 FAMILIES = ("register", "split")
 
@@ -32,6 +32,12 @@ class Plan(NamedTuple):
     family: str  # "register" or "split"
     chunk: int  # C
     tiles: chunk_retention.Tiles | split_retention.Tiles
+
+
+def family_of(key_dim: int, value_dim: int) -> str:
+    """The family that runs these heads by default: "register" where the whole state fits registers."""
+    entries = common.next_power_of_two(key_dim) * common.next_power_of_two(value_dim)
+    return "register" if entries <= chunk_retention.STATE_TILE_ENTRIES else "split"
 
 
 def padded_dims(plan: Plan, key_dim: int, value_dim: int) -> tuple[int, int]:
@@ -54,9 +60,9 @@ def _fits(plan, key_dim, value_dim, dtype) -> bool:
 
 
 def _register(key_dim, value_dim, chunk, dtype) -> Plan | None:
-    kp, vp = common.next_power_of_two(key_dim), common.next_power_of_two(value_dim)
-    if kp * vp > chunk_retention.STATE_TILE_ENTRIES:
+    if family_of(key_dim, value_dim) != "register":
         return None
+    kp, vp = common.next_power_of_two(key_dim), common.next_power_of_two(value_dim)
     whole = chunk_retention.default_tiles(kp, vp)
     for forward, backward in ((3, 2), (2, 2), (2, 1), (1, 1)):
         plan = Plan("register", chunk, whole._replace(num_stages=forward, backward_stages=backward))

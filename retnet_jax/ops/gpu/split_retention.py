@@ -14,9 +14,9 @@ work is split in two kinds of pass (chunk g, rows i / j, decays of ``common``):
       o_g = ((Q Kᵀ) ⊙ D) V + (Q ⊙ query) h_g
 
 The backward recomputes h (cheaper than keeping it: it is 2·K·V/C values per token against K + V for the
-inputs), walks the chunks in reverse for the state gradients dh[g] = ∂L/∂h_{g+1},
+inputs), then walks the chunks in reverse for the state gradients dh[g] = ∂L/∂h_{g+1}:
 
-      dh_{G−1} = dht,   dh_{g−1} = chunk_g · dh_g + (Q_g ⊙ query)ᵀ dO_g,   dh0 = chunk_0 · dh_0 + (Q_0 ⊙ query)ᵀ dO_0
+      dh[G−1] = dht,   dh[g−1] = chunk_g · dh[g] + (Q_g ⊙ query)ᵀ dO_g,   dh0 = the same step from dh[0]
 
 and then, in parallel over chunks,
 
