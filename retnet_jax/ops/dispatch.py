@@ -28,7 +28,7 @@ from retnet_jax.ops import retention
 from retnet_jax.ops.gpu import common, fused
 from retnet_jax.ops.gpu import plan as plan_lib
 
-__all__ = ["AUTO_CHOICES", "AUTO_DTYPES", "IMPLEMENTATIONS", "Choice", "chunkwise", "kernel_plan"]
+__all__ = ["AUTO_CHOICES", "AUTO_DTYPES", "IMPLEMENTATIONS", "Choice", "chunkwise", "fused_chunkwise", "kernel_plan"]
 
 IMPLEMENTATIONS = ("xla", "pallas", "auto")
 
@@ -95,7 +95,7 @@ def chunkwise(
     plan = kernel_plan("chunkwise", implementation, q.shape[-1], v.shape[-1], size, q.dtype)
     if plan is None:
         return retention.chunkwise(q, k, v, log_decay, chunk_size=size, state=state, normalize=normalize)
-    return _fused_chunkwise(q, k, v, log_decay, plan, state, normalize)
+    return fused_chunkwise(q, k, v, log_decay, plan, state, normalize)
 
 
 def kernel_chunk(size: int) -> int:
@@ -154,7 +154,7 @@ def _warn_missing_backend(reason: str):
         warnings.warn(f"chunkwise(implementation='auto'): {reason}; using the XLA form.", stacklevel=4)
 
 
-def _fused_chunkwise(q, k, v, log_decay, plan, state, normalize):
+def fused_chunkwise(q, k, v, log_decay, plan, state, normalize):
     """chunkwise through the kernels, which continue the state and return the final one; the row factors
     (they depend on the absolute positions, the state's count) are applied here."""
     length = q.shape[1]
