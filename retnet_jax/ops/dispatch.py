@@ -28,7 +28,15 @@ from retnet_jax.ops import retention
 from retnet_jax.ops.gpu import common, fused
 from retnet_jax.ops.gpu import plan as plan_lib
 
-__all__ = ["AUTO_CHOICES", "AUTO_DTYPES", "IMPLEMENTATIONS", "Choice", "chunkwise", "fused_chunkwise", "kernel_plan"]
+__all__ = [
+    "AUTO_CHOICES",
+    "AUTO_DTYPES",
+    "IMPLEMENTATIONS",
+    "Choice",
+    "chunkwise",
+    "fused_chunkwise",
+    "kernel_plan",
+]
 
 IMPLEMENTATIONS = ("xla", "pallas", "auto")
 
