@@ -14,7 +14,8 @@ work is split in two kinds of pass (chunk g, rows i / j, decays of ``common``):
       o_g = ((Q Kᵀ) ⊙ D) V + (Q ⊙ query) h_g
 
 The backward recomputes h (cheaper than keeping it: h holds K·V/C values per token, 2,048 at the
-paper's heads and C = 64, against 2K + V = 1,024 for q, k, v), then walks the chunks in reverse for the state gradients dh[g] = ∂L/∂h_{g+1}:
+paper's heads and C = 64, against 2K + V = 1,024 for q, k, v), then walks the chunks in reverse for
+the state gradients dh[g] = ∂L/∂h_{g+1}:
 
       dh[G−1] = dht,   dh[g−1] = chunk_g · dh[g] + (Q_g ⊙ query)ᵀ dO_g,   dh0 = the same step from dh[0]
 
