@@ -92,10 +92,11 @@ def _walk(lam_ref, size: int, groups: int, length: int, body, init, *, reverse: 
     """``carry = body(rows, decays, carry)`` over the chunks (in order, or last to first); returns the
     last carry."""
     lam = lam_ref[...].astype(jnp.float32)
+    mask = common.decay_mask(lam, size)
 
     def step(t, carry):
         g = groups - 1 - t if reverse else t
-        d = common.decays(lam, size, common.chunk_length(g, size, length))
+        d = common.decays(lam, size, common.chunk_length(g, size, length), mask)
         return body(common.rows(g, size), d, carry)
 
     return jax.lax.fori_loop(0, groups, step, init)

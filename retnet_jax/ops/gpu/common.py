@@ -65,7 +65,7 @@ def precision_of(dtype):
 
 
 class Decays(NamedTuple):
-    mask: jax.Array  # D [C, C]
+    mask: jax.Array | None  # D [C, C] (None where not needed)
     query: jax.Array  # γ^(i+1) [C, 1]
     key: jax.Array  # γ^(L−1−j) for j < L, else 0 [C, 1]
     chunk: jax.Array  # γ^L, a scalar
@@ -76,16 +76,21 @@ def chunk_length(g, size: int, length: int):
     return jnp.minimum(size, length - g * size)
 
 
-def decays(lam, size: int, length) -> Decays:
-    """The decay factors of one chunk (module docstring) from lam = log γ as a [C] float32 vector."""
+def decay_mask(lam, size: int):
+    """D [C, C] from lam = log γ as a [C] float32 vector (the same for every chunk)."""
     i = jax.lax.broadcasted_iota(jnp.int32, (size, size), 0)
     j = jax.lax.broadcasted_iota(jnp.int32, (size, size), 1)
-    exponent = jnp.where(i >= j, (i - j).astype(jnp.float32) * lam[None, :], -jnp.inf)
+    return jnp.exp(jnp.where(i >= j, (i - j).astype(jnp.float32) * lam[None, :], -jnp.inf))
+
+
+def decays(lam, size: int, length, mask=None) -> Decays:
+    """The decay factors of one chunk of ``length`` real tokens (module docstring); ``mask`` is D if the
+    caller needs it (computed once, outside its loop over chunks), else None."""
     pos = jax.lax.broadcasted_iota(jnp.int32, (size,), 0)
     last = jnp.asarray(length, jnp.int32) - 1
     key = jnp.where(pos <= last, (last - pos).astype(jnp.float32) * lam, -jnp.inf)
     return Decays(
-        mask=jnp.exp(exponent),
+        mask=mask,
         query=jnp.exp((pos.astype(jnp.float32) + 1.0) * lam)[:, None],
         key=jnp.exp(key)[:, None],
         chunk=jnp.max(jnp.exp((last + 1).astype(jnp.float32) * lam)),

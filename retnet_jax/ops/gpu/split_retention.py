@@ -22,8 +22,8 @@ the state gradients dh[g] = ∂L/∂h_{g+1}:
 and then, in parallel over chunks,
 
       dq_g = ((dO Vᵀ) ⊙ D) K + (dO h_gᵀ) ⊙ query      (per key tile, a loop over value tiles)
-      dk_g = ((dO Vᵀ) ⊙ D)ᵀ Q + (V dh_gᵀ) ⊙ key        (the same program)
-      dv_g = ((Q Kᵀ) ⊙ D)ᵀ dO + (K dh_g) ⊙ key          (per value tile, a loop over key tiles)
+      dk_g = ((dO Vᵀ) ⊙ D)ᵀ Q + (V dh[g]ᵀ) ⊙ key       (the same program)
+      dv_g = ((Q Kᵀ) ⊙ D)ᵀ dO + (K dh[g]) ⊙ key         (per value tile, a loop over key tiles)
 
 The chunk passes recompute the C×C scores once per column tile; the tiles trade that against parallelism.
 Inputs arrive padded (``fused``): T to a multiple of C, K and V to multiples of their tiles.
@@ -143,10 +143,16 @@ def _state_pass(kernel, x, y, start, out_dtype, log_decay, size, length, tiles, 
 # Chunk passes: grid (column tile, G, H, B); every program reads one chunk.
 
 
-def _output_kernel(lam_ref, q_ref, k_ref, v_ref, h_ref, o_ref, *, size, length, key_tile, precision):
-    d = common.decays(
-        lam_ref[...].astype(jnp.float32), size, common.chunk_length(pl.program_id(1), size, length)
+def _chunk_decays(lam_ref, size, length):
+    """The decay factors of this program's chunk (grid axis 1)."""
+    lam = lam_ref[...].astype(jnp.float32)
+    return common.decays(
+        lam, size, common.chunk_length(pl.program_id(1), size, length), common.decay_mask(lam, size)
     )
+
+
+def _output_kernel(lam_ref, q_ref, k_ref, v_ref, h_ref, o_ref, *, size, length, key_tile, precision):
+    d = _chunk_decays(lam_ref, size, length)
     bv = v_ref.shape[-1]
 
     def step(t, carry):  # over key tiles: the scores and the entering state's term
@@ -180,9 +186,7 @@ def _dqk_kernel(
     value_tile,
     precision,
 ):
-    d = common.decays(
-        lam_ref[...].astype(jnp.float32), size, common.chunk_length(pl.program_id(1), size, length)
-    )
+    d = _chunk_decays(lam_ref, size, length)
     bk = q_ref.shape[-1]
 
     def step(t, carry):  # over value tiles: dO Vᵀ and the state terms
@@ -204,9 +208,7 @@ def _dqk_kernel(
 
 
 def _dv_kernel(lam_ref, q_ref, k_ref, do_ref, dh_ref, dv_ref, *, size, length, key_tile, precision):
-    d = common.decays(
-        lam_ref[...].astype(jnp.float32), size, common.chunk_length(pl.program_id(1), size, length)
-    )
+    d = _chunk_decays(lam_ref, size, length)
     bv = do_ref.shape[-1]
 
     def step(t, carry):  # over key tiles: Q Kᵀ and the state term
