@@ -416,6 +416,77 @@ def run_check(data, fla_outputs, chunk: int):
 
 
 # ------------------------------------------------------------------------------------------------------
+# The kernel plans: every preset head shape (and the f32 CPU presets) compiled and run on this device.
+
+# name → (H, K, V, dtype): the benchmark's shapes in bf16, the tiny and small presets in float32 (the small
+# preset's forced "pallas" used to exceed shared memory).
+PLAN_SHAPES = {
+    **{name: (d["H"], d["K"], d["V"], "bfloat16") for name, d in SHAPES.items()},
+    "small f32": (4, 64, 128, "float32"),
+    "tiny f32": (2, 32, 64, "float32"),
+    "fla f32": (4, 128, 128, "float32"),
+}
+
+
+def check_plan(name: str):
+    """chunkwise(implementation="pallas") against the XLA form on one shape: a carried state in and out,
+    normalized, T = 300 (not a multiple of C); relative errors of o, the final state and the gradients."""
+    heads, key_dim, value_dim, dtype = PLAN_SHAPES[name]
+    plan = dispatch.kernel_plan("bench", "pallas", key_dim, value_dim, 64, dtype, backend="cpu")
+    keys = jax.random.split(jax.random.key(1), 5)
+    q = bl.normal(keys[0], (1, 300, heads, key_dim), dtype)
+    k = bl.normal(keys[1], (1, 300, heads, key_dim), dtype, scale=key_dim**-0.5)
+    v = bl.normal(keys[2], (1, 300, heads, value_dim), dtype)
+    kv = bl.normal(keys[3], (1, heads, key_dim, value_dim), jnp.float32)
+    do = bl.normal(keys[4], v.shape, jnp.float32)
+    log_decay = retention.log_decays(heads)
+
+    def loss(impl):
+        def f(q, k, v, kv):
+            state = retention.RetentionState(kv, jnp.array([7], jnp.int32))
+            o, new = retention.chunkwise(q, k, v, log_decay, chunk_size=64, state=state, implementation=impl)
+            return jnp.vdot(o.astype(jnp.float32), do) + jnp.sum(new.kv), (o, new.kv)
+
+        return jax.jit(jax.value_and_grad(f, range(4), has_aux=True))(q, k, v, kv)
+
+    (_, ours), grads = loss("pallas")
+    (_, xla), expected = loss("xla")
+    names = ("o", "state", "dq", "dk", "dv", "dstate")
+    errors = {
+        n: bl.rel_error(a, b) for n, a, b in zip(names, (*ours, *grads), (*xla, *expected), strict=True)
+    }
+    sizes = plan_lib.shared_memory(plan, key_dim, value_dim, dtype)
+    return dict(plan=f"{plan.family} {tuple(plan.tiles)}", smem_kib=max(sizes.values()) / 1024, errors=errors)
+
+
+def check_plans():
+    if "fused" not in _IMPLS.value:
+        return []
+    # The interpreter is slow: off the GPU only the small shapes.
+    names = list(PLAN_SHAPES) if jax.default_backend() == "gpu" else ["tiny f32"]
+    out = []
+    for name in names:
+        print(f"plan check {name} ...", flush=True)
+        out.append(
+            dict(shape=name, dtype=PLAN_SHAPES[name][3], **bl.guarded(lambda name=name: check_plan(name)))
+        )
+    return out
+
+
+def plans_markdown(plans) -> str:
+    columns = [
+        ("shape", lambda r: r["shape"]),
+        ("dtype", lambda r: r["dtype"]),
+        ("plan (family, tiles)", bl.when_ok(lambda r: r["plan"])),
+        ("est. shared KiB", bl.when_ok(lambda r: f"{r['smem_kib']:.0f}")),
+    ] + [
+        (f"rel err {n}", bl.when_ok(lambda r, n=n: bl.fmt(r["errors"][n], 1, ".1e")))
+        for n in ("o", "state", "dq", "dk", "dv", "dstate")
+    ]
+    return bl.markdown_table(plans, columns) if plans else "Not run (fused not requested)."
+
+
+# ------------------------------------------------------------------------------------------------------
 # The run.
 
 
@@ -561,6 +632,7 @@ def main(argv):
     if fla_ok and fla["check"]["status"] == "ok":
         fla_outputs = {name: dict(np.load(path)) for name, path in fla["check"]["outputs"].items()}
     check = run_check(data, fla_outputs, bl.int_list(_CHUNKS.value)[0])
+    plans = check_plans()
 
     rows = []
     for cfg in todo:
@@ -582,15 +654,15 @@ def main(argv):
             result = bl.guarded(lambda cfg=cfg: run_jax(cfg))
         rows.append({**cfg, **result})
         derive(rows, device, ceilings)
-        write(report, rows, device, ceilings, check, fla)
-    text = write(report, rows, device, ceilings, check, fla)
+        write(report, rows, device, ceilings, check, fla, plans)
+    text = write(report, rows, device, ceilings, check, fla, plans)
     if bl.PLOTS.value:
         bl.guarded(lambda: plot(rows, report.png))
     print(text)
     print("Wrote", *report.paths())
 
 
-def write(report, rows, device, ceilings, check, fla):
+def write(report, rows, device, ceilings, check, fla, plans):
     check_rows = bl.markdown_table(
         check,
         [("shape", lambda r: r["shape"]), ("impl", lambda r: r["impl"])]
@@ -609,6 +681,8 @@ def write(report, rows, device, ceilings, check, fla):
         + f". Our forms: {', '.join(_NORMS.value)}; state {_STATE.value}; bf16 inputs, float32 accumulation.",
         f"## Correctness (B2 T{_CHECK_LENGTH.value}, bf16 inputs, unnormalized, vs a float64 reference)\n\n"
         + check_rows,
+        "## Kernel plans (chunkwise pallas vs xla, B1 T300 C64, state in and out, normalized)\n\n"
+        + plans_markdown(plans),
         "## Timings\n\n" + bl.markdown_table(rows, COLUMNS),
         f"## Targets (fwd+bwd ≤ {TARGET_RATIO}× fla)\n\n" + targets(rows),
     ]
@@ -616,6 +690,7 @@ def write(report, rows, device, ceilings, check, fla):
         device=device,
         ceilings=ceilings,
         check=check,
+        plans=plans,
         fla=dict((k, v) for k, v in fla.items() if k != "results"),
         rows=rows,
     )
