@@ -1,15 +1,17 @@
 """Retention alone, forward and forward + backward, bf16: our XLA chunkwise form and fused kernels against
 fla's ``chunk_retention`` (PyTorch/Triton) and cuDNN flash attention (``jax.nn.dot_product_attention``).
 
-    # Every preset head shape, fused kernels beside fla, normalized and not, a state carried in and out
-    # (fits 8 minutes on an H200; lengths in priority order, the budget skips the last ones):
+    # Every preset head shape, fused kernels beside fla, normalized and not, a state carried in and out,
+    # plus the kernel-plan check of every shape (8 minutes on an H200: lengths in priority order, the
+    # budget skips what does not fit; run the skipped lengths again with --lengths=... --tag=presets-2):
     python -m experiments.bench_retention --shapes=presets --lengths=8192,2048,32768,4096,16384 \
         --impls=fused,fla --norms=unnormalized,normalized --state=carried --repeats=5 --min_sample_s=0.02 \
-        --time_budget_s=470 --tag=presets
-    # Tiles and chunk lengths of the split kernels at the paper's heads (tuning the defaults):
-    python -m experiments.bench_retention --shapes=paper --lengths=8192 --impls=fused,fla --passes=fwdbwd \
-        --fused_plans=auto,split:64x64x4x2,split:64x128x4x2,split:32x64x4x3,split:64x64x8x2 \
-        --fused_chunk_sizes=64,128 --time_budget_s=470 --tag=split-sweep
+        --peer_share=0.5 --time_budget_s=470 --tag=presets
+    # The split kernels' tiles and chunk lengths at the paper's heads, beside XLA and fla (tuning):
+    python -m experiments.bench_retention --shapes=paper --lengths=8192 --impls=chunkwise,fused,fla \
+        --chunk_sizes=256 --passes=fwdbwd --fused_chunk_sizes=64,128 \
+        --fused_plans=auto,split:64x64x4x3,split:64x128x4x2,split:32x64x4x2,split:64x64x8x2,split:128x64x8x2 \
+        --time_budget_s=470 --tag=split-sweep
     python -m experiments.bench_retention --shapes=fla --lengths=8192 --passes=fwdbwd   # the first target row
     python -m experiments.bench_retention --shapes=fla --lengths=128,256 --tokens=512 \
         --chunk_sizes=32,64 --check_length=128 --repeats=3    # CPU smoke run (a minute)
