@@ -35,6 +35,7 @@ def chunkwise(
     state: retention.RetentionState | None = None,
     normalize: bool = True,
     implementation: str = "xla",
+    segment_ids=None,
 ):
     """``ops.retention.chunkwise`` through the implementation named (see the module docstring).
 
@@ -44,15 +45,26 @@ def chunkwise(
         state: carried in (default empty); its count sets the absolute positions.
         normalize: divide row n by sqrt(c_n) or not.
         implementation: "xla", "pallas" or "auto".
+        segment_ids: [B, T] integers or None: document starts reset the state (``ops.retention``). The
+            fused kernels do not reset yet: "auto" runs the XLA form then, "pallas" raises.
 
     Returns:
         (o [B, T, H, V] in the input dtype, the state after the last token).
     """
     retention._check_inputs("chunkwise", q, k, v, log_decay, state)
     size = retention._check_chunk_size("chunkwise", chunk_size)
+    if segment_ids is not None:
+        if implementation == "pallas":
+            raise ValueError(
+                "chunkwise: implementation='pallas' does not support segment_ids (document resets) yet; "
+                "use implementation='xla' or 'auto'."
+            )
+        implementation = "xla" if implementation == "auto" else implementation
     fused_chunk = _fused_chunk("chunkwise", implementation, q, v, size)
     if fused_chunk is None:
-        return retention.chunkwise(q, k, v, log_decay, chunk_size=size, state=state, normalize=normalize)
+        return retention.chunkwise(
+            q, k, v, log_decay, chunk_size=size, state=state, normalize=normalize, segment_ids=segment_ids
+        )
     return _fused_chunkwise(q, k, v, log_decay, fused_chunk, state, normalize)
 
 
