@@ -8,6 +8,7 @@ own sequence. Differentiable, so gradients can be compared too.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -53,6 +54,10 @@ def retention(q, k, v, log_decay, *, kv=None, start=0, normalize=True, segment_i
     return o, final
 
 
+# Each document alone, compiled once per length (op-by-op execution would compile every op per length).
+_compiled = jax.jit(retention, static_argnames=("start", "normalize"))
+
+
 def _packed(q, k, v, log_decay, kv, start, normalize, segment_ids):
     """``retention`` row by row and document by document, each document alone; outputs concatenated."""
     outputs, finals = [], []
@@ -62,7 +67,7 @@ def _packed(q, k, v, log_decay, kv, start, normalize, segment_ids):
         final = None if kv is None else kv[row : row + 1]
         for index, (begin, end) in enumerate(zip(cuts[:-1], cuts[1:], strict=True)):
             first = index == 0
-            o, final = retention(
+            o, final = _compiled(
                 *(x[row : row + 1, begin:end] for x in (q, k, v)),
                 log_decay,
                 kv=final if first else None,
