@@ -293,9 +293,8 @@ def _carry_states_with_resets(updates, kv, log_decay, size, resets):
     counted = jnp.cumsum(resets.astype(jnp.int32), axis=1)  # [B, G]: chunks 0..g holding a start
     earlier = jnp.concatenate([jnp.zeros((batch, 1), jnp.int32), counted], axis=1)  # [B, G+1]: chunks < g
     reaches = (rel >= 0) & (earlier[:, :, None] == earlier[:, None, 1:])  # [B, G+1, F]
-    exponent = jnp.where(
-        reaches[:, None], (rel * size) * log_decay[:, None, None], -jnp.inf
-    )  # [B, H, G+1, F]
+    exponent = (rel * size) * log_decay[:, None, None]  # [H, G+1, F]
+    exponent = jnp.where(reaches[:, None], exponent, -jnp.inf)  # [B, H, G+1, F]
     states = jnp.einsum("BHGF,BFHKV->BGHKV", jnp.exp(exponent), updates)
     initial = jnp.where((earlier == 0)[..., None], (g * size)[:, None] * log_decay, -jnp.inf)  # [B, G+1, H]
     states = states + jnp.exp(initial)[..., None, None] * kv[:, None]
@@ -353,10 +352,9 @@ def parallel(q, k, v, log_decay, *, normalize: bool = True, segment_ids=None):
     log_decay = log_decay.astype(acc)
     if starts is not None:
         row_scale = None
-        if normalize:
-            row_scale = _row_scale(documents.positions_from_starts(starts), log_decay)[
-                :, None
-            ]  # [B, 1, T, H]
+        if normalize:  # [B, 1, T, H]: positions restart at each document start
+            positions = documents.positions_from_starts(starts)  # [B, T]
+            row_scale = _row_scale(positions, log_decay)[:, None]
         weights = _decayed_scores(q[:, None], k[:, None], log_decay, row_scale, acc, starts[:, None])[:, 0]
         o = jnp.einsum("BHTS,BSHV->BTHV", weights.astype(v.dtype), v, preferred_element_type=acc)
         return o.astype(v.dtype)
