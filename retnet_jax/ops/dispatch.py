@@ -87,6 +87,7 @@ def chunkwise(
     state: retention.RetentionState | None = None,
     normalize: bool = True,
     implementation: str = "xla",
+    segment_ids=None,
 ):
     """``ops.retention.chunkwise`` through the implementation named (see the module docstring).
 
@@ -96,18 +97,29 @@ def chunkwise(
         state: carried in (default empty); its count sets the absolute positions.
         normalize: divide row n by sqrt(c_n) or not.
         implementation: "xla", "pallas", "pallas_tpu" or "auto".
+        segment_ids: [B, T] integers or None: document starts reset the state (``ops.retention``). The
+            kernels do not reset yet: "auto" runs the XLA form then, "pallas" and "pallas_tpu" raise.
 
     Returns:
         (o [B, T, H, V] in the input dtype, the state after the last token).
     """
     retention._check_inputs("chunkwise", q, k, v, log_decay, state)
     size = retention._check_chunk_size("chunkwise", chunk_size)
+    if segment_ids is not None:
+        if implementation in ("pallas", "pallas_tpu"):
+            raise ValueError(
+                f"chunkwise: implementation={implementation!r} does not support segment_ids (document "
+                "resets) yet; use implementation='xla' or 'auto'."
+            )
+        implementation = "xla" if implementation == "auto" else implementation
     tpu_chunk = tpu.select("chunkwise", implementation, q, v, size)
     if tpu_chunk is not None:
         return tpu.chunkwise(q, k, v, log_decay, chunk_size=tpu_chunk, state=state, normalize=normalize)
     plan = kernel_plan("chunkwise", implementation, q.shape[-1], v.shape[-1], size, q.dtype)
     if plan is None:
-        return retention.chunkwise(q, k, v, log_decay, chunk_size=size, state=state, normalize=normalize)
+        return retention.chunkwise(
+            q, k, v, log_decay, chunk_size=size, state=state, normalize=normalize, segment_ids=segment_ids
+        )
     return fused_chunkwise(q, k, v, log_decay, plan, state, normalize)
 
 
