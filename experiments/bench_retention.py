@@ -1,17 +1,34 @@
-"""Retention alone, forward and forward + backward, bf16: our parallel and chunkwise forms against fla's
-``chunk_retention`` (PyTorch/Triton) and cuDNN flash attention (``jax.nn.dot_product_attention``).
+"""Retention alone, forward and forward + backward, bf16: our XLA chunkwise form and fused kernels against
+fla's ``chunk_retention`` (PyTorch/Triton) and cuDNN flash attention (``jax.nn.dot_product_attention``).
 
-    python -m experiments.bench_retention --shapes=fla        # H32 K=V=128, T 2K..32K (~4 min on an H100)
-    python -m experiments.bench_retention --shapes=paper      # H8 K256 V512, the paper's heads (~4 min)
-    python -m experiments.bench_retention --shapes=fla --lengths=8192 --passes=fwdbwd   # the target row
+    # Every preset head shape, fused kernels beside fla, normalized and not, a state carried in and out,
+    # plus the kernel-plan check of every shape (8 minutes on an H200: lengths in priority order, the
+    # budget skips what does not fit; run the skipped lengths again with --lengths=... --tag=presets-2):
+    python -m experiments.bench_retention --shapes=presets --lengths=8192,2048,32768,4096,16384 \
+        --impls=fused,fla --norms=unnormalized,normalized --state=carried --repeats=5 --min_sample_s=0.02 \
+        --peer_share=0.5 --time_budget_s=470 --tag=presets
+    # The split kernels' tiles and chunk lengths at the paper's heads, beside XLA and fla (tuning):
+    python -m experiments.bench_retention --shapes=paper --lengths=8192 --impls=chunkwise,fused,fla \
+        --chunk_sizes=256 --passes=fwdbwd --fused_chunk_sizes=64,128 \
+        --fused_plans=auto,split:64x64x4x3,split:64x128x4x2,split:32x64x4x2,split:64x64x8x2,split:128x64x8x2 \
+        --time_budget_s=470 --tag=split-sweep
+    python -m experiments.bench_retention --shapes=fla --lengths=8192 --passes=fwdbwd   # the first target row
     python -m experiments.bench_retention --shapes=fla --lengths=128,256 --tokens=512 \
         --chunk_sizes=32,64 --check_length=128 --repeats=3    # CPU smoke run (a minute)
 
-Shapes: ``fla`` is fla's benchmark shape (H32, K=V=128); ``paper`` the paper's heads (H8, K256, V512,
-i.e. D = 2048). B = max(1, tokens / T) keeps B·T constant (``--tokens=65536``: B8 at T8192, exactly).
-Our forms run unnormalized (``--normalize=false``), the function fla computes; cuDNN runs causal softmax
-attention at the same B, T and model width with 128-wide heads (H·K = H'·128, the Transformer baseline's
-heads), since it needs K = V. Parallel runs only where its T×T scores fit (``--parallel_max_gb``).
+Shapes (``SHAPES``; ``presets`` = all): ``paper`` (H8, K256, V512: paper-1.3b), ``paper-2.7b`` (H10),
+``paper-6.7b`` (H16), ``torchscale-xl`` (H8, K256, V432), ``fla`` (fla's benchmark shape, H32, K=V=128),
+``k64`` (H32, K=V=64). B = max(1, tokens / T) keeps B·T constant (``--tokens=65536``: B8 at T8192).
+``--norms``: our forms unnormalized (the function fla computes) and/or normalized (÷ sqrt(c_n)); fla is
+always unnormalized. ``--state=carried``: every call continues a random state (count T) and returns the
+final state (fla: ``initial_state``, ``output_final_state``); the backward takes cotangents for both.
+cuDNN runs causal softmax attention at the same B, T and model width with 128-wide heads (H·K = H'·128,
+the Transformer baseline's heads), since it needs K = V. Parallel runs only where its T×T scores fit
+(``--parallel_max_gb``).
+
+"fused" is ``chunkwise(implementation="pallas")``: the kernel plan ``ops.gpu.plan`` picks per shape (the
+register kernels for K·V ≤ 128·128, else the split kernels); ``--fused_plans`` adds forced families and
+tiles (``split:BKxBVxWARPSxSTAGES``, ``register:BKxBVxWARPSxSTAGES``).
 
 TFLOP/s counts the matrix products of each form (forward; fwd+bwd = 3× forward), one count per form
 whatever the implementation: chunkwise with chunk C (fla: C = 64) 2·B·H·T·(C·(K+V) + 2·K·V), parallel
@@ -21,10 +38,11 @@ the FLOPs XLA's cost analysis finds in the compiled program instead: all it exec
 and extra products (a matrix-form state carry) included, a loop body counted once.
 
 Memory: XLA's ``memory_analysis`` of each program (inputs, outputs, temporaries); for fla,
-``torch.cuda.max_memory_allocated``. Before timing, one small shape checks ours and fla against a float64
-reference (outputs and gradients; relative error ‖x − ref‖ / ‖ref‖).
+``torch.cuda.max_memory_allocated``. Before timing, small shapes (fla's heads and the paper's) check ours
+and fla against a float64 reference (outputs and gradients; relative error ‖x − ref‖ / ‖ref‖).
 
-Target: fwd+bwd at B8 T8192 H32 K=V=128 bf16 in ≤ 0.7× fla's time (the report's last line says).
+Targets: fwd+bwd in ≤ 0.7× fla's time at every shape and T (the "Targets" section; a shape and T meet it
+when the fastest of our rows there does).
 """
 
 from __future__ import annotations
@@ -40,57 +58,92 @@ from absl import app, flags
 
 from experiments import benchlib as bl
 from retnet_jax import retention
+from retnet_jax.ops import dispatch
 from retnet_jax.ops import retention as retention_ops
-from retnet_jax.ops.gpu import chunk_retention as fused_retention
+from retnet_jax.ops.gpu import chunk_retention, split_retention
+from retnet_jax.ops.gpu import plan as plan_lib
 
-SHAPES = {"fla": dict(H=32, K=128, V=128), "paper": dict(H=8, K=256, V=512)}
-TARGET = dict(shape="fla", B=8, T=8192, passes="fwdbwd", ratio=0.7)
+# Head shapes of the presets (in the order "presets" runs them).
+SHAPES = {
+    "paper": dict(H=8, K=256, V=512),  # paper-1.3b (and fla-hub's retnet-1.3B)
+    "torchscale-xl": dict(H=8, K=256, V=432),  # torchscale v2 xl (value width 3456 = 8·432)
+    "fla": dict(H=32, K=128, V=128),  # fla's benchmark heads
+    "paper-2.7b": dict(H=10, K=256, V=512),
+    "paper-6.7b": dict(H=16, K=256, V=512),
+    "k64": dict(H=32, K=64, V=64),
+}
+TARGET_RATIO = 0.7  # fwd+bwd time against fla's, at every shape and T
 
-_SHAPES = flags.DEFINE_list("shapes", ["fla", "paper"], f"Head shapes to run: {sorted(SHAPES)}.")
+_SHAPES = flags.DEFINE_list("shapes", ["fla", "paper"], f"Head shapes to run: {sorted(SHAPES)} or presets.")
 _LENGTHS = flags.DEFINE_string("lengths", "2048,4096,8192,16384,32768", "Sequence lengths T.")
 _TOKENS = flags.DEFINE_integer("tokens", 65536, "B·T per configuration: B = max(1, tokens // T).")
 _CHUNKS = flags.DEFINE_string("chunk_sizes", "64,128,256,512", "Chunk sizes C of our chunkwise form.")
 _IMPLS = flags.DEFINE_list(
     "impls", ["parallel", "chunkwise", "fused", "fla", "cudnn"], "Implementations to run."
 )
-_FUSED_CHUNKS = flags.DEFINE_string("fused_chunk_sizes", "64,128", "Chunk sizes C of the fused kernels.")
-_FUSED_TILES = flags.DEFINE_list(
-    "fused_tiles",
-    [],
-    "Tilings of the fused kernels to compare, each BKxBVxWARPSxSTAGES (e.g. 128x64x4x2); "
-    "none: fused_retention.default_tiles.",
+_FUSED_CHUNKS = flags.DEFINE_string("fused_chunk_sizes", "64", "Chunk sizes C of the fused kernels.")
+_FUSED_PLANS = flags.DEFINE_list(
+    "fused_plans",
+    ["auto"],
+    "Kernel plans of the fused runs: auto (ops.gpu.plan's choice), register, split (a family with its "
+    "default tiles), or FAMILY:BKxBVxWARPSxSTAGES (e.g. split:64x64x4x2).",
 )
 _PASSES = flags.DEFINE_list("passes", ["fwd", "fwdbwd"], "fwd and/or fwdbwd (forward + backward).")
-_NORMALIZE = flags.DEFINE_bool("normalize", False, "Time our normalized retention instead (fla: never).")
+_NORMS = flags.DEFINE_list(
+    "norms", ["unnormalized"], "Our forms unnormalized (fla's function) and/or normalized (fla: never)."
+)
+_STATE = flags.DEFINE_enum("state", "none", ["none", "carried"], "Continue a random state and return one.")
 _PARALLEL_MAX_GB = flags.DEFINE_float("parallel_max_gb", 48.0, "Skip parallel when its scores exceed this.")
-_CHECK_LENGTH = flags.DEFINE_integer("check_length", 1024, "T of the correctness check (B2, H4, K=V=128).")
-_PEER_TIMEOUT_S = flags.DEFINE_float("peer_timeout_s", 240.0, "Time limit of the fla worker process.")
+_CHECK_LENGTH = flags.DEFINE_integer("check_length", 1024, "T of the correctness checks (B2).")
+_PEER_SHARE = flags.DEFINE_float(
+    "peer_share", 0.45, "Share of --time_budget_s the fla worker may use (it autotunes per head shape)."
+)
+
+
+def shape_names() -> list[str]:
+    names = []
+    for name in _SHAPES.value:
+        names += list(SHAPES) if name == "presets" else [name]
+    unknown = [n for n in names if n not in SHAPES]
+    if unknown:
+        raise app.UsageError(f"--shapes: unknown {unknown}; expected presets or some of {sorted(SHAPES)}.")
+    return list(dict.fromkeys(names))
 
 
 def configs():
-    """Every (shape, T, B, impl, C, pass) to run, in order."""
+    """Every (T, shape, pass, impl, C, norm) to run, in order: lengths in the order given (so that a budget
+    cut skips the last ones), then shapes."""
     out = []
     chunks = bl.int_list(_CHUNKS.value)
-    for shape in _SHAPES.value:
-        dims = SHAPES[shape]
-        for length in bl.int_list(_LENGTHS.value):
-            batch = max(1, _TOKENS.value // length)
+    norms = [n == "normalized" for n in _NORMS.value]
+    state = _STATE.value == "carried"
+    for length in bl.int_list(_LENGTHS.value):
+        batch = max(1, _TOKENS.value // length)
+        for shape in shape_names():
+            dims = SHAPES[shape]
             for pass_ in _PASSES.value:
-                base = dict(shape=shape, T=length, B=batch, passes=pass_, **dims)
-                if "parallel" in _IMPLS.value:
-                    out.append(dict(base, impl="parallel", C=None))
+                base = dict(
+                    shape=shape, T=length, B=batch, passes=pass_, state=state, normalize=False, **dims
+                )
+                if "parallel" in _IMPLS.value and not state:
+                    out += [dict(base, impl="parallel", C=None, normalize=n) for n in norms]
                 if "chunkwise" in _IMPLS.value:
-                    out += [dict(base, impl="chunkwise", C=c) for c in chunks if c <= length]
+                    out += [
+                        dict(base, impl="chunkwise", C=c, normalize=n)
+                        for c in chunks
+                        if c <= length
+                        for n in norms
+                    ]
                 if "fused" in _IMPLS.value:
                     out += [
-                        dict(base, impl="fused", C=c, tiles=tiles)
+                        dict(base, impl="fused", C=c, plan=plan, normalize=n)
                         for c in bl.int_list(_FUSED_CHUNKS.value)
-                        if c <= length
-                        for tiles in (_FUSED_TILES.value or [None])
+                        for plan in _FUSED_PLANS.value
+                        for n in norms
                     ]
                 if "fla" in _IMPLS.value:
                     out.append(dict(base, impl="fla", C=64))
-                if "cudnn" in _IMPLS.value:
+                if "cudnn" in _IMPLS.value and not state:
                     width = dims["H"] * dims["K"]
                     out.append(dict(base, impl="cudnn", C=None, H=width // 128, K=128, V=128))
     return out
@@ -117,48 +170,78 @@ def parallel_bytes(cfg) -> float:
 # Our forms and cuDNN (this process).
 
 
-def jax_function(cfg, normalize: bool):
-    """(q, k, v) → o for one implementation."""
+def kernel_plan(cfg):
+    """The plan of a fused run: dispatch's choice at C, or the family / tiles that --fused_plans names."""
+    spec = cfg.get("plan") or "auto"
+    chunk = dispatch.kernel_chunk(cfg["C"])
+    if spec == "auto":  # what chunkwise(implementation="pallas") runs (backend="cpu": no Triton probe)
+        return dispatch.kernel_plan("bench", "pallas", cfg["K"], cfg["V"], chunk, jnp.bfloat16, backend="cpu")
+    family, _, tiles = spec.partition(":")
+    if tiles:
+        numbers = bl.int_list(tiles.replace("x", ","))
+        tiles = (chunk_retention.Tiles if family == "register" else split_retention.Tiles)(*numbers)
+    plan = plan_lib.make(cfg["K"], cfg["V"], chunk, jnp.bfloat16, family=family, tiles=tiles or None)
+    if isinstance(plan, str):
+        raise ValueError(f"plan {spec}: {plan}")
+    return plan
+
+
+def jax_function(cfg):
+    """(q, k, v, kv) → (o, final kv) for one implementation (kv unused without a carried state)."""
+    normalize = cfg.get("normalize", False)
     if cfg["impl"] == "cudnn":
-        return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+        return lambda q, k, v, kv: (
+            jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn"),
+            kv,
+        )
     log_decay = retention.log_decays(cfg["H"])
     if cfg["impl"] == "parallel":
-        return lambda q, k, v: retention.parallel(q, k, v, log_decay, normalize=normalize)
-    if cfg["impl"] == "fused" and cfg.get("tiles"):
-        tiles = fused_retention.Tiles(*bl.int_list(cfg["tiles"].replace("x", ",")))
-        return lambda q, k, v: fused_retention.fused_chunk_retention(
-            q, k, v, log_decay, chunk_size=cfg["C"], tiles=tiles
-        )
-    implementation = "pallas" if cfg["impl"] == "fused" else "xla"
+        return lambda q, k, v, kv: (retention.parallel(q, k, v, log_decay, normalize=normalize), kv)
+    plan = kernel_plan(cfg) if cfg["impl"] == "fused" else None
 
-    def chunkwise(q, k, v):
-        return retention.chunkwise(
-            q, k, v, log_decay, chunk_size=cfg["C"], normalize=normalize, implementation=implementation
-        )[0]
+    def chunkwise(q, k, v, kv):
+        state = None
+        if cfg.get("state"):
+            state = retention.RetentionState(kv, jnp.full((q.shape[0],), q.shape[1], jnp.int32))
+        if plan is not None:
+            o, new = dispatch.fused_chunkwise(q, k, v, log_decay, plan, state, normalize)
+        else:
+            o, new = retention.chunkwise(
+                q, k, v, log_decay, chunk_size=cfg["C"], state=state, normalize=normalize
+            )
+        return o, new.kv
 
     return chunkwise
 
 
 def with_backward(f):
-    """(q, k, v, do) → (o, (dq, dk, dv)): the forward and the gradients for cotangent do."""
+    """(q, k, v, kv, do, dkv) → ((o, kv'), (dq, dk, dv, dkv)): the forward and the gradients."""
 
-    def fwd_bwd(q, k, v, do):
-        o, vjp = jax.vjp(f, q, k, v)
-        return o, vjp(do)
+    def fwd_bwd(q, k, v, kv, do, dkv):
+        out, vjp = jax.vjp(f, q, k, v, kv)
+        return out, vjp((do, dkv))
 
     return fwd_bwd
 
 
 def run_jax(cfg):
     b, t, h, k, v = cfg["B"], cfg["T"], cfg["H"], cfg["K"], cfg["V"]
-    keys = jax.random.split(jax.random.key(t + 7 * h), 4)
+    keys = jax.random.split(jax.random.key(t + 7 * h), 6)
     q = bl.normal(keys[0], (b, t, h, k), jnp.bfloat16)
     kk = bl.normal(keys[1], (b, t, h, k), jnp.bfloat16, scale=k**-0.5)  # k arrives scaled by K^-1/2
     vv = bl.normal(keys[2], (b, t, h, v), jnp.bfloat16)
-    f = jax_function(cfg, _NORMALIZE.value)
-    args = (q, kk, vv)
+    kv = bl.normal(keys[3], (b, h, k, v), jnp.float32)
+    f = jax_function(cfg)
+    if not cfg.get("state"):  # no state: the function of q, k, v alone
+        inner = f
+        f = lambda q, k, v, kv: (inner(q, k, v, None)[0], kv)  # noqa: E731
+    args = (q, kk, vv, kv)
     if cfg["passes"] == "fwdbwd":
-        f, args = with_backward(f), (*args, bl.normal(keys[3], (b, t, h, v), jnp.bfloat16))
+        cotangents = (
+            bl.normal(keys[4], (b, t, h, v), jnp.bfloat16),
+            bl.normal(keys[5], (b, h, k, v), jnp.float32),
+        )
+        f, args = with_backward(f), (*args, *cotangents)
     compiled, compile_s, memory = bl.compile_timed(f, *args)
     timing = bl.time_calls(lambda: compiled(*args))
     return dict(
@@ -179,46 +262,61 @@ def fla_worker(payload):
         from fla.ops.retention import chunk_retention
     except ImportError as error:
         return dict(available=False, reason=f"fla not importable: {error}")
+    deadline = time.monotonic() + payload["budget_s"]
 
-    def retain(q, k, v):
+    def retain(q, k, v, h0=None):
         # Inputs [B, T, H, K|V]; fla scales q by `scale` itself: 1.0, since k arrives scaled like ours.
-        return chunk_retention(q, k, v, scale=1.0)[0]
+        return chunk_retention(q, k, v, scale=1.0, initial_state=h0, output_final_state=h0 is not None)
 
     def run_check():
-        check = payload["check"]
-        data = np.load(check["inputs"])
-        q, k, v, do = (
-            torch.tensor(data[n], device="cuda").to(torch.bfloat16).requires_grad_() for n in "qkvd"
-        )
-        o = retain(q, k, v)
-        o.backward(do.detach())
-        grads = dict(o=o.detach(), dq=q.grad, dk=k.grad, dv=v.grad)
-        np.savez(check["outputs"], **{n: x.float().cpu().numpy() for n, x in grads.items()})
-        return {}
+        outputs = {}
+        for name, files in payload["checks"].items():
+            data = np.load(files["inputs"])
+            q, k, v, do = (
+                torch.tensor(data[n], device="cuda").to(torch.bfloat16).requires_grad_() for n in "qkvd"
+            )
+            o = retain(q, k, v)[0]
+            o.backward(do.detach())
+            grads = dict(o=o.detach(), dq=q.grad, dk=k.grad, dv=v.grad)
+            np.savez(files["outputs"], **{n: x.float().cpu().numpy() for n, x in grads.items()})
+            outputs[name] = files["outputs"]
+        return dict(outputs=outputs)
 
     check = bl.guarded(run_check)
     results = []
     for cfg in payload["configs"]:
+        if time.monotonic() > deadline:
+            results.append(dict(status="skipped", error="time budget of the fla worker"))
+            continue
 
         def one(cfg=cfg):
             b, t, h, kd, vd = cfg["B"], cfg["T"], cfg["H"], cfg["K"], cfg["V"]
             gen = torch.Generator(device="cuda").manual_seed(t + 7 * h)
 
-            def rand(*shape, scale=1.0):
-                return (torch.randn(*shape, device="cuda", generator=gen) * scale).to(torch.bfloat16)
+            def rand(*shape, scale=1.0, dtype=torch.bfloat16):
+                return (torch.randn(*shape, device="cuda", generator=gen) * scale).to(dtype)
 
             q, k, v = rand(b, t, h, kd), rand(b, t, h, kd, scale=kd**-0.5), rand(b, t, h, vd)
+            h0 = rand(b, h, kd, vd, dtype=torch.float32) if cfg["state"] else None
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
             if cfg["passes"] == "fwd":
                 with torch.no_grad():
-                    fn, grads = (lambda: retain(q, k, v)), None
+                    fn, grads = (lambda: retain(q, k, v, h0)), None
                     fn()
             else:
-                q, k, v = (x.requires_grad_() for x in (q, k, v))
+                leaves = [x.requires_grad_() for x in (q, k, v, h0) if x is not None]
                 do = rand(b, t, h, vd)
-                fn, grads = (lambda: retain(q, k, v).backward(do)), [q, k, v]
+                dht = rand(b, h, kd, vd, dtype=torch.float32) if h0 is not None else None
+
+                def fn():
+                    o, ht = retain(q, k, v, h0)
+                    torch.autograd.backward(
+                        [o] + ([ht] if ht is not None else []), [do] + ([dht] if ht is not None else [])
+                    )
+
+                fn, grads = fn, leaves
                 fn()
             torch.cuda.synchronize()
             first_s = time.perf_counter() - start  # Triton compilation and autotuning
@@ -236,7 +334,10 @@ def fla_worker(payload):
 
 
 # ------------------------------------------------------------------------------------------------------
-# The correctness check: one small shape, float64 reference in NumPy.
+# The correctness checks: small shapes, float64 reference in NumPy.
+
+# name → (H, K, V): the register kernels' heads and the split kernels' heads (the paper's).
+CHECKS = {"H4 K=V=128": (4, 128, 128), "H2 K256 V512": (2, 256, 512)}
 
 
 def reference(q, k, v, do, log_decay):
@@ -258,46 +359,133 @@ def reference(q, k, v, do, log_decay):
     )
 
 
-def check_inputs(path: str):
-    """Random bf16-representable inputs of the check shape, saved for the fla worker."""
+def check_inputs(tmp: str):
+    """Random bf16-representable inputs of each check shape, saved for the fla worker."""
     import ml_dtypes
 
-    shape = (2, _CHECK_LENGTH.value, 4, 128)
     rng = np.random.default_rng(0)
-    scales = dict(q=1.0, k=128**-0.5, v=1.0, d=1.0)
-    data = {
-        n: (rng.standard_normal(shape) * s).astype(ml_dtypes.bfloat16).astype(np.float32)
-        for n, s in scales.items()
-    }
-    np.savez(path, **data)
-    return data
+    data, files = {}, {}
+    for i, (name, (heads, key_dim, value_dim)) in enumerate(CHECKS.items()):
+        shapes = dict(q=key_dim, k=key_dim, v=value_dim, d=value_dim)
+        scales = dict(q=1.0, k=key_dim**-0.5, v=1.0, d=1.0)
+        data[name] = {
+            n: (rng.standard_normal((2, _CHECK_LENGTH.value, heads, w)) * scales[n])
+            .astype(ml_dtypes.bfloat16)
+            .astype(np.float32)
+            for n, w in shapes.items()
+        }
+        files[name] = dict(inputs=f"{tmp}/check_inputs_{i}.npz", outputs=f"{tmp}/fla_outputs_{i}.npz")
+        np.savez(files[name]["inputs"], **data[name])
+    return data, files
 
 
 def run_check(data, fla_outputs, chunk: int):
     """Relative errors of (o, dq, dk, dv) against the float64 reference, and of ours against fla."""
     names = ("o", "dq", "dk", "dv")
-    ref = reference(data["q"], data["k"], data["v"], data["d"], retention.log_decays(4))
-    inputs = [jnp.asarray(data[n], jnp.bfloat16) for n in "qkvd"]
-    results = {}
-    impls = [("chunkwise", chunk), ("parallel", None)]
-    if "fused" in _IMPLS.value and jax.default_backend() == "gpu":
-        impls.append(("fused", 64))
-    for impl, c in impls:
-        o, grads = jax.jit(with_backward(jax_function(dict(impl=impl, H=4, C=c), normalize=False)))(*inputs)
-        results[f"ours {impl}" + (f" C={c}" if c else "")] = [o, *grads]
-    against = {name: ref for name in results}
-    if fla_outputs is not None:
-        results["fla chunk_retention"] = [fla_outputs[n] for n in names]
-        against["fla chunk_retention"] = ref
-        results["ours chunkwise vs fla"] = results[f"ours chunkwise C={chunk}"]
-        against["ours chunkwise vs fla"] = results["fla chunk_retention"]
-    return [
-        dict(
-            impl=name,
-            errors={n: bl.rel_error(x, r) for n, x, r in zip(names, values, against[name], strict=True)},
+    out = []
+    for shape, inputs in data.items():
+        heads = CHECKS[shape][0]
+        ref = reference(inputs["q"], inputs["k"], inputs["v"], inputs["d"], retention.log_decays(heads))
+        args = [jnp.asarray(inputs[n], jnp.bfloat16) for n in "qkvd"]
+        results = {}
+        impls = [("chunkwise", chunk), ("parallel", None)]
+        if "fused" in _IMPLS.value and jax.default_backend() == "gpu":
+            impls.append(("fused", 64))
+        for impl, c in impls:
+            f = jax_function(dict(impl=impl, H=heads, K=CHECKS[shape][1], V=CHECKS[shape][2], C=c))
+
+            def fwd_bwd(q, k, v, do, f=f):
+                o, vjp = jax.vjp(lambda q, k, v: f(q, k, v, None)[0], q, k, v)
+                return o, vjp(do)
+
+            o, grads = jax.jit(fwd_bwd)(*args)
+            results[f"ours {impl}" + (f" C={c}" if c else "")] = [o, *grads]
+        against = {name: ref for name in results}
+        if fla_outputs and shape in fla_outputs:
+            results["fla chunk_retention"] = [fla_outputs[shape][n] for n in names]
+            against["fla chunk_retention"] = ref
+            results["ours chunkwise vs fla"] = results[f"ours chunkwise C={chunk}"]
+            against["ours chunkwise vs fla"] = results["fla chunk_retention"]
+        out += [
+            dict(
+                shape=shape,
+                impl=name,
+                errors={n: bl.rel_error(x, r) for n, x, r in zip(names, values, against[name], strict=True)},
+            )
+            for name, values in results.items()
+        ]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------
+# The kernel plans: every preset head shape (and the f32 CPU presets) compiled and run on this device.
+
+# name → (H, K, V, dtype): the benchmark's shapes in bf16, the tiny and small presets in float32 (the small
+# preset's forced "pallas" used to exceed shared memory).
+PLAN_SHAPES = {
+    **{name: (d["H"], d["K"], d["V"], "bfloat16") for name, d in SHAPES.items()},
+    "small f32": (4, 64, 128, "float32"),
+    "tiny f32": (2, 32, 64, "float32"),
+    "fla f32": (4, 128, 128, "float32"),
+}
+
+
+def check_plan(name: str):
+    """chunkwise(implementation="pallas") against the XLA form on one shape: a carried state in and out,
+    normalized, T = 300 (not a multiple of C); relative errors of o, the final state and the gradients."""
+    heads, key_dim, value_dim, dtype = PLAN_SHAPES[name]
+    plan = dispatch.kernel_plan("bench", "pallas", key_dim, value_dim, 64, dtype, backend="cpu")
+    keys = jax.random.split(jax.random.key(1), 5)
+    q = bl.normal(keys[0], (1, 300, heads, key_dim), dtype)
+    k = bl.normal(keys[1], (1, 300, heads, key_dim), dtype, scale=key_dim**-0.5)
+    v = bl.normal(keys[2], (1, 300, heads, value_dim), dtype)
+    kv = bl.normal(keys[3], (1, heads, key_dim, value_dim), jnp.float32)
+    do = bl.normal(keys[4], v.shape, jnp.float32)
+    log_decay = retention.log_decays(heads)
+
+    def loss(impl):
+        def f(q, k, v, kv):
+            state = retention.RetentionState(kv, jnp.array([7], jnp.int32))
+            o, new = retention.chunkwise(q, k, v, log_decay, chunk_size=64, state=state, implementation=impl)
+            return jnp.vdot(o.astype(jnp.float32), do) + jnp.sum(new.kv), (o, new.kv)
+
+        return jax.jit(jax.value_and_grad(f, range(4), has_aux=True))(q, k, v, kv)
+
+    (_, ours), grads = loss("pallas")
+    (_, xla), expected = loss("xla")
+    names = ("o", "state", "dq", "dk", "dv", "dstate")
+    errors = {
+        n: bl.rel_error(a, b) for n, a, b in zip(names, (*ours, *grads), (*xla, *expected), strict=True)
+    }
+    sizes = plan_lib.shared_memory(plan, key_dim, value_dim, dtype)
+    return dict(plan=f"{plan.family} {tuple(plan.tiles)}", smem_kib=max(sizes.values()) / 1024, errors=errors)
+
+
+def check_plans():
+    if "fused" not in _IMPLS.value:
+        return []
+    # The interpreter is slow: off the GPU only the small shapes.
+    names = list(PLAN_SHAPES) if jax.default_backend() == "gpu" else ["tiny f32"]
+    out = []
+    for name in names:
+        print(f"plan check {name} ...", flush=True)
+        out.append(
+            dict(shape=name, dtype=PLAN_SHAPES[name][3], **bl.guarded(lambda name=name: check_plan(name)))
         )
-        for name, values in results.items()
+    return out
+
+
+def plans_markdown(plans) -> str:
+    columns = [
+        ("shape", lambda r: r["shape"]),
+        ("dtype", lambda r: r["dtype"]),
+        ("plan (family, tiles)", bl.when_ok(lambda r: r["plan"])),
+        ("est. shared KiB", bl.when_ok(lambda r: f"{r['smem_kib']:.0f}")),
+    ] + [
+        (f"rel err {n}", bl.when_ok(lambda r, n=n: bl.fmt(r["errors"][n], 1, ".1e")))
+        for n in ("o", "state", "dq", "dk", "dv", "dstate")
     ]
+    return bl.markdown_table(plans, columns) if plans else "Not run (fused not requested)."
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -306,7 +494,13 @@ def run_check(data, fla_outputs, chunk: int):
 
 def impl_label(r) -> str:
     label = r["impl"] + (f" C={r['C']}" if r["C"] and r["impl"] != "fla" else "")
-    return label + (f" {r['tiles']}" if r.get("tiles") else "")
+    if r.get("plan") and r["plan"] != "auto":
+        label += f" {r['plan']}"
+    elif r["impl"] == "fused" and r.get("family"):
+        label += f" {r['family']}"
+    if r["impl"] != "fla":
+        label += " norm" if r.get("normalize") else ""
+    return label + (" +state" if r.get("state") else "")
 
 
 COLUMNS = [
@@ -328,13 +522,13 @@ COLUMNS = [
 ]
 
 
+def _key(r):
+    return (r["shape"], r["T"], r["B"], r["passes"])
+
+
 def derive(rows, device, ceilings):
     """Adds achieved FLOP/s, % of peaks and the ratio to fla's time at the same shape, T, B and pass."""
-    fla = {
-        (r["shape"], r["T"], r["B"], r["passes"]): r["timing"]["median_s"]
-        for r in rows
-        if r["impl"] == "fla" and r.get("status") == "ok"
-    }
+    fla = {_key(r): r["timing"]["median_s"] for r in rows if r["impl"] == "fla" and r.get("status") == "ok"}
     for r in rows:
         if r.get("status") != "ok":
             continue
@@ -345,27 +539,44 @@ def derive(rows, device, ceilings):
         r["xla_flops_per_s"] = r["xla_flops"] / seconds if r.get("xla_flops") else None
         if device["datasheet_flops"]:
             r["pct_datasheet"] = 100 * r["flops_per_s"] / device["datasheet_flops"]
-        base = fla.get((r["shape"], r["T"], r["B"], r["passes"]))
+        base = fla.get(_key(r))
         r["vs_fla"] = seconds / base if base else None
 
 
-def target_line(rows) -> str:
-    at = {k: TARGET[k] for k in ("shape", "B", "T", "passes")}
-    match = [r for r in rows if r.get("status") == "ok" and all(r[k] == v for k, v in at.items())]
-    ours = [r for r in match if r["impl"] in ("chunkwise", "parallel", "fused") and r.get("vs_fla")]
-    head = f"Target (fwd+bwd, B8 T8192 H32 K=V=128 ≤ {TARGET['ratio']}× fla)"
-    if not ours:
-        return f"{head}: not measured in this run."
-    best = min(ours, key=lambda r: r["timing"]["median_s"])
-    verdict = "met" if best["vs_fla"] <= TARGET["ratio"] else "NOT met"
-    return (
-        f"{head}: best ours = {impl_label(best)} at {best['timing']['median_s'] * 1e3:.3f} ms "
-        f"= {best['vs_fla']:.2f}× fla — {verdict}."
-    )
+def targets(rows) -> str:
+    """Per shape and T: the fastest of our fwd+bwd rows against fla (unnormalized and normalized)."""
+    lines = []
+    for key in dict.fromkeys(_key(r) for r in rows if r["passes"] == "fwdbwd"):
+        cells = []
+        for normalize in (False, True):
+            ours = [
+                r
+                for r in rows
+                if _key(r) == key
+                and r["impl"] in ("chunkwise", "parallel", "fused")
+                and bool(r.get("normalize")) == normalize
+                and r.get("vs_fla")
+            ]
+            if ours:
+                best = min(ours, key=lambda r: r["timing"]["median_s"])
+                verdict = "met" if best["vs_fla"] <= TARGET_RATIO else "NOT met"
+                cells.append(f"{impl_label(best)}: {best['vs_fla']:.2f}× ({verdict})")
+            else:
+                cells.append("–")
+        dims = SHAPES[key[0]]
+        lines.append(
+            f"| {key[0]} | {dims['H']}/{dims['K']}/{dims['V']} | {key[2]} | {key[1]} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    if not lines:
+        return "No fwd+bwd rows with fla beside them in this run."
+    head = "| shape | H/K/V | B | T | unnormalized: best ours / fla | normalized: best ours / fla |"
+    return "\n".join([head, "|---|---|---|---|---|---|", *lines])
 
 
 def plot(rows, path):
-    shapes = [s for s in _SHAPES.value if any(r["shape"] == s for r in rows)]
+    shapes = [s for s in shape_names() if any(r["shape"] == s for r in rows)]
     fig, axes = bl.figure(max(1, len(shapes)), len(_PASSES.value))
     for i, shape in enumerate(shapes):
         for j, pass_ in enumerate(_PASSES.value):
@@ -384,17 +595,17 @@ def plot(rows, path):
     bl.save_figure(fig, path)
 
 
-def measure_fla(fla_configs, tmp, budget):
+def measure_fla(fla_configs, files, budget):
     """fla's timings and check outputs, from a PyTorch worker process (before JAX takes the GPU)."""
     if "fla" not in _IMPLS.value:
         return dict(status="ok", available=False, reason="not requested")
     if not all(importlib.util.find_spec(m) for m in ("torch", "fla")):
         return dict(status="ok", available=False, reason="torch or fla not installed")
     print(f"fla worker: {len(fla_configs)} configurations ...", flush=True)
-    check = dict(inputs=f"{tmp}/check_inputs.npz", outputs=f"{tmp}/fla_outputs.npz")
-    payload = dict(kind="fla", configs=fla_configs, check=check)
-    timeout = min(_PEER_TIMEOUT_S.value, budget.left())
-    fla = bl.run_worker("experiments.bench_retention", payload, timeout, [f"--repeats={bl.REPEATS.value}"])
+    share = _PEER_SHARE.value * budget.left()
+    payload = dict(kind="fla", configs=fla_configs, checks=files, budget_s=share)
+    # The worker stops starting configurations after its share; the margin lets a started one finish.
+    fla = bl.run_worker("experiments.bench_retention", payload, share + 90, [f"--repeats={bl.REPEATS.value}"])
     if fla.get("status") != "ok" or not fla.get("available"):
         print(
             f"fla: not measured ({fla.get('reason') or fla.get('error')})\n{fla.get('log', '')}", flush=True
@@ -409,8 +620,8 @@ def main(argv):
     budget = bl.Budget()
     todo = configs()
     tmp = tempfile.mkdtemp(prefix="bench_retention_")
-    data = check_inputs(f"{tmp}/check_inputs.npz")
-    fla = measure_fla([c for c in todo if c["impl"] == "fla"], tmp, budget)
+    data, files = check_inputs(tmp)
+    fla = measure_fla([c for c in todo if c["impl"] == "fla"], files, budget)
     fla_ok = fla.get("status") == "ok" and fla.get("available")
     fla_results = iter(fla["results"]) if fla_ok else None
     fla_missing = dict(status="n/a" if fla.get("status") == "ok" else fla.get("status"))
@@ -419,13 +630,19 @@ def main(argv):
     device = bl.device_info()
     ceilings = bl.measure_ceilings()
     report = bl.Report("bench_retention", device["short"])
-    fla_checked = fla_ok and fla["check"]["status"] == "ok"
-    fla_outputs = dict(np.load(f"{tmp}/fla_outputs.npz")) if fla_checked else None
+    fla_outputs = None
+    if fla_ok and fla["check"]["status"] == "ok":
+        fla_outputs = {name: dict(np.load(path)) for name, path in fla["check"]["outputs"].items()}
     check = run_check(data, fla_outputs, bl.int_list(_CHUNKS.value)[0])
+    plans = check_plans()
 
     rows = []
     for cfg in todo:
-        label = f"{cfg['shape']} B{cfg['B']} T{cfg['T']} {cfg['impl']} C={cfg['C']} {cfg['passes']}"
+        label = f"{cfg['shape']} B{cfg['B']} T{cfg['T']} {impl_label(cfg)} {cfg['passes']}"
+        if cfg["impl"] == "fused":
+            cfg = dict(
+                cfg, family=bl.guarded(lambda cfg=cfg: dict(family=kernel_plan(cfg).family)).get("family")
+            )
         if cfg["impl"] == "fla":
             result = next(fla_results) if fla_ok else fla_missing
         elif cfg["impl"] == "cudnn" and device["platform"] != "gpu":
@@ -439,18 +656,18 @@ def main(argv):
             result = bl.guarded(lambda cfg=cfg: run_jax(cfg))
         rows.append({**cfg, **result})
         derive(rows, device, ceilings)
-        write(report, rows, device, ceilings, check, fla)
-    text = write(report, rows, device, ceilings, check, fla)
+        write(report, rows, device, ceilings, check, fla, plans)
+    text = write(report, rows, device, ceilings, check, fla, plans)
     if bl.PLOTS.value:
         bl.guarded(lambda: plot(rows, report.png))
     print(text)
     print("Wrote", *report.paths())
 
 
-def write(report, rows, device, ceilings, check, fla):
+def write(report, rows, device, ceilings, check, fla, plans):
     check_rows = bl.markdown_table(
         check,
-        [("impl", lambda r: r["impl"])]
+        [("shape", lambda r: r["shape"]), ("impl", lambda r: r["impl"])]
         + [
             (f"rel err {n}", lambda r, n=n: bl.fmt(r["errors"][n], 1, ".2e")) for n in ("o", "dq", "dk", "dv")
         ],
@@ -462,16 +679,20 @@ def write(report, rows, device, ceilings, check, fla):
     )
     sections = [
         bl.ceilings_markdown(device, ceilings),
-        peers + f". Our forms: normalize={_NORMALIZE.value}; bf16 inputs, float32 accumulation.",
-        f"## Correctness (B2 T{_CHECK_LENGTH.value} H4 K=V=128, bf16 inputs, vs a float64 reference)\n\n"
+        peers
+        + f". Our forms: {', '.join(_NORMS.value)}; state {_STATE.value}; bf16 inputs, float32 accumulation.",
+        f"## Correctness (B2 T{_CHECK_LENGTH.value}, bf16 inputs, unnormalized, vs a float64 reference)\n\n"
         + check_rows,
+        "## Kernel plans (chunkwise pallas vs xla, B1 T300 C64, state in and out, normalized)\n\n"
+        + plans_markdown(plans),
         "## Timings\n\n" + bl.markdown_table(rows, COLUMNS),
-        target_line(rows),
+        f"## Targets (fwd+bwd ≤ {TARGET_RATIO}× fla)\n\n" + targets(rows),
     ]
     raw = dict(
         device=device,
         ceilings=ceilings,
         check=check,
+        plans=plans,
         fla=dict((k, v) for k, v in fla.items() if k != "results"),
         rows=rows,
     )

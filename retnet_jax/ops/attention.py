@@ -6,6 +6,11 @@ Axis letters as in ``ops.retention``; S is a cache's length, U the call's own to
   (cuDNN's flash attention on GPU in half precision, XLA's einsum-softmax elsewhere).
 * ``cached_attention``: the call's queries over a cache's tokens and the call's own in one softmax.
 * ``write_cache``: the call's keys or values written into a layer-major cache at their positions.
+
+Packed documents: both attention functions take ``segment_ids`` [B, T] (a change between t − 1 and t
+starts a document at t; see ``ops.documents``) and then no query attends across a document start. As
+in retention, position 0 of a call continues what precedes it (the cache). The rotation positions are the
+caller's: rotate by ``documents.document_positions`` so that they restart at each document too.
 """
 
 from __future__ import annotations
@@ -13,15 +18,27 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from retnet_jax.ops import documents
+
 __all__ = ["cached_attention", "causal_attention", "write_cache"]
 
 
-def causal_attention(q, k, v, implementation: str):
-    """Causal softmax attention over one call. q, k, v: [B, T, H, K] → [B, T, H, K] (softmax in float32)."""
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+def causal_attention(q, k, v, implementation: str, *, segment_ids=None):
+    """Causal softmax attention over one call. q, k, v: [B, T, H, K] → [B, T, H, K] (softmax in float32).
+
+    With ``segment_ids`` [B, T] a query sees only the keys of its own document. ``jax.nn``'s attention
+    takes no segment ids (jax 0.10 and 0.11), so they go in as a boolean mask [B, 1, T, S], which both its
+    implementations accept (cuDNN turns it into an additive bias; ``is_causal`` still lets it skip the
+    upper triangle).
+    """
+    mask = None
+    if segment_ids is not None:
+        documents.check_segment_ids("causal_attention", segment_ids, q.shape[0], q.shape[1])
+        mask = documents.same_document(segment_ids)[:, None]  # [B, 1, T, S]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=implementation)
 
 
-def cached_attention(q, k, v, k_cache, v_cache, positions):
+def cached_attention(q, k, v, k_cache, v_cache, positions, *, segment_ids=None):
     """Attention from the call's queries over the cached tokens and the call's own, in one softmax.
 
     The cached part and the call's part are scored separately and share one softmax, so the cache is only
@@ -32,6 +49,9 @@ def cached_attention(q, k, v, k_cache, v_cache, positions):
         k_cache, v_cache: [B, H, S, K] this layer's cache, holding each row's tokens before the call.
         positions: [B, T] absolute positions of the call's tokens (the row's cache length + 0..T−1).
             Negative positions are left pads: attended by no one (their own output is meaningless).
+            These are cache slots, not rotation positions.
+        segment_ids: [B, T] or None: a query after a document start sees neither the cache nor the
+            call's tokens before that start; the call's first document continues the cached one.
 
     Returns:
         o [B, T, H, K] in q's dtype (scores, softmax and sums in float32).
@@ -42,8 +62,15 @@ def cached_attention(q, k, v, k_cache, v_cache, positions):
     new = jnp.einsum("BTHK,BUHK->BHTU", q, k, preferred_element_type=acc)  # [B, H, T, U], U = T
     cached = jnp.arange(k_cache.shape[2])[None, :] < positions[:, :1]  # [B, S]: filled before the call
     causal = (positions[:, None, :] <= positions[:, :, None]) & (positions[:, None, :] >= 0)  # [B, T, U]
+    if segment_ids is not None:
+        documents.check_segment_ids("cached_attention", segment_ids, q.shape[0], q.shape[1])
+        causal = causal & documents.same_document(segment_ids)
+        cached = cached[:, None, :] & documents.continues(documents.document_starts(segment_ids))[..., None]
+        cached = cached[:, None]  # [B, 1, T, S]
+    else:
+        cached = cached[:, None, None, :]  # [B, 1, 1, S]
     floor = jnp.finfo(acc).min  # finite: a query that sees nothing (a pad) gets a finite, unused mix
-    old = jnp.where(cached[:, None, None, :], old, floor)
+    old = jnp.where(cached, old, floor)
     new = jnp.where(causal[:, None], new, floor)
     probs = jax.nn.softmax(jnp.concatenate([old, new], axis=-1), axis=-1)  # [B, H, T, S + U]
     p_old, p_new = probs[..., : old.shape[-1]], probs[..., old.shape[-1] :]

@@ -1,30 +1,80 @@
-"""Which implementation runs the chunkwise form: the pure-JAX form of ``ops.retention`` or a fused kernel.
+"""Which implementation runs the chunkwise form: the pure-JAX form of ``ops.retention`` or the fused kernels.
 
-``chunkwise(..., implementation=)`` is the one place that reads the backend and the device mesh:
+``chunkwise(..., implementation=)`` is the one place that reads the backend and picks a path:
 
 * ``"xla"``: ``ops.retention.chunkwise``, any backend.
-* ``"pallas"``: the fused GPU kernels of ``ops.gpu.chunk_retention`` (through the Pallas interpreter on a
-  CPU, which is how the tests check them). Shapes they cannot run raise a ``ValueError`` naming the reason.
+* ``"pallas"``: the fused kernels of ``ops.gpu`` (Pallas, Triton backend), on a GPU; on a CPU through the
+  Pallas interpreter, which is how the tests check them. The kernel family, chunk length and tiles come
+  from ``ops.gpu.plan`` per head shape. What the kernels cannot run (a dtype, a shape whose tiles exceed
+  shared memory, a JAX without the Triton backend, another backend) raises a one-line ``ValueError``.
 * ``"pallas_tpu"``: the Pallas TPU kernels of ``ops.tpu`` (through the Pallas TPU interpreter on a CPU).
-* ``"auto"``: the kernels on a GPU where they are measured faster (see ``_fused_chunk``), the TPU kernels
-  on a TPU where they run (see ``ops.tpu.select``), else XLA.
+* ``"auto"``: on a GPU, the path ``AUTO_CHOICES`` names for the head shape (the fastest measured); on a
+  TPU, the TPU kernels where they run (``ops.tpu.select``); else XLA. A JAX without the Triton (or TPU)
+  backend gets XLA and one warning.
 
-Every implementation computes the same function: the kernels compute unnormalized retention from an
-empty state at position 0, and the wrapper here adds the incoming state's term, the row factors and the
-final state in XLA.
+Every implementation computes the same function. The kernels compute unnormalized retention continuing
+the incoming state and return the final state; the row factors 1/sqrt(c_n), which depend on the absolute
+positions, are applied here. Under a device mesh the kernel calls carry a partitioning rule (each batch
+row and head is independent, ``ops.gpu.partition``), so a mesh runs them on its shards.
 """
 
 from __future__ import annotations
+
+import warnings
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from retnet_jax.ops import retention, tpu
-from retnet_jax.ops.gpu import chunk_retention
+from retnet_jax.ops.gpu import common, fused
+from retnet_jax.ops.gpu import plan as plan_lib
 
-__all__ = ["IMPLEMENTATIONS", "chunkwise"]
+__all__ = [
+    "AUTO_CHOICES",
+    "AUTO_DTYPES",
+    "IMPLEMENTATIONS",
+    "Choice",
+    "chunkwise",
+    "fused_chunkwise",
+    "kernel_plan",
+]
 
 IMPLEMENTATIONS = ("xla", "pallas", "pallas_tpu", "auto")
+
+
+class Choice(NamedTuple):
+    """What ``implementation="auto"`` runs on a GPU for one head shape."""
+
+    implementation: str  # "pallas" (the kernels of plan.make at this chunk length) or "xla"
+    chunk: int | None  # the kernels' C (any C gives the same function); None: the caller's C (XLA)
+    evidence: str  # the measurement behind the choice
+
+
+# ------------------------------------------------------------------------------------------------------
+# The table of choices of chunkwise(implementation="auto") on a GPU, per head shape (K, V): edit it after
+# measuring (experiments/bench_retention.py --shapes=presets; the "impl" column with the lowest ms per
+# shape and pass). Shapes not listed take AUTO_DEFAULT of their kernel family (plan.make).
+AUTO_CHOICES: dict[tuple[int, int], Choice] = {
+    (128, 128): Choice(
+        "pallas", 64, "H200 B8 T8192 H32 fwd+bwd: kernels 2.94 ms, fla 7.77 ms; H100: XLA C=256 17.9 ms"
+    ),
+    (64, 128): Choice("pallas", 64, "H100 paper-1.3b with H32 heads: 46.3K tokens/s vs 36.2K (XLA, H8)"),
+    (64, 64): Choice("pallas", 64, "register kernels, as at 128×128 (not measured separately)"),
+    (256, 512): Choice("xla", None, "H200 B2 T8192 H8 fwd+bwd: XLA 7.71 ms, fla 3.63; split: to measure"),
+    (256, 432): Choice("xla", None, "torchscale v2 heads: as (256, 512); split kernels to measure"),
+    (256, 428): Choice("xla", None, "torchscale v2 3b/13b heads: as (256, 512); split kernels to measure"),
+}
+AUTO_DEFAULT: dict[str, Choice] = {
+    "register": Choice("pallas", 64, "whole state in registers: as (128, 128)"),
+    "split": Choice("xla", None, "chunk states through device memory: not yet measured"),
+}
+# Input dtypes "auto" sends to the kernels; float32 keeps XLA (exact float32 products in Triton run on
+# the CUDA cores, not measured).
+AUTO_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+# ------------------------------------------------------------------------------------------------------
+
+_warned_missing_backend = False
 
 
 def chunkwise(
@@ -37,6 +87,7 @@ def chunkwise(
     state: retention.RetentionState | None = None,
     normalize: bool = True,
     implementation: str = "xla",
+    segment_ids=None,
 ):
     """``ops.retention.chunkwise`` through the implementation named (see the module docstring).
 
@@ -46,67 +97,98 @@ def chunkwise(
         state: carried in (default empty); its count sets the absolute positions.
         normalize: divide row n by sqrt(c_n) or not.
         implementation: "xla", "pallas", "pallas_tpu" or "auto".
+        segment_ids: [B, T] integers or None: document starts reset the state (``ops.retention``). The
+            kernels do not reset yet: "auto" runs the XLA form then, "pallas" and "pallas_tpu" raise.
 
     Returns:
         (o [B, T, H, V] in the input dtype, the state after the last token).
     """
     retention._check_inputs("chunkwise", q, k, v, log_decay, state)
     size = retention._check_chunk_size("chunkwise", chunk_size)
+    if segment_ids is not None:
+        if implementation in ("pallas", "pallas_tpu"):
+            raise ValueError(
+                f"chunkwise: implementation={implementation!r} does not support segment_ids (document "
+                "resets) yet; use implementation='xla' or 'auto'."
+            )
+        implementation = "xla" if implementation == "auto" else implementation
     tpu_chunk = tpu.select("chunkwise", implementation, q, v, size)
     if tpu_chunk is not None:
         return tpu.chunkwise(q, k, v, log_decay, chunk_size=tpu_chunk, state=state, normalize=normalize)
-    fused_chunk = _fused_chunk("chunkwise", implementation, q, v, size)
-    if fused_chunk is None:
-        return retention.chunkwise(q, k, v, log_decay, chunk_size=size, state=state, normalize=normalize)
-    return _fused_chunkwise(q, k, v, log_decay, fused_chunk, state, normalize)
+    plan = kernel_plan("chunkwise", implementation, q.shape[-1], v.shape[-1], size, q.dtype)
+    if plan is None:
+        return retention.chunkwise(
+            q, k, v, log_decay, chunk_size=size, state=state, normalize=normalize, segment_ids=segment_ids
+        )
+    return fused_chunkwise(q, k, v, log_decay, plan, state, normalize)
 
 
-def _fused_chunk(fn: str, implementation: str, q, v, size: int) -> int | None:
-    """The chunk size the fused kernels run with, or None for the XLA form.
+def kernel_chunk(size: int) -> int:
+    """The kernels' C for a caller's C: the same if the kernels take it, else the nearest they take (the
+    chunk length only blocks the computation; every C gives the same function)."""
+    chunk = 1 << (max(size, 1).bit_length() - 1)  # the largest power of two <= size
+    return min(plan_lib.MAX_CHUNK, max(plan_lib.MIN_CHUNK, chunk))
 
-    The chunk length only blocks the computation (every chunk size gives the same function), so "auto"
-    runs the kernels at their own ``chunk_retention.AUTO_CHUNK`` whatever C the caller's config names,
-    and only where their whole state tile fits on chip (``chunk_retention.preferred``); measured slower
-    than the XLA form otherwise. Under a mesh of several devices "auto" keeps the XLA form: the kernel
-    call has no partitioning rule, so XLA would gather its operands onto every device.
+
+def kernel_plan(fn: str, implementation: str, key_dim: int, value_dim: int, size: int, dtype, backend=None):
+    """The kernel plan to run, or None for the XLA form (see the module docstring).
+
+    Args:
+        backend: the platform deciding (default ``jax.default_backend()``).
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"{fn}: unknown implementation {implementation!r}; expected one of {IMPLEMENTATIONS}."
         )
+    backend = backend or jax.default_backend()
     if implementation == "xla":
         return None
-    if implementation == "auto":
-        chunk = min(size, chunk_retention.AUTO_CHUNK)
-        fits = chunk_retention.preferred(q.shape, v.shape, chunk, q.dtype)
-        one_device = jax.sharding.get_abstract_mesh().size <= 1
-        return chunk if fits and one_device and jax.default_backend() == "gpu" else None
-    reason = chunk_retention.supported(q.shape, v.shape, size, q.dtype)
-    if reason is not None:
-        raise ValueError(
-            f"{fn}: implementation='pallas' does not support {reason}; use implementation='xla' or 'auto'."
-        )
-    return size
+    if implementation == "pallas":
+        return _forced_plan(fn, key_dim, value_dim, size, dtype, backend)
+    if backend != "gpu" or jnp.dtype(dtype) not in AUTO_DTYPES:
+        return None
+    default = AUTO_DEFAULT[plan_lib.family_of(key_dim, value_dim)]
+    choice = AUTO_CHOICES.get((key_dim, value_dim), default)
+    if choice.implementation != "pallas":
+        return None
+    missing = common.triton_unavailable()
+    if missing is not None:
+        _warn_missing_backend(missing)
+        return None
+    plan = plan_lib.make(key_dim, value_dim, choice.chunk, dtype)
+    return plan if isinstance(plan, plan_lib.Plan) else None
 
 
-def _fused_chunkwise(q, k, v, log_decay, size, state, normalize):
-    """chunkwise through the fused kernels: the kernels compute unnormalized retention from an empty state
-    at position 0; the incoming state's term, the row factors and the final state are added here."""
+def _forced_plan(fn, key_dim, value_dim, size, dtype, backend):
+    where = f"{fn}: implementation='pallas' cannot run"
+    if backend not in ("gpu", "cpu"):
+        raise ValueError(f"{where} on {backend} (GPU kernels); use implementation='xla' or 'auto'.")
+    missing = common.triton_unavailable()
+    if backend == "gpu" and missing is not None:
+        raise ValueError(f"{where}: {missing}; use jax[cuda] 0.10-0.11, or implementation='xla' or 'auto'.")
+    plan = plan_lib.make(key_dim, value_dim, kernel_chunk(size), dtype)
+    if not isinstance(plan, plan_lib.Plan):
+        raise ValueError(f"{where} {plan}; use implementation='xla' or 'auto'.")
+    return plan
+
+
+def _warn_missing_backend(reason: str):
+    global _warned_missing_backend
+    if not _warned_missing_backend:
+        _warned_missing_backend = True
+        warnings.warn(f"chunkwise(implementation='auto'): {reason}; using the XLA form.", stacklevel=4)
+
+
+def fused_chunkwise(q, k, v, log_decay, plan, state, normalize):
+    """chunkwise through the kernels, which continue the state and return the final one; the row factors
+    (they depend on the absolute positions, the state's count) are applied here."""
     length = q.shape[1]
     interpret = jax.default_backend() == "cpu"
-    o = chunk_retention.fused_chunk_retention(q, k, v, log_decay, chunk_size=size, interpret=interpret)
     acc = retention._accumulator(q.dtype)
-    log_decay = log_decay.astype(acc)
-    incoming = state is not None
-    if not incoming:
-        state = retention.init_state(q.shape[0], q.shape[2], q.shape[3], v.shape[3], acc)
-    state = retention.RetentionState(state.kv.astype(acc), state.count)
-    if incoming or normalize:
-        o = o.astype(acc)
-        if incoming:  # S_0 decayed to each position: o_n += γ^(n+1) q_n S_0
-            q_decayed = q * retention._powers(jnp.arange(1, length + 1), log_decay)[None, ..., None]
-            o = o + jnp.einsum("BTHK,BHKV->BTHV", q_decayed.astype(acc), state.kv)
-        if normalize:
-            o = o * retention._row_scale(state.count[:, None] + jnp.arange(length), log_decay)[..., None]
-        o = o.astype(v.dtype)
-    return o, retention.update_state(k, v, log_decay, state)
+    count = jnp.zeros((q.shape[0],), jnp.int32) if state is None else state.count
+    h0 = None if state is None else state.kv.astype(jnp.float32)
+    o, kv = fused.chunk_retention(q, k, v, log_decay, h0, plan=plan, interpret=interpret)
+    if normalize:
+        scale = retention._row_scale(count[:, None] + jnp.arange(length), log_decay.astype(acc))
+        o = (o.astype(acc) * scale[..., None]).astype(v.dtype)
+    return o, retention.RetentionState(kv.astype(acc), count + length)

@@ -6,8 +6,15 @@
     → [BOS] + ids + [EOS] per document (ids checked against the vocabulary)
     → concatenated and cut into rows of T + 1 tokens          grain ConcatThenSplitIterDataset
       (eval: the final, zero-padded partial row is dropped)
-    → {"inputs": row[:-1], "targets": row[1:]}, B_local rows a batch
+    → {"inputs": row[:-1], "targets": row[1:], "segment_ids": ids[:-1]}, B_local rows a batch
     → prefetched in a thread (grain_workers == 0) or grain worker processes
+
+Segment ids tell the packed documents apart (grain numbers a row's pieces 1, 2, ...; 0 pads a finite
+stream's last row, which evaluation drops): ``segment_ids[:, t]`` belongs to ``inputs[:, t]`` and changes
+exactly where an input BOS starts a document. The target of a document's last input is its EOS, the target
+of its EOS the next document's BOS. A document cut at a row's end continues at the next row's start, where
+it counts as the row's first document: positions restart at the row start and the model sees no state
+from the previous row (as with every packer; each row is an independent sequence).
 
 Each process reads a disjoint set of documents, so the per-process batches of one step together
 form the global batch of ``config.batch_size`` rows. The iterator's ``get_state()`` is a small dict
@@ -98,8 +105,12 @@ def _frame(text: str, *, tokenizer: tokenizer_lib.Tokenizer, vocab_size: int) ->
 
 
 def _shift(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    tokens = row["tokens"]  # [T + 1]
-    return {"inputs": tokens[:-1], "targets": tokens[1:]}  # [T], [T]
+    tokens, segment_ids = row["tokens"], row["tokens_segment_ids"]  # [T + 1] each
+    return {
+        "inputs": tokens[:-1],  # [T]
+        "targets": tokens[1:],  # [T]
+        "segment_ids": segment_ids[:-1].astype(np.int32),  # [T], the inputs' documents
+    }
 
 
 def _is_full(row: dict[str, np.ndarray]) -> bool:
@@ -169,9 +180,10 @@ def make_dataset(
 
     Returns:
         A ``grain.DatasetIterator`` (``get_state`` / ``set_state``) of
-        ``{"inputs": int32 [B_local, T], "targets": int32 [B_local, T]}`` with
-        ``B_local = config.batch_size // process_count``, ``T = config.seq_len`` and
-        ``targets[:, t] == inputs[:, t + 1]``. Batches are never partial.
+        ``{"inputs": int32 [B_local, T], "targets": int32 [B_local, T], "segment_ids": int32 [B_local, T]}``
+        with ``B_local = config.batch_size // process_count``, ``T = config.seq_len``,
+        ``targets[:, t] == inputs[:, t + 1]`` and ``segment_ids`` changing where a document starts (see the
+        module docstring). Batches are never partial.
 
     Raises:
         ValueError: ``batch_size`` not divisible by ``process_count``; an empty shard; ids outside

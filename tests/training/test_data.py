@@ -126,12 +126,24 @@ def _stream(docs):
     return np.asarray(ids, np.int32)
 
 
+def _check_segment_ids(batch):
+    """Segment ids are int32 [B, T] and change exactly where an input BOS starts a document."""
+    inputs, segment_ids = batch["inputs"], batch["segment_ids"]
+    assert segment_ids.dtype == np.int32 and segment_ids.shape == inputs.shape
+    starts = segment_ids[:, 1:] != segment_ids[:, :-1]  # a change between t − 1 and t
+    np.testing.assert_array_equal(starts, inputs[:, 1:] == BYTES.bos_id)
+    # grain numbers a row's documents 1, 2, ... (0 is padding, never in a full row).
+    expected = 1 + np.concatenate([np.zeros_like(starts[:, :1]), np.cumsum(starts, axis=1)], axis=1)
+    np.testing.assert_array_equal(segment_ids, expected)
+
+
 def _rows(batches):
     """Each row's T + 1 tokens, recovered from inputs and targets (which must be a shift)."""
     rows = []
     for batch in batches:
         assert batch["inputs"].dtype == batch["targets"].dtype == np.int32
         np.testing.assert_array_equal(batch["inputs"][:, 1:], batch["targets"][:, :-1])
+        _check_segment_ids(batch)
         rows += list(np.concatenate([batch["inputs"], batch["targets"][:, -1:]], axis=1))
     return np.concatenate(rows)
 
@@ -221,11 +233,47 @@ def test_resumption_is_exact(text_corpus, train):
         got = list(itertools.islice(resumed, len(want)))
         assert len(got) == len(want)
         for g, w in zip(got, want, strict=True):
-            np.testing.assert_array_equal(g["inputs"], w["inputs"])
-            np.testing.assert_array_equal(g["targets"], w["targets"])
+            assert g.keys() == w.keys() == {"inputs", "targets", "segment_ids"}
+            for key in w:
+                np.testing.assert_array_equal(g[key], w[key])
         if not train and step == len(batches):
             assert not got  # a finished evaluation stays finished
         resumed.close()
+
+
+def test_segment_ids_mark_document_starts(text_corpus):
+    dataset, _, data_dir = text_corpus
+    config = _config(dataset=dataset, data_dir=data_dir, seq_len=64, batch_size=4, prefetch=0)
+    it = data.make_dataset(config, BYTES, "train", train=True)
+    batches = [next(it) for _ in range(6)]
+    it.close()
+    for batch in batches:
+        _check_segment_ids(batch)
+    inputs = np.concatenate([b["inputs"] for b in batches])
+    segment_ids = np.concatenate([b["segment_ids"] for b in batches])
+    # The sample holds rows with several documents, rows that start mid-document and rows starting at a BOS.
+    assert (segment_ids[:, -1] >= 3).any()
+    assert (inputs[:, 0] != BYTES.bos_id).any() and (inputs[:, 0] == BYTES.bos_id).any()
+
+
+def test_segment_ids_go_through_the_global_batch(text_corpus):
+    from retnet_jax.training import trainer as train
+    from retnet_jax.training.sharding import make_mesh
+    from tests.conftest import small_config
+
+    dataset, _, data_dir = text_corpus
+    config = _config(dataset=dataset, data_dir=data_dir, seq_len=16, batch_size=8, prefetch=0)
+    it = data.make_dataset(config, BYTES, "train", train=True)
+    local = next(it)
+    it.close()
+    trainer = train.Trainer(small_config(model="tiny", batch_size=8, seq_len=16), 264, make_mesh((2, 2, 2)))
+    batch = trainer.global_batch(local)
+    assert batch.keys() == local.keys()
+    for key, value in local.items():
+        assert batch[key].sharding == trainer.batch_sharding
+        np.testing.assert_array_equal(np.asarray(batch[key]), value)
+    # The compiled step takes the batch with its new key.
+    assert np.isfinite(float(trainer.eval_step(trainer.init(0).params, batch)))
 
 
 def test_batch_must_split_over_processes(text_corpus):
