@@ -51,7 +51,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_split = "validation"
     c.data_dir = ""  # where tfds builds and reads datasets ("" = tfds default, ~/tensorflow_datasets)
     c.tokenizer = "byte"  # "byte", "sentencepiece" (train one on the corpus), or a .model / tokenizer.json
-    c.tokenizer_vocab_size = 4096  # vocabulary of a SentencePiece model trained on the corpus
+    c.tokenizer_vocab_size = 4096  # pieces of a SentencePiece model trained on the corpus (at most)
+    c.tokenizer_bos = ""  # BOS spelling in a tokenizer file, e.g. "[BOS]" ("" = found: <s>, <bos>, ...)
+    c.tokenizer_eos = ""  # EOS spelling in a tokenizer file ("" = found: </s>, <eos>, ...)
+    c.tokenizer_pad = ""  # PAD spelling in a tokenizer file ("" = found, else EOS)
     c.seq_len = 128  # tokens per training sequence
     c.batch_size = 32  # sequences per step, over all devices and hosts
     c.grain_workers = 0  # grain worker processes (0 = in the main process)
@@ -69,9 +72,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.grad_clip = 2.0  # global-norm clipping (0 = off)
     c.grad_accum_steps = 1  # micro-batches per optimizer step
     c.z_loss = 0.0  # weight of log(Z)^2 (0 = off)
+    c.allow_schedule_change = False  # resume with other steps / learning-rate fields (re-shapes the schedule)
 
     # Run.
-    c.steps = 300
+    c.steps = 300  # the schedule's length: a resumed run must keep it (see allow_schedule_change)
     c.log_every = 10
     c.eval_every = 100
     c.eval_batches = 8

@@ -382,6 +382,7 @@ class Checkpoints:
         *,
         model: dict[str, Any] | None = None,
         keys: Sequence[str] = COMPATIBILITY_KEYS,
+        step: int | None = None,
     ):
         """Checks that the workdir's checkpoints come from a run like this one.
 
@@ -393,11 +394,13 @@ class Checkpoints:
             model: this run's resolved model config; every field must match the saved one.
             keys: the experiment-config fields that must match; dotted paths reach into nested dicts
                 (``"model.d_model"``). A field missing from both configs matches.
+            step: the checkpoint to compare with; None for the latest.
 
         Raises:
             ValueError: naming each differing field with the checkpoint's and this run's values.
+            CorruptCheckpointError: the checkpoint's config (or model config) file is damaged.
         """
-        step = self.latest_step()
+        step = self.latest_step() if step is None else step
         if step is None:
             return
         saved = self.restore_config(step)

@@ -7,7 +7,9 @@ the dataset on first use into ``data_dir`` (tfds's default, ``~/tensorflow_datas
 * ``"default"``: offline and deterministic, the top-level ``*.py`` files of the running Python's
   standard library (about 170 files, 5 MB; built in a few seconds), one document per file.
 * ``"text:DIR_OR_GLOB"``: your own text, a directory (searched recursively) or a glob of ``.txt``
-  files (one document per file) and ``.jsonl`` files (one document per line, field ``"text"``).
+  files (one document per file) and ``.jsonl`` files (one document per line, field ``"text"``);
+  ``~`` and environment variables are expanded. Files that are not text (a NUL byte or invalid
+  UTF-8 in their first 8 KiB) are skipped; ``check`` reports how many.
 * any tfds catalog text dataset by name (``"tiny_shakespeare"``, ``"lm1b"``,
   ``"name/config:1.0.0"``), its text in ``text_feature``.
 
@@ -17,6 +19,14 @@ percent, so the split is fixed by the names alone and a document keeps its split
 added. The build is keyed by a fingerprint of the file list (paths, sizes, modification times) in
 the builder config's name, so an edited file set is rebuilt rather than read stale.
 
+Builds are cached in ``data_dir``: ``DATA_DIR/retnet_text_files/KIND_FINGERPRINT/1.0.0`` for the
+first two kinds, a new copy for each change of the file set (delete ``DATA_DIR/retnet_text_files``
+to reclaim the space), ``DATA_DIR/NAME/CONFIG/VERSION`` for catalog datasets.
+
+``check(dataset, ...)`` validates a dataset before anything is built or written: a text spec that
+matches no file, an unknown catalog name, or a catalog dataset that is not built where there is no
+network to download it (it fails within seconds instead of retrying for minutes).
+
 Without TensorFlow tfds writes and reads ``array_record`` (the format is set explicitly: tfds
 would otherwise pick TFRecord) and decodes ``Text`` features to ``bytes``. Catalog builders,
 however, mostly generate their data with ``tf.io``: build those once where TensorFlow is installed,
@@ -25,14 +35,19 @@ however, mostly generate their data with ``tf.io``: build those once where Tenso
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import dataclasses
 import glob
 import hashlib
 import itertools
 import json
+import logging
 import os
 import sys
 import sysconfig
+import threading
+import urllib.parse
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -41,11 +56,13 @@ import tensorflow_datasets as tfds
 
 __all__ = [
     "DEFAULT",
+    "NO_NETWORK_TIMEOUT",
     "TEXT_PREFIX",
     "VALIDATION_PERCENT",
     "TextFiles",
     "TextFilesConfig",
     "TextSource",
+    "check",
     "text_source",
 ]
 
@@ -54,6 +71,8 @@ TEXT_PREFIX = "text:"
 VALIDATION_PERCENT = 5  # share of documents in the validation split
 _TEXT_SUFFIXES = (".txt", ".jsonl")
 _FILE_FORMAT = "array_record"  # random access, readable without TensorFlow
+_SNIFF_BYTES = 8192  # read from each text file to tell text from binary
+NO_NETWORK_TIMEOUT = 10.0  # seconds to wait for a catalog dataset's download host
 
 
 @dataclasses.dataclass(eq=False)
@@ -91,6 +110,17 @@ class TextFiles(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             f"{self.builder_config.root}.",
             features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
         )
+
+    def _log_download_bytes(self) -> None:
+        # tfds would print "Downloading and preparing dataset Unknown size": nothing is downloaded.
+        print(
+            f"Building the dataset of {len(self.builder_config.files)} files under "
+            f"{self.builder_config.root} into {self.data_dir} (once per change of the files)...",
+            flush=True,
+        )
+
+    def _log_download_done(self) -> None:
+        pass
 
     def _documents(self) -> Iterator[tuple[str, str]]:
         """Yields (key, text) for every document, in file order."""
@@ -170,8 +200,9 @@ def _stdlib_config() -> TextFilesConfig:
     return _files_config(f"{version}_stdlib", root, paths)
 
 
-def _text_config(spec: str) -> TextFilesConfig:
-    """The files of ``"text:DIR_OR_GLOB"``."""
+def _text_config(spec: str, skipped: list[str] | None = None) -> TextFilesConfig:
+    """The files of ``"text:DIR_OR_GLOB"`` (``spec`` already expanded); binary files are left out and
+    appended to ``skipped``."""
     if os.path.isdir(spec):
         root = spec
         paths = glob.glob(os.path.join(glob.escape(spec), "**", "*"), recursive=True)
@@ -182,12 +213,106 @@ def _text_config(spec: str) -> TextFilesConfig:
         root = os.sep.join(fixed) or (os.sep if spec.startswith(os.sep) else ".")
         paths = glob.glob(spec, recursive=True)
     paths = [p for p in paths if p.endswith(_TEXT_SUFFIXES) and os.path.isfile(p)]
+    binary = [p for p in paths if _is_binary(p)]
+    if binary:
+        paths = sorted(set(paths) - set(binary))
+        if skipped is not None:
+            skipped.extend(sorted(binary))
     if not paths:
         raise ValueError(
             f"dataset 'text:{spec}' matched no .txt or .jsonl files. Give a directory (searched "
             "recursively) or a glob, e.g. 'text:/data/books' or 'text:/data/**/*.jsonl'."
         )
     return _files_config("text", root, paths)
+
+
+def _is_binary(path: str) -> bool:
+    """Whether the file's first bytes hold a NUL byte or are not UTF-8 (a character cut at the end of
+    the sample is fine)."""
+    with open(path, "rb") as f:
+        head = f.read(_SNIFF_BYTES)
+    if b"\0" in head:
+        return True
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
+def _expand(path: str) -> str:
+    """``~`` and ``$VARS`` expanded, as a shell would."""
+    return os.path.expandvars(os.path.expanduser(path))
+
+
+@contextlib.contextmanager
+def _quiet_tfds():
+    """Hides tfds's notices that say nothing wrong: "Using custom data configuration" (every text build
+    has its own config) and "Variant folder ... has no dataset_info.json" (not built yet)."""
+
+    class _Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            message = str(record.msg)
+            return not (
+                message.startswith("Using custom data configuration")
+                or (message.startswith("Variant folder") and "dataset_info.json" in message)
+            )
+
+    logger = logging.getLogger("absl")
+    drop = _Drop()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+def _download_host(builder: tfds.core.DatasetBuilder) -> str | None:
+    """The host the builder downloads from (its first http(s) URL), or None when it names none."""
+    try:
+        urls = list(builder.url_infos or ())
+    except Exception:  # builders without a checksums file
+        return None
+    for url in urls:
+        parsed = urllib.parse.urlparse(url)
+        if parsed.scheme in ("http", "https") and parsed.hostname:
+            return f"{parsed.scheme}://{parsed.hostname}"
+    return None
+
+
+def _reachable(url: str, timeout: float) -> bool:
+    """Whether an HTTP request to ``url`` gets any answer within ``timeout`` seconds (through the
+    environment's proxy, as tfds's downloads would). Runs in a thread: name resolution may hang past
+    a socket's own timeout."""
+    import requests
+
+    answered = threading.Event()
+
+    def probe():
+        try:
+            requests.head(url, timeout=timeout, allow_redirects=False)
+            answered.set()
+        except Exception:  # any failure to connect means no usable network
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 1)
+    return answered.is_set()
+
+
+def _require_network(builder: tfds.core.DatasetBuilder, dataset: str) -> None:
+    """Raises ConnectionError at once when ``builder`` must download and its host does not answer.
+
+    tfds would retry each download for minutes and end in a long traceback."""
+    host = _download_host(builder)
+    if host is None or _reachable(host, NO_NETWORK_TIMEOUT):
+        return
+    raise ConnectionError(
+        f"Dataset {dataset!r} is not built in {builder.data_dir} and cannot be downloaded: no network "
+        f"({host} does not answer).\nBuild it on a machine with a network: `tfds build {dataset} "
+        f"--file_format={_FILE_FORMAT} --data_dir=DIR`, copy DIR here and pass --config.data_dir=DIR."
+    )
 
 
 def _catalog_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
@@ -205,6 +330,8 @@ def _catalog_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilde
 def _prepare(builder: tfds.core.DatasetBuilder, dataset: str) -> None:
     if builder.is_prepared():
         return
+    if not isinstance(builder, TextFiles):
+        _require_network(builder, dataset)
     try:
         builder.download_and_prepare()
     except ImportError as e:
@@ -256,6 +383,43 @@ class TextSource(Sequence[str]):
         return f"TextSource({self.name!r}, {len(self)} documents)"
 
 
+def _builder(
+    dataset: str, data_dir: str | None, skipped: list[str] | None = None
+) -> tfds.core.DatasetBuilder:
+    data_dir = _expand(data_dir) if data_dir else None
+    with _quiet_tfds():
+        if dataset == DEFAULT:
+            return TextFiles(config=_stdlib_config(), data_dir=data_dir, file_format=_FILE_FORMAT)
+        if dataset.startswith(TEXT_PREFIX):
+            config = _text_config(_expand(dataset[len(TEXT_PREFIX) :]), skipped)
+            return TextFiles(config=config, data_dir=data_dir, file_format=_FILE_FORMAT)
+        return _catalog_builder(dataset, data_dir)
+
+
+def check(dataset: str, *, data_dir: str | None = None) -> list[str]:
+    """Checks that ``dataset`` can be read or built here, building and writing nothing.
+
+    Args:
+        dataset: as for ``text_source``.
+        data_dir: where tfds builds and reads datasets; ``None`` or ``""`` for tfds's default.
+
+    Returns:
+        Notes for the user (e.g. how many binary files a text folder had that will be skipped).
+
+    Raises:
+        ValueError: an unknown dataset, or a text spec matching no text file.
+        ConnectionError: a catalog dataset that is not built and cannot be downloaded (no network).
+    """
+    skipped: list[str] = []
+    builder = _builder(dataset, data_dir, skipped)
+    if not isinstance(builder, TextFiles) and not builder.is_prepared():
+        _require_network(builder, dataset)
+    if not skipped:
+        return []
+    names = ", ".join(os.path.basename(p) for p in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+    return [f"Skipped {len(skipped)} binary file(s) in {dataset} (not UTF-8 text): {names}."]
+
+
 def text_source(
     dataset: str,
     split: str,
@@ -278,18 +442,12 @@ def text_source(
 
     Raises:
         ValueError: unknown dataset, a text spec matching no files, an unknown split or feature.
+        ConnectionError: a catalog dataset that is not built and cannot be downloaded (no network).
         ImportError: a catalog dataset that is not built yet needs TensorFlow to build.
     """
-    data_dir = data_dir or None
-    if dataset == DEFAULT:
-        builder = TextFiles(config=_stdlib_config(), data_dir=data_dir, file_format=_FILE_FORMAT)
+    builder = _builder(dataset, data_dir)
+    if isinstance(builder, TextFiles):
         text_feature = "text"
-    elif dataset.startswith(TEXT_PREFIX):
-        config = _text_config(dataset[len(TEXT_PREFIX) :])
-        builder = TextFiles(config=config, data_dir=data_dir, file_format=_FILE_FORMAT)
-        text_feature = "text"
-    else:
-        builder = _catalog_builder(dataset, data_dir)
     _prepare(builder, dataset)
 
     splits = sorted(builder.info.splits.keys())

@@ -1,39 +1,70 @@
-"""The training loop around the step: data, evaluation, checkpoints, logs, preemption, the final sample.
+"""The training loop around the step: data, evaluation, checkpoints, logs, stopping early, the summary.
 
-``train_and_evaluate(config, workdir)`` runs a whole experiment and resumes from the latest checkpoint in
-``workdir``: the losses after a restart equal those of an uninterrupted run bit for bit (same data
-position, same parameters, a step's dropout key derived from the step number).
+``train_and_evaluate(config, workdir)`` runs a whole experiment and resumes from the newest checkpoint in
+``workdir`` that restores: the losses after a restart equal those of an uninterrupted run bit for bit (same
+data position, same parameters, a step's dropout key derived from the step number). A damaged checkpoint
+is set aside as ``checkpoints/STEP.corrupt-ITEM`` (kept, never deleted) and the one before it is used, with
+a line saying which step was skipped and why.
+
+Everything that can be refused is checked before the workdir is touched: config values and run options,
+the mesh, the dataset (a catalog dataset that would need a download with no network fails in seconds),
+the tokenizer, a resumed run's compatibility and learning-rate schedule, and the first evaluation. A
+refused run leaves no folder behind.
+
+SIGTERM (preemption) and a first Ctrl-C (SIGINT) save a checkpoint after the current step and return the
+state early; a second Ctrl-C exits at once with status 130, without saving.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import os
 import signal
 import time
+from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 
+from retnet_jax.nn import attention as attention_lib
+from retnet_jax.ops import dispatch
 from retnet_jax.training import checkpoints as checkpoint_lib
+from retnet_jax.training import corpus, optim, reporting
 from retnet_jax.training import data as data_lib
 from retnet_jax.training import flops as flops_lib
-from retnet_jax.training import reporting
 from retnet_jax.training import tokenizers as tokenizer_lib
 from retnet_jax.training.sharding import make_mesh
-from retnet_jax.training.trainer import Trainer, TrainState, model_config, model_vocab_size
+from retnet_jax.training.trainer import ARCHS, Trainer, TrainState, model_config, model_vocab_size
 
-__all__ = ["evaluate", "train_and_evaluate", "validate"]
+__all__ = ["SCHEDULE_KEYS", "TRAINING_MODES", "evaluate", "train_and_evaluate", "validate"]
+
+TRAINING_MODES = ("parallel", "chunkwise")
+# Fields that shape the learning-rate schedule: a resumed run must keep them (allow_schedule_change).
+SCHEDULE_KEYS = ("schedule", "learning_rate", "warmup_steps", "end_learning_rate_factor", "steps")
 
 
 def validate(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
-    """Errors that name the flag, before any compute."""
-    for name in ("steps", "seq_len", "batch_size", "log_every", "eval_every", "checkpoint_every"):
-        if config[name] < 1:
-            raise ValueError(f"--config.{name} must be >= 1; got {config[name]}.")
-    if config.grad_accum_steps < 1:
-        raise ValueError(f"--config.grad_accum_steps must be >= 1; got {config.grad_accum_steps}.")
+    """Errors that name the flag, before any compute: sizes, run options, model, optimizer, batch split."""
+    for name in (
+        "steps",
+        "seq_len",
+        "batch_size",
+        "log_every",
+        "eval_every",
+        "eval_batches",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "grad_accum_steps",
+    ):
+        value = config[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"--config.{name} must be an integer >= 1; got {value!r}.")
+    _validate_run_options(config)
+    model_config(config, vocab_size=256)  # the preset and overrides (the tokenizer fixes the vocabulary)
+    optim.make_optimizer(config)  # the schedule and its numbers
     data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
     rows = data_parallel * config.grad_accum_steps
     if config.batch_size % rows:
@@ -45,81 +76,276 @@ def validate(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
         )
 
 
-def _preemption_check(checkpoints: checkpoint_lib.Checkpoints):
-    """A function step → whether to save and stop now.
+def _validate_run_options(config: ml_collections.ConfigDict):
+    if config.arch not in ARCHS:
+        raise ValueError(f"--config.arch must be one of {ARCHS}; got {config.arch!r}.")
+    if config.mode not in TRAINING_MODES:
+        raise ValueError(f"--config.mode must be one of {TRAINING_MODES} for training; got {config.mode!r}.")
+    chunk = config.chunk_size
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"--config.chunk_size must be an integer >= 1 (e.g. 64); got {chunk!r}.")
+    choices = dispatch.IMPLEMENTATIONS if config.arch == "retnet" else attention_lib.IMPLEMENTATIONS
+    if config.implementation not in choices:
+        raise ValueError(
+            f"--config.implementation must be one of {choices} for arch={config.arch!r}; "
+            f"got {config.implementation!r}."
+        )
+    for name in ("remat", "scan_layers", "allow_schedule_change"):
+        if not isinstance(config.get(name, False), bool):
+            raise ValueError(f"--config.{name} must be True or False; got {config[name]!r}.")
 
-    One process: SIGTERM sets a flag the loop reads after each step. Several processes: they must stop
-    at the same step, so the signal is left to JAX's preemption service and every process asks the
-    checkpoint manager whether the common sync point is reached.
-    """
-    if jax.process_count() > 1:
-        return checkpoints.reached_preemption
-    flag = {"preempted": False}
 
-    def handler(signum, frame):
-        flag["preempted"] = True
+@dataclasses.dataclass
+class _Setup:
+    """What training starts from: a restored checkpoint (``resumed``) or a fresh initialization."""
 
-    try:
-        signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave the default handler
-        pass
-    return lambda step: flag["preempted"]
+    tokenizer: tokenizer_lib.Tokenizer
+    trainer: Trainer
+    train_data: Any
+    state: TrainState
+    resumed: int | None
+    skipped: list[checkpoint_lib.CorruptCheckpointError]
+    notes: list[str]
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Trains (or resumes) the experiment ``config`` in ``workdir``; returns the final state (its step is
-    below ``config.steps`` when the run was preempted: it saved and stopped early)."""
-    workdir = os.path.abspath(os.path.expanduser(workdir))
-    checkpoints = checkpoint_lib.Checkpoints(
-        workdir, every=config.checkpoint_every, keep=config.keep_checkpoints
-    )
-    try:
-        return _train(config, workdir, checkpoints)
-    finally:
-        checkpoints.close()
+    below ``config.steps`` when the run was stopped early by SIGTERM or Ctrl-C: it saved and returned).
 
-
-def _train(config, workdir, checkpoints):
-    """The loop; returns the last state."""
-    config_dict = config.to_dict()
-    checkpoints.check_compatible(config_dict)
+    Raises:
+        ValueError: a refused config, dataset or workdir (nothing is created then).
+        ConnectionError: a catalog dataset to download with no network.
+        FloatingPointError: the loss became NaN or infinite (the last good checkpoint is kept).
+    """
+    started = time.perf_counter()
+    workdir = os.path.abspath(os.path.expandvars(os.path.expanduser(workdir)))
     mesh = make_mesh(config.mesh)
     validate(config, mesh)
-    resumed = checkpoints.latest_step()
-    if resumed is None:
-        tokenizer = data_lib.make_tokenizer(config)
-    else:
-        tokenizer = tokenizer_lib.tokenizer_from_dict(checkpoints.restore_tokenizer())
-    vocab_size = model_vocab_size(tokenizer)
-    architecture = model_config(config, vocab_size)
-    checkpoints.check_compatible(config_dict, model=architecture.to_dict())
-    trainer = Trainer(config, architecture, mesh)
-    train_data = data_lib.make_dataset(
-        config, tokenizer, config.train_split, train=True, vocab_size=vocab_size
-    )
-    if resumed is None:
-        state, start = trainer.init(config.seed), 0
-    else:
-        state = checkpoints.restore(trainer.abstract_state, data_iterator=train_data)
-        start = int(state.step)
+    checkpoint_lib.check_can_write(workdir)
+    notes = corpus.check(config.dataset, data_dir=config.data_dir or None)
+    with contextlib.closing(checkpoint_lib.Checkpoints(workdir, read_only=True)) as reader:
+        setup = _setup(config, mesh, reader, notes)
+    try:
+        return _train(config, workdir, setup, started)
+    finally:
+        setup.train_data.close()
 
-    reporter = reporting.Reporter(workdir, total_steps=config.steps, start_step=start)
-    reporter.message(
-        f"{config.arch} '{config.model}': {trainer.num_params / 1e6:.2f}M parameters, vocab {vocab_size} "
-        f"({type(tokenizer).__name__}); mesh {dict(mesh.shape)} over {jax.device_count()} "
-        f"{jax.devices()[0].platform} device(s) in {jax.process_count()} process(es); "
-        + (f"resumed at step {start}" if resumed is not None else "starting from scratch")
+
+def _make_tokenizer(config: ml_collections.ConfigDict) -> tokenizer_lib.Tokenizer:
+    """The tokenizer ``config.tokenizer`` names; special-token spellings apply to tokenizer files."""
+    specials = {"bos": config.tokenizer_bos, "eos": config.tokenizer_eos, "pad": config.tokenizer_pad}
+    if config.tokenizer in ("byte", "sentencepiece"):
+        tokenizer_lib.build_tokenizer(
+            config.tokenizer, texts=None, vocab_size=0, **specials
+        )  # refuses specials
+        return data_lib.make_tokenizer(config)
+    return tokenizer_lib.build_tokenizer(config.tokenizer, texts=None, vocab_size=0, **specials)
+
+
+def _setup(config, mesh, reader: checkpoint_lib.Checkpoints, notes: list[str]) -> _Setup:
+    """Restores the newest checkpoint that reads (skipping damaged ones) or initializes a new state."""
+    config_dict = config.to_dict()
+    skipped: list[checkpoint_lib.CorruptCheckpointError] = []
+    tokenizer = trainer = train_data = None
+
+    def build(tok):
+        architecture = model_config(config, model_vocab_size(tok))
+        return Trainer(config, architecture, mesh)
+
+    try:
+        for step in reversed(reader.all_steps()):
+            try:
+                saved_tokenizer = reader.restore_tokenizer(step)
+                reader.check_compatible(config_dict, step=step)
+                if trainer is None:
+                    tokenizer = tokenizer_lib.tokenizer_from_dict(saved_tokenizer)
+                    trainer = build(tokenizer)
+                    train_data = _train_data(config, tokenizer, trainer)
+                reader.check_compatible(config_dict, model=trainer.model_config.to_dict(), step=step)
+                note = _check_schedule(reader.restore_config(step), config, step)
+                notes += [note] if note else []
+                state = reader.restore(trainer.abstract_state, step=step, data_iterator=train_data)
+                return _Setup(tokenizer, trainer, train_data, state, step, skipped, notes)
+            except checkpoint_lib.CorruptCheckpointError as err:
+                skipped.append(err)
+        if tokenizer is None:
+            tokenizer = _make_tokenizer(config)
+            if config.tokenizer == "sentencepiece" and tokenizer.vocab_size < config.tokenizer_vocab_size:
+                notes.append(
+                    f"SentencePiece: the corpus yields {tokenizer.vocab_size} pieces, fewer than "
+                    f"--config.tokenizer_vocab_size={config.tokenizer_vocab_size}; training with "
+                    f"{tokenizer.vocab_size} (a larger corpus gives more)."
+                )
+        if trainer is None:
+            trainer = build(tokenizer)
+            train_data = _train_data(config, tokenizer, trainer)
+        return _Setup(tokenizer, trainer, train_data, trainer.init(config.seed), None, skipped, notes)
+    except BaseException:
+        if train_data is not None:
+            train_data.close()
+        raise
+
+
+def _train_data(config, tokenizer, trainer):
+    vocab = trainer.model_config.vocab_size
+    return data_lib.make_dataset(config, tokenizer, config.train_split, train=True, vocab_size=vocab)
+
+
+def _check_schedule(saved: dict[str, Any], config: ml_collections.ConfigDict, step: int) -> str | None:
+    """Refuses a resumed run whose learning-rate schedule differs from the checkpoint's (the schedule's
+    length and shape are part of the run); with allow_schedule_change, returns a line saying what
+    changes instead."""
+    keys = [k for k in SCHEDULE_KEYS if k in saved and saved[k] != config[k]]
+    if config.schedule == "constant" and saved.get("schedule") == "constant":
+        keys = [k for k in keys if k != "steps"]  # a constant schedule does not depend on the length
+    if not keys:
+        return None
+    before = optim.learning_rate_schedule(ml_collections.ConfigDict({**config.to_dict(), **saved}))
+    after = optim.learning_rate_schedule(config)
+    change = ", ".join(f"{k}={saved[k]!r} → {config[k]!r}" for k in keys)
+    jump = f"the learning rate at step {step} would go from {float(before(step)):.3g} to "
+    jump += f"{float(after(step)):.3g}"
+    if not config.allow_schedule_change:
+        raise ValueError(
+            f"Resuming step {step} with another learning-rate schedule ({change}): {jump}.\n"
+            "The schedule is part of the run: resume with the checkpoint's values, or pass "
+            "--config.allow_schedule_change=True to continue on the new schedule."
+        )
+    return f"Schedule changed on resume ({change}): {jump}."
+
+
+class _StopRequests:
+    """SIGTERM and a first Ctrl-C ask the loop to save and stop after the current step; a second Ctrl-C
+    exits at once (status 130) without saving. The previous handlers come back on ``close``.
+
+    With several processes the signals are left to JAX's preemption service (every process must stop at
+    the same step): ``requested`` then asks the checkpoint manager whether its sync point is reached.
+    """
+
+    def __init__(self):
+        self.reason: str | None = None
+        self._previous: dict[int, Any] = {}
+        if jax.process_count() > 1:
+            return
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread: keep the default handlers
+                pass
+
+    def _handle(self, signum, frame):
+        del frame
+        if signum == signal.SIGINT and self.reason is not None:
+            os.write(2, b"\nSecond Ctrl-C: exiting now, without saving.\n")
+            os._exit(130)
+        if self.reason is None:
+            self.reason = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+            if signum == signal.SIGINT:  # os.write: print() may be mid-write in the main thread
+                os.write(
+                    2,
+                    b"\nCtrl-C: saving a checkpoint after this step, then stopping "
+                    b"(Ctrl-C again exits at once, without saving).\n",
+                )
+
+    def requested(self, step: int, checkpoints: checkpoint_lib.Checkpoints) -> str | None:
+        if jax.process_count() > 1 and checkpoints.reached_preemption(step):
+            return "preemption"
+        return self.reason
+
+    def close(self):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def _agree_across_processes(setup: _Setup):
+    """Every process must resume from the same step."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    steps = multihost_utils.process_allgather(np.asarray(setup.resumed or 0))
+    if len(set(np.asarray(steps).tolist())) > 1:
+        raise ValueError(
+            f"The processes restored different checkpoints (steps {sorted(set(steps.tolist()))}): some "
+            "cannot read a step that others can. Check that every host sees the same checkpoints folder."
+        )
+
+
+def _say(text: str):
+    """Prints on the first process (before the progress bar exists)."""
+    if jax.process_index() == 0:
+        print(text, flush=True)
+
+
+def _train(config, workdir: str, setup: _Setup, started: float) -> TrainState:
+    """Sets damaged checkpoints aside, evaluates step 0 (a new run), creates the workdir's outputs and
+    runs the steps."""
+    trainer = setup.trainer
+    _agree_across_processes(setup)
+    if jax.process_index() == 0:
+        for err in setup.skipped:
+            moved = checkpoint_lib.set_aside(err)
+            _say(
+                f"Skipped checkpoint step {err.step}: {err.file}: {err.reason}; kept as "
+                f"{os.path.relpath(moved, workdir)}."
+            )
+    if setup.skipped and jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("retnet_jax: damaged checkpoints set aside")
+    for note in setup.notes:
+        _say(note)
+    _say(
+        f"{config.arch} '{config.model}': {trainer.num_params / 1e6:.2f}M parameters, vocab "
+        f"{trainer.model_config.vocab_size} ({type(setup.tokenizer).__name__}); "
+        f"mesh {dict(trainer.mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
+        f"device(s) in {jax.process_count()} process(es); "
+        + (f"resumed at step {setup.resumed}" if setup.resumed is not None else "starting from scratch")
     )
-    preempted = _preemption_check(checkpoints)
+    stop = _StopRequests()
+    try:
+        first_eval = None
+        if setup.resumed is None:  # the starting point of the validation curve
+            _say("evaluating step 0…")
+            first_eval = evaluate(
+                trainer, setup.state.params, setup.tokenizer, config, trainer.model_config.vocab_size
+            )
+            if stop.reason is not None:
+                _say(f"Stopped before the first step ({stop.reason}); nothing was trained or saved.")
+                return setup.state
+        checkpoints = checkpoint_lib.Checkpoints(
+            workdir, every=config.checkpoint_every, keep=config.keep_checkpoints
+        )
+        try:
+            return _loop(config, workdir, setup, checkpoints, stop, first_eval, started)
+        finally:
+            checkpoints.close()
+    finally:
+        stop.close()
+
+
+def _loop(
+    config, workdir, setup: _Setup, checkpoints, stop: _StopRequests, first_eval, started
+) -> TrainState:
+    """The steps, with logs, evaluations and saves, then the summary."""
+    trainer, tokenizer, train_data, state = setup.trainer, setup.tokenizer, setup.train_data, setup.state
+    config_dict = config.to_dict()
+    vocab_size = trainer.model_config.vocab_size
+    start = int(state.step)
+    reporter = reporting.Reporter(workdir, total_steps=config.steps, start_step=start)
     tokens_per_step = config.batch_size * config.seq_len
     peak = flops_lib.device_peak_flops()
     flops_per_step = trainer.train_flops_per_token() * tokens_per_step
     pending: list[tuple[int, dict[str, jax.Array]]] = []
-    last_good = resumed
+    last_good = checkpoints.latest_step()
     clock, steps_timed = time.perf_counter(), 0
+    last_train: tuple[float, int] | None = None
+    last_eval: tuple[int, float] | None = None
+    stopped = None
 
-    def flush() -> dict[str, float] | None:
-        """Fetches the buffered step metrics (one sync), stopping on a non-finite loss."""
+    def flush() -> tuple[dict[str, float], float, int] | None:
+        """Fetches the buffered step metrics (one sync), stopping on a non-finite loss; returns the
+        last step's metrics and the mean loss over the fetched steps."""
         nonlocal pending
         fetched = jax.device_get(pending)
         pending = []
@@ -132,12 +358,16 @@ def _train(config, workdir, checkpoints):
                     f"(nothing later was saved). Lower --config.learning_rate or set --config.z_loss "
                     f"and run again to resume from it."
                 )
-        return {k: float(v) for k, v in fetched[-1][1].items()} if fetched else None
+        if not fetched:
+            return None
+        losses = [float(metrics["loss"]) for _, metrics in fetched]
+        return {k: float(v) for k, v in fetched[-1][1].items()}, float(np.mean(losses)), len(losses)
 
     step = start
     try:
-        if resumed is None:  # the starting point of the validation curve
-            reporter.eval(0, evaluate(trainer, state.params, tokenizer, config, vocab_size))
+        if first_eval is not None:
+            reporter.eval(0, first_eval)
+            last_eval = (0, first_eval)
             clock = time.perf_counter()
         while step < config.steps:
             batch = trainer.global_batch(next(train_data))
@@ -153,40 +383,57 @@ def _train(config, workdir, checkpoints):
                 clock = time.perf_counter()
             else:
                 steps_timed += 1
-            stop = preempted(step)
-            save = step == config.steps or stop or checkpoints.should_save(step)
+            stopped = stop.requested(step, checkpoints)
+            save = step == config.steps or stopped is not None or checkpoints.should_save(step)
             evaluate_now = step % config.eval_every == 0 or step == config.steps
             if step % config.log_every == 0 or save or evaluate_now:
-                latest = flush()
+                latest, mean_loss, count = flush()
                 elapsed = time.perf_counter() - clock
                 if steps_timed:
                     latest["tokens_per_sec"] = tokens_per_step * steps_timed / elapsed
                     if peak:
                         latest["mfu"] = flops_per_step * steps_timed / elapsed / (peak * jax.device_count())
-                reporter.train(step, latest)
+                reporter.train(step, latest, mean_loss=mean_loss)
+                last_train = (mean_loss, count)
             if evaluate_now:
-                reporter.eval(step, evaluate(trainer, state.params, tokenizer, config, vocab_size))
+                with reporter.evaluating():
+                    loss = evaluate(trainer, state.params, tokenizer, config, vocab_size)
+                reporter.eval(step, loss)
+                last_eval = (step, loss)
             if save:
                 checkpoints.save(
                     step,
                     state,
                     data_iterator=train_data,
                     config=config_dict,
-                    model=architecture.to_dict(),
+                    model=trainer.model_config.to_dict(),
                     tokenizer=tokenizer.to_dict(),
                     force=True,
                 )
                 last_good = step
-            if stop:
-                checkpoints.wait()
-                reporter.message(f"Preempted: saved step {step}; run again to resume.")
-                return state
+            if stopped is not None:
+                break
             if step % config.log_every == 0 or save or evaluate_now:
                 clock, steps_timed = time.perf_counter(), 0
         checkpoints.wait()
     finally:
         reporter.close()
-        train_data.close()
+    if jax.process_index() == 0:
+        print(
+            reporting.summary(
+                workdir,
+                step=step,
+                total_steps=config.steps,
+                tokens=(step - start) * tokens_per_step,
+                seconds=time.perf_counter() - started,
+                train_loss=last_train,
+                eval_loss=last_eval,
+                checkpoint_steps=checkpoints.all_steps(),
+                sample_prompt=config.sample_prompt,
+                stopped=stopped if step < config.steps else None,
+            ),
+            flush=True,
+        )
     return state
 
 

@@ -93,33 +93,56 @@ class SentencePieceTokenizer(Tokenizer):
 
     Args:
         model_proto: the serialized model (the content of a ``.model`` file).
+        bos_token, eos_token, pad_token: pieces to use as BOS / EOS / PAD instead of the model's own
+            (``None``: the model's).
 
     Raises:
-        ValueError: the model has no BOS or EOS piece (both are needed to frame documents).
+        ValueError: the model has no BOS or EOS piece (both are needed to frame documents), or a
+            given piece is not in the model.
     """
 
-    def __init__(self, model_proto: bytes):
+    def __init__(
+        self,
+        model_proto: bytes,
+        *,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        pad_token: str | None = None,
+    ):
         self._model_proto = bytes(model_proto)
         self._sp = spm.SentencePieceProcessor(model_proto=self._model_proto)
         self.vocab_size = self._sp.get_piece_size()
-        self.bos_id = self._sp.bos_id()
-        self.eos_id = self._sp.eos_id()
+        self._spellings = {"bos_token": bos_token, "eos_token": eos_token, "pad_token": pad_token}
+        self.bos_id = self._piece_id("BOS", bos_token, self._sp.bos_id())
+        self.eos_id = self._piece_id("EOS", eos_token, self._sp.eos_id())
         if self.bos_id < 0 or self.eos_id < 0:
             raise ValueError(
                 f"SentencePiece model has bos_id={self.bos_id}, eos_id={self.eos_id}; both must "
-                "exist (>= 0) to frame documents. Train it with bos_id and eos_id set, e.g. with "
-                "retnet_jax.tokenizer.train_sentencepiece."
+                "exist (>= 0) to frame documents. Train it with bos_id and eos_id set (e.g. with "
+                "train_sentencepiece), or name pieces to use with --config.tokenizer_bos / _eos."
             )
         # Packing never pads; a model without a pad piece pads (e.g. batched prompts) with EOS.
-        self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eos_id
+        pad_id = self._piece_id("PAD", pad_token, self._sp.pad_id())
+        self.pad_id = pad_id if pad_id >= 0 else self.eos_id
         # Unknown never comes out of a byte-fallback model, but other models decode it as " ⁇ ".
         self._specials = {self.pad_id, self.bos_id, self.eos_id, self._sp.unk_id()}
 
+    def _piece_id(self, what: str, piece: str | None, default: int) -> int:
+        if piece is None:
+            return default
+        index = self._sp.piece_to_id(piece)
+        if self._sp.id_to_piece(index) != piece:  # unknown pieces map to the unknown id
+            raise ValueError(
+                f"SentencePiece model has no piece {piece!r} to use as {what}; set "
+                f"--config.tokenizer_{what.lower()} to one of its pieces, or '' for the model's own."
+            )
+        return index
+
     @classmethod
-    def from_file(cls, path: str | os.PathLike) -> SentencePieceTokenizer:
-        """Loads a ``.model`` file."""
+    def from_file(cls, path: str | os.PathLike, **kwargs: str | None) -> SentencePieceTokenizer:
+        """Loads a ``.model`` file; ``kwargs`` as in the constructor."""
         with open(path, "rb") as f:
-            return cls(f.read())
+            return cls(f.read(), **kwargs)
 
     @property
     def model_proto(self) -> bytes:
@@ -135,9 +158,11 @@ class SentencePieceTokenizer(Tokenizer):
         return self._sp.decode(kept)
 
     def to_dict(self) -> dict[str, Any]:
+        spellings = {name: value for name, value in self._spellings.items() if value is not None}
         return {
             "kind": "sentencepiece",
             "model": base64.b64encode(self._model_proto).decode("ascii"),
+            **spellings,
         }
 
 
@@ -223,8 +248,8 @@ def train_sentencepiece(
 
 
 # Special-token spellings tried in order when a tokenizer.json does not say which is which.
-_BOS_NAMES = ("<s>", "<bos>", "<|begin_of_text|>", "<|startoftext|>", "[CLS]", "<|endoftext|>")
-_EOS_NAMES = ("</s>", "<eos>", "<|end_of_text|>", "<|endoftext|>", "[SEP]")
+_BOS_NAMES = ("<s>", "<bos>", "[BOS]", "<|begin_of_text|>", "<|startoftext|>", "[CLS]", "<|endoftext|>")
+_EOS_NAMES = ("</s>", "<eos>", "[EOS]", "<|end_of_text|>", "<|endoftext|>", "[SEP]")
 _PAD_NAMES = ("<pad>", "[PAD]", "<|padding|>", "<|pad|>")
 
 
@@ -270,8 +295,9 @@ class HFTokenizer(Tokenizer):
             if self._tok.token_to_id(name) is not None:
                 return name
         raise ValueError(
-            f"tokenizer.json has no {what} token among {list(candidates)}. Pass its spelling, "
-            f"e.g. HFTokenizer(json, {what.lower()}_token='<...>'), or add one to the tokenizer."
+            f"tokenizer.json has no {what} token among {list(candidates)}. Pass its spelling "
+            f"(--config.tokenizer_{what.lower()}=..., or HFTokenizer(json, {what.lower()}_token=...)), "
+            "or add one to the tokenizer."
         )
 
     @classmethod
@@ -307,7 +333,8 @@ def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
     if kind == "byte":
         return ByteTokenizer()
     if kind == "sentencepiece":
-        return SentencePieceTokenizer(base64.b64decode(d["model"]))
+        spellings = {name: d.get(name) for name in ("bos_token", "eos_token", "pad_token")}
+        return SentencePieceTokenizer(base64.b64decode(d["model"]), **spellings)
     if kind == "huggingface":
         return HFTokenizer(
             d["tokenizer_json"],
@@ -326,21 +353,36 @@ def build_tokenizer(
     *,
     texts: Callable[[], Iterable[str]] | None,
     vocab_size: int,
+    bos: str = "",
+    eos: str = "",
+    pad: str = "",
 ) -> Tokenizer:
     """Makes the tokenizer a config names.
 
     Args:
         spec: ``"byte"``; ``"sentencepiece"`` (train one on ``texts()``); or the path of a
-            SentencePiece ``.model`` file or of a Hugging Face ``tokenizer.json``.
+            SentencePiece ``.model`` file or of a Hugging Face ``tokenizer.json`` (``~`` and
+            ``$VARS`` expanded).
         texts: returns the training documents; only called for ``"sentencepiece"``.
         vocab_size: vocabulary of a trained SentencePiece model (other kinds fix their own).
+        bos, eos, pad: spellings of the special tokens in a tokenizer file (e.g. ``"[BOS]"``);
+            ``""`` finds them (a ``tokenizer.json``: the usual spellings; a ``.model``: its own).
 
     Returns:
         The tokenizer.
 
     Raises:
-        ValueError: ``spec`` is none of the accepted forms, or names a missing file.
+        ValueError: ``spec`` is none of the accepted forms, names a missing file, or special
+            spellings are given for a tokenizer that has fixed ones (byte, trained SentencePiece).
     """
+    spellings = {"bos_token": bos or None, "eos_token": eos or None, "pad_token": pad or None}
+    if spec in ("byte", "sentencepiece") and any(spellings.values()):
+        given = ", ".join(f"tokenizer_{k[:3]}={v!r}" for k, v in spellings.items() if v)
+        raise ValueError(
+            f"{given} names special tokens of a tokenizer file, but tokenizer={spec!r} has its own "
+            "fixed ones; set them to '' or give a tokenizer.json / .model path."
+        )
+    spec = os.path.expandvars(os.path.expanduser(spec))
     if spec == "byte":
         return ByteTokenizer()
     if spec == "sentencepiece":
@@ -358,6 +400,6 @@ def build_tokenizer(
         if not os.path.isfile(spec):
             raise ValueError(f"Tokenizer file {spec!r} does not exist. Accepted: {accepted}.")
         if spec.endswith(".model"):
-            return SentencePieceTokenizer.from_file(spec)
-        return HFTokenizer.from_file(spec)
+            return SentencePieceTokenizer.from_file(spec, **spellings)
+        return HFTokenizer.from_file(spec, **spellings)
     raise ValueError(f"Unknown tokenizer {spec!r}. Accepted: {accepted}.")
