@@ -5,16 +5,25 @@
     retnet-generate --workdir=/tmp/retnet-tiny          # interactive: one prompt per line
 
 The prompt is prefilled with the chunkwise form, then tokens are decoded by the recurrent step inside
-one jitted loop, in blocks of ``--block_size`` tokens that are printed as they arrive. With
-``--temperature=0`` (greedy) the output is deterministic; otherwise ``--seed`` fixes it.
+one jitted loop, in blocks of --block_size tokens that are printed as they arrive. With
+--temperature=0 (greedy) the output is deterministic; otherwise --seed fixes it. Nothing is written:
+the workdir may be read-only. A damaged checkpoint is named with the file, and the earlier step to
+pass as --checkpoint.
+
+Exit status: 0 done; 2 refused (a one- or two-line message says what, why and the fix); 130 Ctrl-C.
+--debug (or RETNET_DEBUG=1) shows tracebacks.
 """
 
 from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import flags
 from absl import logging as absl_logging
+
+from retnet_jax.cli import errors
+
+PROG = "retnet-generate"
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir: its latest checkpoint is used.")
 _CHECKPOINT = flags.DEFINE_string(
@@ -29,6 +38,9 @@ _TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling: the smallest set with this mass, in (0, 1].")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed for sampling.")
 _BLOCK = flags.DEFINE_integer("block_size", 16, "Tokens decoded per jitted call between prints.")
+_DEBUG = flags.DEFINE_bool(
+    "debug", False, f"Show the traceback of an error instead of its message alone (env {errors.DEBUG_ENV}=1)."
+)
 _FLAGS = (
     "workdir",
     "checkpoint",
@@ -39,12 +51,13 @@ _FLAGS = (
     "top_p",
     "seed",
     "block_size",
+    "debug",
 )
 
 
 def _fail(message: str):
-    print(f"retnet-generate: {message}", file=sys.stderr)
-    sys.exit(2)
+    print(f"{PROG}: {message}", file=sys.stderr)
+    sys.exit(errors.EXIT_REFUSED)
 
 
 def _check_flags():
@@ -93,15 +106,11 @@ def _continue(model, variables, tokenizer, text: str):
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+        raise errors.UsageError(f"unexpected arguments {argv[1:]}; flags are written --name=value.")
     _check_flags()
-    absl_logging.set_verbosity(absl_logging.ERROR)
     from retnet_jax.inference import loading
 
-    try:
-        model, variables, tokenizer = loading.load(_WORKDIR.value, checkpoint=_CHECKPOINT.value)
-    except (FileNotFoundError, ValueError) as e:
-        _fail(str(e))
+    model, variables, tokenizer = loading.load(_WORKDIR.value, checkpoint=_CHECKPOINT.value)
     if _PROMPT.value is not None:
         _continue(model, variables, tokenizer, _PROMPT.value)
         return
@@ -115,10 +124,26 @@ def main(argv):
         _continue(model, variables, tokenizer, line)
 
 
-def run():
+def run(argv: list[str] | None = None):
+    """The console script: parses the flags, generates, exits with the status the module doc lists."""
+    argv = list(sys.argv if argv is None else argv)
     for name in _FLAGS:  # the console-script shim is the main module: list these flags in --help
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
-    app.run(main)
+    if errors.help_requested(argv):
+        help_all = errors.help_requested(argv) == "--helpfull"
+        flags_help = flags.FLAGS.get_help() if help_all else flags.FLAGS.module_help(sys.argv[0])
+        print(f"{__doc__.strip()}\n\nFlags:\n{flags_help}")
+        sys.exit(errors.EXIT_OK)
+    debug = errors.debug_requested(argv)
+    if not debug:
+        absl_logging.set_verbosity(absl_logging.ERROR)
+    with errors.reported(PROG, debug):
+        try:
+            rest = flags.FLAGS(argv)
+        except flags.Error as err:
+            raise errors.UsageError(f"{err}\n`{PROG} --help` lists the flags.") from err
+        main(rest)
+    sys.exit(errors.EXIT_OK)
 
 
 if __name__ == "__main__":

@@ -151,7 +151,7 @@ def _check_fields(argv: list[str]):
     path = _config_path(argv).split(":")[0]
     if not os.path.isfile(path):
         raise errors.UsageError(
-            f"--config={path}: no such file. Pass a config file, e.g. --config=experiments/configs/default.py."
+            f"--config={path}: no such file. Pass a config file such as experiments/configs/default.py."
         )
     overrides = [m.group(1) for m in (re.match(r"--?(?:no)?config\.([^=]+)", a) for a in argv) if m]
     if not overrides:

@@ -80,7 +80,8 @@ def load(workdir: str | None = None, *, checkpoint: str | None = None, dtype=Non
         except checkpoint_lib.CorruptCheckpointError as err:
             earlier = [s for s in reversed(steps) if s < step and checkpoints.readable(s) is None]
             if earlier:
-                hint = f"The previous step reads: pass --checkpoint={checkpoints.step_directory(earlier[0])}"
+                previous = checkpoints.step_directory(earlier[0])
+                hint = f"Step {earlier[0]}, the previous one, reads: pass --checkpoint={previous}"
             else:
                 hint = f"No earlier step reads; train again with `retnet-train --workdir={workdir}`."
             raise err.with_hint(hint) from None

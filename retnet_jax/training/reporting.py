@@ -140,31 +140,31 @@ def summary(
     took = f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
     if stopped:
         head = (
-            f"Stopped at step {step} of {total_steps} ({stopped}); the checkpoint of step {step} is saved: "
-            "run the same command again to resume."
+            f"Stopped at step {step} of {total_steps} ({stopped}) after {tokens:,} tokens in {took}; "
+            f"step {step} is saved: run the same command again to resume."
         )
     else:
-        head = f"Finished step {step} of {total_steps}."
-    lines = [head, f"  trained      {tokens:,} tokens in {took}"]
-    losses = []
+        head = f"Finished step {step} of {total_steps}: {tokens:,} tokens in {took}."
+    lines = [head]
     if train_loss is not None:
         loss, over = train_loss
-        losses.append(f"train {loss:.3f} (perplexity {perplexity(loss):,.2f}, mean of the last {over} steps)")
+        ppl = perplexity(loss)
+        over = f"mean of the last {over} steps" if over > 1 else "the last step"
+        lines.append(f"  train loss       {loss:.3f} (perplexity {ppl:,.2f}; {over})")
     if eval_loss is not None:
         at, loss = eval_loss
-        losses.append(f"validation {loss:.3f} (perplexity {perplexity(loss):,.2f}, step {at})")
-    if losses:
-        lines.append("  loss         " + "; ".join(losses))
+        lines.append(f"  validation loss  {loss:.3f} (perplexity {perplexity(loss):,.2f}; step {at})")
     checkpoints = os.path.join(workdir, "checkpoints")
-    kept = ", ".join(str(s) for s in checkpoint_steps) or "none"
+    kept = f"steps {', '.join(str(s) for s in checkpoint_steps)}" if checkpoint_steps else "none saved"
+    metrics, events = os.path.join(workdir, METRICS_FILE), os.path.join(workdir, TENSORBOARD_DIR)
     lines += [
-        f"  checkpoints  {checkpoints} (steps {kept})",
-        f"  metrics      {os.path.join(workdir, METRICS_FILE)}, {os.path.join(workdir, TENSORBOARD_DIR)}/",
-        f"  plot         {os.path.join(workdir, PLOT_FILE)}",
+        f"  checkpoints      {checkpoints} ({kept})",
+        f"  metrics          {metrics}, {events}/",
+        f"  plot             {os.path.join(workdir, PLOT_FILE)}",
     ]
     if checkpoint_steps:
         command = f"retnet-generate --workdir={shlex.quote(workdir)} --prompt={shlex.quote(sample_prompt)}"
-        lines.append(f"  generate     {command}")
+        lines.append(f"  generate         {command}")
     return "\n".join(lines)
 
 
