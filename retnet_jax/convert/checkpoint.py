@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from retnet_jax.convert import files
 from retnet_jax.models import RetNetConfig
 
-__all__ = ["NO_TOKENIZER", "write_checkpoint"]
+__all__ = ["NO_TOKENIZER", "convert_checkpoint", "find_tokenizer", "write_checkpoint"]
 
 # Stored when the source has no tokenizer: generation needs one given later.
 NO_TOKENIZER = {"kind": "none"}
@@ -65,3 +65,75 @@ def write_checkpoint(workdir: str, model_config: RetNetConfig, params: Any, toke
         finally:
             checkpoints.close()
     return workdir
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # looked for beside the weights, in this order
+SOURCES = ("fla", "torchscale")
+_DOWNLOAD = ["*.json", "*.safetensors", "tokenizer.model"]
+
+
+def find_tokenizer(directory: str) -> str | None:
+    """The first of ``TOKENIZER_FILES`` in ``directory``, or None."""
+    for name in TOKENIZER_FILES:
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def convert_checkpoint(
+    source: str,
+    src: str,
+    workdir: str,
+    *,
+    dtype=None,
+    config: dict[str, Any] | None = None,
+    tokenizer: str | None = None,
+):
+    """Converts an fla or torchscale checkpoint into a new workdir (what ``retnet-convert`` does).
+
+    Args:
+        source: "fla" or "torchscale".
+        src: fla: a Hugging Face-format directory or hub id; torchscale: a state dict file.
+        workdir: a new (or empty) directory for the checkpoint.
+        dtype: fla: the parameter dtype (None: the checkpoint's).
+        config: torchscale: RetNetConfig fields the state dict cannot tell (see ``load_torchscale``).
+        tokenizer: a tokenizer.json or SentencePiece .model; None looks for ``TOKENIZER_FILES`` beside
+            the weights.
+
+    Returns:
+        (workdir, model, tokenizer or None).
+
+    Raises:
+        ValueError: a bad source, a tokenizer larger than the model's vocabulary, or a workdir that is
+            not new or not writable (checked before any weight is read).
+    """
+    from retnet_jax.convert.fla import load_fla
+    from retnet_jax.convert.torchscale import load_torchscale
+    from retnet_jax.training import tokenizers
+
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}; got {source!r}.")
+    workdir = files.check_new_directory(workdir)
+    if source == "fla":
+        if config:
+            raise ValueError("A config override is for torchscale state dicts; fla's config.json says all.")
+        src = files.resolve_source(src, _DOWNLOAD)
+        model, variables = load_fla(src, dtype=dtype)
+        beside = src
+    else:
+        if dtype is not None:
+            config = {**(config or {}), "dtype": dtype, "param_dtype": dtype}
+        model, variables = load_torchscale(src, config=config)
+        beside = os.path.dirname(os.path.abspath(os.path.expanduser(src)))
+    tokenizer = tokenizer or find_tokenizer(beside)
+    tok = None
+    if tokenizer is not None:
+        tok = tokenizers.build_tokenizer(tokenizer, texts=None, vocab_size=0)
+        if tok.vocab_size > model.config.vocab_size:
+            raise ValueError(
+                f"The tokenizer {tokenizer} has {tok.vocab_size} tokens but the model only "
+                f"{model.config.vocab_size} embeddings: it is not this model's tokenizer."
+            )
+    write_checkpoint(workdir, model.config, variables["params"], tok)
+    return workdir, model, tok

@@ -27,6 +27,7 @@ __all__ = [
     "ShapeOnly",
     "Tensors",
     "atomic_directory",
+    "check_new_directory",
     "open_safetensors",
     "open_state_dict",
     "resolve_source",
@@ -302,6 +303,22 @@ def write_safetensors(arrays: Mapping[str, np.ndarray], path: str, metadata: dic
     save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, path, metadata=metadata)
 
 
+def check_new_directory(target: str) -> str:
+    """``target`` as an absolute path, after checking that it is new (or an empty directory).
+
+    Raises:
+        ValueError: ``target`` is a file or a non-empty directory.
+    """
+    target = os.path.abspath(os.path.expanduser(target))
+    if os.path.lexists(target) and not os.path.isdir(target):
+        raise ValueError(f"{target} exists and is not a directory; choose a new directory.")
+    if os.path.isdir(target) and os.listdir(target):
+        raise ValueError(
+            f"{target} is not empty; nothing was written. Choose a new (or empty) directory, or delete it."
+        )
+    return target
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str) -> Iterator[str]:
     """A temporary directory beside ``target`` that becomes ``target`` when the context exits cleanly.
@@ -312,13 +329,7 @@ def atomic_directory(target: str) -> Iterator[str]:
     Raises:
         ValueError: ``target`` is a file or a non-empty directory, or its parent cannot be written.
     """
-    target = os.path.abspath(os.path.expanduser(target))
-    if os.path.lexists(target) and not os.path.isdir(target):
-        raise ValueError(f"{target} exists and is not a directory; choose a new directory.")
-    if os.path.isdir(target) and os.listdir(target):
-        raise ValueError(
-            f"{target} is not empty; nothing was written. Choose a new (or empty) directory, or delete it."
-        )
+    target = check_new_directory(target)
     parent = os.path.dirname(target)
     try:
         os.makedirs(parent, exist_ok=True)

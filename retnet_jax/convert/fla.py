@@ -391,6 +391,7 @@ def export_fla(model: RetNetLM, variables: dict, out_dir: str) -> None:
             variables do not fit the model, or ``out_dir`` is not empty or not writable.
     """
     config = model.config
+    fla = fla_config(config)  # refuses what fla cannot express, before anything else
     params = nn.unbox(variables["params"] if "params" in variables else variables)
     expected = layout.abstract_params(config)
     got_shapes = jax.tree.map(lambda x: tuple(np.shape(x)), params)
@@ -400,7 +401,7 @@ def export_fla(model: RetNetLM, variables: dict, out_dir: str) -> None:
             "export_fla: the variables do not fit the model's config (another size or layout); pass the "
             "variables of this model."
         )
-    fla = fla_config(config, np.dtype(params["embed"]["embedding"].dtype).name)
+    fla["torch_dtype"] = np.dtype(params["embed"]["embedding"].dtype).name
     rules, layer_rules = _rules(config)
     tensors = layout.export(params, rules, layer_rules, config.num_layers)
     with files.atomic_directory(out_dir) as tmp:

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from retnet_jax import convert
-from retnet_jax.models.retnet import decode_step
+from tests.convert.common import all_modes, same_tree
 from tests.helpers import relative_error
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "torchscale"
@@ -44,27 +44,7 @@ def our_logits(name: str, tag: str) -> dict[str, np.ndarray]:
     config = {"norm_eps": EPSILONS[tag], "dtype": "float64", "param_dtype": "float64", **CALLER_CONFIG[name]}
     with jax.enable_x64(True):
         model, variables = convert.load_torchscale(str(FIXTURES / f"{name}.safetensors"), config=config)
-        return all_modes(model, variables, tokens)
-
-
-def all_modes(model, variables, tokens) -> dict[str, np.ndarray]:
-    """Logits [B, T, N] of every way to run the model over ``tokens``."""
-    apply = jax.jit(model.apply, static_argnames=("mode", "chunk_size", "return_state"))
-    step = jax.jit(functools.partial(decode_step, model))
-    tokens = jnp.asarray(tokens)
-    out = {
-        "parallel": apply(variables, tokens, mode="parallel")[0],
-        "chunkwise": apply(variables, tokens, mode="chunkwise", chunk_size=8)[0],
-        "chunkwise-partial": apply(variables, tokens, mode="chunkwise", chunk_size=5)[0],
-        "recurrent": apply(variables, tokens, mode="recurrent")[0],
-    }
-    logits, state = apply(variables, tokens[:, :PREFILL], mode="chunkwise", chunk_size=4, return_state=True)
-    steps = [logits]
-    for t in range(PREFILL, tokens.shape[1]):
-        logits, state = step(variables, tokens[:, t], state)
-        steps.append(logits[:, None])
-    out["prefill+decode"] = jnp.concatenate(steps, axis=1)
-    return {k: np.asarray(v) for k, v in out.items()}
+        return all_modes(model, variables, tokens, chunk_sizes=(8, 5), prefill=PREFILL)
 
 
 @pytest.mark.parametrize("name", sorted(CALLER_CONFIG))
@@ -126,7 +106,7 @@ def test_decoder_prefix_is_accepted(tmp_path):
     save_file({f"decoder.{k}": v for k, v in tensors.items()}, str(tmp_path / "lm.safetensors"))
     _, ours = convert.load_torchscale(str(tmp_path / "lm.safetensors"))
     _, plain = convert.load_torchscale(str(FIXTURES / "base.safetensors"))
-    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), ours, plain))
+    assert same_tree(ours, plain)
 
 
 def test_pt_file_is_read_with_torch(tmp_path):
@@ -136,7 +116,7 @@ def test_pt_file_is_read_with_torch(tmp_path):
     torch.save(load_file(str(FIXTURES / "base.safetensors")), tmp_path / "state.pt")
     _, from_pt = convert.load_torchscale(str(tmp_path / "state.pt"))
     _, plain = convert.load_torchscale(str(FIXTURES / "base.safetensors"))
-    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), from_pt, plain))
+    assert same_tree(from_pt, plain)
 
 
 def test_pt_file_without_torch_says_to_install_the_extra(tmp_path, monkeypatch):
