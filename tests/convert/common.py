@@ -72,15 +72,22 @@ def fla_style_config(dtype: str = "float32", **overrides) -> RetNetConfig:
 
 
 def fla_style_model(seed: int = 0, **overrides):
-    """A tiny random RetNetLM with fla's conventions; every norm weight perturbed from 1."""
-    model = RetNetLM(fla_style_config(**overrides))
+    """A tiny random RetNetLM with fla's conventions; every norm weight perturbed from 1, and the kernels and
+    embeddings scaled up from their small initial values so that every sublayer moves the residual stream.
+    Returns (model, variables); the same arguments give the same (cached) objects."""
+    return _fla_style_model(seed, tuple(sorted(overrides.items())))
+
+
+@functools.cache
+def _fla_style_model(seed: int, overrides: tuple):
+    model = RetNetLM(fla_style_config(**dict(overrides)))
     params = nn.unbox(jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, 4), jnp.int32)))["params"]
     rng = np.random.default_rng(seed)
 
     def perturb(path, leaf):
         if jax.tree_util.keystr(path).endswith("['scale']"):
             return (1 + 0.3 * rng.standard_normal(leaf.shape)).astype(leaf.dtype)
-        return leaf
+        return (4 * leaf).astype(leaf.dtype)
 
     return model, {"params": jax.tree_util.tree_map_with_path(perturb, params)}
 
