@@ -196,7 +196,8 @@ def retnet_config(fla: dict[str, Any], *, dtype: str = "float32", source: str = 
     absent = [k for k in _IDENTIFYING if k not in keys]
     if absent:
         raise ValueError(f"{source} is not an fla RetNet config: it lacks the keys {absent}.")
-    unknown = sorted(keys - set(_IDENTIFYING) - set(_DEFAULTS) - _IGNORED)
+    # A key set to null is an option left unset; any other unknown key may change the model.
+    unknown = sorted(k for k in keys - set(_IDENTIFYING) - set(_DEFAULTS) - _IGNORED if fla[k] is not None)
     if unknown:
         raise ValueError(
             f"{source}: unknown config fields {unknown}. They are not part of fla's RetNet config as known "

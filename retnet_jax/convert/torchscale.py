@@ -216,6 +216,16 @@ def load_torchscale(path: str, *, config: Mapping[str, Any] | RetNetConfig | Non
                 tensors = tensors.renamed(prefix)
                 break
         cfg = torchscale_config(tensors, config, path)
+        if GLOBAL_RULES[1].theirs not in tensors:
+            raise ValueError(
+                f"{path} has no {GLOBAL_RULES[1].theirs!r}: a post-norm (DeepNorm, decoder_normalize_before="
+                "False) decoder, which is not supported; only pre-norm RetNetDecoders load."
+            )
+        if not cfg.tie_embeddings and HEAD_RULE.theirs not in tensors:
+            raise ValueError(
+                f"{path} has no {HEAD_RULE.theirs!r}. If the decoder shares its input and output embeddings "
+                "(share_decoder_input_output_embed), pass config={'tie_embeddings': True}."
+            )
         rules = GLOBAL_RULES + ((EMBED_NORM_RULE,) if cfg.embed_norm else ())
         ignored = [ANGLE, DECAY]
         if cfg.tie_embeddings:

@@ -126,3 +126,38 @@ def test_pt_file_without_torch_says_to_install_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch now raises ImportError
     with pytest.raises(ImportError, match=r"retnet-jax\[torch\]"):
         convert.load_torchscale(str(tmp_path / "state.pt"))
+
+
+def test_shared_input_output_embeddings(tmp_path):
+    """A decoder with share_decoder_input_output_embed: the head is the embedding (saved once or twice)."""
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(FIXTURES / "base.safetensors"))
+    tensors.pop("output_projection.weight")
+    save_file(tensors, str(tmp_path / "once.safetensors"))
+    with pytest.raises(ValueError, match="tie_embeddings"):
+        convert.load_torchscale(str(tmp_path / "once.safetensors"))
+    model, variables = convert.load_torchscale(
+        str(tmp_path / "once.safetensors"), config={"tie_embeddings": True}
+    )
+    assert model.config.tie_embeddings and "head" not in variables["params"]
+    save_file(
+        {**tensors, "output_projection.weight": tensors["embed_tokens.weight"]}, str(tmp_path / "twice.st")
+    )
+    _, twice = convert.load_torchscale(str(tmp_path / "twice.st"), config={"tie_embeddings": True})
+    assert same_tree(twice, variables)
+    save_file(
+        {**tensors, "output_projection.weight": 2 * tensors["embed_tokens.weight"]}, str(tmp_path / "bad.st")
+    )
+    with pytest.raises(ValueError, match="differs"):
+        convert.load_torchscale(str(tmp_path / "bad.st"), config={"tie_embeddings": True})
+
+
+def test_post_norm_decoders_are_refused(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(FIXTURES / "base.safetensors"))
+    tensors.pop("layer_norm.weight")
+    save_file(tensors, str(tmp_path / "deepnorm.safetensors"))
+    with pytest.raises(ValueError, match="DeepNorm"):
+        convert.load_torchscale(str(tmp_path / "deepnorm.safetensors"))
