@@ -42,7 +42,7 @@ def fla_logits(directory: str, tokens: np.ndarray) -> dict[str, np.ndarray]:
     import fla  # noqa: F401  (registers model_type "retnet" with transformers)
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(directory, torch_dtype=torch.float32).cuda().eval()
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).cuda().eval()
     assert type(model).__module__.startswith("fla."), type(model)
     ids = torch.from_numpy(np.asarray(tokens)).long().cuda()
     out = {}

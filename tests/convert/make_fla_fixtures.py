@@ -93,7 +93,7 @@ def main(out_dir: str):
 
     os.makedirs(out_dir, exist_ok=True)
     model = build()
-    model.save_pretrained(os.path.join(out_dir, "model"), safe_serialization=True)
+    model.save_pretrained(os.path.join(out_dir, "model"))  # safetensors
     tokens_np = np.random.default_rng(0).integers(0, VOCAB, (BATCH, LENGTH)).astype(np.int32)
     tokens = torch.from_numpy(tokens_np).long().cuda()
 
