@@ -102,6 +102,11 @@ def main(argv):
         model, variables, tokenizer = loading.load(_WORKDIR.value, checkpoint=_CHECKPOINT.value)
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
+    if tokenizer is None:
+        _fail(
+            "this checkpoint holds weights imported without a tokenizer, so text cannot be encoded; "
+            "convert them again with retnet-convert --tokenizer=PATH."
+        )
     if _PROMPT.value is not None:
         _continue(model, variables, tokenizer, _PROMPT.value)
         return

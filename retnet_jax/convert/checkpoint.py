@@ -2,7 +2,9 @@
 
 One function, ``write_checkpoint``, is the only place that knows the checkpoint format: a step-0
 checkpoint holding the parameters (no optimizer state: fine-tuning starts a fresh optimizer), the
-resolved model config and the tokenizer. The workdir appears complete or not at all.
+resolved model config and the tokenizer, with an experiment config that names the import
+(``imported_from``), so ``retnet-train`` fine-tunes it and ``retnet-generate`` serves it. The workdir
+appears complete or not at all.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ class _NoDataPosition:
         return None
 
 
-def write_checkpoint(workdir: str, model_config: RetNetConfig, params: Any, tokenizer) -> str:
+def write_checkpoint(
+    workdir: str, model_config: RetNetConfig, params: Any, tokenizer, *, imported_from: str = "weights"
+) -> str:
     """Writes ``params`` as step 0 of a new workdir; returns the workdir's absolute path.
 
     Args:
@@ -37,16 +41,18 @@ def write_checkpoint(workdir: str, model_config: RetNetConfig, params: Any, toke
         model_config: the resolved model config (every architecture field), stored as a dict.
         params: the parameter tree (``variables["params"]``).
         tokenizer: a ``training.tokenizers.Tokenizer``, or None when the source has none.
+        imported_from: where the weights came from (e.g. "fla:PATH"), recorded in the checkpoint.
 
     Raises:
         ValueError: ``workdir`` is not empty or cannot be written.
     """
+    from retnet_jax.configs.default import get_config
     from retnet_jax.training.checkpoints import Checkpoints
-    from retnet_jax.training.trainer import TrainState, default_config
+    from retnet_jax.training.trainer import TrainState
 
     workdir = os.path.abspath(os.path.expanduser(workdir))
-    experiment = default_config().to_dict()
-    experiment.update(model="converted", model_config=model_config.to_dict(), dtype=model_config.dtype)
+    experiment = get_config().to_dict()
+    experiment["imported_from"] = imported_from
     state = TrainState(
         step=jnp.zeros((), jnp.int32), params=jax.tree.map(jnp.asarray, params), opt_state=None
     )
@@ -58,6 +64,7 @@ def write_checkpoint(workdir: str, model_config: RetNetConfig, params: Any, toke
                 state,
                 data_iterator=_NoDataPosition(),
                 config=experiment,
+                model=model_config.to_dict(),
                 tokenizer=NO_TOKENIZER if tokenizer is None else tokenizer.to_dict(),
                 force=True,
             )
@@ -135,5 +142,5 @@ def convert_checkpoint(
                 f"The tokenizer {tokenizer} has {tok.vocab_size} tokens but the model only "
                 f"{model.config.vocab_size} embeddings: it is not this model's tokenizer."
             )
-    write_checkpoint(workdir, model.config, variables["params"], tok)
+    write_checkpoint(workdir, model.config, variables["params"], tok, imported_from=f"{source}:{src}")
     return workdir, model, tok

@@ -48,7 +48,7 @@ def load(workdir: str | None = None, *, checkpoint: str | None = None, dtype=Non
         **run_options: ``DecoderLM`` attributes (mode, chunk_size, implementation, ...).
 
     Returns:
-        (model, variables, tokenizer).
+        (model, variables, tokenizer): the tokenizer is None for weights imported without one.
 
     Raises:
         FileNotFoundError: no checkpoint there. ValueError: a bad path or a checkpoint without a model
@@ -66,7 +66,13 @@ def load(workdir: str | None = None, *, checkpoint: str | None = None, dtype=Non
                 f"No checkpoints in {workdir}: train first with `retnet-train --workdir={workdir}`."
             )
         architecture = config_lib.from_dict(checkpoints.restore_model_config(step))
-        tokenizer = tokenizer_lib.tokenizer_from_dict(checkpoints.restore_tokenizer(step))
+        saved_tokenizer = checkpoints.restore_tokenizer(step)
+        # Weights imported without a tokenizer (retnet-convert) serve token ids only.
+        tokenizer = (
+            None
+            if saved_tokenizer.get("kind") == "none"
+            else tokenizer_lib.tokenizer_from_dict(saved_tokenizer)
+        )
         model = DecoderLM(architecture, **run_options)
         dtype = jnp.dtype(
             dtype or (architecture.compute_dtype if architecture.compute_dtype.itemsize < 4 else jnp.float32)

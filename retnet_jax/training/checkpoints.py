@@ -264,14 +264,18 @@ class Checkpoints:
             lambda leaf: ocp.ArrayRestoreArgs(sharding=leaf.sharding, dtype=leaf.dtype), target
         )
         args = ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
+        # A checkpointer of its own: the manager keeps one handler per item, and "state" is saved whole.
+        checkpointer = ocp.PyTreeCheckpointer()
         try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(state=args))
+            restored = checkpointer.restore(self.directory / str(step) / "state", args=args)
         except (ValueError, KeyError, TypeError) as err:
             raise ValueError(
                 f"Could not restore the parameters of step {step} of {self.directory}: {err}\n"
                 "They do not fit the model built from the checkpoint's model config."
             ) from err
-        return restored["state"]["params"]
+        finally:
+            checkpointer.close()
+        return restored["params"]
 
     def restore_model_config(self, step: int | None = None) -> dict[str, Any]:
         """The resolved model config saved with ``step`` (default: the latest); loads no arrays."""

@@ -16,6 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from retnet_jax.models.config import from_dict as model_from_dict
 from retnet_jax.training import checkpoints as checkpoint_lib
 from retnet_jax.training import data as data_lib
 from retnet_jax.training import flops as flops_lib
@@ -82,33 +83,54 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 def _train(config, workdir, checkpoints):
     """The loop; returns the last state."""
     config_dict = config.to_dict()
-    checkpoints.check_compatible(config_dict)
     mesh = make_mesh(config.mesh)
     validate(config, mesh)
     resumed = checkpoints.latest_step()
+    # A workdir written by retnet-convert holds imported weights: fine-tune them (their architecture and
+    # tokenizer come from the checkpoint; the optimizer starts fresh). Its later checkpoints say so too.
+    imported = checkpoints.restore_config().get("imported_from") if resumed is not None else None
+    fresh_import = imported is not None and resumed == 0
+    if not fresh_import:
+        checkpoints.check_compatible(config_dict)
     if resumed is None:
         tokenizer = data_lib.make_tokenizer(config)
     else:
-        tokenizer = tokenizer_lib.tokenizer_from_dict(checkpoints.restore_tokenizer())
-    vocab_size = model_vocab_size(tokenizer)
-    architecture = model_config(config, vocab_size)
-    checkpoints.check_compatible(config_dict, model=architecture.to_dict())
+        tokenizer = _restore_tokenizer(checkpoints)
+    if imported is None:
+        architecture = model_config(config, model_vocab_size(tokenizer))
+    else:
+        _check_no_overrides(config, imported)
+        architecture = model_from_dict(checkpoints.restore_model_config())
+        config_dict["imported_from"] = imported
+    vocab_size = architecture.vocab_size
+    if not fresh_import:
+        checkpoints.check_compatible(config_dict, model=architecture.to_dict())
     trainer = Trainer(config, architecture, mesh)
     train_data = data_lib.make_dataset(
         config, tokenizer, config.train_split, train=True, vocab_size=vocab_size
     )
     if resumed is None:
         state, start = trainer.init(config.seed), 0
+    elif fresh_import:
+        params = checkpoints.restore_params(trainer.abstract_state.params, step=0)
+        state, start = trainer.init_from_params(params), 0
     else:
         state = checkpoints.restore(trainer.abstract_state, data_iterator=train_data)
         start = int(state.step)
 
     reporter = reporting.Reporter(workdir, total_steps=config.steps, start_step=start)
+    name = f"imported from {imported}" if imported else f"'{config.model}'"
     reporter.message(
-        f"{config.arch} '{config.model}': {trainer.num_params / 1e6:.2f}M parameters, vocab {vocab_size} "
+        f"{architecture.arch} {name}: {trainer.num_params / 1e6:.2f}M parameters, vocab {vocab_size} "
         f"({type(tokenizer).__name__}); mesh {dict(mesh.shape)} over {jax.device_count()} "
         f"{jax.devices()[0].platform} device(s) in {jax.process_count()} process(es); "
-        + (f"resumed at step {start}" if resumed is not None else "starting from scratch")
+        + (
+            "fine-tuning the imported weights with a fresh optimizer"
+            if fresh_import
+            else f"resumed at step {start}"
+            if resumed is not None
+            else "starting from scratch"
+        )
     )
     preempted = _preemption_check(checkpoints)
     tokens_per_step = config.batch_size * config.seq_len
@@ -188,6 +210,26 @@ def _train(config, workdir, checkpoints):
         reporter.close()
         train_data.close()
     return state
+
+
+def _restore_tokenizer(checkpoints: checkpoint_lib.Checkpoints) -> tokenizer_lib.Tokenizer:
+    saved = checkpoints.restore_tokenizer()
+    if saved.get("kind") == "none":
+        raise ValueError(
+            f"The model in {checkpoints.directory} was imported without a tokenizer; convert it again with "
+            "retnet-convert --tokenizer=PATH (its tokenizer.json or .model)."
+        )
+    return tokenizer_lib.tokenizer_from_dict(saved)
+
+
+def _check_no_overrides(config: ml_collections.ConfigDict, imported: str):
+    """Imported weights fix the architecture: a field asked of it would be silently ignored."""
+    asked = sorted(name for name, value in config.model_overrides.items() if value is not None)
+    if asked:
+        raise ValueError(
+            f"This workdir fine-tunes a model imported from {imported}: its architecture comes from the "
+            f"checkpoint, so --config.model_overrides ({', '.join(asked)}) cannot apply. Drop them."
+        )
 
 
 def evaluate(trainer: Trainer, params, tokenizer, config, vocab_size: int) -> float:

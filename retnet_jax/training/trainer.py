@@ -119,6 +119,11 @@ class Trainer:
         self.batch_sharding = batch_sharding(mesh)
         self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.abstract_state.params))
         self._init = jax.jit(lambda rng: nn.unbox(self._init_boxed(rng)), out_shardings=self.state_shardings)
+        self._init_from_params = jax.jit(
+            lambda params: TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params)),
+            in_shardings=(self.state_shardings.params,),
+            out_shardings=self.state_shardings,
+        )
         self._train_step = jax.jit(
             self._step,
             in_shardings=(self.state_shardings, self.batch_sharding),
@@ -134,6 +139,11 @@ class Trainer:
     def init(self, seed: int) -> TrainState:
         with self.context():
             return self._init(jax.random.key(seed))
+
+    def init_from_params(self, params) -> TrainState:
+        """The state at step 0 around given parameters (e.g. imported weights): a fresh optimizer."""
+        with self.context():
+            return self._init_from_params(params)
 
     def train_step(self, state: TrainState, batch: dict[str, jax.Array]):
         with self.context():

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from retnet_jax.models import RetNetConfig, RetNetLM
-from retnet_jax.models.retnet import decode_step
+from retnet_jax.models import decode_step
 
 
 def all_modes(

@@ -38,7 +38,7 @@ def read_checkpoint(workdir: str):
 
     checkpoints = Checkpoints(workdir, every=1, keep=1, async_save=False)
     try:
-        config = RetNetConfig.from_dict(checkpoints.restore_config()["model_config"])
+        config = RetNetConfig.from_dict(checkpoints.restore_model_config())
         sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         params = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
@@ -106,3 +106,59 @@ def test_cli_converts_a_torchscale_state_dict_and_names_bad_flags(tmp_path):
     bad_json = _cli("--from=torchscale", "--src=x", f"--workdir={tmp_path / 'other'}", "--model_config={oops")
     assert bad_json.returncode == 2 and "--model_config is not JSON" in bad_json.stderr
     assert not (tmp_path / "other").exists()
+
+
+def test_a_converted_workdir_is_served_and_fine_tuned(tmp_path):
+    """retnet-generate's loader reads it; retnet-train fine-tunes it from step 0 with a fresh optimizer
+    and the imported architecture, and resumes that fine-tuning like any run."""
+    from retnet_jax.configs.default import get_config
+    from retnet_jax.inference import generate, loading
+    from retnet_jax.training import loop
+    from retnet_jax.training.tokenizers import ByteTokenizer
+
+    model, variables = fla_style_model()
+    workdir = checkpoint.write_checkpoint(
+        str(tmp_path / "w"),
+        model.config.replace(vocab_size=264),
+        _byte_params(model, variables),
+        ByteTokenizer(),
+    )
+    served, served_variables, tokenizer = loading.load(workdir)
+    assert served.config == model.config.replace(vocab_size=264) and isinstance(tokenizer, ByteTokenizer)
+    result = generate.generate(
+        served,
+        served_variables,
+        [[1, 2, 3]],
+        max_new_tokens=4,
+        bos_id=tokenizer.bos_id,
+        pad_id=tokenizer.pad_id,
+    )
+    assert result.tokens.shape == (1, 4)
+
+    config = get_config()
+    config.update(
+        steps=2, seq_len=16, batch_size=8, log_every=1, eval_every=2, eval_batches=1, checkpoint_every=2
+    )
+    state = loop.train_and_evaluate(config, workdir)
+    assert int(state.step) == 2
+    assert jax.tree.structure(state.params) == jax.tree.structure(served_variables["params"])
+    config.steps = 3
+    assert int(loop.train_and_evaluate(config, workdir).step) == 3  # resumes the fine-tuning
+    config.model_overrides.num_heads = 4
+    with pytest.raises(ValueError, match="imported from weights.*model_overrides \\(num_heads\\)"):
+        loop.train_and_evaluate(config, workdir)
+
+
+def _byte_params(model, variables):
+    """The model's parameters with the vocabulary resized to the byte tokenizer's 264 rows."""
+    params = jax.tree.map(jnp.asarray, variables["params"])
+    vocab = model.config.vocab_size
+
+    def resize(x):
+        if x.ndim == 2 and x.shape[0] == vocab:  # embedding [N, D]
+            return jnp.resize(x, (264, x.shape[1]))
+        if x.ndim == 2 and x.shape[1] == vocab:  # head [D, N]
+            return jnp.resize(x, (x.shape[0], 264))
+        return x
+
+    return jax.tree.map(resize, params)

@@ -13,6 +13,8 @@ from retnet_jax.training import corpus, data
 from retnet_jax.training import tokenizers as tokenizer_lib
 
 BYTES = tokenizer_lib.ByteTokenizer()
+
+
 def _config(**overrides):
     """The default experiment config (so these tests use its real keys), with overrides."""
     config = get_config()
