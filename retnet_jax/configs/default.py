@@ -53,6 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.tokenizer = "byte"  # "byte", "sentencepiece" (train one on the corpus), or a .model / tokenizer.json
     c.tokenizer_vocab_size = 4096  # vocabulary of a SentencePiece model trained on the corpus
     c.seq_len = 128  # tokens per training sequence
+    c.reset_at_documents = True  # documents packed in a row start from an empty state (False: they flow on)
     c.batch_size = 32  # sequences per step, over all devices and hosts
     c.grain_workers = 0  # grain worker processes (0 = in the main process)
     c.prefetch = 2  # batches prepared ahead of the training step

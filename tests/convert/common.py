@@ -9,8 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from retnet_jax.models import RetNetConfig, RetNetLM
-from retnet_jax.models import decode_step
+from retnet_jax.models import RetNetConfig, RetNetLM, decode_step
 
 
 def all_modes(
