@@ -111,6 +111,11 @@ def main(argv):
     from retnet_jax.inference import loading
 
     model, variables, tokenizer = loading.load(_WORKDIR.value, checkpoint=_CHECKPOINT.value)
+    if tokenizer is None:
+        _fail(
+            "this checkpoint holds weights imported without a tokenizer, so text cannot be encoded; "
+            "convert them again with retnet-convert --tokenizer=PATH."
+        )
     if _PROMPT.value is not None:
         _continue(model, variables, tokenizer, _PROMPT.value)
         return

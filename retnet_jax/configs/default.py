@@ -56,6 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.tokenizer_eos = ""  # EOS spelling in a tokenizer file ("" = found: </s>, <eos>, ...)
     c.tokenizer_pad = ""  # PAD spelling in a tokenizer file ("" = found, else EOS)
     c.seq_len = 128  # tokens per training sequence
+    c.reset_at_documents = True  # documents packed in a row start from an empty state (False: they flow on)
     c.batch_size = 32  # sequences per step, over all devices and hosts
     c.grain_workers = 0  # grain worker processes (0 = in the main process)
     c.prefetch = 2  # batches prepared ahead of the training step

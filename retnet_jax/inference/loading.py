@@ -50,7 +50,7 @@ def load(workdir: str | None = None, *, checkpoint: str | None = None, dtype=Non
         **run_options: ``DecoderLM`` attributes (mode, chunk_size, implementation, ...).
 
     Returns:
-        (model, variables, tokenizer).
+        (model, variables, tokenizer): the tokenizer is None for weights imported without one.
 
     Raises:
         FileNotFoundError: no checkpoint there. CorruptCheckpointError (a ValueError): a file of the
@@ -91,7 +91,11 @@ def load(workdir: str | None = None, *, checkpoint: str | None = None, dtype=Non
 
 def _load_step(checkpoints: checkpoint_lib.Checkpoints, step: int, dtype, run_options):
     architecture = config_lib.from_dict(checkpoints.restore_model_config(step))
-    tokenizer = tokenizer_lib.tokenizer_from_dict(checkpoints.restore_tokenizer(step))
+    saved_tokenizer = checkpoints.restore_tokenizer(step)
+    # Weights imported without a tokenizer (retnet-convert) serve token ids only.
+    tokenizer = (
+        None if saved_tokenizer.get("kind") == "none" else tokenizer_lib.tokenizer_from_dict(saved_tokenizer)
+    )
     model = DecoderLM(architecture, **run_options)
     dtype = jnp.dtype(
         dtype or (architecture.compute_dtype if architecture.compute_dtype.itemsize < 4 else jnp.float32)

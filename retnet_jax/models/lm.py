@@ -33,6 +33,7 @@ from retnet_jax.nn.embedding import embed_tokens, output_logits
 from retnet_jax.nn.feedforward import FeedForward
 from retnet_jax.nn.norms import Norm
 from retnet_jax.nn.retention import MODES
+from retnet_jax.ops.documents import check_segment_ids, document_positions
 
 __all__ = [
     "MODES",
@@ -59,7 +60,7 @@ class Block(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, carry, positions):
+    def __call__(self, carry, positions, segment_ids=None):
         x, state, layer = carry
         cfg = self.config
         norm = functools.partial(Norm, cfg.norm, cfg.norm_eps, cfg.compute_dtype, cfg.params_dtype)
@@ -72,7 +73,7 @@ class Block(nn.Module):
             name=cfg.mixer_name,
         )
         view = None if state is None else state.layer(layer)
-        y, new = mixer(norm(name=f"{cfg.mixer_name}_norm")(x), positions, view)
+        y, new = mixer(norm(name=f"{cfg.mixer_name}_norm")(x), positions, view, segment_ids=segment_ids)
         if state is not None:
             state, new = state.write(layer, new, positions), None
         elif not self.return_state:
@@ -130,6 +131,7 @@ class DecoderLM(nn.Module):
         chunk_size: int | None = None,
         return_state: bool = False,
         deterministic: bool = True,
+        segment_ids=None,
     ):
         """Runs the model over tokens.
 
@@ -144,6 +146,10 @@ class DecoderLM(nn.Module):
                 Without ``state``, a KV cache holds exactly this call's T tokens (``prefill`` reserves
                 room for more).
             deterministic: disable dropout (pass False with a "dropout" rng to train with it).
+            segment_ids: [B, T] integers or None: rows that pack several documents (training). Where the
+                id changes between t − 1 and t a document starts at t: no token attends or is retained
+                across it, and positions (rotation, normalization) restart there, so each document is
+                computed as if alone. Not with a state (decoding continues one document per row).
 
         Returns:
             (logits [B, T, N] float32, the new state or None).
@@ -152,6 +158,8 @@ class DecoderLM(nn.Module):
         mode = self.mode if mode is None else mode
         chunk_size = self.chunk_size if chunk_size is None else chunk_size
         _check_call(cfg, tokens, state, mode, chunk_size)
+        if segment_ids is not None:
+            _check_segments(cfg, tokens, segment_ids, state, return_state)
         incoming = state is not None
         return_state = return_state or incoming
         length = tokens.shape[1]
@@ -171,6 +179,8 @@ class DecoderLM(nn.Module):
         positions = jnp.arange(length, dtype=jnp.int32)[None]  # [1, T]
         if incoming:
             positions = state.position[:, None] + positions  # [B, T]; negative = left pads
+        if segment_ids is not None:
+            positions = document_positions(segment_ids)  # [B, T]: restart at every document
 
         block_args = dict(
             config=cfg,
@@ -193,11 +203,12 @@ class DecoderLM(nn.Module):
                 unroll=cfg.num_layers if one_step else 1,
                 metadata_params={nn.PARTITION_NAME: LAYERS},
             )
-            (x, state, _), new = blocks(**block_args, name="layers")((x, state, 0), positions)
+            (x, state, _), new = blocks(**block_args, name="layers")((x, state, 0), positions, segment_ids)
         else:
             news = []
             for i in range(cfg.num_layers):
-                (x, state, _), new = block(**block_args, name=f"layers_{i}")((x, state, i), positions)
+                carry = (x, state, i)
+                (x, state, _), new = block(**block_args, name=f"layers_{i}")(carry, positions, segment_ids)
                 news.append(new)
             new = jax.tree.map(lambda *a: jnp.stack(a), *news) if return_state and not incoming else None
 
@@ -280,6 +291,16 @@ def cast_params(params, dtype):
     each decode step reads). Norms still compute in float32."""
     dtype = jnp.dtype(dtype)
     return jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
+
+
+def _check_segments(cfg: ModelConfig, tokens, segment_ids, state, return_state: bool):
+    name = type(cfg).__name__.replace("Config", "LM")
+    check_segment_ids(name, segment_ids, *tokens.shape)
+    if state is not None or return_state:
+        raise ValueError(
+            f"{name}: segment_ids packs several documents into a row for training; a decoding state "
+            "continues one document per row. Call without segment_ids to prefill or decode."
+        )
 
 
 def _check_call(cfg: ModelConfig, tokens, state: Any, mode, chunk_size):

@@ -65,7 +65,7 @@ class Attention(nn.Module):
     implementation: str = "auto"
 
     @nn.compact
-    def __call__(self, x, positions, state=None):
+    def __call__(self, x, positions, state=None, *, segment_ids=None):
         """Attention over the call, or over the cache and the call.
 
         Args:
@@ -73,6 +73,8 @@ class Attention(nn.Module):
             positions: [B or 1, T] absolute positions of the call's tokens (negative: left pads, attended
                 by no one).
             state: this layer's cache (k, v [B, H, S, K], position [B]) from ``KVCache.layer``, or None.
+            segment_ids: [B, T] document ids of packed rows, or None: no query attends across a document
+                start (``positions`` restart there too). Calls without a cache only.
 
         Returns:
             (y [B, T, D], the call's (k, v) [B, T, H, K] for the cache to append).
@@ -97,7 +99,7 @@ class Attention(nn.Module):
         v = project("v_proj")  # [B, T, H, K]
         if state is None:
             implementation = resolve_implementation(self.implementation, head_dim, self.dtype)
-            o = causal_attention(q, k, v, implementation)
+            o = causal_attention(q, k, v, implementation, segment_ids=segment_ids)
         else:
             k_cache, v_cache, _ = state  # [B, H, S, K] each
             positions = jnp.broadcast_to(positions, x.shape[:2])

@@ -58,7 +58,7 @@ class MultiScaleRetention(nn.Module):
     return_state: bool = False
 
     @nn.compact
-    def __call__(self, x, positions, state: retention.RetentionState | None = None):
+    def __call__(self, x, positions, state: retention.RetentionState | None = None, *, segment_ids=None):
         """Retention over the call, continuing ``state`` if given.
 
         Args:
@@ -66,6 +66,8 @@ class MultiScaleRetention(nn.Module):
             positions: [B or 1, T] int absolute positions of the call's tokens; negative = left pads.
             state: this layer's ``RetentionState`` (kv [B, H, K, V], count [B] = positions[:, 0]), or None
                 (the call starts at position 0).
+            segment_ids: [B, T] document ids of packed rows, or None (``ops.retention``): the state is
+                emptied at every document start; ``positions`` then restart there too.
 
         Returns:
             (y [B, T, D] in the compute dtype, the new state: None when none came in and
@@ -96,7 +98,7 @@ class MultiScaleRetention(nn.Module):
             q = rotation.rotate(q, positions, self.rotation, self.rotation_base)
             k = rotation.rotate(k, positions, self.rotation, self.rotation_base)
 
-        o, state = self._retention(q, k, v, state)  # [B, T, H, V]
+        o, state = self._retention(q, k, v, state, segment_ids)  # [B, T, H, V]
         o = HeadNorm(self.head_norm, self.head_norm_eps, self.param_dtype, name="head_norm")(o)
         o = (jax.nn.swish(g.astype(o.dtype)) * o).astype(self.dtype)
         y = Projection(
@@ -111,9 +113,10 @@ class MultiScaleRetention(nn.Module):
         )(o)
         return y, state
 
-    def _retention(self, q, k, v, state):
+    def _retention(self, q, k, v, state, segment_ids):
         log_decay = retention.log_decays(self.num_heads, self.decay)
         norm = self.normalize
+        docs = {} if segment_ids is None else {"segment_ids": segment_ids}
         wants_state = self.return_state or state is not None
         if self.mode == "recurrent":
             if q.shape[1] == 1 and state is not None:
@@ -121,7 +124,7 @@ class MultiScaleRetention(nn.Module):
                     q[:, 0], k[:, 0], v[:, 0], log_decay, state, normalize=norm
                 )
                 return o[:, None], state
-            o, state = retention.recurrent(q, k, v, log_decay, state=state, normalize=norm)
+            o, state = retention.recurrent(q, k, v, log_decay, state=state, normalize=norm, **docs)
         elif self.mode == "chunkwise":
             o, state = dispatch.chunkwise(
                 q,
@@ -132,15 +135,16 @@ class MultiScaleRetention(nn.Module):
                 state=state,
                 normalize=norm,
                 implementation=self.implementation,
+                **docs,
             )
         elif state is not None:
             # Parallel over the whole call, continuing a state: one chunk of the chunkwise form.
             o, state = retention.chunkwise(
-                q, k, v, log_decay, chunk_size=q.shape[1], state=state, normalize=norm
+                q, k, v, log_decay, chunk_size=q.shape[1], state=state, normalize=norm, **docs
             )
         else:
-            o = retention.parallel(q, k, v, log_decay, normalize=norm)
+            o = retention.parallel(q, k, v, log_decay, normalize=norm, **docs)
             if wants_state:
                 empty = retention.init_state(q.shape[0], q.shape[2], q.shape[3], v.shape[3])
-                state = retention.update_state(k, v, log_decay, empty)
+                state = retention.update_state(k, v, log_decay, empty, **docs)
         return o, (state if wants_state else None)

@@ -346,9 +346,14 @@ class Checkpoints:
             lambda leaf: ocp.ArrayRestoreArgs(sharding=leaf.sharding, dtype=leaf.dtype), target
         )
         args = ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
-        with self._reading(step, "state"):
-            restored = self._manager.restore(step, args=ocp.args.Composite(state=args))
-        return restored["state"]["params"]
+        # A checkpointer of its own: the manager keeps one handler per item, and "state" is saved whole.
+        checkpointer = ocp.PyTreeCheckpointer()
+        try:
+            with self._reading(step, "state"):
+                restored = checkpointer.restore(self.step_directory(step) / "state", args=args)
+        finally:
+            checkpointer.close()
+        return restored["params"]
 
     def restore_model_config(self, step: int | None = None) -> dict[str, Any]:
         """The resolved model config saved with ``step`` (default: the latest); loads no arrays.

@@ -29,6 +29,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from retnet_jax.models.config import from_dict as model_from_dict
 from retnet_jax.nn import attention as attention_lib
 from retnet_jax.ops import dispatch
 from retnet_jax.training import checkpoints as checkpoint_lib
@@ -97,13 +98,16 @@ def _validate_run_options(config: ml_collections.ConfigDict):
 
 @dataclasses.dataclass
 class _Setup:
-    """What training starts from: a restored checkpoint (``resumed``) or a fresh initialization."""
+    """What training starts from: a restored checkpoint (``resumed``), imported weights (``imported``,
+    step 0 of a ``retnet-convert`` workdir: a fresh optimizer), or a fresh initialization."""
 
     tokenizer: tokenizer_lib.Tokenizer
     trainer: Trainer
     train_data: Any
     state: TrainState
+    config_dict: dict[str, Any]  # the experiment config saved with each checkpoint
     resumed: int | None
+    imported: str | None
     skipped: list[checkpoint_lib.CorruptCheckpointError]
     notes: list[str]
 
@@ -111,6 +115,9 @@ class _Setup:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Trains (or resumes) the experiment ``config`` in ``workdir``; returns the final state (its step is
     below ``config.steps`` when the run was stopped early by SIGTERM or Ctrl-C: it saved and returned).
+
+    A workdir written by ``retnet-convert`` holds imported weights at step 0: they are fine-tuned (their
+    architecture and tokenizer come from the checkpoint; the optimizer starts fresh).
 
     Raises:
         ValueError: a refused config, dataset or workdir (nothing is created then).
@@ -135,11 +142,11 @@ def _make_tokenizer(config: ml_collections.ConfigDict) -> tokenizer_lib.Tokenize
     """The tokenizer ``config.tokenizer`` names; special-token spellings apply to tokenizer files."""
     specials = {"bos": config.tokenizer_bos, "eos": config.tokenizer_eos, "pad": config.tokenizer_pad}
     if config.tokenizer in ("byte", "sentencepiece"):
-        tokenizer_lib.build_tokenizer(
-            config.tokenizer, texts=None, vocab_size=0, **specials
-        )  # refuses specials
-        return data_lib.make_tokenizer(config)
-    return tokenizer_lib.build_tokenizer(config.tokenizer, texts=None, vocab_size=0, **specials)
+        tokenizer_lib.build_tokenizer(config.tokenizer, texts=None, vocab_size=0, **specials)  # no specials
+        tokenizer = data_lib.make_tokenizer(config)
+    else:
+        tokenizer = tokenizer_lib.build_tokenizer(config.tokenizer, texts=None, vocab_size=0, **specials)
+    return tokenizer
 
 
 def _setup(config, mesh, reader: checkpoint_lib.Checkpoints, notes: list[str]) -> _Setup:
@@ -147,25 +154,37 @@ def _setup(config, mesh, reader: checkpoint_lib.Checkpoints, notes: list[str]) -
     config_dict = config.to_dict()
     skipped: list[checkpoint_lib.CorruptCheckpointError] = []
     tokenizer = trainer = train_data = None
-
-    def build(tok):
-        architecture = model_config(config, model_vocab_size(tok))
-        return Trainer(config, architecture, mesh)
-
     try:
         for step in reversed(reader.all_steps()):
             try:
-                saved_tokenizer = reader.restore_tokenizer(step)
-                reader.check_compatible(config_dict, step=step)
+                saved = reader.restore_config(step)
+                imported = saved.get("imported_from")
+                fresh_import = imported is not None and step == 0
+                if imported is not None:
+                    _check_no_overrides(config, imported)
+                    config_dict["imported_from"] = imported
+                else:
+                    reader.check_compatible(config_dict, step=step)
                 if trainer is None:
-                    tokenizer = tokenizer_lib.tokenizer_from_dict(saved_tokenizer)
-                    trainer = build(tokenizer)
+                    tokenizer = _restore_tokenizer(reader, step)
+                    architecture = (
+                        model_from_dict(reader.restore_model_config(step))
+                        if imported is not None
+                        else model_config(config, model_vocab_size(tokenizer))
+                    )
+                    trainer = Trainer(config, architecture, mesh)
                     train_data = _train_data(config, tokenizer, trainer)
-                reader.check_compatible(config_dict, model=trainer.model_config.to_dict(), step=step)
-                note = _check_schedule(reader.restore_config(step), config, step)
-                notes += [note] if note else []
-                state = reader.restore(trainer.abstract_state, step=step, data_iterator=train_data)
-                return _Setup(tokenizer, trainer, train_data, state, step, skipped, notes)
+                if fresh_import:
+                    params = reader.restore_params(trainer.abstract_state.params, step=0)
+                    state = trainer.init_from_params(params)
+                else:
+                    reader.check_compatible(config_dict, model=trainer.model_config.to_dict(), step=step)
+                    note = _check_schedule(saved, config, step)
+                    notes += [note] if note else []
+                    state = reader.restore(trainer.abstract_state, step=step, data_iterator=train_data)
+                return _Setup(
+                    tokenizer, trainer, train_data, state, config_dict, step, imported, skipped, notes
+                )
             except checkpoint_lib.CorruptCheckpointError as err:
                 skipped.append(err)
         if tokenizer is None:
@@ -177,13 +196,34 @@ def _setup(config, mesh, reader: checkpoint_lib.Checkpoints, notes: list[str]) -
                     f"{tokenizer.vocab_size} (a larger corpus gives more)."
                 )
         if trainer is None:
-            trainer = build(tokenizer)
+            trainer = Trainer(config, model_config(config, model_vocab_size(tokenizer)), mesh)
             train_data = _train_data(config, tokenizer, trainer)
-        return _Setup(tokenizer, trainer, train_data, trainer.init(config.seed), None, skipped, notes)
+        state = trainer.init(config.seed)
+        return _Setup(tokenizer, trainer, train_data, state, config_dict, None, None, skipped, notes)
     except BaseException:
         if train_data is not None:
             train_data.close()
         raise
+
+
+def _restore_tokenizer(reader: checkpoint_lib.Checkpoints, step: int) -> tokenizer_lib.Tokenizer:
+    saved = reader.restore_tokenizer(step)
+    if saved.get("kind") == "none":
+        raise ValueError(
+            f"The model in {reader.directory} was imported without a tokenizer; convert it again with "
+            "retnet-convert --tokenizer=PATH (its tokenizer.json or .model)."
+        )
+    return tokenizer_lib.tokenizer_from_dict(saved)
+
+
+def _check_no_overrides(config: ml_collections.ConfigDict, imported: str):
+    """Imported weights fix the architecture: a field asked of it would be silently ignored."""
+    asked = sorted(name for name, value in config.model_overrides.items() if value is not None)
+    if asked:
+        raise ValueError(
+            f"This workdir fine-tunes a model imported from {imported}: its architecture comes from the "
+            f"checkpoint, so --config.model_overrides ({', '.join(asked)}) cannot apply. Drop them."
+        )
 
 
 def _train_data(config, tokenizer, trainer):
@@ -295,12 +335,16 @@ def _train(config, workdir: str, setup: _Setup, started: float) -> TrainState:
         multihost_utils.sync_global_devices("retnet_jax: damaged checkpoints set aside")
     for note in setup.notes:
         _say(note)
+    if setup.imported is not None and setup.resumed == 0:
+        how = "fine-tuning the imported weights with a fresh optimizer"
+    else:
+        how = f"resumed at step {setup.resumed}" if setup.resumed is not None else "starting from scratch"
+    name = f"imported from {setup.imported}" if setup.imported else f"'{config.model}'"
     _say(
-        f"{config.arch} '{config.model}': {trainer.num_params / 1e6:.2f}M parameters, vocab "
+        f"{trainer.model_config.arch} {name}: {trainer.num_params / 1e6:.2f}M parameters, vocab "
         f"{trainer.model_config.vocab_size} ({type(setup.tokenizer).__name__}); "
         f"mesh {dict(trainer.mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
-        f"device(s) in {jax.process_count()} process(es); "
-        + (f"resumed at step {setup.resumed}" if setup.resumed is not None else "starting from scratch")
+        f"device(s) in {jax.process_count()} process(es); {how}"
     )
     stop = _StopRequests()
     try:
@@ -329,7 +373,7 @@ def _loop(
 ) -> TrainState:
     """The steps, with logs, evaluations and saves, then the summary."""
     trainer, tokenizer, train_data, state = setup.trainer, setup.tokenizer, setup.train_data, setup.state
-    config_dict = config.to_dict()
+    config_dict = setup.config_dict
     vocab_size = trainer.model_config.vocab_size
     start = int(state.step)
     reporter = reporting.Reporter(workdir, total_steps=config.steps, start_step=start)

@@ -119,6 +119,11 @@ class Trainer:
         self.batch_sharding = batch_sharding(mesh)
         self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.abstract_state.params))
         self._init = jax.jit(lambda rng: nn.unbox(self._init_boxed(rng)), out_shardings=self.state_shardings)
+        self._init_from_params = jax.jit(
+            lambda params: TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params)),
+            in_shardings=(self.state_shardings.params,),
+            out_shardings=self.state_shardings,
+        )
         self._train_step = jax.jit(
             self._step,
             in_shardings=(self.state_shardings, self.batch_sharding),
@@ -134,6 +139,11 @@ class Trainer:
     def init(self, seed: int) -> TrainState:
         with self.context():
             return self._init(jax.random.key(seed))
+
+    def init_from_params(self, params) -> TrainState:
+        """The state at step 0 around given parameters (e.g. imported weights): a fresh optimizer."""
+        with self.context():
+            return self._init_from_params(params)
 
     def train_step(self, state: TrainState, batch: dict[str, jax.Array]):
         with self.context():
@@ -168,12 +178,17 @@ class Trainer:
         params = self.model.init({"params": rng}, tokens)["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
 
-    def _loss(self, params, inputs, targets, rng):
+    def _segments(self, batch):
+        """The batch's document ids when the run resets at documents (``reset_at_documents``), else None."""
+        return batch.get("segment_ids") if self.config.reset_at_documents else None
+
+    def _loss(self, params, inputs, targets, segment_ids, rng):
         logits, _ = self.model.apply(
             {"params": params},
             inputs,
             deterministic=self.model_config.dropout == 0,
             rngs={"dropout": rng},
+            segment_ids=segment_ids,
         )
         return cross_entropy(logits, targets, self.config.z_loss)
 
@@ -181,8 +196,9 @@ class Trainer:
         rng = jax.random.fold_in(jax.random.key(self.config.seed), state.step)
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
         micro = self.config.grad_accum_steps
+        segments = self._segments(batch)
         if micro == 1:
-            (_, ce), grads = grad_fn(state.params, batch["inputs"], batch["targets"], rng)
+            (_, ce), grads = grad_fn(state.params, batch["inputs"], batch["targets"], segments, rng)
         else:
             # Micro-batch a takes rows a, a + A, a + 2A, ...: each device keeps its own rows.
             def split(x):
@@ -190,12 +206,14 @@ class Trainer:
 
             def accumulate(carry, inputs):
                 grads_sum, ce_sum = carry
-                index, tokens, targets = inputs
-                (_, ce), grads = grad_fn(state.params, tokens, targets, jax.random.fold_in(rng, index))
+                index, tokens, targets, segment_ids = inputs
+                rng_a = jax.random.fold_in(rng, index)
+                (_, ce), grads = grad_fn(state.params, tokens, targets, segment_ids, rng_a)
                 return (jax.tree.map(jnp.add, grads_sum, grads), ce_sum + ce), None
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
-            xs = (jnp.arange(micro), split(batch["inputs"]), split(batch["targets"]))
+            segments = None if segments is None else split(segments)
+            xs = (jnp.arange(micro), split(batch["inputs"]), split(batch["targets"]), segments)
             (grads, ce), _ = jax.lax.scan(accumulate, (zeros, 0.0), xs)
             grads = jax.tree.map(lambda g: g / micro, grads)
             ce = ce / micro
@@ -210,7 +228,7 @@ class Trainer:
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     def _eval(self, params, batch):
-        logits, _ = self.model.apply({"params": params}, batch["inputs"])
+        logits, _ = self.model.apply({"params": params}, batch["inputs"], segment_ids=self._segments(batch))
         return cross_entropy(logits, batch["targets"])[1]
 
 

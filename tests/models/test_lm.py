@@ -330,3 +330,56 @@ def test_a_recurrent_state_does_not_grow():
     model, variables, tokens = _setup("retnet", length=40)
     _, after = _apply(model, variables, tokens, state, mode="chunkwise", chunk_size=8)
     assert jax.tree.map(jnp.shape, after) == jax.tree.map(jnp.shape, state)
+
+
+@pytest.mark.parametrize("name", BOTH)
+@pytest.mark.parametrize("mode,chunk", [("parallel", 64), ("chunkwise", 4), ("recurrent", 64)])
+def test_a_packed_row_equals_each_document_alone(name, mode, chunk):
+    """With segment ids, every document of a packed row gets the logits (and gradients) it gets alone:
+    documents shorter than a chunk, spanning chunks, one token long, starting at position 0."""
+    model, variables, _ = _setup(name, batch=1, length=8)
+    lengths = [[3, 1, 9, 5], [7, 11]]  # two rows of 18 tokens
+    tokens = jax.random.randint(jax.random.key(5), (2, 18), 0, CONFIGS[name].vocab_size)
+    segment_ids = jnp.asarray([np.repeat(np.arange(len(row)), row) for row in lengths], jnp.int32)
+    apply = jax.jit(lambda v, t, s: model.apply(v, t, mode=mode, chunk_size=chunk, segment_ids=s)[0])
+    packed = apply(variables, tokens, segment_ids)
+    for b, row in enumerate(lengths):
+        start = 0
+        for n in row:
+            alone, _ = _apply(
+                model, variables, tokens[b : b + 1, start : start + n], mode=mode, chunk_size=chunk
+            )
+            assert relative_error(packed[b, start : start + n], alone[0]) < LOGITS_RTOL, (b, start, n)
+            start += n
+    # Without resets the documents see each other: the rule is not vacuous.
+    assert relative_error(apply(variables, tokens, jnp.zeros_like(segment_ids)), packed) > 1e-3
+
+    # Gradients: the packed row's loss equals the sum of the documents' own losses.
+    def packed_loss(v):
+        return jnp.sum(
+            model.apply(v, tokens[:1], mode=mode, chunk_size=chunk, segment_ids=segment_ids[:1])[0] ** 2
+        )
+
+    def alone_loss(v):
+        pieces, start = [], 0
+        for n in lengths[0]:
+            pieces.append(
+                jnp.sum(model.apply(v, tokens[:1, start : start + n], mode=mode, chunk_size=chunk)[0] ** 2)
+            )
+            start += n
+        return sum(pieces)
+
+    g_packed, g_alone = jax.jit(jax.grad(packed_loss))(variables), jax.jit(jax.grad(alone_loss))(variables)
+    for a, b in zip(jax.tree.leaves(g_packed), jax.tree.leaves(g_alone), strict=True):
+        assert relative_error(a, b) < 1e-5
+
+
+def test_segment_ids_are_for_training_rows():
+    model, variables, tokens = _setup("retnet")
+    ids = jnp.zeros(tokens.shape, jnp.int32)
+    with pytest.raises(ValueError, match="segment_ids must have shape"):
+        model.apply(variables, tokens, segment_ids=ids[:, :3])
+    with pytest.raises(ValueError, match="a decoding state continues one document per row"):
+        model.apply(variables, tokens, segment_ids=ids, state=_empty(model))
+    with pytest.raises(ValueError, match="a decoding state continues one document per row"):
+        model.apply(variables, tokens, segment_ids=ids, return_state=True)

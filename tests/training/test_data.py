@@ -1,6 +1,5 @@
 """Corpora and the grain pipeline: splits, shards, packing, resumption and errors, all offline."""
 
-import importlib.util
 import itertools
 import json
 import pathlib
@@ -9,19 +8,16 @@ import sys
 import numpy as np
 import pytest
 
+from retnet_jax.configs.default import get_config
 from retnet_jax.training import corpus, data
 from retnet_jax.training import tokenizers as tokenizer_lib
 
 BYTES = tokenizer_lib.ByteTokenizer()
-_CONFIG_PATH = pathlib.Path(__file__).parents[1] / "experiments" / "configs" / "default.py"
 
 
 def _config(**overrides):
     """The default experiment config (so these tests use its real keys), with overrides."""
-    spec = importlib.util.spec_from_file_location("default_config", _CONFIG_PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = get_config()
     config.update(overrides)
     return config
 
@@ -266,7 +262,8 @@ def test_segment_ids_go_through_the_global_batch(text_corpus):
     it = data.make_dataset(config, BYTES, "train", train=True)
     local = next(it)
     it.close()
-    trainer = train.Trainer(small_config(model="tiny", batch_size=8, seq_len=16), 264, make_mesh((2, 2, 2)))
+    experiment = small_config(model="tiny", batch_size=8, seq_len=16)
+    trainer = train.Trainer(experiment, train.model_config(experiment, 264), make_mesh((2, 2, 2)))
     batch = trainer.global_batch(local)
     assert batch.keys() == local.keys()
     for key, value in local.items():

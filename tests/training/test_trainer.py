@@ -50,6 +50,8 @@ def test_sharded_losses_equal_single_device_and_follow_the_rules():
         {
             "inputs": rng.integers(0, 259, (8, 16)).astype(np.int32),
             "targets": rng.integers(0, 259, (8, 16)).astype(np.int32),
+            # Packed documents (resets at every start): a row holds one to four of them.
+            "segment_ids": np.cumsum(rng.random((8, 16)) < 0.15, axis=1).astype(np.int32),
         }
         for _ in range(3)
     ]
@@ -85,6 +87,7 @@ def test_gradient_accumulation_matches_the_full_batch():
     mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])
     rng = np.random.default_rng(1)
     batch = {k: rng.integers(0, 259, (16, 16)).astype(np.int32) for k in ("inputs", "targets")}
+    batch["segment_ids"] = np.cumsum(rng.random((16, 16)) < 0.15, axis=1).astype(np.int32)
     results = []
     for micro in (1, 4):
         config.grad_accum_steps = micro
@@ -118,3 +121,21 @@ def test_experiment_configs_load_and_name_valid_models():
         architecture = train.model_config(config, 264)
         assert architecture.vocab_size == 264
         assert train.build_model(config, architecture).config == architecture
+
+
+def test_resets_follow_the_config():
+    """reset_at_documents: the batch's document ids reach the model (the loss changes), or are ignored."""
+    mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    rng = np.random.default_rng(2)
+    batch = {k: rng.integers(0, 259, (8, 16)).astype(np.int32) for k in ("inputs", "targets")}
+    batch["segment_ids"] = np.repeat(np.arange(4), 4)[None].repeat(8, 0).astype(np.int32)
+    losses = {}
+    for reset in (True, False):
+        config = small_config(batch_size=8, seq_len=16, reset_at_documents=reset)
+        trainer = train.Trainer(config, train.model_config(config, 264), mesh)
+        params = trainer.init(0).params
+        losses[reset] = float(trainer.eval_step(params, trainer.global_batch(batch)))
+        without = {k: v for k, v in batch.items() if k != "segment_ids"}
+        losses[reset, "no ids"] = float(trainer.eval_step(params, trainer.global_batch(without)))
+    assert losses[False] == losses[False, "no ids"] == losses[True, "no ids"]
+    assert abs(losses[True] - losses[False]) > 1e-4
