@@ -52,6 +52,7 @@ import json
 import logging
 import os
 import re
+import sys
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -172,7 +173,13 @@ class Checkpoints:
         self._manager = None
         if read_only:
             if self.directory.is_dir():
-                options = ocp.CheckpointManagerOptions(read_only=True, enable_async_checkpointing=False)
+                options = ocp.CheckpointManagerOptions(
+                    read_only=True,
+                    enable_async_checkpointing=False,
+                    save_interval_steps=0,
+                    create=False,
+                    cleanup_tmp_directories=False,
+                )
                 with _quiet_absl("Given directory is read only"):
                     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
             return
@@ -492,9 +499,10 @@ class Checkpoints:
             _names(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(target)
         }
         keys = set(wanted) | (set(saved) if exact else set())
+        # Leaves of other shapes first, then leaves one side lacks.
         differences = [
             f"{'.'.join(key)}: checkpoint {saved.get(key, 'missing')}, wanted {wanted.get(key, 'missing')}"
-            for key in sorted(keys)
+            for key in sorted(keys, key=lambda k: (k not in saved or k not in wanted, k))
             if saved.get(key) != wanted.get(key)
         ]
         if differences:
@@ -531,6 +539,8 @@ class Checkpoints:
             named, reason = None, err
         else:
             named, reason = _describe(err, self.step_directory(step))
+            if item == "state":
+                _ignore_late_read_callbacks()
         return CorruptCheckpointError(
             self.directory, step, named or file or _single_file(item_dir, item), reason
         )
@@ -622,7 +632,31 @@ def _describe(err: BaseException, step_dir: epath.Path) -> tuple[str | None, str
         text = type(err).__name__
     if code and code.group(1) in _KINDS:
         text = f"{_KINDS[code.group(1)]} ({text})"
+    elif "decompress" in text.lower():
+        text = f"garbled ({text})"
     return file, text if len(text) <= 200 else text[:197] + "..."
+
+
+def _ignore_late_read_callbacks():
+    """Silences the reads still in flight when one array of a restore failed.
+
+    orbax reads arrays concurrently inside ``asyncio.run``; when one read fails the event loop closes
+    while TensorStore still completes the others, and each completion reports "RuntimeError: Event
+    loop is closed" through ``sys.unraisablehook`` (a traceback on stderr, possibly minutes later in a
+    resumed run). Only that exception is dropped; every other one reaches the previous hook.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "_retnet_ignores_closed_loop", False):
+        return
+
+    def hook(unraisable):
+        value = unraisable.exc_value
+        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._retnet_ignores_closed_loop = True
+    sys.unraisablehook = hook
 
 
 def _single_file(item_dir: epath.Path, item: str) -> str:

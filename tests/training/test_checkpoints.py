@@ -7,6 +7,7 @@ with SIGKILL leaving the previous checkpoint restorable.
 import functools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -343,3 +344,160 @@ def test_save_killed_midway_leaves_previous_checkpoint_restorable(tmp_path, phas
         assert ckpt.latest_step() == latest + 1
         assert sorted(os.listdir(tmp_path / "checkpoints")) == [str(s) for s in range(1, latest + 2)]
         assert_trees_equal(ckpt.restore(abstract(big)), make_state(latest + 1, big=True))
+
+
+def _listing(root: Path) -> dict[str, tuple[int, int, int]]:
+    """Every file and folder under ``root`` with its size, mode and modification time (ns)."""
+    entries = {}
+    for path in [root, *root.rglob("*")]:
+        info = path.lstat()
+        entries[str(path.relative_to(root))] = (info.st_size, info.st_mode, info.st_mtime_ns)
+    return entries
+
+
+def _save_steps(workdir, steps, big=False):
+    with Checkpoints(workdir, every=1, keep=5, async_save=False) as ckpt:
+        iterator = make_iterator()
+        for step in steps:
+            next(iterator)
+            ckpt.save(
+                step,
+                make_state(step, big=big),
+                data_iterator=iterator,
+                config=CONFIG,
+                model=MODEL,
+                tokenizer=TOKENIZER,
+            )
+
+
+def test_read_only_checkpoints_write_nothing(tmp_path):
+    """Read-only: no folder created, no temporary step cleaned up, nothing written or touched, even where
+    the process could write (tests run as root, which chmod does not stop: the listing is the check)."""
+    _save_steps(tmp_path, (1, 2))
+    leftover = tmp_path / "checkpoints" / "3.orbax-checkpoint-tmp-1"  # a save killed mid-way
+    leftover.mkdir()
+    subprocess.run(["chmod", "-R", "a-w", str(tmp_path)], check=True)
+    try:
+        before = _listing(tmp_path)
+        with Checkpoints(tmp_path, read_only=True) as ckpt:
+            assert ckpt.all_steps() == [1, 2] and ckpt.latest_step() == 2
+            assert_trees_equal(ckpt.restore(abstract(make_state(0)), step=1), make_state(1))
+            params = ckpt.restore_params(abstract(make_state(0).params))
+            assert_trees_equal(params, make_state(2).params)
+            assert ckpt.restore_config() == json.loads(json.dumps(CONFIG))
+            assert ckpt.readable(2) is None
+            with pytest.raises(ValueError, match="opened read-only"):
+                ckpt.save(
+                    3,
+                    make_state(3),
+                    data_iterator=make_iterator(),
+                    config=CONFIG,
+                    model=MODEL,
+                    tokenizer=TOKENIZER,
+                )
+        assert _listing(tmp_path) == before
+    finally:
+        subprocess.run(["chmod", "-R", "u+w", str(tmp_path)], check=True)
+    with Checkpoints(tmp_path / "absent", read_only=True) as ckpt:
+        assert ckpt.all_steps() == [] and ckpt.latest_step() is None
+    assert not (tmp_path / "absent").exists()
+
+
+def _largest_array_file(step_dir: Path) -> Path:
+    data = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+    return max(data, key=lambda p: p.stat().st_size)
+
+
+def _truncate(step_dir: Path):
+    path = _largest_array_file(step_dir)
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+
+
+def _garble(step_dir: Path):
+    with open(_largest_array_file(step_dir), "r+b") as f:
+        f.write(bytes(range(64)))  # over the compressed stream's header
+
+
+# How each damage is done, and the file the error must name (relative to the step's folder).
+DAMAGES = {
+    "truncated array file": (_truncate, r"state/ \(array [\w.]+\)|state/.*", "truncated"),
+    "garbled array file": (_garble, r"state/ \(array [\w.]+\)|state/.*", ""),
+    "empty _METADATA": (lambda d: (d / "state" / "_METADATA").write_text(""), "state/_METADATA", ""),
+    "deleted state": (lambda d: shutil.rmtree(d / "state"), "state/", "missing"),
+    "garbled config": (lambda d: (d / "config" / "metadata").write_text("{oops"), "config/metadata", ""),
+    "garbled model": (lambda d: (d / "model" / "metadata").write_text("[1, "), "model/metadata", ""),
+    "garbled tokenizer": (lambda d: (d / "tokenizer" / "metadata").write_text(""), "tokenizer/metadata", ""),
+    "garbled data position": (
+        lambda d: (d / "data" / "process_0-of-1.json").write_text("{"),
+        "data/process_0-of-1.json",
+        "",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_damaged_step_names_its_file_and_is_set_aside(tmp_path, damage):
+    """Each kind of damage raises CorruptCheckpointError naming the file (never a storage dump); the step
+    before restores; set_aside keeps the damaged step as STEP.corrupt-ITEM, which orbax then ignores."""
+    from retnet_jax.training.checkpoints import CorruptCheckpointError, set_aside
+
+    _save_steps(tmp_path, (1, 2), big=True)
+    do, file, reason = DAMAGES[damage]
+    do(tmp_path / "checkpoints" / "2")
+    big = make_state(0, big=True)
+    with Checkpoints(tmp_path, read_only=True) as ckpt:
+        with pytest.raises(CorruptCheckpointError) as info:
+            ckpt.restore_config(2)
+            ckpt.restore_model_config(2)
+            ckpt.restore_tokenizer(2)
+            ckpt.restore(abstract(big), step=2, data_iterator=make_iterator())
+        err = info.value
+        assert (err.step, err.directory) == (2, tmp_path / "checkpoints")
+        assert re.fullmatch(file, err.file), err.file
+        assert reason in err.reason
+        message = str(err)
+        assert message.count("\n") == 0 and len(message) < 400 and "tensorstore_spec" not in message
+        assert message.startswith(f"Checkpoint step 2 in {tmp_path}/checkpoints is damaged: {err.file}: ")
+        iterator = make_iterator()
+        assert_trees_equal(
+            ckpt.restore(abstract(big), step=1, data_iterator=iterator), make_state(1, big=True)
+        )
+        assert take(iterator, 1) == take(make_iterator(), 2)[-1:]
+    moved = set_aside(err)
+    assert moved == tmp_path / "checkpoints" / f"2.corrupt-{err.item}"
+    with Checkpoints(tmp_path, every=1, keep=1) as ckpt:  # keep=1: a save must not delete the aside folder
+        assert ckpt.all_steps() == [1]
+        ckpt.save(
+            2, make_state(2), data_iterator=make_iterator(), config=CONFIG, model=MODEL, tokenizer=TOKENIZER
+        )
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", moved.name]
+
+
+def test_another_state_is_refused_not_called_damaged(tmp_path):
+    """A target with other leaves or shapes is named from the saved tree metadata, before any array is
+    read, and is a plain ValueError: nothing is set aside."""
+    from retnet_jax.training.checkpoints import CorruptCheckpointError
+
+    _save_steps(tmp_path, (1,))
+    other = make_state(0)
+    other = other.replace(params={**other.params, "embed": jnp.zeros((32, 8))}, opt_state=None)
+    with Checkpoints(tmp_path, read_only=True) as ckpt:
+        with pytest.raises(ValueError, match=r"another model or optimizer state: params\.embed") as info:
+            ckpt.restore(abstract(other))
+        assert not isinstance(info.value, CorruptCheckpointError)
+        assert "checkpoint (16, 8), wanted (32, 8)" in str(info.value)
+        assert "opt_state" in str(info.value)  # saved leaves the target lacks
+
+
+def test_check_can_write_creates_nothing(tmp_path):
+    from retnet_jax.training.checkpoints import check_can_write
+
+    check_can_write(tmp_path / "new" / "run")
+    assert os.listdir(tmp_path) == []
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(
+        ValueError, match=f"Cannot write checkpoints to {blocker}/run/checkpoints: {blocker} is not"
+    ):
+        check_can_write(blocker / "run")
