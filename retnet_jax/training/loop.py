@@ -17,6 +17,7 @@ state early; a second Ctrl-C exits at once with status 130, without saving.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import math
@@ -383,11 +384,12 @@ def _loop(
     pending: list[tuple[int, dict[str, jax.Array]]] = []
     last_good = checkpoints.latest_step()
     clock, steps_timed = time.perf_counter(), 0
-    last_train: tuple[float, int] | None = None
+    # The summary's train loss: the mean of the last steps (one batch's loss is noisy).
+    recent = collections.deque(maxlen=max(config.log_every, 10))
     last_eval: tuple[int, float] | None = None
     stopped = None
 
-    def flush() -> tuple[dict[str, float], float, int] | None:
+    def flush() -> tuple[dict[str, float], float] | None:
         """Fetches the buffered step metrics (one sync), stopping on a non-finite loss; returns the
         last step's metrics and the mean loss over the fetched steps."""
         nonlocal pending
@@ -405,7 +407,8 @@ def _loop(
         if not fetched:
             return None
         losses = [float(metrics["loss"]) for _, metrics in fetched]
-        return {k: float(v) for k, v in fetched[-1][1].items()}, float(np.mean(losses)), len(losses)
+        recent.extend(losses)
+        return {k: float(v) for k, v in fetched[-1][1].items()}, float(np.mean(losses))
 
     step = start
     try:
@@ -431,14 +434,13 @@ def _loop(
             save = step == config.steps or stopped is not None or checkpoints.should_save(step)
             evaluate_now = step % config.eval_every == 0 or step == config.steps
             if step % config.log_every == 0 or save or evaluate_now:
-                latest, mean_loss, count = flush()
+                latest, mean_loss = flush()
                 elapsed = time.perf_counter() - clock
                 if steps_timed:
                     latest["tokens_per_sec"] = tokens_per_step * steps_timed / elapsed
                     if peak:
                         latest["mfu"] = flops_per_step * steps_timed / elapsed / (peak * jax.device_count())
                 reporter.train(step, latest, mean_loss=mean_loss)
-                last_train = (mean_loss, count)
             if evaluate_now:
                 with reporter.evaluating():
                     loss = evaluate(trainer, state.params, tokenizer, config, vocab_size)
@@ -470,7 +472,7 @@ def _loop(
                 total_steps=config.steps,
                 tokens=(step - start) * tokens_per_step,
                 seconds=time.perf_counter() - started,
-                train_loss=last_train,
+                train_loss=(float(np.mean(recent)), len(recent)) if recent else None,
                 eval_loss=last_eval,
                 checkpoint_steps=checkpoints.all_steps(),
                 sample_prompt=config.sample_prompt,

@@ -1,8 +1,10 @@
-"""The training loop: its outputs, exact resumption after SIGTERM and SIGKILL, NaN, bad input, two
-processes."""
+"""The training loop: its outputs, exact resumption after SIGTERM and SIGKILL, damaged checkpoints skipped,
+the schedule kept on resume, NaN, bad input refused before anything is created, two processes."""
 
 import os
 import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -70,11 +72,12 @@ def test_resume_after_sigterm_and_sigkill_is_bit_exact(trained, tmp_path):
         seen = max(_train_losses(workdir))
         process.send_signal(sig)
         out = process.communicate(timeout=60)[0]
-        return seen, out
+        return seen, out, process.returncode
 
     term_step = rng.randint(2, 6)
-    seen, out = run_until(term_step, signal.SIGTERM)
-    assert "Preempted: saved step" in out
+    seen, out, status = run_until(term_step, signal.SIGTERM)
+    assert status == 3, out[-3000:]  # stopped early with a checkpoint: a scheduler can tell
+    assert "(SIGTERM)" in out and "run the same command again to resume" in out
     saved = max(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")))
     # It stopped at once (within the step or two in flight), not at the end of the run.
     assert term_step <= saved <= seen + 2 and saved < config.steps - 1, (term_step, seen, saved)
@@ -99,19 +102,82 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     assert f"last good checkpoint is step {max(saved)}" in message
 
 
-def test_bad_input_is_named(tmp_path):
-    with pytest.raises(ValueError, match=r"batch_size=12 is not divisible by the data-parallel size 8"):
-        loop.train_and_evaluate(small_config(batch_size=12), str(tmp_path / "a"))
-    with pytest.raises(ValueError, match="Unknown dataset 'no_such_corpus_xyz'|no_such_corpus_xyz"):
-        loop.train_and_evaluate(small_config(dataset="no_such_corpus_xyz"), str(tmp_path / "b"))
+def test_bad_input_is_named_before_anything_is_created(tmp_path):
+    for overrides, message in (
+        (dict(batch_size=12), r"batch_size=12 is not divisible by the data-parallel size 8"),
+        (dict(dataset="no_such_corpus_xyz"), "Unknown dataset 'no_such_corpus_xyz'"),
+        (dict(mesh="3,1,1"), "--config.mesh"),
+        (dict(arch="lstm"), "--config.arch must be one of"),
+        (dict(chunk_size=-4), r"--config.chunk_size must be an integer >= 1 \(e.g. 64\); got -4"),
+        (dict(mode="recurrent"), r"--config.mode must be one of \('parallel', 'chunkwise'\) for training"),
+        (dict(implementation="cuda"), "--config.implementation must be one of"),
+        (dict(eval_batches=0), "--config.eval_batches must be an integer >= 1; got 0"),
+        (dict(schedule="step"), "--config.schedule must be one of"),
+        (dict(tokenizer_bos="[BOS]"), "tokenizer_bos='\\[BOS\\]' names special tokens of a tokenizer file"),
+    ):
+        workdir = tmp_path / "new" / "run"
+        with pytest.raises(ValueError, match=message):
+            loop.train_and_evaluate(small_config(**overrides), str(workdir))
+        assert not (tmp_path / "new").exists(), overrides
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(ValueError, match="Cannot write checkpoints to"):
         loop.train_and_evaluate(small_config(), str(blocker / "run"))
-    with pytest.raises(ValueError, match="--config.mesh"):
-        loop.train_and_evaluate(small_config(mesh="3,1,1"), str(tmp_path / "c"))
-    with pytest.raises(ValueError, match="--config.arch must be one of"):
-        loop.train_and_evaluate(small_config(arch="lstm"), str(tmp_path / "d"))
+
+
+def _corrupt_config(step_dir):
+    (step_dir / "config" / "metadata").write_text("{garbled")
+
+
+def _truncate_arrays(step_dir):
+    data = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+    largest = max(data, key=lambda p: p.stat().st_size)
+    with open(largest, "r+b") as f:
+        f.truncate(largest.stat().st_size // 2)
+
+
+@pytest.mark.parametrize(
+    "damage, file",
+    [
+        (_truncate_arrays, r"state/ \(array [\w.]+\): truncated \(.*\)"),
+        (_corrupt_config, "config/metadata: .*"),
+    ],
+    ids=["truncated arrays", "garbled config"],
+)
+def test_resume_skips_a_damaged_checkpoint(trained, tmp_path, capsys, damage, file):
+    """The newest checkpoint is damaged: the run says so in one line, keeps it as 12.corrupt-ITEM, resumes
+    from step 9 and trains steps 10-12 to the uninterrupted run's losses, bit for bit."""
+    reference, config, _ = trained
+    workdir = tmp_path / "run"
+    shutil.copytree(reference, workdir)
+    damage(workdir / "checkpoints" / "12")
+    capsys.readouterr()
+    state = loop.train_and_evaluate(config, str(workdir))
+    out = capsys.readouterr().out
+    skipped = [line for line in out.splitlines() if line.startswith("Skipped checkpoint")]
+    assert len(skipped) == 1, out
+    item = "state" if "state" in file else "config"
+    assert re.fullmatch(
+        f"Skipped checkpoint step 12: {file}; kept as checkpoints/12.corrupt-{item}.", skipped[0]
+    )
+    assert "resumed at step 9" in out
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["12", f"12.corrupt-{item}", "6", "9"]
+    assert int(state.step) == 12
+    assert _train_losses(str(workdir)) == _train_losses(reference)
+
+
+def test_the_schedule_is_part_of_the_run(trained, tmp_path):
+    """Raising steps on resume would re-stretch the cosine schedule: refused, naming the change and the
+    learning-rate jump, unless allow_schedule_change says it is meant."""
+    reference, config, _ = trained
+    workdir = tmp_path / "run"
+    shutil.copytree(reference, workdir)
+    longer = small_config(steps=14)
+    with pytest.raises(ValueError, match=r"steps=12 → 14\): the learning rate at step 12 would go from "):
+        loop.train_and_evaluate(longer, str(workdir))
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["12", "6", "9"]
+    longer.allow_schedule_change = True
+    assert int(loop.train_and_evaluate(longer, str(workdir)).step) == 14
 
 
 def test_workdir_of_another_config_is_refused_untouched(trained):
