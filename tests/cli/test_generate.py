@@ -1,5 +1,7 @@
 """`retnet-generate`: deterministic greedy output, streaming, interactive mode, flag errors."""
 
+import os
+import shutil
 import subprocess
 import sys
 
@@ -53,21 +55,23 @@ def test_interactive_mode_reads_prompts_from_stdin(trained):
     assert out.stdout.startswith("> import") and "\n> class" in out.stdout, out.stdout
 
 
-def test_bad_flags_and_missing_checkpoints_are_named(trained, tmp_path, capsys):
+def test_bad_flags_and_missing_or_damaged_checkpoints_are_named(trained, tmp_path, capsys):
+    """Each refusal is one or two lines on stderr and status 2; a damaged checkpoint names the file and the
+    exact --checkpoint= of the previous step."""
     from absl import flags
 
     from retnet_jax.cli import generate as generate_cli
 
     def fails(*argv):
-        flags.FLAGS.unparse_flags()
-        flags.FLAGS(["retnet-generate", *argv])
         try:
             with pytest.raises(SystemExit) as exit_info:
-                generate_cli.main(["retnet-generate"])
+                generate_cli.run(["retnet-generate", *argv])
         finally:
             flags.FLAGS.unparse_flags()
-        assert exit_info.value.code == 2
-        return capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and 1 <= len(err.strip().splitlines()) <= 2, err
+        assert err.startswith("retnet-generate: ") and "Traceback" not in err
+        return err
 
     workdir, _, _ = trained
     for flag, message in (
@@ -77,7 +81,65 @@ def test_bad_flags_and_missing_checkpoints_are_named(trained, tmp_path, capsys):
         ("--top_k=-2", "--top_k must be an integer >= 0"),
         ("--max_new_tokens=0", "--max_new_tokens must be an integer >= 1"),
         ("--block_size=0", "--block_size must be >= 1"),
+        ("--max_new_tokens=many", "flag --max_new_tokens=many: invalid literal"),
     ):
         assert message in fails(f"--workdir={workdir}", "--prompt=x", flag), flag
     assert "No checkpoints in" in fails(f"--workdir={tmp_path}", "--prompt=x")
     assert "exactly one of --workdir or --checkpoint" in fails("--prompt=x")
+    assert "its steps are [6, 9, 12]" in fails(f"--checkpoint={workdir}/checkpoints/7", "--prompt=x")
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(workdir, damaged)
+    (damaged / "checkpoints" / "12" / "state" / "_METADATA").write_text("")
+    assert fails(f"--workdir={damaged}", "--prompt=x").splitlines() == [
+        f"retnet-generate: Checkpoint step 12 in {damaged}/checkpoints is damaged: state/_METADATA: "
+        "Expecting value: line 1 column 1 (char 0)",
+        f"Step 9, the previous one, reads: pass --checkpoint={damaged}/checkpoints/9",
+    ]
+
+
+def _listing(root):
+    return {
+        os.path.relpath(os.path.join(d, name), root): os.lstat(os.path.join(d, name))[6:9]
+        for d, folders, files in os.walk(root)
+        for name in [".", *folders, *files]
+    }
+
+
+def _read_only_mount_works() -> bool:
+    """Whether this process may bind-mount read-only in a private mount namespace (root with
+    CAP_SYS_ADMIN, as in CI containers): then the read-only test is a real read-only file system."""
+    probe = (
+        subprocess.run(
+            ["unshare", "-m", "sh", "-c", "mount --bind -o ro / /mnt 2>/dev/null"], capture_output=True
+        )
+        if shutil.which("unshare")
+        else None
+    )
+    return probe is not None and probe.returncode == 0
+
+
+def test_serves_from_a_read_only_workdir(trained, tmp_path):
+    """--workdir and --checkpoint on a read-only copy: on a read-only bind mount where the machine allows
+    one (root in a private mount namespace), else chmod -R a-w (which binds a non-root user); either way no
+    path is created, modified or removed (sizes, modes and mtimes compared before and after)."""
+    workdir, _, _ = trained
+    copy = tmp_path / "served"
+    shutil.copytree(workdir, copy)
+    subprocess.run(["chmod", "-R", "a-w", str(copy)], check=True)
+    before = _listing(copy)
+    generate = f"{sys.executable} -m retnet_jax.cli.generate --prompt=def --max_new_tokens=4 --temperature=0"
+    commands = f"{generate} --workdir={copy} && {generate} --checkpoint={copy}/checkpoints/6"
+    if _read_only_mount_works():
+        # The mount must refuse writes, root's included, before serving from it.
+        commands = f"mount --bind -o ro {copy} {copy} && ! touch {copy}/probe 2>/dev/null && {commands}"
+        argv = ["unshare", "-m", "sh", "-c", commands]
+    else:
+        argv = ["sh", "-c", commands]
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert out.stdout.count("def") == 2 and "Cannot write" not in out.stderr
+        assert _listing(copy) == before
+    finally:
+        subprocess.run(["chmod", "-R", "u+w", str(copy)], check=True)
