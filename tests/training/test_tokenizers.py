@@ -142,3 +142,58 @@ def test_build_tokenizer_errors(tmp_path):
         tokenizer_lib.train_sentencepiece([], vocab_size=300)
     with pytest.raises(ValueError, match="kind='wordpiece'"):
         tokenizer_lib.tokenizer_from_dict({"kind": "wordpiece"})
+
+
+def _hf_file(tmp_path, specials, name="tokenizer.json") -> str:
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=specials,
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer)
+    path = tmp_path / name
+    tok.save(str(path))
+    return str(path)
+
+
+def test_special_token_spellings_can_be_configured(tmp_path, monkeypatch):
+    """[BOS]/[EOS]/[PAD] are found; other spellings are named in the config (tokenizer_bos/_eos/_pad), also
+    for a path with ~; they travel with the tokenizer through to_dict."""
+    from retnet_jax.training import loop
+    from tests.conftest import small_config
+
+    brackets = tokenizer_lib.build_tokenizer(
+        _hf_file(tmp_path, ["[PAD]", "[BOS]", "[EOS]"]), texts=None, vocab_size=0
+    )
+    assert (brackets.pad_id, brackets.bos_id, brackets.eos_id) == (0, 1, 2)
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _hf_file(tmp_path, ["<|pad|>", "<|start|>", "<|end|>"], name="odd.json")
+    with pytest.raises(ValueError, match=r"no BOS token among .*--config.tokenizer_bos="):
+        tokenizer_lib.build_tokenizer("~/odd.json", texts=None, vocab_size=0)
+    config = small_config(tokenizer="~/odd.json", tokenizer_bos="<|start|>", tokenizer_eos="<|end|>")
+    tok = loop._make_tokenizer(config)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 0)  # PAD found among the usual spellings
+    again = tokenizer_lib.tokenizer_from_dict(json.loads(json.dumps(tok.to_dict())))
+    assert (again.bos_id, again.eos_id, again.pad_id) == (1, 2, 0)
+    with pytest.raises(ValueError, match="no EOS token among \\['</e>'\\]"):
+        loop._make_tokenizer(
+            small_config(tokenizer="~/odd.json", tokenizer_bos="<|start|>", tokenizer_eos="</e>")
+        )
+    with pytest.raises(ValueError, match="tokenizer_eos='<e>' names special tokens of a tokenizer file"):
+        loop._make_tokenizer(small_config(tokenizer_eos="<e>"))  # the byte tokenizer has fixed ones
+
+
+def test_sentencepiece_special_pieces_can_be_configured(sentencepiece, tmp_path):
+    path = tmp_path / "spm.model"
+    path.write_bytes(sentencepiece.model_proto)
+    piece = sentencepiece._sp.id_to_piece(300)
+    tok = tokenizer_lib.build_tokenizer(str(path), texts=None, vocab_size=0, bos=piece)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (300, 3, 0)
+    assert tokenizer_lib.tokenizer_from_dict(json.loads(json.dumps(tok.to_dict()))).bos_id == 300
+    with pytest.raises(ValueError, match="no piece '<nope>' to use as EOS; set --config.tokenizer_eos"):
+        tokenizer_lib.build_tokenizer(str(path), texts=None, vocab_size=0, eos="<nope>")
