@@ -41,7 +41,7 @@ from retnet_jax.training import tokenizers as tokenizer_lib
 from retnet_jax.training.sharding import make_mesh
 from retnet_jax.training.trainer import ARCHS, Trainer, TrainState, model_config, model_vocab_size
 
-__all__ = ["SCHEDULE_KEYS", "TRAINING_MODES", "evaluate", "train_and_evaluate", "validate"]
+__all__ = ["SCHEDULE_KEYS", "TRAINING_MODES", "evaluate", "train_and_evaluate", "validate", "vocabulary_note"]
 
 TRAINING_MODES = ("parallel", "chunkwise")
 # Fields that shape the learning-rate schedule: a resumed run must keep them (allow_schedule_change).
@@ -150,6 +150,21 @@ def _make_tokenizer(config: ml_collections.ConfigDict) -> tokenizer_lib.Tokenize
     return tokenizer
 
 
+def vocabulary_note(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tokenizer) -> str | None:
+    """A line saying that a SentencePiece model trained on the corpus has fewer pieces than asked.
+
+    A corpus supports only so many merges: asking 32000 of the offline corpus gives about 14000. The run
+    goes on with what the corpus gives (refusing would make every small corpus fail) and says so.
+    """
+    if config.tokenizer != "sentencepiece" or tokenizer.vocab_size >= config.tokenizer_vocab_size:
+        return None
+    return (
+        f"SentencePiece: the corpus yields {tokenizer.vocab_size} pieces, fewer than "
+        f"--config.tokenizer_vocab_size={config.tokenizer_vocab_size}; training with {tokenizer.vocab_size} "
+        "(a larger corpus gives more)."
+    )
+
+
 def _setup(config, mesh, reader: checkpoint_lib.Checkpoints, notes: list[str]) -> _Setup:
     """Restores the newest checkpoint that reads (skipping damaged ones) or initializes a new state."""
     config_dict = config.to_dict()
@@ -190,12 +205,8 @@ def _setup(config, mesh, reader: checkpoint_lib.Checkpoints, notes: list[str]) -
                 skipped.append(err)
         if tokenizer is None:
             tokenizer = _make_tokenizer(config)
-            if config.tokenizer == "sentencepiece" and tokenizer.vocab_size < config.tokenizer_vocab_size:
-                notes.append(
-                    f"SentencePiece: the corpus yields {tokenizer.vocab_size} pieces, fewer than "
-                    f"--config.tokenizer_vocab_size={config.tokenizer_vocab_size}; training with "
-                    f"{tokenizer.vocab_size} (a larger corpus gives more)."
-                )
+            note = vocabulary_note(config, tokenizer)
+            notes += [note] if note else []
         if trainer is None:
             trainer = Trainer(config, model_config(config, model_vocab_size(tokenizer)), mesh)
             train_data = _train_data(config, tokenizer, trainer)

@@ -197,3 +197,23 @@ def test_sentencepiece_special_pieces_can_be_configured(sentencepiece, tmp_path)
     assert tokenizer_lib.tokenizer_from_dict(json.loads(json.dumps(tok.to_dict()))).bos_id == 300
     with pytest.raises(ValueError, match="no piece '<nope>' to use as EOS; set --config.tokenizer_eos"):
         tokenizer_lib.build_tokenizer(str(path), texts=None, vocab_size=0, eos="<nope>")
+
+
+def test_a_smaller_sentencepiece_vocabulary_than_asked_is_announced():
+    """The corpus supports fewer pieces than asked: training goes on with them and the run says so."""
+    from retnet_jax.training import loop
+    from tests.conftest import small_config
+
+    tok = tokenizer_lib.build_tokenizer("sentencepiece", texts=_corpus, vocab_size=2000)
+    assert tok.vocab_size < 2000
+    note = loop.vocabulary_note(small_config(tokenizer="sentencepiece", tokenizer_vocab_size=2000), tok)
+    assert note == (
+        f"SentencePiece: the corpus yields {tok.vocab_size} pieces, fewer than "
+        f"--config.tokenizer_vocab_size=2000; training with {tok.vocab_size} (a larger corpus gives more)."
+    )
+    assert (
+        loop.vocabulary_note(
+            small_config(tokenizer="sentencepiece", tokenizer_vocab_size=tok.vocab_size), tok
+        )
+        is None
+    )
