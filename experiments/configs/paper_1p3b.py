@@ -29,6 +29,6 @@ def get_config():
     c.eval_every = 1000
     c.checkpoint_every = 1000
     c.tokenizer = "sentencepiece"
-    c.tokenizer_vocab_size = 32000
+    c.tokenizer_vocab_size = 32000  # at most: a corpus too small for it yields fewer (the run says so)
     c.sample_prompt = "The "
     return c

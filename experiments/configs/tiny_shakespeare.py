@@ -2,8 +2,10 @@
 
     retnet-train --workdir=/tmp/retnet-shakespeare --config=experiments/configs/tiny_shakespeare.py
 
-tfds builds `tiny_shakespeare` with TensorFlow; without it, build once elsewhere with
-`tfds build tiny_shakespeare --file_format=array_record --data_dir=DIR` and pass --config.data_dir=DIR.
+tfds downloads `tiny_shakespeare` and builds it with TensorFlow. Without a network (refused within
+seconds) or without TensorFlow, build it once where both are, with
+`tfds build tiny_shakespeare --file_format=array_record --data_dir=DIR`, copy DIR here and pass
+--config.data_dir=DIR.
 """
 
 from retnet_jax.configs.default import get_config as default_config

@@ -142,12 +142,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 def _make_tokenizer(config: ml_collections.ConfigDict) -> tokenizer_lib.Tokenizer:
     """The tokenizer ``config.tokenizer`` names; special-token spellings apply to tokenizer files."""
     specials = {"bos": config.tokenizer_bos, "eos": config.tokenizer_eos, "pad": config.tokenizer_pad}
-    if config.tokenizer in ("byte", "sentencepiece"):
-        tokenizer_lib.build_tokenizer(config.tokenizer, texts=None, vocab_size=0, **specials)  # no specials
-        tokenizer = data_lib.make_tokenizer(config)
-    else:
-        tokenizer = tokenizer_lib.build_tokenizer(config.tokenizer, texts=None, vocab_size=0, **specials)
-    return tokenizer
+    if config.tokenizer not in ("byte", "sentencepiece"):
+        return tokenizer_lib.build_tokenizer(config.tokenizer, texts=None, vocab_size=0, **specials)
+    if any(specials.values()):  # refused: these tokenizers have fixed special tokens
+        tokenizer_lib.build_tokenizer(config.tokenizer, texts=None, vocab_size=0, **specials)
+    return data_lib.make_tokenizer(config)
 
 
 def vocabulary_note(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tokenizer) -> str | None:

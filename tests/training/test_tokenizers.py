@@ -217,3 +217,19 @@ def test_a_smaller_sentencepiece_vocabulary_than_asked_is_announced():
         )
         is None
     )
+
+
+def test_the_loop_trains_a_sentencepiece_tokenizer_on_the_corpus(tmp_path):
+    from retnet_jax.training import loop
+    from tests.conftest import small_config
+
+    for i, text in enumerate(_corpus(40)):
+        (tmp_path / f"doc{i}.txt").write_text(text)
+    config = small_config(
+        tokenizer="sentencepiece",
+        tokenizer_vocab_size=300,
+        dataset=f"text:{tmp_path}",
+        data_dir=str(tmp_path / "tfds"),
+    )
+    tok = loop._make_tokenizer(config)
+    assert isinstance(tok, tokenizer_lib.SentencePieceTokenizer) and tok.decode(tok.encode(SAMPLE)) == SAMPLE
