@@ -67,7 +67,7 @@ def reported(prog: str, debug: bool) -> Iterator[None]:
     except KeyboardInterrupt:
         if debug:
             raise
-        print(f"\n{prog}: interrupted; nothing more was saved.", file=sys.stderr)
+        print(f"\n{prog}: interrupted (Ctrl-C).", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
     except ANTICIPATED as err:
         if debug:

@@ -23,6 +23,7 @@ import dataclasses
 import math
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -267,7 +268,8 @@ def _check_schedule(saved: dict[str, Any], config: ml_collections.ConfigDict, st
 
 class _StopRequests:
     """SIGTERM and a first Ctrl-C ask the loop to save and stop after the current step; a second Ctrl-C
-    exits at once (status 130) without saving. The previous handlers come back on ``close``.
+    exits at once (status 130) without saving, or, in a notebook, raises KeyboardInterrupt (the kernel
+    lives on). The previous handlers come back on ``close``.
 
     With several processes the signals are left to JAX's preemption service (every process must stop at
     the same step): ``requested`` then asks the checkpoint manager whether its sync point is reached.
@@ -287,6 +289,9 @@ class _StopRequests:
     def _handle(self, signum, frame):
         del frame
         if signum == signal.SIGINT and self.reason is not None:
+            if "ipykernel" in sys.modules:  # a notebook: interrupt the cell, keep the kernel alive
+                self.close()
+                raise KeyboardInterrupt
             os.write(2, b"\nSecond Ctrl-C: exiting now, without saving.\n")
             os._exit(130)
         if self.reason is None:
