@@ -22,8 +22,6 @@ import contextlib
 import dataclasses
 import math
 import os
-import signal
-import sys
 import time
 from typing import Any
 
@@ -35,7 +33,7 @@ from retnet_jax.models.config import from_dict as model_from_dict
 from retnet_jax.nn import attention as attention_lib
 from retnet_jax.ops import dispatch
 from retnet_jax.training import checkpoints as checkpoint_lib
-from retnet_jax.training import corpus, optim, reporting
+from retnet_jax.training import corpus, optim, reporting, stopping
 from retnet_jax.training import data as data_lib
 from retnet_jax.training import flops as flops_lib
 from retnet_jax.training import tokenizers as tokenizer_lib
@@ -266,53 +264,6 @@ def _check_schedule(saved: dict[str, Any], config: ml_collections.ConfigDict, st
     return f"Schedule changed on resume ({change}): {jump}."
 
 
-class _StopRequests:
-    """SIGTERM and a first Ctrl-C ask the loop to save and stop after the current step; a second Ctrl-C
-    exits at once (status 130) without saving, or, in a notebook, raises KeyboardInterrupt (the kernel
-    lives on). The previous handlers come back on ``close``.
-
-    With several processes the signals are left to JAX's preemption service (every process must stop at
-    the same step): ``requested`` then asks the checkpoint manager whether its sync point is reached.
-    """
-
-    def __init__(self):
-        self.reason: str | None = None
-        self._previous: dict[int, Any] = {}
-        if jax.process_count() > 1:
-            return
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[signum] = signal.signal(signum, self._handle)
-            except ValueError:  # not the main thread: keep the default handlers
-                pass
-
-    def _handle(self, signum, frame):
-        del frame
-        if signum == signal.SIGINT and self.reason is not None:
-            if "ipykernel" in sys.modules:  # a notebook: interrupt the cell, keep the kernel alive
-                self.close()
-                raise KeyboardInterrupt
-            os.write(2, b"\nSecond Ctrl-C: exiting now, without saving.\n")
-            os._exit(130)
-        if self.reason is None:
-            self.reason = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
-            if signum == signal.SIGINT:  # os.write: print() may be mid-write in the main thread
-                os.write(
-                    2,
-                    b"\nCtrl-C: saving a checkpoint after this step, then stopping "
-                    b"(Ctrl-C again exits at once, without saving).\n",
-                )
-
-    def requested(self, step: int, checkpoints: checkpoint_lib.Checkpoints) -> str | None:
-        if jax.process_count() > 1 and checkpoints.reached_preemption(step):
-            return "preemption"
-        return self.reason
-
-    def close(self):
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-
 def _agree_across_processes(setup: _Setup):
     """Every process must resume from the same step."""
     if jax.process_count() == 1:
@@ -362,7 +313,7 @@ def _train(config, workdir: str, setup: _Setup, started: float) -> TrainState:
         f"mesh {dict(trainer.mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
         f"device(s) in {jax.process_count()} process(es); {how}"
     )
-    stop = _StopRequests()
+    stop = stopping.StopRequests()
     try:
         first_eval = None
         if setup.resumed is None:  # the starting point of the validation curve
@@ -385,7 +336,7 @@ def _train(config, workdir: str, setup: _Setup, started: float) -> TrainState:
 
 
 def _loop(
-    config, workdir, setup: _Setup, checkpoints, stop: _StopRequests, first_eval, started
+    config, workdir, setup: _Setup, checkpoints, stop: stopping.StopRequests, first_eval, started
 ) -> TrainState:
     """The steps, with logs, evaluations and saves, then the summary."""
     trainer, tokenizer, train_data, state = setup.trainer, setup.tokenizer, setup.train_data, setup.state
