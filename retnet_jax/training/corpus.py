@@ -228,7 +228,19 @@ def _text_config(spec: str, skipped: list[str] | None = None) -> TextFilesConfig
 
 def _is_binary(path: str) -> bool:
     """Whether the file's first bytes hold a NUL byte or are not UTF-8 (a character cut at the end of
-    the sample is fine)."""
+    the sample is fine). Remembered per path, size and modification time: every split and evaluation
+    lists the files again."""
+    stat = os.stat(path)
+    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _BINARY:
+        _BINARY[key] = _sniff_binary(path)
+    return _BINARY[key]
+
+
+_BINARY: dict[tuple[str, int, int], bool] = {}
+
+
+def _sniff_binary(path: str) -> bool:
     with open(path, "rb") as f:
         head = f.read(_SNIFF_BYTES)
     if b"\0" in head:
