@@ -95,6 +95,9 @@ _NORMS = flags.DEFINE_list(
 _STATE = flags.DEFINE_enum("state", "none", ["none", "carried"], "Continue a random state and return one.")
 _PARALLEL_MAX_GB = flags.DEFINE_float("parallel_max_gb", 48.0, "Skip parallel when its scores exceed this.")
 _CHECK_LENGTH = flags.DEFINE_integer("check_length", 1024, "T of the correctness checks (B2).")
+_CHECK_PLANS = flags.DEFINE_bool(
+    "check_plans", True, "Compile and run the kernel plan of every preset shape against XLA first."
+)
 _PEER_SHARE = flags.DEFINE_float(
     "peer_share", 0.45, "Share of --time_budget_s the fla worker may use (it autotunes per head shape)."
 )
@@ -634,7 +637,7 @@ def main(argv):
     if fla_ok and fla["check"]["status"] == "ok":
         fla_outputs = {name: dict(np.load(path)) for name, path in fla["check"]["outputs"].items()}
     check = run_check(data, fla_outputs, bl.int_list(_CHUNKS.value)[0])
-    plans = check_plans()
+    plans = check_plans() if _CHECK_PLANS.value else {}
 
     rows = []
     for cfg in todo:

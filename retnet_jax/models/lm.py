@@ -109,8 +109,9 @@ class DecoderLM(nn.Module):
             (``ops.dispatch``), attention's "auto" / "cudnn" / "xla" (``nn.attention``).
         scan_layers: stack the blocks with nn.scan (one compiled block; parameters get a layer axis).
         remat: recompute each block in the backward pass.
-        unroll_decode: unroll the layer loop of one-token steps with a state: a step does little work per
-            layer, and unrolled XLA fuses across layers and runs it as a few large kernels.
+        unroll_decode: unroll the layer loop of one-token steps with a state (a step does little work per
+            layer; unrolled, XLA fuses across layers and runs it as a few large kernels), or None for the
+            config's ``unroll_decode`` (measured per mixer).
     """
 
     config: ModelConfig
@@ -119,7 +120,7 @@ class DecoderLM(nn.Module):
     implementation: str = "auto"
     scan_layers: bool = True
     remat: bool = False
-    unroll_decode: bool = True
+    unroll_decode: bool | None = None
 
     @nn.compact
     def __call__(
@@ -192,7 +193,8 @@ class DecoderLM(nn.Module):
         )
         block = nn.remat(Block, prevent_cse=not self.scan_layers) if self.remat else Block
         if self.scan_layers:
-            one_step = length == 1 and incoming and self.unroll_decode
+            unroll = cfg.unroll_decode if self.unroll_decode is None else self.unroll_decode
+            one_step = length == 1 and incoming and unroll
             blocks = nn.scan(
                 block,
                 variable_axes={"params": 0},

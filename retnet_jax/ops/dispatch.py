@@ -61,7 +61,9 @@ AUTO_CHOICES: dict[tuple[int, int], Choice] = {
     ),
     (64, 128): Choice("pallas", 64, "H100 paper-1.3b with H32 heads: 46.3K tokens/s vs 36.2K (XLA, H8)"),
     (64, 64): Choice("pallas", 64, "register kernels, as at 128×128 (not measured separately)"),
-    (256, 512): Choice("xla", None, "H200 B2 T8192 H8 fwd+bwd: XLA 7.71 ms, fla 3.63; split: to measure"),
+    (256, 512): Choice(
+        "pallas", 64, "H200 B8 T8192 H8 fwd+bwd: split kernels C=64 7.69 ms, XLA C=256 14.01 ms (2026-12-01)"
+    ),
     (256, 432): Choice("xla", None, "torchscale v2 heads: as (256, 512); split kernels to measure"),
     (256, 428): Choice("xla", None, "torchscale v2 3b/13b heads: as (256, 512); split kernels to measure"),
 }
