@@ -151,8 +151,8 @@ def _make_tokenizer(config: ml_collections.ConfigDict) -> tokenizer_lib.Tokenize
 def vocabulary_note(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tokenizer) -> str | None:
     """A line saying that a SentencePiece model trained on the corpus has fewer pieces than asked.
 
-    A corpus supports only so many merges: asking 32000 of the offline corpus gives about 14000. The run
-    goes on with what the corpus gives (refusing would make every small corpus fail) and says so.
+    A corpus supports only so many merges, so a small one gives fewer pieces than asked. The run goes on
+    with what the corpus gives (refusing would make every small corpus fail) and says so.
     """
     if config.tokenizer != "sentencepiece" or tokenizer.vocab_size >= config.tokenizer_vocab_size:
         return None
