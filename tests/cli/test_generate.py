@@ -73,6 +73,10 @@ def test_bad_flags_and_missing_or_damaged_checkpoints_are_named(trained, tmp_pat
         assert err.startswith("retnet-generate: ") and "Traceback" not in err
         return err
 
+    with pytest.raises(SystemExit) as help_exit:
+        generate_cli.run(["retnet-generate", "--help"])
+    assert help_exit.value.code == 0 and "--checkpoint" in capsys.readouterr().out
+
     workdir, _, _ = trained
     for flag, message in (
         ("--temperature=-1", "--temperature must be a finite number >= 0"),
