@@ -242,19 +242,22 @@ def _train_data(config, tokenizer, trainer):
 
 
 def _check_schedule(saved: dict[str, Any], config: ml_collections.ConfigDict, step: int) -> str | None:
-    """Refuses a resumed run whose learning-rate schedule differs from the checkpoint's (the schedule's
-    length and shape are part of the run); with allow_schedule_change, returns a line saying what
-    changes instead."""
+    """Refuses a resumed run whose learning rate from ``step`` on would differ from the checkpoint's
+    schedule (its length and shape are part of the run: raising ``steps`` re-stretches a cosine upward);
+    with allow_schedule_change, returns a line saying what changes instead."""
     keys = [k for k in SCHEDULE_KEYS if k in saved and saved[k] != config[k]]
-    if config.schedule == "constant" and saved.get("schedule") == "constant":
-        keys = [k for k in keys if k != "steps"]  # a constant schedule does not depend on the length
     if not keys:
         return None
     before = optim.learning_rate_schedule(ml_collections.ConfigDict({**config.to_dict(), **saved}))
     after = optim.learning_rate_schedule(config)
+    steps = np.arange(step, max(saved.get("steps", step), config.steps, step) + 1)
+    old, new = np.asarray(before(steps)), np.asarray(after(steps))
+    differ = np.flatnonzero(~np.isclose(old, new, rtol=1e-6, atol=0.0))
+    if differ.size == 0:  # e.g. a longer constant schedule: the same learning rates
+        return None
+    first = differ[0]
     change = ", ".join(f"{k}={saved[k]!r} → {config[k]!r}" for k in keys)
-    jump = f"the learning rate at step {step} would go from {float(before(step)):.3g} to "
-    jump += f"{float(after(step)):.3g}"
+    jump = f"the learning rate at step {steps[first]} would be {new[first]:.3g} instead of {old[first]:.3g}"
     if not config.allow_schedule_change:
         raise ValueError(
             f"Resuming step {step} with another learning-rate schedule ({change}): {jump}.\n"

@@ -173,7 +173,9 @@ def test_the_schedule_is_part_of_the_run(trained, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(reference, workdir)
     longer = small_config(steps=14)
-    with pytest.raises(ValueError, match=r"steps=12 → 14\): the learning rate at step 12 would go from "):
+    with pytest.raises(
+        ValueError, match=r"steps=12 → 14\): the learning rate at step 12 would be \S+ instead "
+    ):
         loop.train_and_evaluate(longer, str(workdir))
     assert sorted(os.listdir(workdir / "checkpoints")) == ["12", "6", "9"]
     longer.allow_schedule_change = True
