@@ -63,7 +63,7 @@ _TOKENS = flags.DEFINE_integer(
     "tokens", 0, "Training tokens of a run (0: from calibrate.json or the estimate)."
 )
 _TRAIN_SECONDS = flags.DEFINE_float(
-    "train_seconds", 330.0, "Training time a size's token budget is sized for."
+    "train_seconds", 300.0, "Training time a size's token budget is sized for."
 )
 _TOKENS_PER_PARAM = flags.DEFINE_float(
     "tokens_per_param", 20.0, "Cap of the budget, per non-embedding weight."
@@ -72,9 +72,11 @@ _MFU = flags.DEFINE_float("mfu", 0.4, "Utilization assumed by the budget estimat
 _PEAK_TFLOPS = flags.DEFINE_float(
     "peak_tflops", 790.0, "bf16 matrix rate of the estimate (H200: ~790 measured)."
 )
-_TIME_LIMIT_S = flags.DEFINE_float("time_limit_s", 570.0, "Wall-clock limit of the call, from start-up.")
-_RESERVE_S = flags.DEFINE_float("reserve_s", 100.0, "Time kept after training for the final measurements.")
-_GRAIN_WORKERS = flags.DEFINE_integer("grain_workers", 6, "Tokenizing worker processes of the training data.")
+_TIME_LIMIT_S = flags.DEFINE_float("time_limit_s", 560.0, "Wall-clock limit of the call, from start-up.")
+_RESERVE_S = flags.DEFINE_float("reserve_s", 110.0, "Time kept after training for the final measurements.")
+_GRAIN_WORKERS = flags.DEFINE_integer(
+    "grain_workers", 12, "Tokenizing worker processes of the training data."
+)
 _MQAR_STEPS = flags.DEFINE_integer("mqar_steps", 0, "MQAR training steps (0: the set-up's).")
 _MQAR_LRS = flags.DEFINE_list("mqar_lrs", [], "MQAR learning rates (default: the set-up's).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of initialization and data order (the same for every run).")

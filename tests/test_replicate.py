@@ -87,3 +87,25 @@ def test_pipeline(tmp_path):
     ):
         assert heading in text
     assert "different" not in text  # no consistency warning: same corpus, tokenizer and tokens
+
+
+def test_token_budget():
+    from experiments.replication import recipe
+
+    # Time-limited: 1000 tokens/s for 100 s, cap far away; whole steps of 64 tokens.
+    plan = recipe.token_budget(
+        params=10, step_tokens=64, tokens_per_second=1000, train_seconds=100, tokens_per_param=1e6
+    )
+    assert plan == dict(steps=1562, tokens=99968, tokens_per_param=9996.8, limited_by="time")
+    # Capped at 20 tokens per parameter.
+    plan = recipe.token_budget(
+        params=1000, step_tokens=64, tokens_per_second=1e6, train_seconds=100, tokens_per_param=20
+    )
+    assert plan["steps"] == 312 and plan["limited_by"] == "tokens_per_param"
+    # Never less than one step.
+    assert (
+        recipe.token_budget(
+            params=1, step_tokens=64, tokens_per_second=1, train_seconds=1, tokens_per_param=20
+        )["steps"]
+        == 1
+    )

@@ -100,7 +100,8 @@ def _evaluate(trainer: Trainer, params, batches) -> float:
 
 
 def calibrate(size: recipe.LMSize, arch: str, tokenizer, options: Options) -> dict[str, Any]:
-    """Compiles a run's step and times ``calibration_steps`` steps on the training data."""
+    """Compiles a run's step, times ``calibration_steps`` steps on the training data, and measures the input
+    pipeline's own rate; a run can go no faster than the slower of the two."""
     start = time.perf_counter()
     trainer = build(size, arch, model_vocab_size(tokenizer), options, steps=1000)
     train_data = data_lib.make_dataset(
@@ -118,6 +119,7 @@ def calibrate(size: recipe.LMSize, arch: str, tokenizer, options: Options) -> di
             state, metrics = trainer.train_step(state, trainer.global_batch(next(train_data)))
         jax.block_until_ready(metrics)
         step_s = (time.perf_counter() - clock) / size.calibration_steps
+        data_tokens_per_s = _data_rate(train_data, size.step_tokens)
     finally:
         train_data.close()
     result = dict(
@@ -125,7 +127,9 @@ def calibrate(size: recipe.LMSize, arch: str, tokenizer, options: Options) -> di
         arch=arch,
         params=_parameter_counts(trainer),
         step_s=step_s,
-        tokens_per_s=size.step_tokens / step_s,
+        step_tokens_per_s=size.step_tokens / step_s,
+        data_tokens_per_s=data_tokens_per_s,
+        tokens_per_s=min(size.step_tokens / step_s, data_tokens_per_s),
         setup_and_compile_s=compile_s,
         flops_per_token=trainer.train_flops_per_token(),
         loss=float(metrics["loss"]),
@@ -135,6 +139,19 @@ def calibrate(size: recipe.LMSize, arch: str, tokenizer, options: Options) -> di
     del state
     gc.collect()
     return result
+
+
+def _data_rate(iterator, step_tokens: int, drain_s: float = 3.0, measure_s: float = 5.0) -> float:
+    """Tokens/s the input pipeline delivers on its own: batches pulled without training, counted after
+    ``drain_s`` (by then the read-ahead buffers are empty and batches come as fast as they are made)."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < drain_s:
+        next(iterator)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < measure_s:
+        next(iterator)
+        count += 1
+    return count * step_tokens / (time.perf_counter() - start)
 
 
 def _utilization(flops_per_s: float) -> dict[str, float | None]:

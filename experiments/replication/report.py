@@ -127,7 +127,7 @@ def calibration_section(calibrate: dict | None) -> str:
     for size in sorted(calibrate["runs"], key=lambda s: SIZE_ORDER.index(s) if s in SIZE_ORDER else 99):
         for arch, run in calibrate["runs"][size].items():
             if run.get("status") != "ok":
-                rows.append([size, arch, run.get("status", "?"), "", "", "", "", ""])
+                rows.append([size, arch, run.get("status", "?")] + [""] * 6)
                 continue
             rows.append(
                 [
@@ -135,18 +135,30 @@ def calibration_section(calibrate: dict | None) -> str:
                     arch,
                     _count(run["params"]["non_embedding"]),
                     f"{1e3 * run['step_s']:.1f}",
-                    f"{run['tokens_per_s']:,.0f}",
+                    f"{run.get('step_tokens_per_s', run['tokens_per_s']):,.0f}",
+                    _fmt(run.get("data_tokens_per_s"), ",.0f"),
                     _fmt(run.get("mfu") and 100 * run["mfu"], ".1f"),
                     f"{run['setup_and_compile_s']:.0f}",
                     _fmt(run.get("peak_memory_bytes") and run["peak_memory_bytes"] / 2**30, ".1f"),
                 ]
             )
-    header = ["size", "arch", "non-emb params", "step ms", "tokens/s", "MFU %", "setup+compile s", "peak GiB"]
+    header = [
+        "size",
+        "arch",
+        "non-emb params",
+        "step ms",
+        "step tokens/s",
+        "data tokens/s",
+        "MFU %",
+        "setup+compile s",
+        "peak GiB",
+    ]
     return "\n\n".join(
         [
             "## Step time (calibration)",
             f"Device {calibrate['device']['device_kind']}; the token budgets of the runs were set from these "
-            "(the slower architecture's tokens/s × the training seconds, capped at 20 tokens per parameter).",
+            "(the slower architecture's tokens/s, the lower of its step's and its input pipeline's, × the "
+            "training seconds, capped at 20 tokens per parameter).",
             _table(header, rows),
         ]
     )
@@ -169,7 +181,7 @@ def _consistency(train: dict) -> list[str]:
     return notes
 
 
-def runs_section(train: dict) -> str:
+def runs_section(train: dict, corpus: dict | None) -> str:
     if not train:
         return "## Language models\n\nNo `train_*.json` yet."
     rows = []
@@ -180,7 +192,7 @@ def runs_section(train: dict) -> str:
             if run is None:
                 continue
             if not _ok(run):
-                rows.append([size, arch, run.get("status", "?")] + [""] * 9)
+                rows.append([size, arch, run.get("status", "?")] + [""] * 10)
                 continue
             delta = ""
             if arch == "retnet" and _ok(base):
@@ -193,6 +205,7 @@ def runs_section(train: dict) -> str:
                     _count(run["params"]["total"]),
                     _count(run["tokens_done"]),
                     f"{run['tokens_done'] / run['params']['non_embedding']:.1f}",
+                    _fmt(corpus and run["tokens_done"] / corpus["tokens"]["train"], ".2f"),
                     f"{run['final_eval_loss']:.4f}",
                     f"{math.exp(run['final_eval_loss']):.2f}",
                     delta,
@@ -208,6 +221,7 @@ def runs_section(train: dict) -> str:
         "params",
         "tokens",
         "tokens/param",
+        "epochs",
         "val loss",
         "val ppl",
         "RetNet − Transformer",
@@ -481,7 +495,7 @@ def write_report(results_dir: str, report_dir: str, date: str) -> str:
         "\n".join(f"- {n}" for n in notes) if notes else "",
         corpus_section(found["corpus"]),
         calibration_section(found["calibrate"]),
-        runs_section(found["train"]),
+        runs_section(found["train"], found["corpus"]),
         extrapolation_section(found["train"]),
         decode_section(found["train"]),
         mqar_section(found["mqar"]),
