@@ -117,6 +117,7 @@ def write_json(name: str, payload: dict[str, Any]) -> str:
         command="python -m experiments.replicate " + " ".join(sys.argv[1:]),
         date=datetime.date.today().isoformat(),
         device=_device(),
+        call_elapsed_s=time.perf_counter() - _STARTED,  # since start-up: what a device call spent so far
         **payload,
     )
     with open(path, "w") as f:
