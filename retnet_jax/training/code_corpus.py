@@ -140,23 +140,23 @@ def _walk(root: str) -> Iterator[str]:
                     yield os.path.relpath(path, root)
 
 
-def _reject(name: str, data: bytes, max_file_bytes: int, max_line_chars: int) -> tuple[str | None, str]:
-    """(the reason to leave a file out or None, its text)."""
+def _reject(name: str, data: bytes, max_file_bytes: int, max_line_chars: int) -> str | None:
+    """The reason to leave a file out, or None to keep it."""
     if len(data) > max_file_bytes:
-        return "too_large", ""
+        return "too_large"
     if b"\0" in data:
-        return "binary", ""
+        return "binary"
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
-        return "not_utf8", ""
+        return "not_utf8"
     if not text.strip():
-        return "empty", ""
+        return "empty"
     if name.endswith(_GENERATED_SUFFIXES) or any(m in text[:_HEAD_CHARS].lower() for m in GENERATED_MARKERS):
-        return "generated", ""
+        return "generated"
     if max(len(line) for line in text.splitlines()) > max_line_chars:
-        return "long_lines", ""
-    return None, text
+        return "long_lines"
+    return None
 
 
 def _scan(roots: Sequence[str], max_file_bytes: int, max_line_chars: int, skipped: Counter) -> list[_File]:
@@ -173,7 +173,7 @@ def _scan(roots: Sequence[str], max_file_bytes: int, max_line_chars: int, skippe
             except OSError:
                 skipped["unreadable"] += 1
                 continue
-            reason, _ = _reject(rel, data, max_file_bytes, max_line_chars)
+            reason = _reject(rel, data, max_file_bytes, max_line_chars)
             if reason is not None:
                 skipped[reason] += 1
                 continue
