@@ -247,30 +247,44 @@ def train(size: recipe.LMSize, arch: str, tokenizer, options: Options, budget: d
         tokenizer_digest=options.tokenizer_digest,
     )
     if not diverged:
+        # Each measurement is guarded: a failure is recorded beside the training results, not instead.
         start = time.perf_counter()
         rows = evals.long_documents(trainer.config, tokenizer, 4 * size.seq_len, size.extrapolation_rows)
         if len(rows):
-            losses = evals.loss_by_position(trainer, state.params, rows)
-            result["extrapolation"] = dict(documents=len(rows), **evals.extrapolation(losses, size.seq_len))
+            result["extrapolation"] = _guarded(
+                lambda: dict(
+                    documents=len(rows),
+                    **evals.extrapolation(evals.loss_by_position(trainer, state.params, rows), size.seq_len),
+                ),
+                log,
+            )
         phases["extrapolation_s"] = time.perf_counter() - start
         start = time.perf_counter()
-        prompts = (
-            rows[:, 1 : 1 + size.decode_prompt]
-            if len(rows)
-            else eval_batches[0]["inputs"][:, : size.decode_prompt]
-        )
-        result["decode"] = evals.decode_speed(
-            trainer,
-            state.params,
-            tokenizer,
-            prompts,
-            batches=size.decode_batches,
-            new_tokens=size.decode_tokens,
+        prompts = rows[:, 1 : 1 + size.decode_prompt] if len(rows) else eval_batches[0]["inputs"]
+        result["decode"] = _guarded(
+            lambda: evals.decode_speed(
+                trainer,
+                state.params,
+                tokenizer,
+                prompts[:, : size.decode_prompt],
+                batches=size.decode_batches,
+                new_tokens=size.decode_tokens,
+            ),
+            log,
         )
         phases["decode_s"] = time.perf_counter() - start
     result["peak_memory_bytes"] = _peak_memory()
     result["phases"] = phases
     return result
+
+
+def _guarded(measure, log) -> dict[str, Any]:
+    try:
+        return {"status": "ok", **measure()}
+    except Exception as error:  # noqa: BLE001 — recorded; the run's other results stand
+        text = f"{type(error).__name__}: {error}"
+        log(f"  measurement failed: {text[:300]}")
+        return {"status": "error", "error": text[:4000]}
 
 
 def _floats(metrics: dict[str, Any]) -> dict[str, float]:

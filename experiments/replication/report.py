@@ -85,6 +85,11 @@ def _ok(run: dict | None) -> bool:
     return bool(run) and run.get("status") == "ok"
 
 
+def _has(run: dict | None, measurement: str) -> bool:
+    """The run finished and its ``measurement`` (extrapolation, decode) succeeded."""
+    return _ok(run) and run.get(measurement, {}).get("status", "missing") == "ok"
+
+
 def corpus_section(corpus: dict | None) -> str:
     if not corpus:
         return "## Corpus\n\nNo `corpus.json`: run `--part=corpus`."
@@ -250,7 +255,7 @@ def extrapolation_section(train: dict) -> str:
     for size in _sizes(train):
         for arch in recipe.ARCHS:
             run = train.get((arch, size))
-            if not _ok(run) or "extrapolation" not in run:
+            if not _has(run, "extrapolation"):
                 continue
             e = run["extrapolation"]
             w = e["window_mean"]
@@ -295,7 +300,7 @@ def decode_section(train: dict) -> str:
     for size in _sizes(train):
         for arch in recipe.ARCHS:
             run = train.get((arch, size))
-            if not _ok(run) or "decode" not in run:
+            if not _has(run, "decode"):
                 continue
             d = run["decode"]
             cells = [
@@ -306,7 +311,7 @@ def decode_section(train: dict) -> str:
         return ""
     width = max(len(r) for r in rows)
     rows = [r + [""] * (width - len(r)) for r in rows]
-    first = next(run["decode"] for run in train.values() if _ok(run) and "decode" in run)
+    first = next(run["decode"] for run in train.values() if _has(run, "decode"))
     header = ["size", "arch", "batches"] + [f"tokens/s #{i + 1}" for i in range(width - 3)]
     return "\n\n".join(
         [
@@ -414,9 +419,7 @@ def plot_scaling(train: dict, path: str) -> str | None:
 
 def plot_extrapolation(train: dict, path: str) -> str | None:
     sizes = [
-        s
-        for s in _sizes(train)
-        if any(_ok(r) and "extrapolation" in r for (_, z), r in train.items() if z == s)
+        s for s in _sizes(train) if any(_has(r, "extrapolation") for (_, z), r in train.items() if z == s)
     ]
     if not sizes:
         return None
@@ -425,7 +428,7 @@ def plot_extrapolation(train: dict, path: str) -> str | None:
         seq_len = None
         for arch in recipe.ARCHS:
             run = train.get((arch, size))
-            if _ok(run) and "extrapolation" in run:
+            if _has(run, "extrapolation"):
                 e = run["extrapolation"]
                 seq_len, width = e["seq_len"], e["bin_width"]
                 x = [(i + 0.5) * width for i in range(len(e["binned"]))]
