@@ -16,8 +16,10 @@ the dataset on first use into ``data_dir`` (tfds's default, ``~/tensorflow_datas
 The first two are built by ``TextFiles``: documents go to ``validation`` when the CRC-32 of their
 key (the relative path, plus ``:LINE`` for jsonl) falls in the lowest ``VALIDATION_PERCENT``
 percent, so the split is fixed by the names alone and a document keeps its split when others are
-added. The build is keyed by a fingerprint of the file list (paths, sizes, modification times) in
-the builder config's name, so an edited file set is rebuilt rather than read stale.
+added. A ``text:DIR`` whose DIR holds ``train/`` and ``validation/`` folders is split by those
+folders instead (as ``code_corpus`` writes it), and only their files are read. The build is keyed
+by a fingerprint of the file list (paths, sizes, modification times) in the builder config's name,
+so an edited file set is rebuilt rather than read stale.
 
 Builds are cached in ``data_dir``: ``DATA_DIR/retnet_text_files/KIND_FINGERPRINT/1.0.0`` for the
 first two kinds, a new copy for each change of the file set (delete ``DATA_DIR/retnet_text_files``
@@ -70,6 +72,7 @@ DEFAULT = "default"
 TEXT_PREFIX = "text:"
 VALIDATION_PERCENT = 5  # share of documents in the validation split
 _TEXT_SUFFIXES = (".txt", ".jsonl")
+_FOLDERS = ("train", "validation")  # a text:DIR holding both folders is split by them
 _FILE_FORMAT = "array_record"  # random access, readable without TensorFlow
 _SNIFF_BYTES = 8192  # read from each text file to tell text from binary
 NO_NETWORK_TIMEOUT = 10.0  # seconds to wait for a catalog dataset's download host
@@ -86,6 +89,7 @@ class TextFilesConfig(tfds.core.BuilderConfig):
 
     root: str = ""
     files: tuple[str, ...] = dataclasses.field(default=(), repr=False)
+    split_folders: bool = False  # each path's first folder (train/, validation/) is its split
 
 
 def _is_validation(key: str) -> bool:
@@ -148,6 +152,8 @@ class TextFiles(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _split_generators(self, dl_manager: Any) -> dict[str, Iterator[tuple[str, dict]]]:
         del dl_manager  # Everything is local.
+        if self.builder_config.split_folders:
+            return {s: self._generate_examples(lambda key, s=s: key.startswith(s + os.sep)) for s in _FOLDERS}
         # One pass over the keys, in constant memory (a .jsonl may hold millions of lines).
         count, in_split, lowest, highest = 0, 0, (2**32, ""), (-1, "")
         for key, _ in self._documents():
@@ -182,14 +188,14 @@ class TextFiles(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 yield key, {"text": text}
 
 
-def _files_config(kind: str, root: str, paths: Sequence[str]) -> TextFilesConfig:
+def _files_config(kind: str, root: str, paths: Sequence[str], **fields: Any) -> TextFilesConfig:
     """A config whose name fingerprints the file set, so that a changed set gets a new build."""
     files = tuple(sorted(os.path.relpath(p, root) for p in paths))
     digest = hashlib.sha256(os.path.abspath(root).encode())
     for rel in files:
         stat = os.stat(os.path.join(root, rel))
         digest.update(f"\0{rel}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
-    return TextFilesConfig(name=f"{kind}_{digest.hexdigest()[:16]}", root=root, files=files)
+    return TextFilesConfig(name=f"{kind}_{digest.hexdigest()[:16]}", root=root, files=files, **fields)
 
 
 def _stdlib_config() -> TextFilesConfig:
@@ -202,8 +208,13 @@ def _stdlib_config() -> TextFilesConfig:
 
 def _text_config(spec: str, skipped: list[str] | None = None) -> TextFilesConfig:
     """The files of ``"text:DIR_OR_GLOB"`` (``spec`` already expanded); binary files are left out and
-    appended to ``skipped``."""
-    if os.path.isdir(spec):
+    appended to ``skipped``. A DIR holding ``train/`` and ``validation/`` is split by those folders."""
+    folders = all(os.path.isdir(os.path.join(spec, split)) for split in _FOLDERS)
+    if folders:
+        root = spec
+        escaped = glob.escape(spec)
+        paths = [p for s in _FOLDERS for p in glob.glob(os.path.join(escaped, s, "**", "*"), recursive=True)]
+    elif os.path.isdir(spec):
         root = spec
         paths = glob.glob(os.path.join(glob.escape(spec), "**", "*"), recursive=True)
     else:
@@ -223,7 +234,7 @@ def _text_config(spec: str, skipped: list[str] | None = None) -> TextFilesConfig
             f"dataset 'text:{spec}' matched no .txt or .jsonl files. Give a directory (searched "
             "recursively) or a glob, e.g. 'text:/data/books' or 'text:/data/**/*.jsonl'."
         )
-    return _files_config("text", root, paths)
+    return _files_config("text_splits" if folders else "text", root, paths, split_folders=folders)
 
 
 def _is_binary(path: str) -> bool:

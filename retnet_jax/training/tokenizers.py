@@ -403,3 +403,63 @@ def build_tokenizer(
             return SentencePieceTokenizer.from_file(spec, **spellings)
         return HFTokenizer.from_file(spec, **spellings)
     raise ValueError(f"Unknown tokenizer {spec!r}. Accepted: {accepted}.")
+
+
+def train_bpe(
+    texts: Iterable[str],
+    vocab_size: int,
+    *,
+    min_frequency: int = 2,
+    max_chars: int = 200_000_000,
+) -> HFTokenizer:
+    """Trains a byte-level BPE tokenizer (Hugging Face ``tokenizers``) on ``texts``.
+
+    Byte-level: every string encodes (the 256 bytes are in the vocabulary) and decodes back exactly, with
+    whitespace, indentation and newlines kept. The pre-tokenizer splits words, numbers, punctuation and
+    runs of whitespace as GPT-2's does, so no piece spans two words. Specials: ``<pad>`` 0, ``<s>`` 1
+    (BOS), ``</s>`` 2 (EOS); ``encode`` adds none of them (the data pipeline frames documents itself).
+
+    Args:
+        texts: documents to learn from, read in order until ``max_chars`` characters.
+        vocab_size: entries of the vocabulary, the 256 bytes and 3 specials included (e.g. 8192).
+        min_frequency: a merge must occur at least this often.
+        max_chars: stop reading ``texts`` after this many characters (bounds time and memory).
+
+    Returns:
+        The trained tokenizer; ``to_dict()["tokenizer_json"]`` is the content of a ``tokenizer.json``.
+
+    Raises:
+        ValueError: ``vocab_size`` is too small for the bytes and specials, or ``texts`` is empty.
+    """
+    specials = ["<pad>", "<s>", "</s>"]
+    alphabet = tokenizers.pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(alphabet) + len(specials) + 1:
+        raise ValueError(
+            f"vocab_size={vocab_size} is too small for byte-level BPE: it needs the {len(alphabet)} bytes "
+            f"and {len(specials)} specials; use at least {len(alphabet) + len(specials) + 1} (e.g. 8192)."
+        )
+
+    read = {"chars": 0}
+
+    def limited() -> Iterator[str]:
+        for text in texts:
+            if read["chars"] >= max_chars:
+                return
+            if text:
+                read["chars"] += len(text)
+                yield text
+
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=specials,
+        initial_alphabet=alphabet,
+        show_progress=False,
+    )
+    tok.train_from_iterator(limited(), trainer)
+    if not read["chars"]:
+        raise ValueError("train_bpe got no text: `texts` yielded nothing non-empty.")
+    return HFTokenizer(tok.to_str(), bos_token="<s>", eos_token="</s>", pad_token="<pad>")

@@ -1,0 +1,349 @@
+"""A small-scale replication of the RetNet paper's comparison with the Transformer, one part per device call.
+
+    python -m experiments.replicate --part=corpus --out_dir=$OUT                 # corpus, tokenizer, sizes
+    python -m experiments.replicate --part=plan --size=s,m,l                      # budgets, no device needed
+    python -m experiments.replicate --part=calibrate --size=s,m,l --out_dir=$OUT # step times → token budgets
+    python -m experiments.replicate --part=train --arch=retnet --size=s --out_dir=$OUT
+    python -m experiments.replicate --part=train --arch=transformer --size=s --out_dir=$OUT
+    python -m experiments.replicate --part=mqar --mqar_size=s,m --out_dir=$OUT
+    python -m experiments.replicate --part=report                                 # here: tables and plots
+    python -m experiments.replicate --smoke --part=corpus,calibrate,train,mqar,report  # all of it, CPU, toy
+
+Each part writes small JSON files to ``--out_dir`` (default ``--results_dir``,
+experiments/results/replication): ``corpus.json`` and ``tokenizer.json``, ``calibrate.json``,
+``train_{arch}_{size}.json``, ``mqar_{arch}_{size}.json``. Later parts read the tokenizer and the
+calibration from ``--results_dir``, so copy each call's files there before the next call; ``report``
+merges them into ``experiments/results/replication_{device}_{date}.md`` with PNG plots. The corpus is
+rebuilt on the machine from its site-packages (``--roots``) wherever ``--work_dir`` holds none.
+The sizes, recipe and budgets are in ``experiments/replication/recipe.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import re
+import sys
+import time
+import traceback
+from typing import Any
+
+_STARTED = time.perf_counter()
+
+import jax  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from experiments.replication import data, lm, recall, recipe, report  # noqa: E402
+from retnet_jax.training import code_corpus  # noqa: E402
+from retnet_jax.training import flops as flops_lib  # noqa: E402
+from retnet_jax.training.trainer import model_vocab_size  # noqa: E402
+
+PARTS = ("corpus", "plan", "calibrate", "train", "mqar", "report")
+RESULTS_DIR = os.path.join("experiments", "results", "replication")
+
+_PART = flags.DEFINE_list("part", None, f"What to run, in order: any of {PARTS}.", required=True)
+_ARCH = flags.DEFINE_list("arch", list(recipe.ARCHS), "Architectures: retnet, transformer.")
+_SIZE = flags.DEFINE_list("size", ["s"], f"Language-model sizes: {sorted(recipe.LM_SIZES)}.")
+_MQAR_SIZE = flags.DEFINE_list("mqar_size", ["s", "m"], f"MQAR sizes: {sorted(recipe.MQAR_SIZES)}.")
+_SMOKE = flags.DEFINE_bool("smoke", False, "Toy sizes everywhere (the pipeline on a CPU in seconds).")
+_RESULTS_DIR = flags.DEFINE_string("results_dir", RESULTS_DIR, "Where earlier parts' results are read from.")
+_OUT_DIR = flags.DEFINE_string("out_dir", "", "Where this call's results go (default: --results_dir).")
+_WORK_DIR = flags.DEFINE_string(
+    "work_dir", "/tmp/retnet_replication", "Corpus and tfds builds (not results)."
+)
+_ROOTS = flags.DEFINE_list("roots", [], "Folders of Python source for the corpus (default: site-packages).")
+_VALIDATION_FRACTION = flags.DEFINE_float(
+    "validation_fraction", 0.05, "Share of the corpus's bytes held out."
+)
+_VOCAB_SIZE = flags.DEFINE_integer("vocab_size", 8192, "Entries of the byte-level BPE (smoke: 300).")
+_TOKENIZER = flags.DEFINE_string("tokenizer", "", "A tokenizer.json (default: RESULTS_DIR/tokenizer.json).")
+_TOKENS = flags.DEFINE_integer(
+    "tokens", 0, "Training tokens of a run (0: from calibrate.json or the estimate)."
+)
+_TRAIN_SECONDS = flags.DEFINE_float(
+    "train_seconds", 300.0, "Training time a size's token budget is sized for."
+)
+_TOKENS_PER_PARAM = flags.DEFINE_float(
+    "tokens_per_param", 20.0, "Cap of the budget, per non-embedding weight."
+)
+_MFU = flags.DEFINE_float("mfu", 0.4, "Utilization assumed by the budget estimate without a calibration.")
+_PEAK_TFLOPS = flags.DEFINE_float(
+    "peak_tflops", 790.0, "bf16 matrix rate of the estimate (H200: ~790 measured)."
+)
+_TIME_LIMIT_S = flags.DEFINE_float("time_limit_s", 560.0, "Wall-clock limit of the call, from start-up.")
+_RESERVE_S = flags.DEFINE_float("reserve_s", 110.0, "Time kept after training for the final measurements.")
+_GRAIN_WORKERS = flags.DEFINE_integer(
+    "grain_workers", 12, "Tokenizing worker processes of the training data."
+)
+_MQAR_STEPS = flags.DEFINE_integer("mqar_steps", 0, "MQAR training steps (0: the set-up's).")
+_MQAR_LRS = flags.DEFINE_list("mqar_lrs", [], "MQAR learning rates (default: the set-up's).")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of initialization and data order (the same for every run).")
+_REPORT_DIR = flags.DEFINE_string(
+    "report_dir", os.path.join("experiments", "results"), "Where the report goes."
+)
+_DATE = flags.DEFINE_string("date", "", "Date in the report's name (default: today).")
+
+
+def log(text: str) -> None:
+    print(text, flush=True)
+
+
+def _out_dir() -> str:
+    return _OUT_DIR.value or _RESULTS_DIR.value
+
+
+def _device() -> dict[str, Any]:
+    device = jax.devices()[0]
+    short = "cpu" if device.platform == "cpu" else None
+    for name in flops_lib.PEAK_BF16:
+        if short is None and name.lower() in device.device_kind.lower():
+            short = name.replace(" ", "")
+    return dict(
+        platform=device.platform,
+        device_kind=device.device_kind,
+        short=short or re.sub(r"[^A-Za-z0-9]+", "", device.device_kind),
+        device_count=jax.device_count(),
+        jax_version=jax.__version__,
+    )
+
+
+def write_json(name: str, payload: dict[str, Any]) -> str:
+    out = _out_dir()
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, name)
+    record = dict(
+        command="python -m experiments.replicate " + " ".join(sys.argv[1:]),
+        date=datetime.date.today().isoformat(),
+        device=_device(),
+        call_elapsed_s=time.perf_counter() - _STARTED,  # since start-up: what a device call spent so far
+        **payload,
+    )
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+    log(f"wrote {path}")
+    return path
+
+
+def _read_result(name: str) -> dict[str, Any] | None:
+    for folder in dict.fromkeys([_RESULTS_DIR.value, _out_dir()]):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            with open(path) as f:
+                return json.load(f)
+    return None
+
+
+def _roots() -> list[str]:
+    return _ROOTS.value or code_corpus.site_packages_roots()
+
+
+def _vocab_size() -> int:
+    return 300 if _SMOKE.value and _VOCAB_SIZE.value == 8192 else _VOCAB_SIZE.value
+
+
+def _lm_sizes() -> list[str]:
+    return ["smoke"] if _SMOKE.value else _SIZE.value
+
+
+def _prepare() -> tuple[Any, lm.Options]:
+    """The corpus (built if missing) and the tokenizer; the options every LM part shares."""
+    work_dir = _WORK_DIR.value
+    stats, _ = data.ensure_corpus(work_dir, _roots(), _VALIDATION_FRACTION.value, log)
+    candidates = [
+        _TOKENIZER.value,
+        os.path.join(_RESULTS_DIR.value, data.TOKENIZER_FILE),
+        os.path.join(_out_dir(), data.TOKENIZER_FILE),
+        os.path.join(work_dir, data.TOKENIZER_FILE),
+    ]
+    tokenizer, path = data.ensure_tokenizer(candidates, work_dir, _vocab_size(), log)
+    recorded = _read_result(data.CORPUS_FILE)
+    if recorded and recorded["corpus"]["fingerprint"] != stats.fingerprint:
+        log("WARNING: this corpus differs from the one corpus.json describes (another site-packages?).")
+    options = lm.Options(
+        work_dir=work_dir,
+        tokenizer_path=os.path.abspath(path),
+        corpus_fingerprint=stats.fingerprint,
+        tokenizer_digest=data.tokenizer_digest(tokenizer),
+        grain_workers=_GRAIN_WORKERS.value if flags.FLAGS["grain_workers"].present or not _SMOKE.value else 0,
+        deadline=_STARTED + _TIME_LIMIT_S.value - _RESERVE_S.value,
+        seed=_SEED.value,
+    )
+    return tokenizer, options
+
+
+def part_corpus() -> None:
+    start = time.perf_counter()
+    stats, build_s = data.ensure_corpus(_WORK_DIR.value, _roots(), _VALIDATION_FRACTION.value, log)
+    clock = time.perf_counter()
+    tokenizer = data.train_tokenizer(data.corpus_dir(_WORK_DIR.value), _vocab_size())
+    tokenizer_s = time.perf_counter() - clock
+    data.save_tokenizer(tokenizer, _out_dir())
+    data.save_tokenizer(tokenizer, _WORK_DIR.value)
+    clock = time.perf_counter()
+    result = data.corpus_report(
+        stats, tokenizer, data.corpus_dir(_WORK_DIR.value), dict(build_s=build_s, tokenizer_s=tokenizer_s)
+    )
+    result["seconds"].update(count_s=time.perf_counter() - clock, total_s=time.perf_counter() - start)
+    write_json(data.CORPUS_FILE, result)
+    log(f"tokens: train {result['tokens']['train']:,}, validation {result['tokens']['validation']:,}")
+
+
+def part_calibrate() -> None:
+    tokenizer, options = _prepare()
+    previous = _read_result("calibrate.json")
+    runs = (
+        previous["runs"] if previous and previous["device"]["device_kind"] == _device()["device_kind"] else {}
+    )
+    for size_name in _lm_sizes():
+        size = recipe.LM_SIZES[size_name]
+        runs[size_name] = {}
+        for arch in _ARCH.value:
+            log(f"calibrating {arch} {size_name}")
+            try:
+                runs[size_name][arch] = lm.calibrate(size, arch, tokenizer, options)
+            except Exception as error:  # noqa: BLE001 — recorded, and the next configuration runs
+                runs[size_name][arch] = _failure(error)
+            log(f"  {json.dumps({k: v for k, v in runs[size_name][arch].items() if k != 'traceback'})[:400]}")
+    write_json("calibrate.json", dict(runs=runs, train_seconds=_TRAIN_SECONDS.value))
+
+
+def _failure(error: BaseException) -> dict[str, Any]:
+    text = f"{type(error).__name__}: {error}"
+    status = "OOM" if re.search(r"RESOURCE_EXHAUSTED|out of memory", text) else "error"
+    log(f"  -> {status}: {text[:300]}")
+    return dict(status=status, error=text[:4000], traceback=traceback.format_exc()[-4000:])
+
+
+def budget(size_name: str, vocab_size: int, options: lm.Options) -> dict[str, Any]:
+    """The steps and tokens of a size's runs, the same for both architectures (recipe.token_budget)."""
+    size = recipe.LM_SIZES[size_name]
+    params = lm.non_embedding_params(size, vocab_size, options)
+    if _TOKENS.value or size.fixed_steps:
+        steps = max(1, _TOKENS.value // size.step_tokens) if _TOKENS.value else size.fixed_steps
+        tokens = steps * size.step_tokens
+        basis = "--tokens" if _TOKENS.value else "the size's fixed steps"
+        return dict(
+            steps=steps, tokens=tokens, tokens_per_param=tokens / params, limited_by=basis, basis=basis
+        )
+    calibration = _read_result("calibrate.json")
+    runs = (calibration or {}).get("runs", {}).get(size_name, {})
+    same_device = calibration and calibration["device"]["device_kind"] == _device()["device_kind"]
+    if same_device and all(runs.get(a, {}).get("status") == "ok" for a in recipe.ARCHS):
+        speed = min(runs[a]["tokens_per_s"] for a in recipe.ARCHS)
+        basis = f"calibration: {speed:,.0f} tokens/s (the slower architecture)"
+    else:
+        flops = max(lm.flops_per_token(size, a, vocab_size, options) for a in recipe.ARCHS)
+        speed = _MFU.value * _PEAK_TFLOPS.value * 1e12 * jax.device_count() / flops
+        basis = (
+            f"estimate: {flops / 1e6:.0f} MFLOP/token at {_MFU.value:.0%} of {_PEAK_TFLOPS.value:g} TFLOP/s"
+        )
+    result = recipe.token_budget(
+        params=params,
+        step_tokens=size.step_tokens,
+        tokens_per_second=speed,
+        train_seconds=_TRAIN_SECONDS.value,
+        tokens_per_param=_TOKENS_PER_PARAM.value,
+    )
+    return dict(
+        **result, basis=basis, train_seconds=_TRAIN_SECONDS.value, expected_train_s=result["tokens"] / speed
+    )
+
+
+def part_plan() -> None:
+    """The budgets train would use (from calibrate.json or the estimate), without data or training."""
+    options = lm.Options(_WORK_DIR.value, "", "", "", 0, 0.0, _SEED.value)
+    vocab = -(-_vocab_size() // 8) * 8
+    for size_name in _lm_sizes():
+        plan = budget(size_name, vocab, options)
+        size = recipe.LM_SIZES[size_name]
+        flops = {a: round(lm.flops_per_token(size, a, vocab, options) / 1e6) for a in recipe.ARCHS}
+        log(
+            f"size {size_name}: {plan['steps']} steps, {plan['tokens']:,} tokens, "
+            f"{plan['tokens_per_param']:.1f} per parameter, ~{plan.get('expected_train_s', 0):.0f}s of "
+            f"training (limited by {plan['limited_by']}); MFLOP/token {flops}; {plan['basis']}"
+        )
+
+
+def part_train() -> None:
+    tokenizer, options = _prepare()
+    if len(_lm_sizes()) * len(_ARCH.value) > 1 and not _SMOKE.value:
+        log("WARNING: several runs in one call share its --time_limit_s; give one --arch and --size a call.")
+    for size_name in _lm_sizes():
+        plan = budget(size_name, model_vocab_size(tokenizer), options)
+        log(f"size {size_name}: {plan['steps']} steps, {plan['tokens']:,} tokens ({plan['basis']})")
+        for arch in _ARCH.value:
+            try:
+                result = lm.train(recipe.LM_SIZES[size_name], arch, tokenizer, options, plan, log)
+            except Exception as error:  # noqa: BLE001 — the failure is the result
+                result = dict(arch=arch, budget=plan, **_failure(error))
+            write_json(f"train_{arch}_{size_name}.json", dict(size=size_name, **result))
+
+
+def part_mqar() -> None:
+    setup = recipe.MQAR_SETUPS["smoke" if _SMOKE.value else "full"]
+    if _MQAR_STEPS.value:
+        setup = dataclasses.replace(setup, steps=_MQAR_STEPS.value)
+    if _MQAR_LRS.value:
+        setup = dataclasses.replace(setup, learning_rates=tuple(float(x) for x in _MQAR_LRS.value))
+    start = time.perf_counter()
+    train, tests = recall.datasets(setup, _SEED.value)
+    seconds = time.perf_counter() - start
+    log(f"MQAR data: {len(train['inputs']):,} training rows, {len(tests)} test sets ({seconds:.1f}s)")
+    for size_name in ["smoke"] if _SMOKE.value else _MQAR_SIZE.value:
+        size = recipe.MQAR_SIZES[size_name]
+        for arch in _ARCH.value:
+            runs = []
+            for lr in setup.learning_rates:
+                try:
+                    runs.append(recall.run(size, arch, setup, lr, train, tests, seed=_SEED.value, log=log))
+                except Exception as error:  # noqa: BLE001 — recorded with the others
+                    runs.append(dict(learning_rate=lr, **_failure(error)))
+            done = [r for r in runs if "test" in r]
+            best = {"accuracy": {}, "loss": {}, "learning_rate": {}}
+            for pairs in (str(p) for p in setup.eval_pairs):
+                if done:
+                    top = max(done, key=lambda r, p=pairs: r["test"][p]["accuracy"])
+                    best["accuracy"][pairs] = top["test"][pairs]["accuracy"]
+                    best["loss"][pairs] = top["test"][pairs]["loss"]
+                    best["learning_rate"][pairs] = top["learning_rate"]
+            write_json(
+                f"mqar_{arch}_{size_name}.json",
+                dict(
+                    arch=arch,
+                    size=dataclasses.asdict(size),
+                    setup=dataclasses.asdict(setup),
+                    runs=runs,
+                    best=best,
+                ),
+            )
+
+
+def part_report() -> None:
+    date = _DATE.value or datetime.date.today().isoformat()
+    path = report.write_report(_RESULTS_DIR.value, _REPORT_DIR.value, date)
+    log(f"wrote {path}")
+
+
+def main(argv) -> None:
+    del argv
+    unknown = [p for p in _PART.value if p not in PARTS]
+    if unknown:
+        raise app.UsageError(f"--part: unknown {unknown}; choose from {PARTS}.")
+    for name, values, known in (
+        ("size", _lm_sizes(), recipe.LM_SIZES),
+        ("mqar_size", _MQAR_SIZE.value, recipe.MQAR_SIZES),
+        ("arch", _ARCH.value, recipe.ARCHS),
+    ):
+        bad = [v for v in values if v not in known]
+        if bad:
+            raise app.UsageError(f"--{name}: unknown {bad}; choose from {sorted(known)}.")
+    log(f"devices: {jax.devices()}")
+    for part in _PART.value:
+        log(f"== {part} ({time.perf_counter() - _STARTED:.0f}s since start)")
+        globals()[f"part_{part}"]()
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,515 @@
+"""The study's report: every run's JSON merged into one markdown file with tables and PNG plots.
+
+Reads ``corpus.json``, ``calibrate.json``, ``train_{arch}_{size}.json`` and ``mqar_{arch}_{size}.json`` from
+the results folder; writes ``replication_{device}_{date}.md`` and its plots ``..._loss.png`` (validation
+loss against tokens, one panel per size), ``..._scaling.png`` (final loss against parameters),
+``..._extrapolation.png`` (loss by position up to 4× the training length) and ``..._mqar.png`` (recall
+accuracy against the number of keys). Checks that the runs compared used the same corpus, tokenizer and
+tokens, and says where they did not.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+from typing import Any
+
+from experiments.replication import recipe
+
+SIZE_ORDER = ("smoke", "s", "m", "l")
+ARCH_STYLE = {
+    "retnet": dict(color="tab:blue", marker="o"),
+    "transformer": dict(color="tab:orange", marker="s"),
+}
+
+COMMANDS = """\
+python -m experiments.replicate --part=corpus --out_dir=$OUT
+python -m experiments.replicate --part=calibrate --size=s,m,l --out_dir=$OUT
+python -m experiments.replicate --part=train --arch=retnet --size=s --out_dir=$OUT
+python -m experiments.replicate --part=train --arch=transformer --size=s --out_dir=$OUT
+  (the same for --size=m and --size=l)
+python -m experiments.replicate --part=mqar --mqar_size=s,m --out_dir=$OUT
+python -m experiments.replicate --part=report"""
+
+
+def _load(path: str) -> dict[str, Any] | None:
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_results(results_dir: str) -> dict[str, Any]:
+    """Every result file of the folder: corpus, calibration, train runs and MQAR runs by (arch, size)."""
+    found: dict[str, Any] = {
+        "corpus": _load(os.path.join(results_dir, "corpus.json")),
+        "calibrate": _load(os.path.join(results_dir, "calibrate.json")),
+        "train": {},
+        "mqar": {},
+    }
+    for kind in ("train", "mqar"):
+        for path in sorted(glob.glob(os.path.join(results_dir, f"{kind}_*_*.json"))):
+            arch, size = os.path.basename(path)[len(kind) + 1 : -len(".json")].split("_", 1)
+            found[kind][(arch, size)] = _load(path)
+    return found
+
+
+def _sizes(runs: dict) -> list[str]:
+    sizes = {size for _, size in runs}
+    return sorted(sizes, key=lambda s: (SIZE_ORDER.index(s) if s in SIZE_ORDER else len(SIZE_ORDER), s))
+
+
+def _fmt(value, spec: str = ".4f") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    return format(value, spec)
+
+
+def _count(n) -> str:
+    if not n:
+        return "–"
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(n)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def _ok(run: dict | None) -> bool:
+    return bool(run) and run.get("status") == "ok"
+
+
+def _has(run: dict | None, measurement: str) -> bool:
+    """The run finished and its ``measurement`` (extrapolation, decode) succeeded."""
+    return _ok(run) and run.get(measurement, {}).get("status", "missing") == "ok"
+
+
+def corpus_section(corpus: dict | None) -> str:
+    if not corpus:
+        return "## Corpus\n\nNo `corpus.json`: run `--part=corpus`."
+    stats, tokens = corpus["corpus"], corpus["tokens"]
+    rows = [
+        [
+            split,
+            f"{stats['files'][split]:,}",
+            f"{stats['packages'][split]:,}",
+            f"{stats['bytes'][split] / 1e6:.1f}",
+            f"{tokens[split] / 1e6:.2f}M",
+            f"{corpus['bytes_per_token'][split]:.2f}",
+        ]
+        for split in ("train", "validation")
+    ]
+    skipped = ", ".join(f"{k} {v:,}" for k, v in stats["skipped"].items()) or "none"
+    packages = stats["validation_packages"]
+    shown = ", ".join(packages[:40]) + (f", … ({len(packages)} in all)" if len(packages) > 40 else "")
+    return "\n\n".join(
+        [
+            "## Corpus",
+            f"The `*.py` files of {', '.join(stats['roots'])}, split by top-level package "
+            f"(validation: {stats['options']['validation_fraction']:.0%} of the bytes, packages never "
+            "seen in "
+            f"training). Byte-level BPE of {corpus['tokenizer']['vocab_size']} entries trained on the train "
+            f"split (digest `{corpus['tokenizer']['digest']}`); corpus fingerprint "
+            f"`{stats['fingerprint'][:16]}`. "
+            "Tokens include the BOS and EOS framing each file.",
+            _table(["split", "files", "packages", "MB", "tokens", "bytes/token"], rows),
+            f"Left out: {skipped}.",
+            f"Validation packages: {shown}.",
+        ]
+    )
+
+
+def calibration_section(calibrate: dict | None) -> str:
+    if not calibrate:
+        return ""
+    rows = []
+    for size in sorted(calibrate["runs"], key=lambda s: SIZE_ORDER.index(s) if s in SIZE_ORDER else 99):
+        for arch, run in calibrate["runs"][size].items():
+            if run.get("status") != "ok":
+                rows.append([size, arch, run.get("status", "?")] + [""] * 6)
+                continue
+            rows.append(
+                [
+                    size,
+                    arch,
+                    _count(run["params"]["non_embedding"]),
+                    f"{1e3 * run['step_s']:.1f}",
+                    f"{run.get('step_tokens_per_s', run['tokens_per_s']):,.0f}",
+                    _fmt(run.get("data_tokens_per_s"), ",.0f"),
+                    _fmt(run.get("mfu") and 100 * run["mfu"], ".1f"),
+                    f"{run['setup_and_compile_s']:.0f}",
+                    _fmt(run.get("peak_memory_bytes") and run["peak_memory_bytes"] / 2**30, ".1f"),
+                ]
+            )
+    header = [
+        "size",
+        "arch",
+        "non-emb params",
+        "step ms",
+        "step tokens/s",
+        "data tokens/s",
+        "MFU %",
+        "setup+compile s",
+        "peak GiB",
+    ]
+    return "\n\n".join(
+        [
+            "## Step time (calibration)",
+            f"Device {calibrate['device']['device_kind']}; the token budgets of the runs were set from these "
+            "(the slower architecture's tokens/s, the lower of its step's and its input pipeline's, × the "
+            "training seconds, capped at 20 tokens per parameter).",
+            _table(header, rows),
+        ]
+    )
+
+
+def _consistency(train: dict) -> list[str]:
+    notes = []
+    ok = {key: run for key, run in train.items() if _ok(run)}
+    for field, what in (("corpus_fingerprint", "corpora"), ("tokenizer_digest", "tokenizers")):
+        values = {run.get(field) for run in ok.values()}
+        if len(values) > 1:
+            notes.append(f"**The runs used different {what}** ({field}: {sorted(map(str, values))}).")
+    for size in _sizes(ok):
+        tokens = {arch: run["tokens_done"] for (arch, s), run in ok.items() if s == size}
+        if len(set(tokens.values())) > 1:
+            notes.append(f"**Size {size}: the architectures trained on different token counts** {tokens}.")
+        for (arch, s), run in ok.items():
+            if s == size and run.get("truncated"):
+                notes.append(f"Size {size}, {arch}: stopped at its deadline, {run['tokens_done']:,} tokens.")
+    return notes
+
+
+def runs_section(train: dict, corpus: dict | None) -> str:
+    if not train:
+        return "## Language models\n\nNo `train_*.json` yet."
+    rows = []
+    for size in _sizes(train):
+        base = train.get(("transformer", size))
+        for arch in recipe.ARCHS:
+            run = train.get((arch, size))
+            if run is None:
+                continue
+            if not _ok(run):
+                rows.append([size, arch, run.get("status", "?")] + [""] * 10)
+                continue
+            delta = ""
+            if arch == "retnet" and _ok(base):
+                delta = f"{run['final_eval_loss'] - base['final_eval_loss']:+.4f}"
+            rows.append(
+                [
+                    size,
+                    arch,
+                    _count(run["params"]["non_embedding"]),
+                    _count(run["params"]["total"]),
+                    _count(run["tokens_done"]),
+                    f"{run['tokens_done'] / run['params']['non_embedding']:.1f}",
+                    _fmt(corpus and run["tokens_done"] / corpus["tokens"]["train"], ".2f"),
+                    f"{run['final_eval_loss']:.4f}",
+                    f"{math.exp(run['final_eval_loss']):.2f}",
+                    delta,
+                    _fmt(run.get("tokens_per_s"), ",.0f"),
+                    _fmt(run.get("mfu") and 100 * run["mfu"], ".1f"),
+                    f"{sum(run['phases'].values()):.0f}",
+                ]
+            )
+    header = [
+        "size",
+        "arch",
+        "non-emb params",
+        "params",
+        "tokens",
+        "tokens/param",
+        "epochs",
+        "val loss",
+        "val ppl",
+        "RetNet − Transformer",
+        "train tokens/s",
+        "MFU %",
+        "run s",
+    ]
+    first = next(run for run in train.values() if _ok(run)) if any(_ok(r) for r in train.values()) else None
+    recipe_line = ""
+    if first:
+        c = first["config"]
+        recipe_line = (
+            f"Recipe: AdamW β = ({c['b1']}, {c['b2']}), weight decay {c['weight_decay']}, clip "
+            f"{c['grad_clip']}, "
+            f"{c['schedule']} decay to {c['end_learning_rate_factor']}× after {c['warmup_steps']} "
+            "warm-up steps "
+            f"(5%), batches of {c['batch_size']} × {c['seq_len']} tokens, {first['architecture']['dtype']} "
+            f"compute, RetNet in the {c['mode']} form (C = {c['chunk_size']}); validation loss in nats per "
+            "token on the held-out packages."
+        )
+    return "\n\n".join(["## Language models", recipe_line, _table(header, rows)])
+
+
+def extrapolation_section(train: dict) -> str:
+    rows = []
+    for size in _sizes(train):
+        for arch in recipe.ARCHS:
+            run = train.get((arch, size))
+            if not _has(run, "extrapolation"):
+                continue
+            e = run["extrapolation"]
+            w = e["window_mean"]
+            rows.append(
+                [
+                    size,
+                    arch,
+                    str(e["seq_len"]),
+                    str(e["documents"]),
+                    f"{w['0-1x']:.4f}",
+                    f"{w['1-2x']:.4f}",
+                    f"{w['2-4x']:.4f}",
+                    f"{w['2-4x'] - w['0-1x']:+.4f}",
+                ]
+            )
+    if not rows:
+        return ""
+    header = [
+        "size",
+        "arch",
+        "T",
+        "documents",
+        "loss [0, T)",
+        "loss [T, 2T)",
+        "loss [2T, 4T)",
+        "[2T, 4T) − [0, T)",
+    ]
+    return "\n\n".join(
+        [
+            "## Length extrapolation",
+            "Validation files of at least 4T tokens, each read from its start in one call of 4T tokens; mean "
+            "loss over positions in each window. Within one file later positions are easier (more "
+            "context), so "
+            "a model that extrapolates has a lower loss past T than before it.",
+            _table(header, rows),
+        ]
+    )
+
+
+def decode_section(train: dict) -> str:
+    rows = []
+    for size in _sizes(train):
+        for arch in recipe.ARCHS:
+            run = train.get((arch, size))
+            if not _has(run, "decode"):
+                continue
+            d = run["decode"]
+            cells = [
+                f"{v['tokens_per_s']:,.0f} ({v['ms_per_step']:.2f} ms/step)" for v in d["by_batch"].values()
+            ]
+            rows.append([size, arch, ", ".join(f"B={b}" for b in d["by_batch"]), *cells])
+    if not rows:
+        return ""
+    width = max(len(r) for r in rows)
+    rows = [r + [""] * (width - len(r)) for r in rows]
+    first = next(run["decode"] for run in train.values() if _has(run, "decode"))
+    header = ["size", "arch", "batches"] + [f"tokens/s #{i + 1}" for i in range(width - 3)]
+    return "\n\n".join(
+        [
+            "## Decoding speed of the trained models",
+            f"Greedy, {first['prompt_tokens']}-token prompts, {first['new_tokens']} new tokens, "
+            "parameters in "
+            f"{first['dtype']}; `inference.generate` (prefill included), median of 3 calls after a "
+            "compiling one.",
+            _table(header, rows),
+        ]
+    )
+
+
+def mqar_section(mqar: dict) -> str:
+    if not mqar:
+        return ""
+    pairs = sorted({int(p) for run in mqar.values() if run for p in run["best"]["accuracy"]})
+    rows = []
+    for size in _sizes(mqar):
+        for arch in recipe.ARCHS:
+            run = mqar.get((arch, size))
+            if not run:
+                continue
+            best = run["best"]
+            rows.append(
+                [size, arch, f"d{run['size']['d_model']}", _count(run["runs"][0]["params"])]
+                + [_fmt(best["accuracy"].get(str(p)), ".3f") for p in pairs]
+                + [", ".join(f"{r['learning_rate']:g}" for r in run["runs"])]
+            )
+    setup = next(iter(mqar.values()))["setup"]
+    header = ["size", "arch", "width", "params"] + [f"{p} keys" for p in pairs] + ["learning rates"]
+    return "\n\n".join(
+        [
+            "## Associative recall (MQAR)",
+            f"Rows of {setup['seq_len']} tokens, vocabulary {setup['vocab_size']}, keys from the lower "
+            "half and "
+            f"values from the upper, queries at power-law gaps (a = {setup['power_a']}); trained on "
+            f"{setup['train_examples']:,} rows mixing {setup['train_pairs']} keys for {setup['steps']} "
+            "steps of "
+            f"{setup['batch_size']}; accuracy on {setup['eval_examples']} test rows per key count, the best "
+            "learning rate per key count; loss only on the answers. Two layers.",
+            _table(header, rows),
+        ]
+    )
+
+
+def _figure(panels: int):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.8), squeeze=False)
+    return plt, fig, axes[0]
+
+
+def _save(plt, fig, path: str) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_loss(train: dict, path: str) -> str | None:
+    sizes = [s for s in _sizes(train) if any(_ok(train.get((a, s))) for a in recipe.ARCHS)]
+    if not sizes:
+        return None
+    plt, fig, axes = _figure(len(sizes))
+    for ax, size in zip(axes, sizes, strict=True):
+        for arch in recipe.ARCHS:
+            run = train.get((arch, size))
+            if _ok(run):
+                points = run["eval_curve"][1:]  # the untrained point would flatten the plot
+                ax.plot(
+                    [p["tokens"] for p in points], [p["loss"] for p in points], label=arch, **ARCH_STYLE[arch]
+                )
+        ax.set_title(f"size {size}")
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel("validation loss (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return _save(plt, fig, path)
+
+
+def plot_scaling(train: dict, path: str) -> str | None:
+    if not any(_ok(r) for r in train.values()):
+        return None
+    plt, fig, axes = _figure(1)
+    ax = axes[0]
+    for arch in recipe.ARCHS:
+        points = sorted(
+            (run["params"]["non_embedding"], run["final_eval_loss"])
+            for (a, _), run in train.items()
+            if a == arch and _ok(run)
+        )
+        if points:
+            ax.plot(*zip(*points, strict=True), label=arch, **ARCH_STYLE[arch])
+    ax.set_xscale("log")
+    ax.set_xlabel("non-embedding parameters")
+    ax.set_ylabel("final validation loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(plt, fig, path)
+
+
+def plot_extrapolation(train: dict, path: str) -> str | None:
+    sizes = [
+        s for s in _sizes(train) if any(_has(r, "extrapolation") for (_, z), r in train.items() if z == s)
+    ]
+    if not sizes:
+        return None
+    plt, fig, axes = _figure(len(sizes))
+    for ax, size in zip(axes, sizes, strict=True):
+        seq_len = None
+        for arch in recipe.ARCHS:
+            run = train.get((arch, size))
+            if _has(run, "extrapolation"):
+                e = run["extrapolation"]
+                seq_len, width = e["seq_len"], e["bin_width"]
+                x = [(i + 0.5) * width for i in range(len(e["binned"]))]
+                ax.plot(x, e["binned"], label=arch, color=ARCH_STYLE[arch]["color"])
+        for k in (1, 2):
+            ax.axvline(k * seq_len, color="gray", ls="--", lw=0.8)
+        ax.set_title(f"size {size} (trained at T = {seq_len})")
+        ax.set_xlabel("position in the file")
+        ax.set_ylabel("validation loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return _save(plt, fig, path)
+
+
+def plot_mqar(mqar: dict, path: str) -> str | None:
+    sizes = [s for s in _sizes(mqar) if any(mqar.get((a, s)) for a in recipe.ARCHS)]
+    if not sizes:
+        return None
+    plt, fig, axes = _figure(len(sizes))
+    for ax, size in zip(axes, sizes, strict=True):
+        for arch in recipe.ARCHS:
+            run = mqar.get((arch, size))
+            if run:
+                points = sorted((int(p), a) for p, a in run["best"]["accuracy"].items())
+                ax.plot(*zip(*points, strict=True), label=arch, **ARCH_STYLE[arch])
+                width = run["size"]["d_model"]
+        ax.set_xscale("log", base=2)
+        ticks = sorted(
+            {int(p) for a in recipe.ARCHS if mqar.get((a, size)) for p in mqar[(a, size)]["best"]["accuracy"]}
+        )
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(f"MQAR, size {size} (d{width})")
+        ax.set_xlabel("key-value pairs")
+        ax.set_ylabel("accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return _save(plt, fig, path)
+
+
+def device_name(found: dict[str, Any]) -> str:
+    """The short device name of the runs (e.g. H200), from any result that has one."""
+    for run in [*found["train"].values(), *found["mqar"].values(), found["calibrate"], found["corpus"]]:
+        if run and run.get("device"):
+            return run["device"]["short"]
+    return "unknown"
+
+
+def write_report(results_dir: str, report_dir: str, date: str) -> str:
+    """Writes the markdown report and its plots; returns the markdown's path."""
+    found = load_results(results_dir)
+    os.makedirs(report_dir, exist_ok=True)
+    stem = os.path.join(report_dir, f"replication_{device_name(found)}_{date}")
+    plots = {
+        "Validation loss during training": plot_loss(found["train"], stem + "_loss.png"),
+        "Final loss against size": plot_scaling(found["train"], stem + "_scaling.png"),
+        "Loss by position": plot_extrapolation(found["train"], stem + "_extrapolation.png"),
+        "Associative recall": plot_mqar(found["mqar"], stem + "_mqar.png"),
+    }
+    notes = _consistency(found["train"])
+    sections = [
+        f"# Does it learn? RetNet against the Transformer at small scale ({device_name(found)}, {date})",
+        "Both architectures are built by this library from the same configuration, differ only in the token "
+        "mixer (multi-scale retention or softmax attention), have the same parameter count, and train on the "
+        "same tokens in the same order.",
+        "\n".join(f"- {n}" for n in notes) if notes else "",
+        corpus_section(found["corpus"]),
+        calibration_section(found["calibrate"]),
+        runs_section(found["train"], found["corpus"]),
+        extrapolation_section(found["train"]),
+        decode_section(found["train"]),
+        mqar_section(found["mqar"]),
+        "## Plots\n\n"
+        + "\n\n".join(f"{title}:\n\n![{title}]({os.path.basename(p)})" for title, p in plots.items() if p),
+        "## Commands\n\nEach command below is one device call (under 10 minutes on an H200); copy what it "
+        "writes under `$OUT` into `experiments/results/replication/`, then run the report:\n\n```bash\n"
+        + COMMANDS
+        + "\n```",
+    ]
+    text = "\n\n".join(s for s in sections if s) + "\n"
+    with open(stem + ".md", "w") as f:
+        f.write(text)
+    return stem + ".md"
