@@ -31,11 +31,9 @@ from tests.convert.common import MODES, all_modes, fla_style_config, fla_style_m
 from tests.helpers import relative_error
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "fla"
-FLA_RTOL = 3e-3
-needs_fixtures = pytest.mark.skipif(
-    not (FIXTURES / "logits.npz").exists(),
-    reason="fla fixtures not made yet: run tests/convert/make_fla_fixtures.py on a GPU",
-)
+# fla's own modes differ by up to 4.4e-4 on the fixture (chunk vs parallel, float32, H200 2026-12-01) and
+# ours are 1.1e-6 from its fused_recurrent and 6.1e-4 from its chunk form: 2e-3 leaves 3× that spread.
+FLA_RTOL = 2e-3
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +47,6 @@ def fla_run():
     return reference, ours
 
 
-@needs_fixtures
 @pytest.mark.parametrize("ours", MODES)
 def test_logits_match_fla(fla_run, ours):
     reference, logits = fla_run
@@ -60,13 +57,11 @@ def test_logits_match_fla(fla_run, ours):
         assert error < FLA_RTOL, f"ours {ours} vs fla {run}: {error:.2e}"
 
 
-@needs_fixtures
 def test_fla_spread_is_within_the_tolerance():
     info = json.loads((FIXTURES / "fixtures.json").read_text())
     assert 0 < info["max_spread"] < FLA_RTOL, info["spread"]
 
 
-@needs_fixtures
 def test_exporting_a_loaded_fla_checkpoint_gives_its_tensors_back(tmp_path):
     from safetensors.numpy import load_file
 
