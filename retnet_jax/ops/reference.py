@@ -1,4 +1,4 @@
-"""Slow, obviously-correct retention, written straight from the definition (REFERENCE §3).
+"""Slow, obviously-correct retention, written straight from the definition (docs/retention.md §4).
 
 For tests only. It materializes every weight γ^(n−m) with ``jnp.power`` (not the exponent-and-mask
 route of the fast forms), builds c_n as an explicit cumulative sum of powers, and never splits the

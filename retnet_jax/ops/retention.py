@@ -18,7 +18,7 @@ projected, rotated and scaled; this module holds no parameters.
 * ``chunkwise``: parallel inside chunks of C tokens, recurrent across chunks (a ``lax.scan`` carrying S).
 
 The forms agree to rounding for every length, chunk size and state, so a prompt can be prefilled by one
-form and continued by another. Numerics (REFERENCE §1): decay and state are float32 (float64 for float64
+form and continued by another. Numerics (docs/retention.md §2, §10): decay and state are float32 (float64 for float64
 inputs); every decay factor is exp of a non-positive exponent, masks are built from exponents with −inf
 above the diagonal *before* the exp, so nothing overflows and γ is never rounded to 1 by a low-precision
 dtype. Matrix products take their operands in the input dtype and accumulate in float32.

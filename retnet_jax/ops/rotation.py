@@ -1,4 +1,4 @@
-"""The relative-position rotation of queries and keys (the paper's θ; REFERENCE §2).
+"""The relative-position rotation of queries and keys (the paper's θ; docs/retention.md §3).
 
 Both q and k are rotated by the same positive angle n·θ_j at absolute position n, so q_n·k_m depends on
 n − m only. No xPos length scaling: the decay takes its place.
