@@ -3,7 +3,7 @@
 The data are ``retnet_jax.training.mqar``'s: a fixed training set mixing several key counts (the same
 rows, in the same order, for every model), reshuffled each epoch, and a test set per key count drawn
 from another seed. The step is the library's ``Trainer`` with its loss taken on the answers only
-(``AnswerTrainer``: positions whose target is ``mqar.IGNORE`` do not count). Reported per key count:
+(the batches' ``weights`` leave out the positions whose target is ``mqar.IGNORE``). Reported per key count:
 accuracy (the answer is the argmax) and cross-entropy on the answers.
 """
 
@@ -33,17 +33,6 @@ def answer_losses(logits, targets):
     return (jax.nn.logsumexp(logits, axis=-1) - target_logits) * mask, mask
 
 
-class AnswerTrainer(Trainer):
-    """The library's Trainer with the loss on MQAR answers only."""
-
-    def _loss(self, params, inputs, targets, rng):
-        del rng  # no dropout in these runs
-        logits, _ = self.model.apply({"params": params}, inputs)
-        losses, mask = answer_losses(logits, targets)
-        loss = losses.sum() / jnp.maximum(mask.sum(), 1.0)
-        return loss, loss
-
-
 def _dataset(setup: recipe.MQARSetup, pairs, examples: int, seed: int) -> dict[str, np.ndarray]:
     """``examples`` rows split evenly over ``pairs`` (each key count from its own stream), concatenated."""
     parts = []
@@ -58,7 +47,7 @@ def _dataset(setup: recipe.MQARSetup, pairs, examples: int, seed: int) -> dict[s
             seed=seed * 1000 + index,
         )
         parts.append(next(stream))
-    return {k: np.concatenate([p[k] for p in parts]) for k in ("inputs", "targets")}
+    return {k: np.concatenate([p[k] for p in parts]) for k in ("inputs", "targets", "weights")}
 
 
 def datasets(setup: recipe.MQARSetup, seed: int = 0):
@@ -121,7 +110,7 @@ def run(
     start = time.perf_counter()
     config = recipe.mqar_config(setup, learning_rate, seed)
     architecture = recipe.mqar_architecture(size, arch, setup)
-    trainer = AnswerTrainer(config, architecture, make_mesh(config.mesh))
+    trainer = Trainer(config, architecture, make_mesh(config.mesh))  # the loss counts answers: weights
     state = trainer.init(seed)
     batches = _batches(train, setup.batch_size, seed)
     curve, pending, log_every = [], [], max(1, setup.steps // 50)

@@ -15,13 +15,15 @@ projected, rotated and scaled; this module holds no parameters.
 
 * ``parallel``: ((Q Kᵀ) ⊙ D) V with the decay mask D, O(T²) work, no state in or out.
 * ``recurrent`` / ``recurrent_step``: S_n = γ S_{n−1} + k_nᵀ v_n, o_n = q_n S_n / sqrt(c_n); O(1) per token.
-* ``chunkwise``: parallel inside chunks of C tokens, recurrent across chunks (a ``lax.scan`` carrying S).
+* ``chunkwise``: parallel inside chunks of C tokens, recurrent across chunks (a state carried between them).
 
 The forms agree to rounding for every length, chunk size and state, so a prompt can be prefilled by one
-form and continued by another. Numerics (docs/retention.md §2, §10): decay and state are float32 (float64 for float64
-inputs); every decay factor is exp of a non-positive exponent, masks are built from exponents with −inf
-above the diagonal *before* the exp, so nothing overflows and γ is never rounded to 1 by a low-precision
-dtype. Matrix products take their operands in the input dtype and accumulate in float32.
+form and continued by another. Numerics (docs/retention.md §2, §10): decay and state are float32
+(float64 for float64 inputs); every decay factor is exp of a non-positive exponent, masks are built from
+exponents with −inf above the diagonal *before* the exp, so nothing overflows and γ is never rounded to 1
+by a low-precision dtype. Matrix products take their operands in the input dtype and accumulate in
+float32. Chunk states come from one matrix product for up to ``MATRIX_CARRY_MAX_CHUNKS`` chunks, from a
+``lax.scan`` beyond.
 
 Packed documents: every form takes ``segment_ids`` [B, T] (integers; where the value changes between t − 1
 and t a new document starts at t; see ``ops.documents``). At a document start the state is emptied and the

@@ -75,20 +75,31 @@ def build_model(config: ml_collections.ConfigDict, architecture: ModelConfig) ->
     )
 
 
-def cross_entropy(logits, targets, z_loss: float = 0.0):
+def cross_entropy(logits, targets, z_loss: float = 0.0, weights=None):
     """Mean token cross-entropy in float32, and the loss to optimize (with z-loss if asked).
 
     Args:
         logits: [B, T, N]; targets: [B, T] int.
+        weights: [B, T] or None: each token's weight in the mean (0 leaves a token out, e.g. the
+            positions of an associative-recall row that are not answers; their targets may be any id,
+            negative ones included).
 
     Returns:
         (objective, cross-entropy): scalars.
     """
     logits = logits.astype(jnp.float32)
     log_z = jax.nn.logsumexp(logits, axis=-1)  # [B, T]
-    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    ce = jnp.mean(log_z - target_logits)
-    objective = ce + z_loss * jnp.mean(jnp.square(log_z)) if z_loss else ce
+    safe = jnp.maximum(targets, 0)
+    target_logits = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
+    if weights is None:
+        ce = jnp.mean(log_z - target_logits)
+        z = jnp.mean(jnp.square(log_z))
+    else:
+        weights = weights.astype(jnp.float32)
+        total = jnp.maximum(jnp.sum(weights), 1e-9)
+        ce = jnp.sum((log_z - target_logits) * weights) / total
+        z = jnp.sum(jnp.square(log_z) * weights) / total
+    objective = ce + z_loss * z if z_loss else ce
     return objective, ce
 
 
@@ -182,23 +193,24 @@ class Trainer:
         """The batch's document ids when the run resets at documents (``reset_at_documents``), else None."""
         return batch.get("segment_ids") if self.config.reset_at_documents else None
 
-    def _loss(self, params, inputs, targets, segment_ids, rng):
+    def _loss(self, params, batch, rng):
+        """The loss of a batch: ``inputs``, ``targets`` and optionally ``segment_ids`` (packed documents)
+        and ``weights`` (each target's weight; 0 leaves it out)."""
         logits, _ = self.model.apply(
             {"params": params},
-            inputs,
+            batch["inputs"],
             deterministic=self.model_config.dropout == 0,
             rngs={"dropout": rng},
-            segment_ids=segment_ids,
+            segment_ids=self._segments(batch),
         )
-        return cross_entropy(logits, targets, self.config.z_loss)
+        return cross_entropy(logits, batch["targets"], self.config.z_loss, weights=batch.get("weights"))
 
     def _step(self, state: TrainState, batch: dict[str, jax.Array]):
         rng = jax.random.fold_in(jax.random.key(self.config.seed), state.step)
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
         micro = self.config.grad_accum_steps
-        segments = self._segments(batch)
         if micro == 1:
-            (_, ce), grads = grad_fn(state.params, batch["inputs"], batch["targets"], segments, rng)
+            (_, ce), grads = grad_fn(state.params, batch, rng)
         else:
             # Micro-batch a takes rows a, a + A, a + 2A, ...: each device keeps its own rows.
             def split(x):
@@ -206,14 +218,12 @@ class Trainer:
 
             def accumulate(carry, inputs):
                 grads_sum, ce_sum = carry
-                index, tokens, targets, segment_ids = inputs
-                rng_a = jax.random.fold_in(rng, index)
-                (_, ce), grads = grad_fn(state.params, tokens, targets, segment_ids, rng_a)
+                index, part = inputs
+                (_, ce), grads = grad_fn(state.params, part, jax.random.fold_in(rng, index))
                 return (jax.tree.map(jnp.add, grads_sum, grads), ce_sum + ce), None
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
-            segments = None if segments is None else split(segments)
-            xs = (jnp.arange(micro), split(batch["inputs"]), split(batch["targets"]), segments)
+            xs = (jnp.arange(micro), jax.tree.map(split, batch))
             (grads, ce), _ = jax.lax.scan(accumulate, (zeros, 0.0), xs)
             grads = jax.tree.map(lambda g: g / micro, grads)
             ce = ce / micro
@@ -229,7 +239,7 @@ class Trainer:
 
     def _eval(self, params, batch):
         logits, _ = self.model.apply({"params": params}, batch["inputs"], segment_ids=self._segments(batch))
-        return cross_entropy(logits, batch["targets"])[1]
+        return cross_entropy(logits, batch["targets"], weights=batch.get("weights"))[1]
 
 
 def _norm(tree) -> jax.Array:

@@ -139,3 +139,13 @@ def test_resets_follow_the_config():
         losses[reset, "no ids"] = float(trainer.eval_step(params, trainer.global_batch(without)))
     assert losses[False] == losses[False, "no ids"] == losses[True, "no ids"]
     assert abs(losses[True] - losses[False]) > 1e-4
+
+
+def test_cross_entropy_weights_count_only_the_marked_targets():
+    logits = jax.random.normal(jax.random.key(0), (2, 5, 7))
+    targets = jnp.array([[1, 2, 3, 4, 5], [6, -1, 0, -1, 2]])
+    weights = jnp.array([[0, 1, 0, 0, 1], [1, 0, 0, 0, 0]], jnp.float32)
+    _, ce = train.cross_entropy(logits, targets, weights=weights)
+    log_p = jax.nn.log_softmax(logits)
+    expected = -(log_p[0, 1, 2] + log_p[0, 4, 5] + log_p[1, 0, 6]) / 3
+    np.testing.assert_allclose(ce, expected, rtol=1e-6)
