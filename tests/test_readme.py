@@ -1,9 +1,10 @@
 """The README's code runs as written: every ```python block, each on its own (a fresh namespace, as a reader
 pastes one), in order; every flag its ```bash blocks pass to retnet-train / retnet-generate exists.
 
-The one substitution: the loading example reads the workdir of the README's first command,
+The substitutions: the loading example reads the workdir of the README's first command,
 /tmp/retnet-tiny; here it reads the workdir the ``trained`` fixture trained (the same default config,
-shrunk), so that the test neither needs nor touches a shared /tmp path.
+shrunk), so that the test neither needs nor touches a shared /tmp path. The fla example's hub id and
+converted workdir become a tiny fla-format export with a tokenizer, and its conversion (no network).
 """
 
 import os
@@ -14,6 +15,28 @@ import pytest
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 WORKDIR = "/tmp/retnet-tiny"
+FLA_HUB_ID = "fla-hub/retnet-1.3B-100B"
+FLA_WORKDIR = "/tmp/retnet-1.3b"
+
+
+@pytest.fixture(scope="module")
+def fla_export(tmp_path_factory):
+    """(a tiny fla-format directory with a tokenizer.json, its retnet-convert workdir)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from retnet_jax import convert
+    from retnet_jax.convert.checkpoint import convert_checkpoint
+    from tests.convert.common import fla_style_model
+
+    root = tmp_path_factory.mktemp("fla")
+    model, variables = fla_style_model()
+    convert.export_fla(model, variables, str(root / "fla"))
+    vocab = {"<s>": 0, "</s>": 1, **{f"w{i}": i for i in range(2, 30)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="</s>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(root / "fla" / "tokenizer.json"))
+    workdir, _, _ = convert_checkpoint("fla", str(root / "fla"), str(root / "workdir"))
+    return str(root / "fla"), workdir
 
 
 def _blocks(language: str) -> list[str]:
@@ -35,6 +58,9 @@ def test_python_block_runs_on_its_own(index, request, capsys):
     if WORKDIR in code:  # only then train (the session's shared run)
         workdir, _, _ = request.getfixturevalue("trained")
         code = code.replace(WORKDIR, workdir)
+    if FLA_HUB_ID in code:
+        local, converted = request.getfixturevalue("fla_export")
+        code = code.replace(FLA_HUB_ID, local).replace(FLA_WORKDIR, converted)
     exec(compile(code, f"README.md python block {index + 1}", "exec"), {"__name__": f"readme_{index}"})
     capsys.readouterr()
 

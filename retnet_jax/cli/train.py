@@ -94,7 +94,9 @@ def main(config, workdir: str) -> int:
 
     tfds.disable_progress_bar()
     from retnet_jax.training import loop
+    from retnet_jax.training.sharding import make_mesh
 
+    loop.validate(config, make_mesh(config.mesh))  # a refused config is not printed first
     print(f"workdir: {workdir}\n{config}", flush=True)
     state = loop.train_and_evaluate(config, workdir)
     if int(state.step) < config.steps:
