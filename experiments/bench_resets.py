@@ -6,23 +6,26 @@ cuDNN attention with the document mask computes what XLA's does.
 
 Rows, at the paper-1.3b widths (D = 2048) and B·T = ``--tokens`` (B8 at T8192 by default):
 
-* ``retention``: the XLA chunkwise form (H8, K256, V512, C = ``--chunk_size``, normalized), without
-  segment ids and with them. The fused kernels do not reset yet, so both rows are the XLA form.
+* ``retention-xla``: the XLA chunkwise form (H8, K256, V512, C = ``--chunk_size``, normalized), without
+  segment ids and with them.
+* ``retention-pallas`` (on a GPU only: interpreted, it would take minutes on a CPU): the fused kernels at
+  the same heads (``implementation="pallas"``, the split family at C = ``--kernel_chunk_size``), without
+  segment ids and with them (the document starts enter the kernels' decay factors, docs/kernels.md §5).
 * ``attention-cudnn`` (``attention-xla`` on a CPU): causal attention with 128-wide heads (H16), without
   segment ids and with them (a boolean mask [B, 1, T, T] that cuDNN turns into an additive bias and whose
   gradient jax computes too).
 
 Documents: lengths drawn from a geometric distribution with mean ``--mean_document`` tokens, packed
 back to back, as the packer produces them. "slower" is the time with resets over the time without, − 1
-(the issue's bound for a whole train step is 5%). The correctness line compares cuDNN with the mask
-against XLA with the mask (outputs and the gradient of q), both in bf16, on the first two rows.
+(the issue's bound for a whole train step is 5%). The correctness lines compare, on the first two rows
+and in bf16, cuDNN with the mask against XLA with the mask, and the kernels with resets against the XLA
+form with resets (outputs and the gradient of q).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 
 from experiments import benchlib as bl
@@ -31,16 +34,9 @@ from retnet_jax.ops import attention
 
 _LENGTHS = flags.DEFINE_string("lengths", "2048,8192", "Sequence lengths T.")
 _TOKENS = flags.DEFINE_integer("tokens", 65536, "B·T per configuration: B = max(1, tokens // T).")
-_CHUNK = flags.DEFINE_integer("chunk_size", 128, "C of the chunkwise form.")
+_CHUNK = flags.DEFINE_integer("chunk_size", 128, "C of the XLA chunkwise form.")
+_KERNEL_CHUNK = flags.DEFINE_integer("kernel_chunk_size", 64, "C of the fused kernels (GPU only).")
 _MEAN_DOCUMENT = flags.DEFINE_integer("mean_document", 1000, "Mean document length in tokens.")
-
-
-def packed_segment_ids(batch: int, length: int, mean: int, seed: int = 0) -> np.ndarray:
-    """[B, T] int32 segment ids of documents with geometric lengths (mean ``mean``), back to back."""
-    rng = np.random.default_rng(seed)
-    starts = rng.random((batch, length)) < 1.0 / mean
-    starts[:, 0] = False
-    return (1 + np.cumsum(starts, axis=1)).astype(np.int32)
 
 
 def _fwd_bwd(forward):
@@ -52,11 +48,13 @@ def _fwd_bwd(forward):
     return jax.value_and_grad(loss, argnums=(0, 1, 2))
 
 
-def _retention(chunk):
+def _retention(chunk, implementation):
     log_decay = retention.log_decays(8)
 
     def forward(q, k, v, segment_ids):
-        return retention.chunkwise(q, k, v, log_decay, chunk_size=chunk, segment_ids=segment_ids)[0]
+        return retention.chunkwise(
+            q, k, v, log_decay, chunk_size=chunk, segment_ids=segment_ids, implementation=implementation
+        )[0]
 
     return forward
 
@@ -84,23 +82,21 @@ def run_config(name, forward, shapes, segment_ids) -> dict:
     return out
 
 
-def check_cudnn_mask(segment_ids) -> dict:
-    """cuDNN with the document mask against XLA with it: outputs and dq, bf16, relative errors."""
-    batch, length = segment_ids.shape
-    shape = (batch, length, 16, 128)
+def check_against_xla(forward, reference, shapes, segment_ids) -> dict:
+    """``forward`` against ``reference`` (the XLA path), both with the segment ids: outputs and dq, bf16,
+    relative errors."""
     keys = jax.random.split(jax.random.key(1), 4)
-    q, k, v = (bl.normal(key, shape, jnp.bfloat16) for key in keys[:3])
-    w = bl.normal(keys[3], shape, jnp.float32)
+    q, k, v = (bl.normal(key, shape, jnp.bfloat16) for key, shape in zip(keys[:3], shapes, strict=True))
+    w = bl.normal(keys[3], shapes[2], jnp.float32)
     ids = jnp.asarray(segment_ids)
-    results = {}
-    for implementation in ("cudnn", "xla"):
-        value_grad = jax.jit(_fwd_bwd(_attention(implementation)))
-        o = jax.jit(_attention(implementation))(q, k, v, ids)
-        _, (dq, _, _) = value_grad(q, k, v, w, ids)
-        results[implementation] = (o, dq)
+    results = []
+    for fn in (forward, reference):
+        o = jax.jit(fn)(q, k, v, ids)
+        _, (dq, _, _) = jax.jit(_fwd_bwd(fn))(q, k, v, w, ids)
+        results.append((o, dq))
     return dict(
-        output_rel_error=bl.rel_error(results["cudnn"][0], results["xla"][0]),
-        dq_rel_error=bl.rel_error(results["cudnn"][1], results["xla"][1]),
+        output_rel_error=bl.rel_error(results[0][0], results[1][0]),
+        dq_rel_error=bl.rel_error(results[0][1], results[1][1]),
     )
 
 
@@ -113,11 +109,12 @@ def main(argv):
     on_gpu = device["platform"] == "gpu"
     for length in bl.int_list(_LENGTHS.value):
         batch = max(1, _TOKENS.value // length)
-        segment_ids = packed_segment_ids(batch, length, _MEAN_DOCUMENT.value)
+        segment_ids = bl.packed_segment_ids(batch, length, _MEAN_DOCUMENT.value)
         documents = int(segment_ids[:, -1].sum())
-        configs = [
-            ("retention", _retention(_CHUNK.value), [(batch, length, 8, 256)] * 2 + [(batch, length, 8, 512)])
-        ]
+        retention_shapes = [(batch, length, 8, 256)] * 2 + [(batch, length, 8, 512)]
+        configs = [("retention-xla", _retention(_CHUNK.value, "xla"), retention_shapes)]
+        if on_gpu:
+            configs.append(("retention-pallas", _retention(_KERNEL_CHUNK.value, "pallas"), retention_shapes))
         # XLA's attention holds B·H·T² float32 scores (34 GB at B8 T8192): cuDNN's only, on a GPU.
         implementation = "cudnn" if on_gpu else "xla"
         configs.append(
@@ -131,8 +128,18 @@ def main(argv):
             )
             rows.append(row)
         if on_gpu:
+            two = segment_ids[:2]
+            pair, attention_shapes = two.shape[0], [(two.shape[0], length, 16, 128)] * 3
+            kernel_shapes = [(pair, length, 8, 256)] * 2 + [(pair, length, 8, 512)]
             raw.setdefault("cudnn_check", {})[length] = bl.guarded(
-                lambda ids=segment_ids[:2]: check_cudnn_mask(ids)
+                lambda ids=two, s=attention_shapes: check_against_xla(
+                    _attention("cudnn"), _attention("xla"), s, ids
+                )
+            )
+            raw.setdefault("kernel_check", {})[length] = bl.guarded(
+                lambda ids=two, s=kernel_shapes: check_against_xla(
+                    _retention(_KERNEL_CHUNK.value, "pallas"), _retention(_CHUNK.value, "xla"), s, ids
+                )
             )
 
         def ms(label):
@@ -150,9 +157,13 @@ def main(argv):
             ],
         )
         checks = [
-            f"T{t}: cuDNN vs XLA with the mask, output {c.get('output_rel_error', c.get('status'))}, "
+            f"T{t}: {what}, output {c.get('output_rel_error', c.get('status'))}, "
             f"dq {c.get('dq_rel_error', '')}"
-            for t, c in raw.get("cudnn_check", {}).items()
+            for key, what in (
+                ("cudnn_check", "cuDNN vs XLA with the mask"),
+                ("kernel_check", "retention kernels vs XLA with resets"),
+            )
+            for t, c in raw.get(key, {}).items()
         ]
         print(
             report.write(

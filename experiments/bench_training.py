@@ -7,6 +7,10 @@ cross-entropy, backward, AdamW with clipping) for RetNet, the Transformer baseli
     python -m experiments.bench_training --models=tiny --lengths=64 --tokens_per_step=256 \
         --steps=3 --in_process                                      # CPU smoke run (under a minute)
 
+    # What packed documents with resets cost (mean length 1000 against none), one T per command (~6 min):
+    python -m experiments.bench_training --models=paper-1.3b --archs=retnet,transformer --chunk_size=64 \
+        --documents=0,1000 --lengths=2048 --time_budget_s=540       # and again with --lengths=8192
+
 Ours runs through ``retnet_jax.training.trainer.Trainer`` (``--arch`` retnet or transformer, bf16 compute,
 float32 parameters and optimizer state) on a one-device mesh, with synthetic batches of random token ids.
 B = max(1, tokens_per_step / T), unless ``--batch_size`` is given. RetNet trains chunkwise with
@@ -14,6 +18,13 @@ B = max(1, tokens_per_step / T), unless ``--batch_size`` is given. RetNet trains
 ``RetNetDecoder`` (PyTorch, bf16 autocast, float32 master weights, fused AdamW, the same clipping) runs
 at the same D, L, H, value width and vocabulary; its FFN is always a GLU, so for the paper presets (a GELU
 MLP with F = 2D) it gets F' = 2F/3, which matches the parameter count.
+
+``--documents`` lists mean document lengths; each configuration runs once per entry. 0 trains on rows
+without document ids (as before); m > 0 packs documents of geometric lengths with mean m into every row
+(``segment_ids`` in the synthetic batches, ``reset_at_documents`` on): retention's state is emptied and
+positions restart at each start, the Transformer masks attention across documents. The "resets" column
+gives such a row's step time over the same configuration's time without documents, − 1 (the bound set
+for packed training: at most +5%). torchscale takes no document ids and runs only at 0.
 
 Each configuration runs in a fresh process, so its peak memory (``peak_bytes_in_use``, or
 ``torch.cuda.max_memory_allocated``) is its own and an OOM leaves the others untouched
@@ -44,6 +55,9 @@ _LENGTHS = flags.DEFINE_string("lengths", "2048,8192,16384", "Sequence lengths T
 _TOKENS = flags.DEFINE_integer("tokens_per_step", 16384, "B·T per step: B = max(1, tokens // T).")
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Rows per step (overrides --tokens_per_step when > 0).")
 _CHUNK = flags.DEFINE_integer("chunk_size", 512, "RetNet chunk size C (0: the parallel form).")
+_DOCUMENTS = flags.DEFINE_list(
+    "documents", ["0"], "Mean document lengths packed into the rows (0: no document ids, no resets)."
+)
 _HEADS = flags.DEFINE_integer(
     "retnet_heads", 0, "RetNet heads (0: the preset's); the Transformer keeps its own."
 )
@@ -62,17 +76,21 @@ def configs():
         for length in bl.int_list(_LENGTHS.value):
             batch = _BATCH.value or max(1, _TOKENS.value // length)
             for arch in _ARCHS.value:
-                out.append(
-                    dict(
-                        arch=arch,
-                        model=model,
-                        T=length,
-                        B=batch,
-                        chunk=_CHUNK.value,
-                        remat=_REMAT.value,
-                        heads=_HEADS.value if arch == "retnet" else 0,
+                for documents in bl.int_list(",".join(_DOCUMENTS.value)):
+                    if documents and arch == "torchscale":
+                        continue  # no document ids there
+                    out.append(
+                        dict(
+                            arch=arch,
+                            model=model,
+                            T=length,
+                            B=batch,
+                            chunk=_CHUNK.value,
+                            remat=_REMAT.value,
+                            heads=_HEADS.value if arch == "retnet" else 0,
+                            documents=documents,
+                        )
                     )
-                )
     return out
 
 
@@ -210,6 +228,20 @@ def derive(row, device, ceilings):
         row["mfu_datasheet"] = 100 * achieved / device["datasheet_flops"]
 
 
+def compare_resets(rows):
+    """Each row with packed documents gets its step time over the same configuration's without, − 1."""
+    same = ("arch", "model", "T", "B", "chunk", "remat", "heads")
+    plain = {
+        tuple(r[k] for k in same): r["timing"]["median_s"]
+        for r in rows
+        if not r.get("documents") and r.get("status") == "ok"
+    }
+    for row in rows:
+        key = tuple(row[k] for k in same)
+        if row.get("documents") and row.get("status") == "ok" and key in plain:
+            row["resets_slower"] = row["timing"]["median_s"] / plain[key] - 1
+
+
 COLUMNS = [
     ("arch", lambda r: r["arch"]),
     ("model", lambda r: r["model"] + (f" H{r['heads']}" if r.get("heads") else "")),
@@ -217,6 +249,7 @@ COLUMNS = [
     ("T", lambda r: str(r["T"])),
     ("B", lambda r: str(r["B"])),
     ("C", lambda r: str(r["chunk"]) if r["arch"] != "transformer" and r["chunk"] else "–"),
+    ("docs", lambda r: f"mean {r['documents']}" if r.get("documents") else "–"),
     ("remat", lambda r: "yes" if r["remat"] else "no"),
     ("step ms", bl.when_ok(lambda r: bl.fmt(r["timing"]["median_s"], 1e3, ".1f"))),
     ("iqr%", bl.when_ok(lambda r: bl.fmt(r["timing"]["iqr_pct"], 1, ".1f"))),
@@ -226,12 +259,18 @@ COLUMNS = [
     ("peak mem GB", bl.when_ok(lambda r: bl.fmt(r["memory"].get("bytes"), 1e-9, ".1f"))),
     ("compile / first step s", bl.when_ok(lambda r: bl.fmt(r["compile_s"], 1, ".1f"))),
     ("loss", bl.when_ok(lambda r: bl.fmt(r["loss"], 1, ".3f"))),
+    ("resets", lambda r: f"{100 * r['resets_slower']:+.1f}%" if "resets_slower" in r else "–"),
 ]
+
+
+def _series(row) -> str:
+    """A bar series: the architecture, and the mean document length where documents are packed."""
+    return row["arch"] + (f" docs {row['documents']}" if row.get("documents") else "")
 
 
 def plot(rows, path):
     groups = list(dict.fromkeys((r["model"], r["T"]) for r in rows))
-    archs = list(dict.fromkeys(r["arch"] for r in rows))
+    archs = list(dict.fromkeys(_series(r) for r in rows))
     fig, axes = bl.figure(1, 2, size=(max(5.0, 1.2 * len(groups) + 2), 3.8))
     width = 0.8 / max(1, len(archs))
     for panel, (key, scale, label) in enumerate(
@@ -241,7 +280,7 @@ def plot(rows, path):
         for i, arch in enumerate(archs):
             values = []
             for group in groups:
-                row = next((r for r in rows if (r["model"], r["T"]) == group and r["arch"] == arch), {})
+                row = next((r for r in rows if (r["model"], r["T"]) == group and _series(r) == arch), {})
                 value = row.get(key) if row.get("status") == "ok" else None
                 value = value.get("bytes") if isinstance(value, dict) else value
                 values.append((value or 0) * scale)
@@ -287,6 +326,7 @@ def main(argv):
         row = {**cfg, **result}
         derive(row, device, ceilings)
         rows.append(row)
+        compare_resets(rows)
         text = write(report, rows, device, ceilings)
     if bl.PLOTS.value:
         bl.guarded(lambda: plot(rows, report.png))
@@ -296,7 +336,8 @@ def main(argv):
 
 def write(report, rows, device, ceilings):
     notes = (
-        "bf16 compute, float32 parameters and AdamW state; synthetic random tokens; "
+        "bf16 compute, float32 parameters and AdamW state; synthetic random tokens "
+        "(docs: packed documents of geometric lengths, resets at their starts); "
         f"dropout {_DROPOUT.value}; "
         f"{'each configuration in its own process' if not _IN_PROCESS.value else 'all in one process'}. "
         "torchscale: GLU FFN with F' = 2F/3 for the paper presets (same parameter count), bf16 autocast."

@@ -363,6 +363,15 @@ def random_tokens(seed: int, shape, vocab_size: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, vocab_size, shape, dtype=np.int32)
 
 
+def packed_segment_ids(batch: int, length: int, mean: int, seed: int = 0) -> np.ndarray:
+    """[B, T] int32 segment ids of documents with geometric lengths (mean ``mean``), back to back, as the
+    packer lays them out (a row's first document continues from before the row)."""
+    rng = np.random.default_rng(seed)
+    starts = rng.random((batch, length)) < 1.0 / mean
+    starts[:, 0] = False
+    return (1 + np.cumsum(starts, axis=1)).astype(np.int32)
+
+
 def rel_error(x, ref) -> float:
     """‖x − ref‖ / ‖ref‖ in float64; NaN when x has a non-finite value."""
     x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
@@ -501,7 +510,8 @@ def save_figure(fig, path: str):
 
 def jax_train_step(cfg: dict[str, Any]):
     """(step, trainer, init_s, compile_s, compiled): ``step()`` runs one compiled train step of the
-    configuration on alternating synthetic batches, carrying the donated state."""
+    configuration on alternating synthetic batches, carrying the donated state. ``cfg["documents"]``
+    > 0 packs documents of that mean length into the rows (segment ids in the batches, resets on)."""
     from retnet_jax.configs.default import get_config
     from retnet_jax.models.config import RetNetConfig
     from retnet_jax.training import trainer as train
@@ -517,6 +527,8 @@ def jax_train_step(cfg: dict[str, Any]):
     config.mode = "chunkwise" if cfg["chunk"] else "parallel"
     config.chunk_size = cfg["chunk"] or config.chunk_size
     config.steps, config.warmup_steps, config.learning_rate = 1000, 10, 3e-4
+    documents = cfg.get("documents") or 0
+    config.reset_at_documents = documents > 0
     vocab = RetNetConfig.preset(cfg["model"]).vocab_size
     mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])  # one device, whatever the host has
 
@@ -525,15 +537,14 @@ def jax_train_step(cfg: dict[str, Any]):
     state = jax.block_until_ready(trainer.init(0))
     init_s = time.perf_counter() - start
     shape = (cfg["B"], cfg["T"])
-    batches = [
-        trainer.global_batch(
-            dict(
-                inputs=random_tokens(2 * i, shape, vocab),
-                targets=random_tokens(2 * i + 1, shape, vocab),
-            )
+    batches = []
+    for i in range(2):
+        batch = dict(
+            inputs=random_tokens(2 * i, shape, vocab), targets=random_tokens(2 * i + 1, shape, vocab)
         )
-        for i in range(2)
-    ]
+        if documents:
+            batch["segment_ids"] = packed_segment_ids(*shape, documents, seed=i)
+        batches.append(trainer.global_batch(batch))
     start = time.perf_counter()
     compiled = trainer.lower_train_step(state, batches[0]).compile()  # the Trainer's own jitted step
     compile_s = time.perf_counter() - start

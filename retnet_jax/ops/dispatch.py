@@ -12,10 +12,12 @@
   TPU, the TPU kernels where they run (``ops.tpu.select``); else XLA. A JAX without the Triton (or TPU)
   backend gets XLA and one warning.
 
-Every implementation computes the same function. The kernels compute unnormalized retention continuing
-the incoming state and return the final state; the row factors 1/sqrt(c_n), which depend on the absolute
-positions, are applied here. Under a device mesh the kernel calls carry a partitioning rule (each batch
-row and head is independent, ``ops.gpu.partition``), so a mesh runs them on its shards.
+Every implementation computes the same function, packed documents (``segment_ids``) included (the TPU
+kernels excepted: they do not reset yet, so "auto" takes XLA on a TPU then). The kernels compute
+unnormalized retention continuing the incoming state (emptied at each document start) and return the
+final state; the row factors 1/sqrt(c_n), which depend on the positions, are applied here. Under a
+device mesh the kernel calls carry a partitioning rule (each batch row and head is independent,
+``ops.gpu.partition``), so a mesh runs them on its shards.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from retnet_jax.ops import retention, tpu
+from retnet_jax.ops import documents, retention, tpu
 from retnet_jax.ops.gpu import common, fused
 from retnet_jax.ops.gpu import plan as plan_lib
 
@@ -100,7 +102,8 @@ def chunkwise(
         normalize: divide row n by sqrt(c_n) or not.
         implementation: "xla", "pallas", "pallas_tpu" or "auto".
         segment_ids: [B, T] integers or None: document starts reset the state (``ops.retention``). The
-            kernels do not reset yet: "auto" runs the XLA form then, "pallas" and "pallas_tpu" raise.
+            GPU kernels reset too ("pallas", and "auto" where it takes them); the TPU kernels do not yet:
+            "auto" runs the XLA form on a TPU then, "pallas_tpu" raises.
 
     Returns:
         (o [B, T, H, V] in the input dtype, the state after the last token).
@@ -108,21 +111,21 @@ def chunkwise(
     retention._check_inputs("chunkwise", q, k, v, log_decay, state)
     size = retention._check_chunk_size("chunkwise", chunk_size)
     if segment_ids is not None:
-        if implementation in ("pallas", "pallas_tpu"):
+        documents.check_segment_ids("chunkwise", segment_ids, q.shape[0], q.shape[1])
+        if implementation == "pallas_tpu":
             raise ValueError(
                 f"chunkwise: implementation={implementation!r} does not support segment_ids (document "
                 "resets) yet; use implementation='xla' or 'auto'."
             )
-        implementation = "xla" if implementation == "auto" else implementation
     tpu_chunk = tpu.select("chunkwise", implementation, q, v, size)
-    if tpu_chunk is not None:
+    if tpu_chunk is not None and segment_ids is None:
         return tpu.chunkwise(q, k, v, log_decay, chunk_size=tpu_chunk, state=state, normalize=normalize)
     plan = kernel_plan("chunkwise", implementation, q.shape[-1], v.shape[-1], size, q.dtype)
     if plan is None:
         return retention.chunkwise(
             q, k, v, log_decay, chunk_size=size, state=state, normalize=normalize, segment_ids=segment_ids
         )
-    return fused_chunkwise(q, k, v, log_decay, plan, state, normalize)
+    return fused_chunkwise(q, k, v, log_decay, plan, state, normalize, segment_ids)
 
 
 def kernel_chunk(size: int) -> int:
@@ -181,16 +184,23 @@ def _warn_missing_backend(reason: str):
         warnings.warn(f"chunkwise(implementation='auto'): {reason}; using the XLA form.", stacklevel=4)
 
 
-def fused_chunkwise(q, k, v, log_decay, plan, state, normalize):
-    """chunkwise through the kernels, which continue the state and return the final one; the row factors
-    (they depend on the absolute positions, the state's count) are applied here."""
+def fused_chunkwise(q, k, v, log_decay, plan, state, normalize, segment_ids=None):
+    """chunkwise through the kernels, which continue the state (resetting it at document starts) and
+    return the final one; the row factors (they depend on the positions: the state's count, and the
+    document starts) are applied here."""
     length = q.shape[1]
     interpret = jax.default_backend() == "cpu"
     acc = retention._accumulator(q.dtype)
     count = jnp.zeros((q.shape[0],), jnp.int32) if state is None else state.count
     h0 = None if state is None else state.kv.astype(jnp.float32)
-    o, kv = fused.chunk_retention(q, k, v, log_decay, h0, plan=plan, interpret=interpret)
+    if segment_ids is None:
+        starts, positions = None, count[:, None] + jnp.arange(length)  # [B, T]
+    else:
+        starts = documents.document_starts(segment_ids)
+        positions = documents.positions_from_starts(starts, count)
+    o, kv = fused.chunk_retention(q, k, v, log_decay, h0, starts=starts, plan=plan, interpret=interpret)
     if normalize:
-        scale = retention._row_scale(count[:, None] + jnp.arange(length), log_decay.astype(acc))
+        scale = retention._row_scale(positions, log_decay.astype(acc))
         o = (o.astype(acc) * scale[..., None]).astype(v.dtype)
-    return o, retention.RetentionState(kv.astype(acc), count + length)
+    final_count = count + length if segment_ids is None else positions[:, -1] + 1
+    return o, retention.RetentionState(kv.astype(acc), final_count)

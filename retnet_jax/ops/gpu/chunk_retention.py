@@ -88,15 +88,16 @@ def shared_memory(tiles: Tiles, size: int, key_dim: int, value_dim: int, itemsiz
 # head) and the matching [K|BK, V|BV] tile of a state; lam_ref is that head's log γ as a [C] vector.
 
 
-def _walk(lam_ref, size: int, groups: int, length: int, body, init, *, reverse: bool = False):
+def _walk(lam_ref, size: int, groups: int, length: int, body, init, *, reverse: bool = False, first_ref=None):
     """``carry = body(rows, decays, carry)`` over the chunks (in order, or last to first); returns the
-    last carry."""
+    last carry. ``first_ref`` [T]: the document starts of this batch row (``common``), or None."""
     lam = lam_ref[...].astype(jnp.float32)
     mask = common.decay_mask(lam, size)
 
     def step(t, carry):
         g = groups - 1 - t if reverse else t
-        d = common.decays(lam, size, common.chunk_length(g, size, length), mask)
+        start = None if first_ref is None else common.local_starts(first_ref, g, size)
+        d = common.decays(lam, size, common.chunk_length(g, size, length), mask, start)
         return body(common.rows(g, size), d, carry)
 
     return jax.lax.fori_loop(0, groups, step, init)
@@ -117,7 +118,9 @@ def _dv_rows(q, k, do, dstate, d, precision):
     return intra + dot(k, dstate.astype(k.dtype), (1, 0), precision) * d.key
 
 
-def _forward_kernel(lam_ref, q_ref, k_ref, v_ref, h0_ref, o_ref, ht_ref, *, size, groups, length, precision):
+def _forward_kernel(
+    lam_ref, q_ref, k_ref, v_ref, h0_ref, o_ref, ht_ref, *, size, groups, length, precision, first_ref=None
+):
     def body(rows, d, state):  # S_g [K, BV] float32
         q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
         o = dot(masked(q, k, d, precision), v, (1, 0), precision)
@@ -125,10 +128,12 @@ def _forward_kernel(lam_ref, q_ref, k_ref, v_ref, h0_ref, o_ref, ht_ref, *, size
         o_ref[rows, :] = o.astype(o_ref.dtype)
         return _carried(state, k, d.key, v, d.chunk, precision)
 
-    ht_ref[...] = _walk(lam_ref, size, groups, length, body, h0_ref[...])
+    ht_ref[...] = _walk(lam_ref, size, groups, length, body, h0_ref[...], first_ref=first_ref)
 
 
-def _dq_kernel(lam_ref, k_ref, v_ref, do_ref, h0_ref, dq_ref, *, size, groups, length, precision):
+def _dq_kernel(
+    lam_ref, k_ref, v_ref, do_ref, h0_ref, dq_ref, *, size, groups, length, precision, first_ref=None
+):
     def body(rows, d, state):  # S_g [BK, V] float32
         k, v, do = k_ref[rows, :], v_ref[rows, :], do_ref[rows, :]
         dq = dot(masked(do, v, d, precision), k, (1, 0), precision)
@@ -136,29 +141,59 @@ def _dq_kernel(lam_ref, k_ref, v_ref, do_ref, h0_ref, dq_ref, *, size, groups, l
         dq_ref[rows, :] = dq.astype(dq_ref.dtype)
         return _carried(state, k, d.key, v, d.chunk, precision)
 
-    _walk(lam_ref, size, groups, length, body, h0_ref[...])
+    _walk(lam_ref, size, groups, length, body, h0_ref[...], first_ref=first_ref)
 
 
-def _dk_kernel(lam_ref, q_ref, v_ref, do_ref, dht_ref, dk_ref, *, size, groups, length, precision):
+def _dk_kernel(
+    lam_ref, q_ref, v_ref, do_ref, dht_ref, dk_ref, *, size, groups, length, precision, first_ref=None
+):
     def body(rows, d, dstate):  # dS_{g+1} [BK, V] float32
         q, v, do = q_ref[rows, :], v_ref[rows, :], do_ref[rows, :]
         dk_ref[rows, :] = _dk_rows(q, v, do, dstate, d, precision).astype(dk_ref.dtype)
         return _carried(dstate, q, d.query, do, d.chunk, precision)
 
-    _walk(lam_ref, size, groups, length, body, dht_ref[...], reverse=True)
+    _walk(lam_ref, size, groups, length, body, dht_ref[...], reverse=True, first_ref=first_ref)
 
 
-def _dv_kernel(lam_ref, q_ref, k_ref, do_ref, dht_ref, dv_ref, dh0_ref, *, size, groups, length, precision):
+def _dv_kernel(
+    lam_ref,
+    q_ref,
+    k_ref,
+    do_ref,
+    dht_ref,
+    dv_ref,
+    dh0_ref,
+    *,
+    size,
+    groups,
+    length,
+    precision,
+    first_ref=None,
+):
     def body(rows, d, dstate):  # dS_{g+1} [K, BV] float32
         q, k, do = q_ref[rows, :], k_ref[rows, :], do_ref[rows, :]
         dv_ref[rows, :] = _dv_rows(q, k, do, dstate, d, precision).astype(dv_ref.dtype)
         return _carried(dstate, q, d.query, do, d.chunk, precision)
 
-    dh0_ref[...] = _walk(lam_ref, size, groups, length, body, dht_ref[...], reverse=True)
+    dh0_ref[...] = _walk(lam_ref, size, groups, length, body, dht_ref[...], reverse=True, first_ref=first_ref)
 
 
 def _dkdv_kernel(
-    lam_ref, q_ref, k_ref, v_ref, do_ref, dht_ref, dk_ref, dv_ref, dh0_ref, *, size, groups, length, precision
+    lam_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    dht_ref,
+    dk_ref,
+    dv_ref,
+    dh0_ref,
+    *,
+    size,
+    groups,
+    length,
+    precision,
+    first_ref=None,
 ):
     """dk and dv in one reversed pass, when the whole [K, V] state fits one program."""
 
@@ -168,7 +203,7 @@ def _dkdv_kernel(
         dv_ref[rows, :] = _dv_rows(q, k, do, dstate, d, precision).astype(dv_ref.dtype)
         return _carried(dstate, q, d.query, do, d.chunk, precision)
 
-    dh0_ref[...] = _walk(lam_ref, size, groups, length, body, dht_ref[...], reverse=True)
+    dh0_ref[...] = _walk(lam_ref, size, groups, length, body, dht_ref[...], reverse=True, first_ref=first_ref)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,31 +227,47 @@ def _state(key_dim: int, value_dim: int, key_tile: int | None, value_tile: int |
     return pl.BlockSpec((None, None, key_dim, value_dim), lambda t, h, b: (b, h, 0, 0))
 
 
-def _call(kernel, count, ins, specs, outs, out_specs, log_decay, size, length, stages, tiles, interpret):
+def _resetting(lam_ref, first_ref, *refs, kernel, **static):
+    """``kernel`` with the document starts of its batch row (the operand after log γ)."""
+    kernel(lam_ref, *refs, first_ref=first_ref, **static)
+
+
+def _call(
+    kernel, count, ins, specs, outs, out_specs, log_decay, first, size, length, stages, tiles, interpret
+):
     batch, padded, heads = ins[0].shape[:3]
-    body = functools.partial(
-        kernel, size=size, groups=padded // size, length=length, precision=common.precision_of(ins[0].dtype)
+    static = dict(
+        size=size, groups=padded // size, length=length, precision=common.precision_of(ins[0].dtype)
     )
-    lam_spec = pl.BlockSpec((None, size), lambda t, h, b: (h, 0))
+    in_specs = [pl.BlockSpec((None, size), lambda t, h, b: (h, 0))]
+    operands = [common.head_decays(log_decay, size)]
+    if first is None:  # no resets: the kernels exactly as without documents
+        body = functools.partial(kernel, **static)
+    else:
+        body = functools.partial(_resetting, kernel=kernel, **static)
+        in_specs.append(pl.BlockSpec((None, padded), lambda t, h, b: (b, 0)))
+        operands.append(first)
     call = common.launch(
         body,
         (count, heads, batch),
-        [lam_spec, *specs],
+        [*in_specs, *specs],
         outs,
         out_specs,
         num_warps=tiles.num_warps,
         num_stages=stages,
         interpret=interpret,
     )
-    return call(common.head_decays(log_decay, size), *ins)
+    return call(*operands, *ins)
 
 
-def forward(q, k, v, log_decay, h0, *, size: int, length: int, tiles: Tiles, interpret: bool):
+def forward(q, k, v, log_decay, h0, first=None, *, size: int, length: int, tiles: Tiles, interpret: bool):
     """Unnormalized retention from the state h0: (o [B, T, H, V], final state [B, H, K, V] float32).
 
     Args:
         q, k: [B, T, H, K]; v: [B, T, H, V], T a multiple of ``size``, K and V powers of two >= 16, zero
             past ``length`` tokens; log_decay: [H] float32; h0: [B, H, K, V] float32.
+        first: [B, T] int32 or None: the index of each token's document start (−1: the document carried
+            in), padded rows repeating the last real one (``common.decays``); None: no resets.
     """
     batch, padded, heads, key_dim = q.shape
     value_dim = v.shape[-1]
@@ -234,6 +285,7 @@ def forward(q, k, v, log_decay, h0, *, size: int, length: int, tiles: Tiles, int
         out,
         [_seq(padded, value_dim, bv), state_spec],
         log_decay,
+        first,
         size,
         length,
         tiles.num_stages,
@@ -242,14 +294,22 @@ def forward(q, k, v, log_decay, h0, *, size: int, length: int, tiles: Tiles, int
     )
 
 
-def backward(q, k, v, log_decay, h0, do, dht, *, size: int, length: int, tiles: Tiles, interpret: bool):
+def backward(
+    q, k, v, log_decay, h0, do, dht, first=None, *, size: int, length: int, tiles: Tiles, interpret: bool
+):
     """Gradients (dq, dk, dv, dh0) of ``forward`` for the cotangents do [B, T, H, V] and dht [B, H, K, V]
     (float32)."""
     padded, key_dim, value_dim = q.shape[1], q.shape[-1], v.shape[-1]
     bk = tiles.key if tiles.key < key_dim else None
     bv = tiles.value if tiles.value < value_dim else None
     call = functools.partial(
-        _call, log_decay=log_decay, size=size, length=length, stages=tiles.backward_stages, tiles=tiles
+        _call,
+        log_decay=log_decay,
+        first=first,
+        size=size,
+        length=length,
+        stages=tiles.backward_stages,
+        tiles=tiles,
     )
 
     def seq(width, tile=None):

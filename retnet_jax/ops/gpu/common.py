@@ -11,8 +11,15 @@ needed, and derives the decay factors of one chunk from it:
     chunk = γ^L                             (the entering state's weight in the leaving one)
 
 where L is the number of real tokens in the chunk: C except in a last chunk padded to C. These four
-factors are the only place where the kernels learn the structure of the sequence: a per-token reset
-(docs/kernels.md) changes them and nothing else.
+factors are the only place where the kernels learn the structure of the sequence, so packed documents
+(docs/kernels.md §5) change them and nothing else. With document resets a kernel also gets, per token,
+the index of its document's first token (``first``; −1 for the document carried in from before the
+call), and with s_i = first − (the chunk's first index) the local start of row i's document:
+
+    D_ij = γ^(i−j) for s_i ≤ j ≤ i, else 0   (no score across a document start)
+    query_i = γ^(i+1) if s_i < 0, else 0     (the entering state belongs to the document open at the start)
+    key_j = γ^(L−1−j) for s ≤ j < L, else 0  (s = max_i s_i: only the last document enters the next state)
+    chunk = γ^L if s < 0, else 0             (a start inside the chunk empties the carried state)
 """
 
 from __future__ import annotations
@@ -83,18 +90,40 @@ def decay_mask(lam, size: int):
     return jnp.exp(jnp.where(i >= j, (i - j).astype(jnp.float32) * lam[None, :], -jnp.inf))
 
 
-def decays(lam, size: int, length, mask=None) -> Decays:
+def decays(lam, size: int, length, mask=None, start=None) -> Decays:
     """The decay factors of one chunk of ``length`` real tokens (module docstring); ``mask`` is D if the
-    caller needs it (computed once, outside its loop over chunks), else None."""
+    caller needs it (computed once, outside its loop over chunks), else None.
+
+    ``start`` [C] int32, with document resets: row i's document begins at chunk row start[i] (negative:
+    before the chunk). Rows past ``length`` must repeat the last real row's value. None: no resets, and
+    the factors are exactly those of a sequence without documents.
+    """
     pos = jax.lax.broadcasted_iota(jnp.int32, (size,), 0)
     last = jnp.asarray(length, jnp.int32) - 1
-    key = jnp.where(pos <= last, (last - pos).astype(jnp.float32) * lam, -jnp.inf)
+    if start is None:
+        key = jnp.where(pos <= last, (last - pos).astype(jnp.float32) * lam, -jnp.inf)
+        return Decays(
+            mask=mask,
+            query=jnp.exp((pos.astype(jnp.float32) + 1.0) * lam)[:, None],
+            key=jnp.exp(key)[:, None],
+            chunk=jnp.max(jnp.exp((last + 1).astype(jnp.float32) * lam)),
+        )
+    # The starts never decrease along the sequence, so the largest is that of the chunk's last document.
+    begin = jnp.max(start)
+    if mask is not None:  # keys before the start of row i's document are cut like future keys
+        j = jax.lax.broadcasted_iota(jnp.int32, (size, size), 1)
+        mask = jnp.where(j >= start[:, None], mask, 0.0)
+    key = jnp.where((pos <= last) & (pos >= begin), (last - pos).astype(jnp.float32) * lam, -jnp.inf)
+    query = jnp.where(start < 0, (pos.astype(jnp.float32) + 1.0) * lam, -jnp.inf)
+    chunk = jnp.where(begin < 0, (last + 1).astype(jnp.float32) * lam, -jnp.inf)
     return Decays(
-        mask=mask,
-        query=jnp.exp((pos.astype(jnp.float32) + 1.0) * lam)[:, None],
-        key=jnp.exp(key)[:, None],
-        chunk=jnp.max(jnp.exp((last + 1).astype(jnp.float32) * lam)),
+        mask=mask, query=jnp.exp(query)[:, None], key=jnp.exp(key)[:, None], chunk=jnp.max(jnp.exp(chunk))
     )
+
+
+def local_starts(first_ref, g, size: int):
+    """Chunk g's rows of the document starts ``first`` (indices in the call) as chunk-local indices [C]."""
+    return first_ref[rows(g, size)] - g * size
 
 
 def masked(a, b, d: Decays, precision):

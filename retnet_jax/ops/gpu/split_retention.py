@@ -83,32 +83,52 @@ def shared_memory(tiles: Tiles, size: int, key_dim: int, value_dim: int, itemsiz
 # State passes: grid (key tile · value tile, H, B).
 
 
-def _states_kernel(lam_ref, k_ref, v_ref, h0_ref, h_ref, ht_ref, *, size, groups, length, precision):
+def _starts(first_ref, g, size):
+    return None if first_ref is None else common.local_starts(first_ref, g, size)
+
+
+def _states_kernel(
+    lam_ref, k_ref, v_ref, h0_ref, h_ref, ht_ref, *, size, groups, length, precision, first_ref=None
+):
     lam = lam_ref[...].astype(jnp.float32)
 
     def step(g, state):  # h_g [BK, BV] float32
         h_ref[g] = state.astype(h_ref.dtype)
-        d = common.decays(lam, size, common.chunk_length(g, size, length))
+        d = common.decays(lam, size, common.chunk_length(g, size, length), start=_starts(first_ref, g, size))
         k, v = k_ref[common.rows(g, size), :], v_ref[common.rows(g, size), :]
         return d.chunk * state + dot((k * d.key).astype(k.dtype), v, (0, 0), precision)
 
     ht_ref[...] = jax.lax.fori_loop(0, groups, step, h0_ref[...])
 
 
-def _dstates_kernel(lam_ref, q_ref, do_ref, dht_ref, dh_ref, dh0_ref, *, size, groups, length, precision):
+def _dstates_kernel(
+    lam_ref, q_ref, do_ref, dht_ref, dh_ref, dh0_ref, *, size, groups, length, precision, first_ref=None
+):
     lam = lam_ref[...].astype(jnp.float32)
 
     def step(t, dstate):  # ∂L/∂h_{g+1} [BK, BV] float32
         g = groups - 1 - t
         dh_ref[g] = dstate.astype(dh_ref.dtype)
-        d = common.decays(lam, size, common.chunk_length(g, size, length))
+        d = common.decays(lam, size, common.chunk_length(g, size, length), start=_starts(first_ref, g, size))
         q, do = q_ref[common.rows(g, size), :], do_ref[common.rows(g, size), :]
         return d.chunk * dstate + dot((q * d.query).astype(q.dtype), do, (0, 0), precision)
 
     dh0_ref[...] = jax.lax.fori_loop(0, groups, step, dht_ref[...])
 
 
-def _state_pass(kernel, x, y, start, out_dtype, log_decay, size, length, tiles, interpret):
+def _resetting(lam_ref, first_ref, *refs, kernel, **static):
+    """``kernel`` with the document starts (the operand after log γ: the batch row's, or the chunk's)."""
+    kernel(lam_ref, *refs, first_ref=first_ref, **static)
+
+
+def _body(kernel, first, static):
+    """The kernel body: ``kernel`` as it is without resets, else taking the document starts too."""
+    if first is None:  # no resets: the kernels exactly as without documents
+        return functools.partial(kernel, **static)
+    return functools.partial(_resetting, kernel=kernel, **static)
+
+
+def _state_pass(kernel, x, y, start, out_dtype, log_decay, first, size, length, tiles, interpret):
     """Runs a state pass over x [B, T, H, K] and y [B, T, H, V] from ``start`` [B, H, K, V] float32:
     (every chunk's state [B, H, G, K, V] in ``out_dtype``, the last state [B, H, K, V] float32)."""
     batch, padded, heads, key_dim = x.shape
@@ -117,13 +137,14 @@ def _state_pass(kernel, x, y, start, out_dtype, log_decay, size, length, tiles, 
     nv = value_dim // bv
     groups = padded // size
     state = pl.BlockSpec((None, None, bk, bv), lambda t, h, b: (b, h, t // nv, t % nv))
+    static = dict(size=size, groups=groups, length=length, precision=common.precision_of(x.dtype))
+    documents = [] if first is None else [pl.BlockSpec((None, padded), lambda t, h, b: (b, 0))]
     call = common.launch(
-        functools.partial(
-            kernel, size=size, groups=groups, length=length, precision=common.precision_of(x.dtype)
-        ),
+        _body(kernel, first, static),
         ((key_dim // bk) * nv, heads, batch),
         [
             pl.BlockSpec((None, size), lambda t, h, b: (h, 0)),
+            *documents,
             pl.BlockSpec((None, padded, None, bk), lambda t, h, b: (b, 0, h, t // nv)),
             pl.BlockSpec((None, padded, None, bv), lambda t, h, b: (b, 0, h, t % nv)),
             state,
@@ -140,23 +161,25 @@ def _state_pass(kernel, x, y, start, out_dtype, log_decay, size, length, tiles, 
         num_stages=tiles.num_stages,
         interpret=interpret,
     )
-    return call(common.head_decays(log_decay, size), x, y, start)
+    return call(common.head_decays(log_decay, size), *([] if first is None else [first]), x, y, start)
 
 
 # ----------------------------------------------------------------------------------------------
 # Chunk passes: grid (column tile, G, H, B); every program reads one chunk.
 
 
-def _chunk_decays(lam_ref, size, length):
-    """The decay factors of this program's chunk (grid axis 1)."""
+def _chunk_decays(lam_ref, size, length, first_ref):
+    """The decay factors of this program's chunk (grid axis 1); ``first_ref`` [C]: its document starts."""
     lam = lam_ref[...].astype(jnp.float32)
-    return common.decays(
-        lam, size, common.chunk_length(pl.program_id(1), size, length), common.decay_mask(lam, size)
-    )
+    g = pl.program_id(1)
+    start = None if first_ref is None else first_ref[...] - g * size
+    return common.decays(lam, size, common.chunk_length(g, size, length), common.decay_mask(lam, size), start)
 
 
-def _output_kernel(lam_ref, q_ref, k_ref, v_ref, h_ref, o_ref, *, size, length, key_tile, precision):
-    d = _chunk_decays(lam_ref, size, length)
+def _output_kernel(
+    lam_ref, q_ref, k_ref, v_ref, h_ref, o_ref, *, size, length, key_tile, precision, first_ref=None
+):
+    d = _chunk_decays(lam_ref, size, length, first_ref)
     bv = v_ref.shape[-1]
 
     def step(t, carry):  # over key tiles: the scores and the entering state's term
@@ -189,8 +212,9 @@ def _dqk_kernel(
     length,
     value_tile,
     precision,
+    first_ref=None,
 ):
-    d = _chunk_decays(lam_ref, size, length)
+    d = _chunk_decays(lam_ref, size, length, first_ref)
     bk = q_ref.shape[-1]
 
     def step(t, carry):  # over value tiles: dO Vᵀ and the state terms
@@ -211,8 +235,10 @@ def _dqk_kernel(
     dk_ref[...] = (dk * d.key + dot(dscores, q, (0, 0), precision)).astype(dk_ref.dtype)
 
 
-def _dv_kernel(lam_ref, q_ref, k_ref, do_ref, dh_ref, dv_ref, *, size, length, key_tile, precision):
-    d = _chunk_decays(lam_ref, size, length)
+def _dv_kernel(
+    lam_ref, q_ref, k_ref, do_ref, dh_ref, dv_ref, *, size, length, key_tile, precision, first_ref=None
+):
+    d = _chunk_decays(lam_ref, size, length, first_ref)
     bv = do_ref.shape[-1]
 
     def step(t, carry):  # over key tiles: Q Kᵀ and the state term
@@ -229,7 +255,7 @@ def _dv_kernel(lam_ref, q_ref, k_ref, do_ref, dh_ref, dv_ref, *, size, length, k
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _chunk_pass(kernel, ins, outs, tiled: str, log_decay, size, length, tiles, interpret):
+def _chunk_pass(kernel, ins, outs, tiled: str, log_decay, first, size, length, tiles, interpret):
     """Runs a chunk pass. ``ins`` / ``outs``: (array or output shape, kind) with kind "seq" ([B, T, H, ·],
     all columns), "seq tile" (its column tile), "state" ([B, H, G, K, V], the chunk's rows and the column
     tile) or "state rows" (the chunk's key-tile rows, all value columns); ``tiled`` names the width
@@ -252,41 +278,49 @@ def _chunk_pass(kernel, ins, outs, tiled: str, log_decay, size, length, tiles, i
 
     step = dict(key_tile=tiles.key) if tiled == "value" else dict(value_tile=tiles.value)
     del key_dim
+    static = dict(size=size, length=length, precision=common.precision_of(x.dtype), **step)
+    documents = [] if first is None else [pl.BlockSpec((None, size), lambda t, g, h, b: (b, g))]
     call = common.launch(
-        functools.partial(kernel, size=size, length=length, precision=common.precision_of(x.dtype), **step),
+        _body(kernel, first, static),
         (width // tile, groups, heads, batch),
-        [pl.BlockSpec((None, size), lambda t, g, h, b: (h, 0))] + [spec(a.shape, kind) for a, kind in ins],
+        [pl.BlockSpec((None, size), lambda t, g, h, b: (h, 0)), *documents]
+        + [spec(a.shape, kind) for a, kind in ins],
         [o for o, _ in outs],
         [spec(o.shape, kind) for o, kind in outs],
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
         interpret=interpret,
     )
-    return call(common.head_decays(log_decay, size), *(a for a, _ in ins))
+    return call(
+        common.head_decays(log_decay, size), *([] if first is None else [first]), *(a for a, _ in ins)
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # The two directions.
 
 
-def _states(k, v, log_decay, h0, size, length, tiles, interpret):
-    return _state_pass(_states_kernel, k, v, h0, v.dtype, log_decay, size, length, tiles, interpret)
+def _states(k, v, log_decay, h0, first, size, length, tiles, interpret):
+    return _state_pass(_states_kernel, k, v, h0, v.dtype, log_decay, first, size, length, tiles, interpret)
 
 
-def forward(q, k, v, log_decay, h0, *, size: int, length: int, tiles: Tiles, interpret: bool):
+def forward(q, k, v, log_decay, h0, first=None, *, size: int, length: int, tiles: Tiles, interpret: bool):
     """Unnormalized retention from the state h0: (o [B, T, H, V], final state [B, H, K, V] float32).
 
     Args:
         q, k: [B, T, H, K]; v: [B, T, H, V], T a multiple of ``size``, K and V multiples of their tiles,
             zero past ``length`` tokens; log_decay: [H] float32; h0: [B, H, K, V] float32.
+        first: [B, T] int32 or None: the index of each token's document start (−1: the document carried
+            in), padded rows repeating the last real one (``common.decays``); None: no resets.
     """
-    h, ht = _states(k, v, log_decay, h0, size, length, tiles, interpret)
+    h, ht = _states(k, v, log_decay, h0, first, size, length, tiles, interpret)
     (o,) = _chunk_pass(
         _output_kernel,
         [(q, "seq"), (k, "seq"), (v, "seq tile"), (h, "state")],
         [(jax.ShapeDtypeStruct(v.shape, v.dtype), "seq tile")],
         "value",
         log_decay,
+        first,
         size,
         length,
         tiles,
@@ -295,13 +329,23 @@ def forward(q, k, v, log_decay, h0, *, size: int, length: int, tiles: Tiles, int
     return o, ht
 
 
-def backward(q, k, v, log_decay, h0, do, dht, *, size: int, length: int, tiles: Tiles, interpret: bool):
+def backward(
+    q, k, v, log_decay, h0, do, dht, first=None, *, size: int, length: int, tiles: Tiles, interpret: bool
+):
     """Gradients (dq, dk, dv, dh0) of ``forward`` for the cotangents do [B, T, H, V] and dht [B, H, K, V]
     (float32)."""
-    h, _ = _states(k, v, log_decay, h0, size, length, tiles, interpret)
-    dh, dh0 = _state_pass(_dstates_kernel, q, do, dht, v.dtype, log_decay, size, length, tiles, interpret)
+    h, _ = _states(k, v, log_decay, h0, first, size, length, tiles, interpret)
+    dh, dh0 = _state_pass(
+        _dstates_kernel, q, do, dht, v.dtype, log_decay, first, size, length, tiles, interpret
+    )
     chunk_pass = functools.partial(
-        _chunk_pass, log_decay=log_decay, size=size, length=length, tiles=tiles, interpret=interpret
+        _chunk_pass,
+        log_decay=log_decay,
+        first=first,
+        size=size,
+        length=length,
+        tiles=tiles,
+        interpret=interpret,
     )
     dq, dk = chunk_pass(
         _dqk_kernel,
