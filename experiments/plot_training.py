@@ -47,6 +47,8 @@ def series(paths) -> dict[str, list[tuple[int, float]]]:
             label = f"{row['model']} {row['arch']}"
             if row["arch"] == "torchscale":
                 label += f" C={row['C']}" if row["C"].isdigit() else " parallel"
+            if row.get("docs", "–") != "–":  # packed documents (bench_training --documents)
+                label += f" docs {row['docs']}"
             points.setdefault(label, {})[int(row["T"])] = rate
     return {label: sorted(p.items()) for label, p in points.items()}
 

@@ -18,7 +18,9 @@ kernels take a tile of value columns (state tile [K, BV]), the dq and dk kernels
 ([BK, V]); when the whole state fits one tile a single reversed pass gives dk and dv. Tiles narrower
 than the head re-read their inputs and measured slower than the XLA form on an H100: wide heads take
 ``split_retention`` instead. Inputs arrive padded (``fused``): T to a multiple of C, K and V to powers
-of two.
+of two. With packed documents every kernel also takes its batch row's document starts (``first``, one
+more operand after log γ) and derives each chunk's decay factors from them (``common.decays``); the
+bodies are otherwise the same.
 """
 
 from __future__ import annotations

@@ -26,7 +26,9 @@ and then, in parallel over chunks,
       dv_g = ((Q Kᵀ) ⊙ D)ᵀ dO + (K dh[g]) ⊙ key         (per value tile, a loop over key tiles)
 
 The chunk passes recompute the C×C scores once per column tile; the tiles trade that against parallelism.
-Inputs arrive padded (``fused``): T to a multiple of C, K and V to multiples of their tiles.
+Inputs arrive padded (``fused``): T to a multiple of C, K and V to multiples of their tiles. With packed
+documents every pass also takes the document starts (``first``: the batch row's in the state passes, the
+chunk's in the chunk passes) and derives each chunk's decay factors from them (``common.decays``).
 """
 
 from __future__ import annotations
