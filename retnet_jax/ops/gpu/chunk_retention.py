@@ -98,7 +98,7 @@ def _walk(lam_ref, size: int, groups: int, length: int, body, init, *, reverse: 
 
     def step(t, carry):
         g = groups - 1 - t if reverse else t
-        start = None if first_ref is None else common.local_starts(first_ref, g, size)
+        start = common.local_starts(first_ref, g, size)
         d = common.decays(lam, size, common.chunk_length(g, size, length), mask, start)
         return body(common.rows(g, size), d, carry)
 
@@ -229,11 +229,6 @@ def _state(key_dim: int, value_dim: int, key_tile: int | None, value_tile: int |
     return pl.BlockSpec((None, None, key_dim, value_dim), lambda t, h, b: (b, h, 0, 0))
 
 
-def _resetting(lam_ref, first_ref, *refs, kernel, **static):
-    """``kernel`` with the document starts of its batch row (the operand after log γ)."""
-    kernel(lam_ref, *refs, first_ref=first_ref, **static)
-
-
 def _call(
     kernel, count, ins, specs, outs, out_specs, log_decay, first, size, length, stages, tiles, interpret
 ):
@@ -243,10 +238,8 @@ def _call(
     )
     in_specs = [pl.BlockSpec((None, size), lambda t, h, b: (h, 0))]
     operands = [common.head_decays(log_decay, size)]
-    if first is None:  # no resets: the kernels exactly as without documents
-        body = functools.partial(kernel, **static)
-    else:
-        body = functools.partial(_resetting, kernel=kernel, **static)
+    body = common.kernel_body(kernel, first is not None, **static)
+    if first is not None:
         in_specs.append(pl.BlockSpec((None, padded), lambda t, h, b: (b, 0)))
         operands.append(first)
     call = common.launch(

@@ -122,8 +122,23 @@ def decays(lam, size: int, length, mask=None, start=None) -> Decays:
 
 
 def local_starts(first_ref, g, size: int):
-    """Chunk g's rows of the document starts ``first`` (indices in the call) as chunk-local indices [C]."""
-    return first_ref[rows(g, size)] - g * size
+    """Chunk g's rows of the document starts ``first`` (indices in the call) as chunk-local indices [C]
+    (``first_ref`` holds the whole row, or just chunk g's rows); None without resets."""
+    if first_ref is None:
+        return None
+    return (first_ref[rows(g, size)] if first_ref.shape[0] > size else first_ref[...]) - g * size
+
+
+def _with_starts(lam_ref, first_ref, *refs, kernel, **static):
+    kernel(lam_ref, *refs, first_ref=first_ref, **static)
+
+
+def kernel_body(kernel, resets: bool, **static):
+    """The body given to ``pallas_call``: ``kernel`` as it is without resets; with them, a body that takes
+    the document starts as the operand after log γ and hands them to ``kernel`` as ``first_ref``."""
+    if not resets:  # exactly the kernel without documents
+        return functools.partial(kernel, **static)
+    return functools.partial(_with_starts, kernel=kernel, **static)
 
 
 def masked(a, b, d: Decays, precision):

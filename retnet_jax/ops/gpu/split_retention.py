@@ -85,10 +85,6 @@ def shared_memory(tiles: Tiles, size: int, key_dim: int, value_dim: int, itemsiz
 # State passes: grid (key tile · value tile, H, B).
 
 
-def _starts(first_ref, g, size):
-    return None if first_ref is None else common.local_starts(first_ref, g, size)
-
-
 def _states_kernel(
     lam_ref, k_ref, v_ref, h0_ref, h_ref, ht_ref, *, size, groups, length, precision, first_ref=None
 ):
@@ -96,7 +92,9 @@ def _states_kernel(
 
     def step(g, state):  # h_g [BK, BV] float32
         h_ref[g] = state.astype(h_ref.dtype)
-        d = common.decays(lam, size, common.chunk_length(g, size, length), start=_starts(first_ref, g, size))
+        d = common.decays(
+            lam, size, common.chunk_length(g, size, length), start=common.local_starts(first_ref, g, size)
+        )
         k, v = k_ref[common.rows(g, size), :], v_ref[common.rows(g, size), :]
         return d.chunk * state + dot((k * d.key).astype(k.dtype), v, (0, 0), precision)
 
@@ -111,23 +109,13 @@ def _dstates_kernel(
     def step(t, dstate):  # ∂L/∂h_{g+1} [BK, BV] float32
         g = groups - 1 - t
         dh_ref[g] = dstate.astype(dh_ref.dtype)
-        d = common.decays(lam, size, common.chunk_length(g, size, length), start=_starts(first_ref, g, size))
+        d = common.decays(
+            lam, size, common.chunk_length(g, size, length), start=common.local_starts(first_ref, g, size)
+        )
         q, do = q_ref[common.rows(g, size), :], do_ref[common.rows(g, size), :]
         return d.chunk * dstate + dot((q * d.query).astype(q.dtype), do, (0, 0), precision)
 
     dh0_ref[...] = jax.lax.fori_loop(0, groups, step, dht_ref[...])
-
-
-def _resetting(lam_ref, first_ref, *refs, kernel, **static):
-    """``kernel`` with the document starts (the operand after log γ: the batch row's, or the chunk's)."""
-    kernel(lam_ref, *refs, first_ref=first_ref, **static)
-
-
-def _body(kernel, first, static):
-    """The kernel body: ``kernel`` as it is without resets, else taking the document starts too."""
-    if first is None:  # no resets: the kernels exactly as without documents
-        return functools.partial(kernel, **static)
-    return functools.partial(_resetting, kernel=kernel, **static)
 
 
 def _state_pass(kernel, x, y, start, out_dtype, log_decay, first, size, length, tiles, interpret):
@@ -142,7 +130,7 @@ def _state_pass(kernel, x, y, start, out_dtype, log_decay, first, size, length, 
     static = dict(size=size, groups=groups, length=length, precision=common.precision_of(x.dtype))
     documents = [] if first is None else [pl.BlockSpec((None, padded), lambda t, h, b: (b, 0))]
     call = common.launch(
-        _body(kernel, first, static),
+        common.kernel_body(kernel, first is not None, **static),
         ((key_dim // bk) * nv, heads, batch),
         [
             pl.BlockSpec((None, size), lambda t, h, b: (h, 0)),
@@ -174,7 +162,7 @@ def _chunk_decays(lam_ref, size, length, first_ref):
     """The decay factors of this program's chunk (grid axis 1); ``first_ref`` [C]: its document starts."""
     lam = lam_ref[...].astype(jnp.float32)
     g = pl.program_id(1)
-    start = None if first_ref is None else first_ref[...] - g * size
+    start = common.local_starts(first_ref, g, size)
     return common.decays(lam, size, common.chunk_length(g, size, length), common.decay_mask(lam, size), start)
 
 
@@ -283,7 +271,7 @@ def _chunk_pass(kernel, ins, outs, tiled: str, log_decay, first, size, length, t
     static = dict(size=size, length=length, precision=common.precision_of(x.dtype), **step)
     documents = [] if first is None else [pl.BlockSpec((None, size), lambda t, g, h, b: (b, g))]
     call = common.launch(
-        _body(kernel, first, static),
+        common.kernel_body(kernel, first is not None, **static),
         (width // tile, groups, heads, batch),
         [pl.BlockSpec((None, size), lambda t, g, h, b: (h, 0)), *documents]
         + [spec(a.shape, kind) for a, kind in ins],
