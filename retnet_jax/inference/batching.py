@@ -30,8 +30,9 @@ gives for that request alone (to within the two programs' rounding).
 against: R requests at a time, all prefilled at the batch's longest prompt bucket, the batch decoded until
 its longest output ends, then the next R.
 
-Programs are compiled ahead of time on first use (one per prefill shape, one for decoding) and shared by
-schedulers of the same model and shapes; ``stats.compile_s`` is the time spent compiling.
+Programs are compiled ahead of time on first use (one per prefill shape, one for decoding), while the
+device is idle, and shared by schedulers of the same model and shapes; ``stats.compile_s`` is the time
+spent compiling (subtract it from a wall time to get the serving time).
 """
 
 from __future__ import annotations
@@ -434,22 +435,35 @@ class Scheduler:
     def _admit_waiting(self, free: list[int]) -> Iterator[Event]:
         self._ensure_device()
         batch = [self._queue.popleft() for _ in range(min(len(free), len(self._queue)))]
-        placed = []
+        calls = []
         for width, group in self._groups(batch):
             slots = [free.pop(0) for _ in group]
             # A power of two of rows (or the most a call may have), so few programs serve every group.
             n = min(_pow2_at_least(len(group)), self._rows_per_call(width))
-            first, finished = self._prefill(width, n, group, slots)
-            placed.append((group, slots, first, finished))
-        for group, slots, first, finished in placed:
+            args = (
+                self.variables,
+                self._device,
+                self._base_key,
+                *self._prefill_inputs(width, n, group, slots),
+            )
+            program = self._program("admit", functools.partial(_admit, self.decoder, self.max_length), args)
+            calls.append((program, args, group, slots, n * width))
+        results = []
+        for program, args, group, slots, tokens in calls:  # compiled first: nothing runs while compiling
+            self._device, first, finished = program(self.variables, self._device, *args[2:])
+            results.append((group, slots, first, finished))
+            self.stats.requests += len(group)
+            self.stats.prefill_calls += 1
+            self.stats.prefill_tokens += tokens
+        for group, slots, first, finished in results:
             first, finished = np.asarray(first), np.asarray(finished)
             for j, (request, slot) in enumerate(zip(group, slots, strict=True)):
                 self._requests[slot], self._emitted[slot] = request, 1
                 self.stats.generated += 1
                 yield self._event(slot, [int(first[j])], bool(finished[j]))
 
-    def _prefill(self, width: int, n: int, group: list[Request], slots: list[int]):
-        """Runs one admission program: ``group`` into ``slots``, padded to n rows of width + 1 tokens."""
+    def _prefill_inputs(self, width: int, n: int, group: list[Request], slots: list[int]):
+        """An admission's inputs: ``group`` into ``slots``, padded to n rows of width + 1 tokens."""
         tokens = np.full((n, width + 1), self.pad_id, np.int32)
         pads = np.full((n,), width, np.int32)
         tokens[:, -1] = self.bos_id  # unused rows: BOS alone
@@ -466,13 +480,7 @@ class Scheduler:
             settings[j] = (request.temperature, request.top_k, request.top_p)
             self.stats.prompt_tokens += len(framed)
         new = _New(ids, limit, sampling.PerRow.of(settings, self.vocab_size), stops)
-        args = (self.variables, self._device, self._base_key, rows, tokens, pads, new)
-        program = self._program("admit", functools.partial(_admit, self.decoder, self.max_length), args)
-        self._device, first, finished = program(*args)
-        self.stats.requests += len(group)
-        self.stats.prefill_calls += 1
-        self.stats.prefill_tokens += n * width
-        return first, finished
+        return rows, tokens, pads, new
 
     def _decode_block(self, waiting: bool) -> Iterator[Event]:
         exit_free = np.int32(self.refill_at if waiting else self.rows + 1)
@@ -512,6 +520,8 @@ class Scheduler:
         key = (kind, fn.func, fn.args, _signature(args))
         program = _PROGRAMS.get(key)
         if program is None:
+            # Compile while the device is idle, so that compile_s can be told apart from running time.
+            jax.block_until_ready(self._device)
             start = time.perf_counter()
             program = jax.jit(fn, donate_argnums=(1,)).lower(*args).compile()
             self.stats.compile_s += time.perf_counter() - start

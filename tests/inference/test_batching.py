@@ -152,8 +152,8 @@ def test_greedy_requests_equal_generate_alone(lm, greedy_requests):
     stats = scheduler.stats
     assert stats.requests == len(greedy_requests) and stats.generated == sum(map(len, tokens.values()))
 
-    # The same requests in another order, with other neighbours, through 2 rows and in static batches.
-    for kwargs, order in ((dict(rows=2), greedy_requests[::-1]), (dict(static=True), greedy_requests)):
+    # The same requests in another order (other neighbours, other rows), and in static batches.
+    for kwargs, order in ((dict(), greedy_requests[::-1]), (dict(static=True), greedy_requests)):
         again, reasons_again, _, other = _serve(lm, order, **kwargs)
         for request in greedy_requests:
             _check_ending(request, again[request.id], reasons_again[request.id])
@@ -198,7 +198,7 @@ def _assert_drawn(lm, request, tokens):
 
 def test_sampled_requests_draw_from_their_own_keys(lm):
     """Mixed settings in one batch: every request's draws follow its key rule, whatever else shares the
-    batch (two schedules: different neighbours, rows and order)."""
+    batch (two schedules: different neighbours and order)."""
     requests = [
         Request(300 + i, prompt, max_new, *SETTINGS[i % len(SETTINGS)])
         for i, (prompt, max_new) in enumerate(SHAPES)
@@ -209,7 +209,7 @@ def test_sampled_requests_draw_from_their_own_keys(lm):
     mixed = [r for i, r in enumerate(requests) if i % 2] + [
         Request(900 + i, p, 5, temperature=1.0) for i, (p, _) in enumerate(SHAPES[:3])
     ]
-    again, _, _, _ = _serve(lm, mixed[::-1], rows=2)
+    again, _, _, _ = _serve(lm, mixed[::-1])
     for request in mixed:
         _assert_drawn(lm, request, again[request.id])
     # The draws do depend on the seed (the test could tell a key that ignored it).
