@@ -2,6 +2,7 @@
 
     python -m experiments.bench_serving --archs=retnet --tag=retnet              # paper-1.3b, GPU
     python -m experiments.bench_serving --archs=transformer --tag=transformer
+    python -m experiments.bench_serving --archs= --merge=A.json,B.json --tag=all  # one table of earlier runs
     python -m experiments.bench_serving --model=tiny --requests=64 --rows=8 \\
         --prompt_lengths=16,512 --output_lengths=16,128                            # CPU (~2 min)
 
@@ -24,13 +25,17 @@ Timing: each policy serves the whole workload ``--repeats`` times. Programs are 
 while the device is idle, and timed apart (``compile s``); the time to finish is the wall time from the
 start to the last token minus that compile time (median over repeats). tokens/s = tokens generated /
 time to finish; prompt tokens/s likewise; latency = a request's finish time (every request arrives at
-0). ``busy`` = tokens generated / (decoding steps × R): how full the rows were; ``prefill pad`` = the
-share of prefill tokens that were padding.
+0). ``busy`` = tokens decoded / (decoding steps × R): how full the rows were (a request's first token
+comes from its prefill); ``prefill pad`` = the share of prefill tokens that were padding or unused rows.
+The first run also pays each program's first call (loading it: milliseconds each), which the median
+of ``--repeats=3`` or more leaves out.
 """
 
 from __future__ import annotations
 
 import gc
+import json
+import os
 import time
 
 import jax
@@ -54,6 +59,9 @@ _REFILL_AT = flags.DEFINE_integer(
     "refill_at", 1, "Free rows that end a decoding program while requests wait."
 )
 _PREFILL_TOKENS = flags.DEFINE_integer("max_prefill_tokens", 8192, "Rows × width of a prefill call at most.")
+_MERGE = flags.DEFINE_list(
+    "merge", [], "JSON results of earlier runs of this script whose rows join the table (runs split by arch)."
+)
 _DTYPE = flags.DEFINE_string(
     "dtype", "auto", "Compute and parameter dtype (auto: bfloat16 on GPU, else f32)."
 )
@@ -136,7 +144,7 @@ def run(arch, model, variables, requests, rows: int, policy: str):
         prefill_calls=stats.prefill_calls,
         steps=stats.steps,
         blocks=stats.blocks,
-        busy=stats.generated / max(1, stats.row_steps),
+        busy=(stats.generated - stats.requests) / max(1, stats.row_steps),
         tokens_per_s=stats.generated / seconds,
         prompt_tokens_per_s=stats.prompt_tokens / seconds,
         latency_mean_s=float(np.mean(finish)),
@@ -225,19 +233,26 @@ def main(argv):
         _DTYPE.value if _DTYPE.value != "auto" else ("float32" if device["platform"] == "cpu" else "bfloat16")
     )
     report = bl.Report("bench_serving", device["short"])
-    rows = []
+    rows, setups = [], []
+    for path in _MERGE.value:
+        with open(path) as f:
+            earlier = json.load(f)
+        rows += [dict(row, merged_from=os.path.basename(path)) for row in earlier["rows"]]
+        setups += [f"{earlier.get('setup', '')} (from {os.path.basename(path)})"]
 
     def write(setup=""):
         derive(rows)
+        setup = " ".join(s for s in [*setups, setup] if s)
         sections = [
             bl.ceilings_markdown(device, None),
             setup,
             "## Continuous batching vs static batches\n\n"
             + bl.markdown_table(sorted(rows, key=lambda r: (r["arch"], r["R"], r["policy"])), COLUMNS),
         ]
-        raw = dict(device=device, model=_MODEL.value, dtype=dtype, rows=rows)
+        raw = dict(device=device, model=_MODEL.value, dtype=dtype, setup=setup, rows=rows)
         return report.write("Serving benchmark", sections, raw)
 
+    setup = ""
     for arch in _ARCHS.value:
         setup = run_arch(arch, dtype, budget, rows, write)
         gc.collect()

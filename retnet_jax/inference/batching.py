@@ -10,12 +10,13 @@
 ``put``). The host loop alternates two kinds of jitted programs over one batch of R rows:
 
 * Admission: while requests wait and rows are free, the oldest waiting requests (as many as rows are free)
-  are grouped by prompt bucket. Each group is framed ([BOS] + ids, left-padded to a power of two, as
-  ``generate`` frames a batch), prefilled from an empty state by the decoder (the chunkwise form for a
-  RetNet; a Transformer's attention over its cache), its first tokens drawn, and its state written into
-  the free rows with ``state.put``. A RetNet row's state has a fixed size, so a new request just
-  overwrites its row: no paging. A prefill call has a power-of-two number of rows (unused ones are
-  dropped) and at most ``max_prefill_tokens`` tokens (rows × width), unless one prompt is longer.
+  are grouped by prompt bucket. Each group is framed ([BOS] + ids, padded to a power of two), prefilled
+  (a RetNet: left-padded, as ``generate`` frames a batch, by the chunkwise form from an empty state; a
+  Transformer: right-padded, by the model's own prefill, flash attention on a GPU), its first tokens
+  drawn, and its state written into the free rows with ``state.put``. A RetNet row's state has a fixed
+  size, so a new request just overwrites its row: no paging. A prefill call has a power-of-two number of
+  rows (unused ones are dropped) and at most ``max_prefill_tokens`` tokens (rows × width), unless one
+  prompt is longer.
 * Decoding: one jitted while loop of up to ``block_size`` steps of all R rows: each row draws with its own
   settings (``sampling.PerRow``) and key, counts its tokens and ends at one of its stop tokens or at its
   ``max_new_tokens``. When requests wait, the loop returns as soon as ``refill_at`` rows are free, so a
@@ -50,6 +51,7 @@ import numpy as np
 
 from retnet_jax.inference import decoding, sampling
 from retnet_jax.inference import prompts as prompts_lib
+from retnet_jax.models import lm as lm_lib
 from retnet_jax.models.lm import DecoderLM
 
 __all__ = ["Event", "Request", "Scheduler", "Stats", "token_keys"]
@@ -106,7 +108,8 @@ class Stats:
         prompt_tokens: framed prompt tokens (BOS included) prefilled. prefill_tokens: tokens the prefill
             calls ran, padding and unused rows included. prefill_calls: admission programs run.
         blocks: decoding programs run. steps: decoding steps (each over all R rows).
-        row_steps: steps × R; ``generated / row_steps`` is how busy the rows were.
+        row_steps: steps × R; ``(generated − requests) / row_steps`` is how busy the rows were (each
+            request's first token comes from its prefill).
         compile_s: seconds spent compiling programs (a program is compiled once per shape and process).
     """
 
@@ -158,11 +161,25 @@ def _stopped(tokens, stops):
     return jnp.any(tokens[:, None] == stops, axis=-1)
 
 
-def _admit(decoder, max_length, variables, rows: _Rows, base_key, slots, tokens, pads, new: _New):
-    """Prefills tokens [n, W + 1] (``pads`` [n] left pads each) into rows ``slots`` [n] (>= R: unused) and
-    draws each one's first token. Returns (rows, first tokens [n], finished [n])."""
-    state = decoder.init_state(pads, max_length)
-    logits, state = decoder.prefill(variables, tokens, state)
+def _admit(decoder, max_length, whole, variables, rows: _Rows, base_key, slots, tokens, pads, new: _New):
+    """Prefills the framed prompts tokens [n, W + 1] into rows ``slots`` [n] (>= R: unused) and draws each
+    one's first token. Returns (rows, first tokens [n], finished [n]).
+
+    ``whole`` (a DecoderLM with a KV cache): the prompts are right-padded, ``pads`` [n] holds their
+    lengths, and the model's own stateless prefill runs them (cuDNN's flash attention on a GPU): the model
+    is causal, so the pads after a prompt change nothing, and the cache's position is set back to the
+    prompt's end (the pads' slots are then unused and overwritten). Otherwise the prompts are left-padded
+    (``pads`` [n] pads each; they never enter the state) and the decoder prefills them from empty (a
+    RetNet's chunkwise form).
+    """
+    if whole:
+        lengths = pads
+        logits, state = lm_lib.prefill(decoder.model, variables, tokens, max_length=max_length)
+        logits = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [n, N]
+        state = state._replace(position=lengths)
+    else:
+        state = decoder.init_state(pads, max_length)
+        logits, state = decoder.prefill(variables, tokens, state)
     first = new.sampler(token_keys(base_key, new.ids, jnp.zeros_like(new.ids)), logits)
     finished = _stopped(first, new.stops) | (new.limit <= 1)
 
@@ -180,6 +197,22 @@ def _admit(decoder, max_length, variables, rows: _Rows, base_key, slots, tokens,
         stops=put(rows.stops, new.stops),
     )
     return rows, first, finished
+
+
+def _empty_rows(decoder, max_length, batch: int, stop_slots: int, pad_id: int) -> _Rows:
+    """R free rows."""
+    return _Rows(
+        state=decoder.init_state(jnp.zeros((batch,), jnp.int32), max_length),
+        token=jnp.full((batch,), pad_id, jnp.int32),
+        ids=jnp.zeros((batch,), jnp.int32),
+        emitted=jnp.zeros((batch,), jnp.int32),
+        limit=jnp.ones((batch,), jnp.int32),
+        done=jnp.ones((batch,), bool),
+        sampler=sampling.PerRow(
+            jnp.zeros((batch,), jnp.float32), jnp.zeros((batch,), jnp.int32), jnp.ones((batch,), jnp.float32)
+        ),
+        stops=jnp.full((batch, stop_slots), -1, jnp.int32),
+    )
 
 
 def _decode(decoder, width, pad_id, variables, rows: _Rows, base_key, exit_free):
@@ -216,7 +249,7 @@ _PROGRAMS: collections.OrderedDict = collections.OrderedDict()
 def _signature(args) -> tuple:
     """What a compiled program is specialised to: the pytree structure, shapes and dtypes of its arguments."""
     leaves, tree = jax.tree.flatten(args)
-    return tree, tuple((np.shape(x), str(x.dtype)) for x in leaves)
+    return tree, tuple((x.shape, x.dtype) for x in leaves)
 
 
 def _pow2_at_least(n: int) -> int:
@@ -301,7 +334,10 @@ class Scheduler:
         self.static = bool(static)
         self.capacity = self._capacity(max_length)  # None: a state without a length bound
         self.max_length = None if self.capacity is None else int(max_length)
+        # A KV cache of a DecoderLM is filled by the model's own prefill of right-padded prompts.
+        self._whole_prefill = self.capacity is not None and isinstance(decoder, decoding.LMDecoder)
         self.stats = Stats()
+        self._variables_signature = _signature(variables)
         self._base_key = jax.random.key(self.seed)
         self._device: _Rows | None = None  # built at the first admission
         self._requests: list[Request | None] = [None] * self.rows  # the request in each row
@@ -395,25 +431,17 @@ class Scheduler:
         return [b for b, request in enumerate(self._requests) if request is None]
 
     def _ensure_device(self):
-        if self._device is not None:
-            return
-        batch = self.rows
-        pads = jnp.zeros((batch,), jnp.int32)
-        self._device = _Rows(
-            state=self.decoder.init_state(pads, self.max_length),
-            token=jnp.full((batch,), self.pad_id, jnp.int32),
-            ids=jnp.zeros((batch,), jnp.int32),
-            emitted=jnp.zeros((batch,), jnp.int32),
-            limit=jnp.ones((batch,), jnp.int32),
-            done=jnp.ones((batch,), bool),
-            sampler=jax.tree.map(jnp.asarray, sampling.PerRow.of([(0.0, 0, 1.0)] * batch)),
-            stops=jnp.full((batch, self.max_stop_tokens), -1, jnp.int32),
-        )
+        if self._device is None:  # compiled like the others, so that its compile time is counted apart
+            fn = functools.partial(
+                _empty_rows, self.decoder, self.max_length, self.rows, self.max_stop_tokens, self.pad_id
+            )
+            self._device = self._program("init", fn, (), donate=())()
 
     def _width(self, prompt_length: int) -> int:
         """Prompt tokens a prefill call runs for a prompt of this length: its bucket (within the cache)."""
         width = prompts_lib.bucket(prompt_length)
-        return width if self.capacity is None else min(width, self.capacity)
+        # BOS + the prompt fit the cache (checked per request), so the framed width may be cut to it.
+        return width if self.capacity is None else min(width, self.capacity - 1)
 
     def _groups(self, batch: list[Request]) -> list[tuple[int, list[Request]]]:
         """(width, requests) prefill calls: grouped by width, each within max_prefill_tokens."""
@@ -446,7 +474,8 @@ class Scheduler:
                 self._base_key,
                 *self._prefill_inputs(width, n, group, slots),
             )
-            program = self._program("admit", functools.partial(_admit, self.decoder, self.max_length), args)
+            fn = functools.partial(_admit, self.decoder, self.max_length, self._whole_prefill)
+            program = self._program("admit", fn, args)
             calls.append((program, args, group, slots, n * width))
         results = []
         for program, args, group, slots, tokens in calls:  # compiled first: nothing runs while compiling
@@ -463,22 +492,28 @@ class Scheduler:
                 yield self._event(slot, [int(first[j])], bool(finished[j]))
 
     def _prefill_inputs(self, width: int, n: int, group: list[Request], slots: list[int]):
-        """An admission's inputs: ``group`` into ``slots``, padded to n rows of width + 1 tokens."""
+        """An admission's inputs: ``group`` into ``slots``, framed in n rows of width + 1 tokens (left-padded,
+        with their pads; or right-padded, with their lengths, for the whole-prompt prefill)."""
         tokens = np.full((n, width + 1), self.pad_id, np.int32)
-        pads = np.full((n,), width, np.int32)
-        tokens[:, -1] = self.bos_id  # unused rows: BOS alone
         ids, limit = np.zeros((n,), np.int32), np.ones((n,), np.int32)
         stops = np.full((n, self.max_stop_tokens), -1, np.int32)
         settings = [(0.0, 0, 1.0)] * n
         rows = np.full((n,), self.rows, np.int32)  # an index >= R is dropped
+        framed = [[self.bos_id, *request.prompt] for request in group]
+        framed += [[self.bos_id]] * (n - len(group))  # unused rows: BOS alone
+        if self._whole_prefill:
+            pads = np.asarray([len(f) for f in framed], np.int32)  # lengths
+            for j, f in enumerate(framed):
+                tokens[j, : len(f)] = f
+        else:
+            pads = np.asarray([width + 1 - len(f) for f in framed], np.int32)
+            for j, f in enumerate(framed):
+                tokens[j, pads[j] :] = f
         for j, (request, slot) in enumerate(zip(group, slots, strict=True)):
-            framed = [self.bos_id, *request.prompt]
-            pads[j] = width + 1 - len(framed)
-            tokens[j, pads[j] :] = framed
             ids[j], limit[j], rows[j] = request.id, request.max_new_tokens, slot
             stops[j, : len(request.stop_tokens)] = request.stop_tokens
             settings[j] = (request.temperature, request.top_k, request.top_p)
-            self.stats.prompt_tokens += len(framed)
+            self.stats.prompt_tokens += len(framed[j])
         new = _New(ids, limit, sampling.PerRow.of(settings, self.vocab_size), stops)
         return rows, tokens, pads, new
 
@@ -514,16 +549,17 @@ class Scheduler:
 
     # -- programs ------------------------------------------------------------------------------------
 
-    def _program(self, kind: str, fn, args):
+    def _program(self, kind: str, fn, args, donate=(1,)):
         """The compiled program of ``fn`` for these arguments' shapes (compiled now if new; shared by
-        schedulers of the same decoder and settings)."""
-        key = (kind, fn.func, fn.args, _signature(args))
+        schedulers of the same decoder and settings); argument 1 (the rows) is donated."""
+        # The variables' signature is computed once: they are the same arrays at every call.
+        key = (kind, fn.func, fn.args, self._variables_signature, _signature(args[1:]) if args else ())
         program = _PROGRAMS.get(key)
         if program is None:
             # Compile while the device is idle, so that compile_s can be told apart from running time.
             jax.block_until_ready(self._device)
             start = time.perf_counter()
-            program = jax.jit(fn, donate_argnums=(1,)).lower(*args).compile()
+            program = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
             self.stats.compile_s += time.perf_counter() - start
             _PROGRAMS[key] = program
             while len(_PROGRAMS) > _PROGRAM_CACHE_SIZE:
