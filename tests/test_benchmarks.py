@@ -39,6 +39,14 @@ SCRIPTS = {
         "--batch_context=32",
         "--decode_steps=4",
     ],
+    "bench_serving": [
+        "--model=tiny",
+        "--requests=6",
+        "--rows=2",
+        "--prompt_lengths=4,30",
+        "--output_lengths=2,10",
+        "--plots=false",
+    ],
     "profile_steps": [
         "--model=tiny",
         "--archs=retnet",
@@ -94,6 +102,23 @@ def test_inference(tmp_path):
     assert all(r["status"] == "ok" for r in rows), [r for r in rows if r["status"] != "ok"]
     assert all(r["tokens_per_s"] > 0 for r in rows)
     assert "Fig. 6c" in text
+
+
+def test_serving(tmp_path):
+    results, text = run("bench_serving", tmp_path)
+    rows = results["rows"]
+    assert {(r["arch"], r["policy"]) for r in rows} == {
+        (arch, policy) for arch in ("retnet", "transformer") for policy in ("continuous", "static")
+    }
+    assert all(r["status"] == "ok" for r in rows), [r for r in rows if r["status"] != "ok"]
+    # Both policies generate every request's tokens; refilled rows need fewer steps than static batches.
+    for arch in ("retnet", "transformer"):
+        continuous, static = (
+            next(r for r in rows if (r["arch"], r["policy"]) == (arch, p)) for p in ("continuous", "static")
+        )
+        assert continuous["generated"] == static["generated"] > 0
+        assert continuous["steps"] < static["steps"]
+    assert "× static" in text
 
 
 def test_profile(tmp_path):

@@ -6,6 +6,8 @@ contiguous, so the layer loop reads and writes it in place), and both have:
 * ``position`` [B] int32: the absolute position of each row's next token. A negative start −p announces p
   left pads: they never enter the state and the row's first real token sits at position 0.
 * ``take(rows)``: the state of batch rows ``rows`` (int [R]), in that order (beam search, dropping rows).
+* ``put(rows, other)``: the state with batch rows ``rows`` (int [R]) replaced by ``other``'s R rows (a new
+  request takes a free row of a serving batch); ``put(rows, take(rows))`` changes nothing.
 * ``layer(i)`` → the mixer's view of layer ``i``; ``write(i, new, positions)`` → the state with the
   mixer's new layer state written; ``from_layers(new, length)`` → a state built from every layer's new
   state of a call that started empty (stacked over layers); ``reserve(max_length)``; ``check(...)``.
@@ -29,6 +31,31 @@ from retnet_jax.ops.attention import write_cache
 from retnet_jax.ops.retention import RetentionState
 
 __all__ = ["KVCache", "RecurrentState"]
+
+
+def _put_rows(array, rows, values, axis: int):
+    """``array`` with indices ``rows`` of ``axis`` set to ``values``; an index >= the axis size is skipped."""
+    index = (slice(None),) * axis + (rows,)
+    return array.at[index].set(values.astype(array.dtype), mode="drop")
+
+
+def _check_put(name: str, state, rows, other):
+    """Raises ValueError unless ``other`` is a state of the same kind with one row per index of ``rows``."""
+    rows = jnp.asarray(rows)
+    if type(other) is not type(state) or rows.ndim != 1:
+        raise ValueError(
+            f"{name}.put(rows, other): rows must be int [R] and other a {name} of R rows; got rows of shape "
+            f"{tuple(rows.shape)} and a {type(other).__name__}."
+        )
+    for field, a, b in zip(state._fields, state, other, strict=True):
+        axis = 0 if field == "position" else 1
+        expected = (*a.shape[:axis], rows.shape[0], *a.shape[axis + 1 :])
+        if b.shape != expected:
+            raise ValueError(
+                f"{name}.put(rows, other): other.{field} must have shape {expected} (this state's, with "
+                f"{rows.shape[0]} rows); got {tuple(b.shape)}. Build it with the same config and max_length."
+            )
+    return rows
 
 
 def _check_position(name: str, position, batch: int):
@@ -56,6 +83,17 @@ class RecurrentState(NamedTuple):
 
     def take(self, rows) -> RecurrentState:
         return RecurrentState(jnp.take(self.kv, rows, axis=1), jnp.take(self.position, rows, axis=0))
+
+    def put(self, rows, other: RecurrentState) -> RecurrentState:
+        """The state with batch rows ``rows`` (int [R]) replaced by ``other``'s R rows, in that order.
+
+        A row's state is its whole history, so a new sequence simply overwrites it. Indices >= B are
+        skipped (a batch of new rows padded to a fixed size writes in one call).
+        """
+        rows = _check_put("RecurrentState", self, rows, other)
+        return RecurrentState(
+            _put_rows(self.kv, rows, other.kv, 1), _put_rows(self.position, rows, other.position, 0)
+        )
 
     def layer(self, index) -> RetentionState:
         return RetentionState(jax.lax.dynamic_index_in_dim(self.kv, index, 0, keepdims=False), self.position)
@@ -125,6 +163,16 @@ class KVCache(NamedTuple):
 
     def take(self, rows) -> KVCache:
         return KVCache(jnp.take(self.k, rows, axis=1), jnp.take(self.v, rows, axis=1), self.position[rows])
+
+    def put(self, rows, other: KVCache) -> KVCache:
+        """The cache with batch rows ``rows`` (int [R]) replaced by ``other``'s R rows, all S slots of them
+        (``other`` has this cache's max_length). Indices >= B are skipped."""
+        rows = _check_put("KVCache", self, rows, other)
+        return KVCache(
+            _put_rows(self.k, rows, other.k, 1),
+            _put_rows(self.v, rows, other.v, 1),
+            _put_rows(self.position, rows, other.position, 0),
+        )
 
     def layer(self, index) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(k, v) [B, H, S, K] of layer ``index`` and the rows' positions [B]."""

@@ -1,5 +1,7 @@
-"""`retnet-generate`: deterministic greedy output, streaming, interactive mode, flag errors."""
+"""`retnet-generate`: deterministic greedy output, streaming, interactive mode, serving many prompts,
+flag errors."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -8,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from retnet_jax.inference import generate, loading
+from retnet_jax.inference import batching, generate, loading
 
 
 def _cli(*args, stdin=None):
@@ -55,6 +57,49 @@ def test_interactive_mode_reads_prompts_from_stdin(trained):
     assert out.stdout.startswith("> import") and "\n> class" in out.stdout, out.stdout
 
 
+def test_serving_many_prompts_writes_a_json_line_per_completion(trained, tmp_path):
+    """--prompts_file (a file, or - for stdin): one JSON line per prompt, as each finishes, with what the
+    library's scheduler gives for the same requests; the empty line is the empty prompt."""
+    workdir, _, _ = trained
+    texts = ["def f(", "", "import numpy as np", "class A:", "x = 1"]
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(texts) + "\n")
+    args = (f"--workdir={workdir}", "--max_new_tokens=12", "--temperature=0", "--rows=2", "--block_size=4")
+    from_file = _cli(*args, f"--prompts_file={path}")
+    assert from_file.returncode == 0, from_file.stderr[-2000:]
+    lines = [json.loads(line) for line in from_file.stdout.splitlines()]
+    assert sorted(line["id"] for line in lines) == list(range(len(texts)))
+    from_stdin = _cli(*args, "--prompts_file=-", stdin=path.read_text())
+    assert from_stdin.returncode == 0, from_stdin.stderr[-2000:]
+    assert from_stdin.stdout == from_file.stdout
+
+    model, variables, tokenizer = loading.load(workdir)
+    eos = tokenizer.eos_id
+    requests = [batching.Request(i, tokenizer.encode(t), 12, stop_tokens=(eos,)) for i, t in enumerate(texts)]
+    scheduler = batching.Scheduler(
+        model,
+        variables,
+        rows=2,
+        block_size=4,
+        max_length=30,
+        bos_id=tokenizer.bos_id,
+        pad_id=tokenizer.pad_id,
+    )
+    expected = {}
+    for event in scheduler.serve(requests):
+        expected.setdefault(event.id, []).extend(event.tokens)
+    for line in lines:
+        ids = expected[line["id"]]
+        stopped = ids[-1] == eos
+        assert line == dict(
+            id=line["id"],
+            prompt=texts[line["id"]],
+            completion=tokenizer.decode(ids[:-1] if stopped else ids),
+            tokens=len(ids),
+            stop_reason="eos" if stopped else "length",
+        )
+
+
 def test_bad_flags_and_missing_or_damaged_checkpoints_are_named(trained, tmp_path, capsys):
     """Each refusal is one or two lines on stderr and status 2; a damaged checkpoint names the file and the
     exact --checkpoint= of the previous step."""
@@ -88,6 +133,14 @@ def test_bad_flags_and_missing_or_damaged_checkpoints_are_named(trained, tmp_pat
         ("--max_new_tokens=many", "flag --max_new_tokens=many: invalid literal"),
     ):
         assert message in fails(f"--workdir={workdir}", "--prompt=x", flag), flag
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("x\n")
+    for flag, message in (
+        (f"--prompts_file={tmp_path}/missing.txt", "missing.txt: no such file"),
+        (f"--prompts_file={prompts} --rows=0", "--rows must be >= 1"),
+        (f"--prompts_file={prompts} --prompt=x", "pass --prompt (one prompt) or --prompts_file (many)"),
+    ):
+        assert message in fails(f"--workdir={workdir}", *flag.split()), flag
     assert "No checkpoints in" in fails(f"--workdir={tmp_path}", "--prompt=x")
     assert "exactly one of --workdir or --checkpoint" in fails("--prompt=x")
     assert "its steps are [6, 9, 12]" in fails(f"--checkpoint={workdir}/checkpoints/7", "--prompt=x")
