@@ -100,23 +100,32 @@ def chunkwise(
         normalize: divide row n by sqrt(c_n) or not.
         implementation: "xla", "pallas", "pallas_tpu" or "auto".
         segment_ids: [B, T] integers or None: document starts reset the state (``ops.retention``). The
-            kernels do not reset yet: "auto" runs the XLA form then, "pallas" and "pallas_tpu" raise.
+            TPU kernels reset; the GPU kernels do not yet: "auto" runs the XLA form then, "pallas" raises.
 
     Returns:
         (o [B, T, H, V] in the input dtype, the state after the last token).
     """
     retention._check_inputs("chunkwise", q, k, v, log_decay, state)
     size = retention._check_chunk_size("chunkwise", chunk_size)
+    tpu_chunk = tpu.select("chunkwise", implementation, q, v, size)
+    if tpu_chunk is not None:
+        return tpu.chunkwise(
+            q,
+            k,
+            v,
+            log_decay,
+            chunk_size=tpu_chunk,
+            state=state,
+            normalize=normalize,
+            segment_ids=segment_ids,
+        )
     if segment_ids is not None:
-        if implementation in ("pallas", "pallas_tpu"):
+        if implementation == "pallas":
             raise ValueError(
                 f"chunkwise: implementation={implementation!r} does not support segment_ids (document "
                 "resets) yet; use implementation='xla' or 'auto'."
             )
         implementation = "xla" if implementation == "auto" else implementation
-    tpu_chunk = tpu.select("chunkwise", implementation, q, v, size)
-    if tpu_chunk is not None:
-        return tpu.chunkwise(q, k, v, log_decay, chunk_size=tpu_chunk, state=state, normalize=normalize)
     plan = kernel_plan("chunkwise", implementation, q.shape[-1], v.shape[-1], size, q.dtype)
     if plan is None:
         return retention.chunkwise(
