@@ -299,6 +299,26 @@ def test_kernels_and_xla_form_lower_for_tpu():
     assert "tpu_custom_call" not in text
 
 
+def test_kernels_with_documents_lower_for_tpu():
+    """The reset kernels of the paper's head in bfloat16, at C = 128 and 256 (the mask tiled from two
+    lane blocks), lower to three Mosaic kernels each."""
+    b, t, h, key_dim, value_dim = 2, 384, 2, 256, 512
+    shapes = [(b, t, h, key_dim), (b, t, h, key_dim), (b, t, h, value_dim)]
+    args = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in shapes]
+    args += [jax.ShapeDtypeStruct(s, jnp.float32) for s in ((h,), (b, h, key_dim, value_dim))]
+    args += [jax.ShapeDtypeStruct((b, t), jnp.int32)]
+    for chunk in (128, 256):
+
+        def f(q, k, v, log_decay, kv, segment_ids, chunk=chunk):
+            o, kv = chunk_retention.chunk_retention(
+                q, k, v, log_decay, kv, chunk_size=chunk, segment_ids=segment_ids
+            )
+            return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(kv)
+
+        lowered = jax.jit(jax.grad(f, range(5))).trace(*args).lower(lowering_platforms=("tpu",))
+        assert lowered.as_text().count("tpu_custom_call") == 3
+
+
 # ----------------------------------------------------------------------------------------------
 # Document resets (segment ids).
 
