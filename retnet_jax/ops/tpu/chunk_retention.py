@@ -277,8 +277,9 @@ def _interpret_mode(interpret: bool):
 
 
 # Scoped VMEM the kernels with document blocks may use. Compiled for v5p (default limit 16 MiB), the dk-dv
-# kernel at K = 256, V = 512, C = 256 with float32 inputs needs 16.5 MiB; 32 MiB is within the VMEM of
-# v4, v5e, v5p and v6e and compiles for each. The kernels without documents keep the default.
+# kernel at K = 256, V = 512, C = 256 with float32 inputs needs 16.5 MiB. v5e and v6e have 128 MiB of
+# VMEM, v5p 64 MiB; v4 has 16 MiB, and its compiler holds the kernels to that (every preset head shape
+# compiles there). The kernels without documents keep the default limit.
 DOCUMENTS_VMEM_LIMIT = 32 * 1024 * 1024
 
 
