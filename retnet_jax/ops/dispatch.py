@@ -102,8 +102,7 @@ def chunkwise(
         normalize: divide row n by sqrt(c_n) or not.
         implementation: "xla", "pallas", "pallas_tpu" or "auto".
         segment_ids: [B, T] integers or None: document starts reset the state (``ops.retention``). The
-            GPU kernels reset too ("pallas", and "auto" where it takes them); the TPU kernels do not yet:
-            "auto" runs the XLA form on a TPU then, "pallas_tpu" raises.
+            kernels (GPU and TPU) reset too.
 
     Returns:
         (o [B, T, H, V] in the input dtype, the state after the last token).
@@ -112,14 +111,18 @@ def chunkwise(
     size = retention._check_chunk_size("chunkwise", chunk_size)
     if segment_ids is not None:
         documents.check_segment_ids("chunkwise", segment_ids, q.shape[0], q.shape[1])
-        if implementation == "pallas_tpu":
-            raise ValueError(
-                f"chunkwise: implementation={implementation!r} does not support segment_ids (document "
-                "resets) yet; use implementation='xla' or 'auto'."
-            )
     tpu_chunk = tpu.select("chunkwise", implementation, q, v, size)
-    if tpu_chunk is not None and segment_ids is None:
-        return tpu.chunkwise(q, k, v, log_decay, chunk_size=tpu_chunk, state=state, normalize=normalize)
+    if tpu_chunk is not None:
+        return tpu.chunkwise(
+            q,
+            k,
+            v,
+            log_decay,
+            chunk_size=tpu_chunk,
+            state=state,
+            normalize=normalize,
+            segment_ids=segment_ids,
+        )
     plan = kernel_plan("chunkwise", implementation, q.shape[-1], v.shape[-1], size, q.dtype)
     if plan is None:
         return retention.chunkwise(

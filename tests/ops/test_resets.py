@@ -260,15 +260,13 @@ def test_document_positions():
     np.testing.assert_array_equal(starts[0], [0, 0, 0, 1, 0, 1, 1, 0])
 
 
-def test_tpu_kernels_refuse_segment_ids():
-    """The TPU kernels do not reset yet (the GPU kernels do: tests/ops/test_gpu_resets.py); "auto" off
-    the GPU runs the XLA form."""
+def test_auto_off_the_accelerators_runs_the_xla_form_with_resets():
+    """The kernels reset too (tests/ops/test_gpu_resets.py, test_tpu_chunk_retention.py); on a CPU
+    "auto" runs the XLA form, segment ids included."""
     (q, k, v), _ = _inputs("float32", 7, LAYOUTS)
     log_decay = retention.log_decays(2)
     ids = jnp.asarray(LAYOUTS)
     through = jax.jit(dispatch.chunkwise, static_argnames=("chunk_size", "implementation"))
-    with pytest.raises(ValueError, match="implementation='pallas_tpu' does not support segment_ids"):
-        through(q, k, v, log_decay, chunk_size=4, segment_ids=ids, implementation="pallas_tpu")
     o_auto, _ = through(q, k, v, log_decay, chunk_size=4, segment_ids=ids, implementation="auto")
     o_xla, _ = chunkwise(q, k, v, log_decay, chunk_size=4, segment_ids=ids)
     np.testing.assert_array_equal(o_auto, o_xla)

@@ -9,6 +9,11 @@ float32 reference. Then ``chunkwise`` through the
 dispatch (normalized and not, a carried state with a left-padded row, under a device mesh), the choice of
 "auto" on a (pretended) TPU, the errors and the fallback of a JAX without Pallas TPU, and the lowering
 for the TPU platform, which this jaxlib does without a TPU (Mosaic's own compilation needs one).
+
+Document resets (``segment_ids``): the kernels against the reference run document by document (outputs,
+states and all gradients), with documents shorter than a chunk, several starts in one chunk, starts on a
+chunk boundary, documents spanning chunks, ids that come back, a carried state, C = 128 and 256; through
+the dispatch with normalization and restarting positions, on a pretended TPU and under a mesh.
 """
 
 import warnings
@@ -292,3 +297,160 @@ def test_kernels_and_xla_form_lower_for_tpu():
     assert text.count("tpu_custom_call") == 3
     text = loss(False).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
     assert "tpu_custom_call" not in text
+
+
+def test_kernels_with_documents_lower_for_tpu():
+    """The reset kernels of the paper's head in bfloat16, at C = 128 and 256 (the mask tiled from two
+    lane blocks), lower to three Mosaic kernels each."""
+    b, t, h, key_dim, value_dim = 2, 384, 2, 256, 512
+    shapes = [(b, t, h, key_dim), (b, t, h, key_dim), (b, t, h, value_dim)]
+    args = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in shapes]
+    args += [jax.ShapeDtypeStruct(s, jnp.float32) for s in ((h,), (b, h, key_dim, value_dim))]
+    args += [jax.ShapeDtypeStruct((b, t), jnp.int32)]
+    for chunk in (128, 256):
+
+        def f(q, k, v, log_decay, kv, segment_ids, chunk=chunk):
+            o, kv = chunk_retention.chunk_retention(
+                q, k, v, log_decay, kv, chunk_size=chunk, segment_ids=segment_ids
+            )
+            return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(kv)
+
+        lowered = jax.jit(jax.grad(f, range(5))).trace(*args).lower(lowering_platforms=("tpu",))
+        assert lowered.as_text().count("tpu_custom_call") == 3
+
+
+# ----------------------------------------------------------------------------------------------
+# Document resets (segment ids).
+
+
+def _ids(*lengths):
+    """Segment ids of documents of these lengths, back to back (ids 1, 2, ...)."""
+    return np.concatenate([np.full(n, i + 1, np.int32) for i, n in enumerate(lengths)])
+
+
+# (H, K, V, C, segment ids [B, T]). C = 128, T = 300 (a partial last chunk): row 0 holds documents
+# shorter than a chunk, several starts in chunk 0 (at 50, 60, 61: a one-token document, then the first
+# id back again), a start on the chunk boundary 128, a document spanning chunks 1 and 2 and one inside
+# the partial chunk; row 1 continues the incoming state up to 200 (spanning chunks 0 and 1). C = 256 (the
+# [C, C] mask tiled from two lane blocks), T = 300: starts at 5, at 255 (a one-token document ending
+# chunk 0), at the boundary 256 and at 290.
+DOCUMENT_CASES = [
+    (
+        2,
+        64,
+        96,
+        128,
+        np.stack([np.concatenate([_ids(50, 10, 1), np.full(67, 1), _ids(142, 30) + 4]), _ids(200, 100)]),
+    ),
+    (1, 128, 128, 256, _ids(5, 250, 1, 34, 10)[None]),
+]
+
+
+@pytest.mark.parametrize("case", DOCUMENT_CASES, ids=lambda c: "K{}V{}C{}".format(*c[1:4]))
+def test_kernels_with_documents_equal_reference(case):
+    """Each document alone in the reference; the kernels reset inside chunks and on their boundaries."""
+    heads, key_dim, value_dim, chunk, segment_ids = case
+    batch, length = segment_ids.shape
+    rng = np.random.default_rng(chunk)
+    args = _inputs(rng, batch, heads, key_dim, value_dim, length)
+    do = jnp.asarray(rng.standard_normal((batch, length, heads, value_dim)), jnp.float32)
+    dkv = jnp.asarray(rng.standard_normal(args[-1].shape), jnp.float32)
+    ids = jnp.asarray(segment_ids)
+
+    def kernel(q, k, v, log_decay, kv):
+        return chunk_retention.chunk_retention(
+            q, k, v, log_decay, kv, chunk_size=chunk, segment_ids=ids, interpret=True
+        )
+
+    def ref(q, k, v, log_decay, kv):
+        return reference.retention(q, k, v, log_decay, kv=kv, normalize=False, segment_ids=segment_ids)
+
+    def loss(fn):
+        return lambda *a: jnp.vdot(fn(*a)[0], do) + jnp.vdot(fn(*a)[1], dkv)
+
+    def outputs_and_grads(fn):
+        return jax.jit(lambda *a: (fn(*a), jax.grad(loss(fn), range(5))(*a)))(*args)
+
+    (o, kv_final), grads = outputs_and_grads(kernel)
+    (expected_o, expected_kv), expected = outputs_and_grads(ref)
+    assert relative_error(o, expected_o) < FORM_RTOL["float32"]
+    assert relative_error(kv_final, expected_kv) < FORM_RTOL["float32"]
+    for name, g, e in zip(("dq", "dk", "dv", "dlog_decay", "dkv"), grads, expected, strict=True):
+        assert relative_error(g, e) < GRAD_RTOL["float32"], name
+
+
+def _documents_loss(q, k, v, log_decay, state, segment_ids, implementation):
+    """A loss of the outputs and the final state of ``chunkwise`` with resets, and that state."""
+
+    def f(q, k, v, log_decay, kv):
+        o, out = retention.chunkwise(
+            q,
+            k,
+            v,
+            log_decay,
+            chunk_size=128,
+            state=retention.RetentionState(kv, state.count),
+            implementation=implementation,
+            segment_ids=segment_ids,
+        )
+        return jnp.sum(jnp.sin(o)) + jnp.sum(out.kv**2), out
+
+    return jax.jit(jax.value_and_grad(f, range(5), has_aux=True))(q, k, v, log_decay, state.kv)
+
+
+def _assert_same_run(got, want):
+    (value, out), grads = got
+    (expected_value, expected_out), expected = want
+    assert abs(float(value) - float(expected_value)) < FORM_RTOL["float32"] * abs(float(expected_value))
+    assert relative_error(out.kv, expected_out.kv) < FORM_RTOL["float32"]
+    np.testing.assert_array_equal(out.count, expected_out.count)
+    for name, g, e in zip(("dq", "dk", "dv", "dlog_decay", "dkv"), grads, expected, strict=True):
+        assert relative_error(g, e) < GRAD_RTOL["float32"], name
+
+
+# T = 150 with a carried state (row 0 at position 5, row 1 after two left pads): row 0 starts documents
+# at 30 and on the chunk boundary 128 (its count ends at 22), row 1 at 100 (50).
+DOCUMENT_ROWS = np.stack([_ids(30, 98, 22), _ids(100, 50)])
+
+
+def test_auto_with_documents_on_a_tpu_equals_xla(on_tpu, kernel_calls):
+    """Normalized, with a carried state: positions (hence c_n) and the count restart at each start."""
+    q, k, v, log_decay, state = _state_inputs(11)
+    ids = jnp.asarray(DOCUMENT_ROWS)
+    got = _documents_loss(q, k, v, log_decay, state, ids, "auto")
+    assert kernel_calls == [chunk_retention.AUTO_CHUNK]
+    want = _documents_loss(q, k, v, log_decay, state, ids, "xla")
+    np.testing.assert_array_equal(want[0][1].count, [22, 50])
+    _assert_same_run(got, want)
+
+
+def test_documents_under_a_mesh():
+    """The kernels with resets inside shard_map (batch split over fsdp): equal to the XLA form."""
+    mesh = jax.make_mesh(
+        (1, 2, 1), ("data", "fsdp", "tensor"), (jax.sharding.AxisType.Auto,) * 3, devices=jax.devices()[:2]
+    )
+    q, k, v, log_decay, state = _state_inputs(12)
+    ids = jnp.asarray(DOCUMENT_ROWS)
+    with jax.set_mesh(mesh):
+        got = _documents_loss(q, k, v, log_decay, state, ids, "pallas_tpu")
+    _assert_same_run(got, _documents_loss(q, k, v, log_decay, state, ids, "xla"))
+
+
+def test_pallas_tpu_takes_segment_ids_and_names_bad_ones(kernel_calls):
+    q = jnp.zeros((2, 8, 2, 16), jnp.float32)
+    log_decay = retention.log_decays(2)
+
+    def force(segment_ids):  # traced only
+        return jax.eval_shape(
+            lambda x: retention.chunkwise(
+                x, x, x, log_decay, chunk_size=128, implementation="pallas_tpu", segment_ids=segment_ids
+            ),
+            q,
+        )
+
+    force(jnp.zeros((2, 8), jnp.int32))
+    assert kernel_calls == [128]
+    with pytest.raises(ValueError, match=r"segment_ids must have shape \[B, T\] = \(2, 8\)"):
+        force(jnp.zeros((2, 7), jnp.int32))
+    with pytest.raises(ValueError, match="segment_ids must be integers"):
+        force(jnp.zeros((2, 8), jnp.float32))

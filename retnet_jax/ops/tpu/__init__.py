@@ -11,6 +11,9 @@ the whole function (kernels for the retention itself, XLA for the row factors an
   (C only blocks the computation: every C gives the same function), for bfloat16 and float32 inputs,
   and leaves everything else to the XLA form. On a JAX without Pallas TPU it warns once and uses XLA.
 
+With ``segment_ids`` (packed documents) both choices hold as without: the kernels empty the state at
+each document start, and the row factors and the final count follow the positions inside documents.
+
 Under a device mesh the kernels run inside ``jax.shard_map`` with the batch split over every mesh axis
 larger than one (the kernel call itself has no partitioning rule, so without it XLA would gather the
 operands onto every device). That matches data- and fsdp-parallel meshes exactly; a tensor-parallel mesh
@@ -27,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from retnet_jax.ops import retention
+from retnet_jax.ops import documents, retention
 
 try:
     from retnet_jax.ops.tpu import chunk_retention
@@ -100,16 +103,19 @@ def select(fn: str, implementation: str, q, v, chunk_size: int) -> int | None:
     return size if fits and _batch_axes(q.shape[0]) is not None else None
 
 
-def chunkwise(q, k, v, log_decay, *, chunk_size: int, state=None, normalize: bool = True):
+def chunkwise(q, k, v, log_decay, *, chunk_size: int, state=None, normalize: bool = True, segment_ids=None):
     """``ops.retention.chunkwise`` through the TPU kernels (arguments and results as there).
 
     The kernels take the incoming state and return the final one; the row factors 1/sqrt(c_n) follow
-    from the state's count and are applied here.
+    from the state's count and are applied here. With ``segment_ids`` the kernels empty the state at each
+    document start, and the positions (hence c_n and the final count) restart there.
     """
     batch, length, heads, key_dim = q.shape
     if state is None:
         state = retention.init_state(batch, heads, key_dim, v.shape[-1])
     log_decay = log_decay.astype(jnp.float32)
+    if segment_ids is not None:
+        return _chunkwise_documents(q, k, v, log_decay, chunk_size, state, normalize, segment_ids)
 
     def run(q, k, v, log_decay, kv):
         return chunk_retention.chunk_retention(
@@ -127,3 +133,38 @@ def chunkwise(q, k, v, log_decay, *, chunk_size: int, state=None, normalize: boo
         scale = retention._row_scale(state.count[:, None] + jnp.arange(length), log_decay)  # [B, T, H]
         o = (o.astype(jnp.float32) * scale[..., None]).astype(v.dtype)
     return o, retention.RetentionState(kv, state.count + length)
+
+
+def _chunkwise_documents(q, k, v, log_decay, chunk_size, state, normalize, segment_ids):
+    """``chunkwise`` with document resets: the kernels mask across starts; positions restart at them."""
+    batch, length = q.shape[:2]
+    documents.check_segment_ids("chunkwise", segment_ids, batch, length)
+    segment_ids = segment_ids.astype(jnp.int32)
+
+    def run(q, k, v, log_decay, kv, segment_ids):
+        return chunk_retention.chunk_retention(
+            q,
+            k,
+            v,
+            log_decay,
+            kv,
+            chunk_size=chunk_size,
+            segment_ids=segment_ids,
+            interpret=jax.default_backend() != "tpu",
+        )
+
+    axes = _batch_axes(batch)
+    if axes:
+        rows = PartitionSpec(axes)
+        run = jax.shard_map(
+            run,
+            in_specs=(rows, rows, rows, PartitionSpec(), rows, rows),
+            out_specs=(rows, rows),
+            check_vma=False,
+        )
+    o, kv = run(q, k, v, log_decay, state.kv.astype(jnp.float32), segment_ids)
+    positions = documents.document_positions(segment_ids, state.count)  # [B, T]
+    if normalize:
+        scale = retention._row_scale(positions, log_decay)  # [B, T, H]
+        o = (o.astype(jnp.float32) * scale[..., None]).astype(v.dtype)
+    return o, retention.RetentionState(kv, positions[:, -1] + 1)

@@ -24,12 +24,21 @@ with D_ij = γ^(i−j) for j ≤ i, else 0, built once per program from exponent
 diagonal (no γ^(negative) is ever formed). Using the true length e_g of the last chunk makes the final
 state exact when T is padded to a multiple of C; the padded rows carry zero q, k, v and dO.
 
+Packed documents (``segment_ids``): where a document starts the state is emptied. Per chunk the kernels
+read four masks (``_Documents``): D is multiplied by [i and j in one document]; the state term γ^(i+1)
+reaches only the rows still in the document carried into the chunk; the update sums only the keys of the
+document open at the chunk's end; and γ^(e_g) becomes 0 when the chunk holds a start. Every mask enters
+as an exponent of −inf before the exp (or a 0 in D), the formulas above are otherwise unchanged, in the
+backward passes too, and every exponent remains a difference of indices in the call, so the positions
+restart by themselves. The documents arrive as two int32 blocks per chunk (``_document_blocks``).
+
 The gradient of log γ needs no kernel: scaling q_n by e^(εn), k_m by e^(−εm) and S_0 by e^ε shifts log γ
 by ε in every output, and the final state by e^(ε(T−1)), which gives for any centre c
 
     ∂L/∂log γ = Σ_n (n − c)(q_n·dq_n − k_n·dk_n) + (c + 1)⟨S_0, dS_0⟩ + (T − 1 − c)⟨S_T, dS_T⟩,
 
-evaluated in XLA with c = (T − 1)/2 to keep the terms small.
+evaluated in XLA with c = (T − 1)/2 to keep the terms small. Document masks do not depend on γ, so
+the identity holds with resets as well.
 
 TPU layout: q, k, v are viewed as [B, T, H·K] (a free reshape), so a block is the [C, K] slice of one
 head: the head dim on the 128 lanes, time on the sublanes. The Mosaic tiling asks for block dims that are
@@ -57,9 +66,12 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from retnet_jax.ops import documents
+
 __all__ = ["AUTO_CHUNK", "LANES", "chunk_retention", "supported"]
 
 LANES = 128  # lane width of a vreg: every block's last dim is a multiple of it
+SUBLANES = 8  # sublanes of a 32-bit vreg: the rows of the key-side document block
 
 # The chunk length chunkwise(implementation="auto") runs the kernel with: one MXU tile of rows on
 # v4 / v5e / v5p (128×128 systolic arrays). Not measured on a TPU; 256 may suit v6e's 256×256 MXU.
@@ -92,6 +104,7 @@ class _Static(NamedTuple):
     size: int  # C
     length: int  # T before padding
     interpret: bool
+    resets: bool = False  # document blocks follow the state inputs (see _document_blocks)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -121,6 +134,50 @@ def _decays(lam, size: int, valid) -> _Decays:
     )
 
 
+class _Documents(NamedTuple):
+    """Where the chunk's documents begin and end, as masks (all True for a chunk inside one document)."""
+
+    same: jax.Array  # [C, C]: query i and key j lie in one document
+    continues: jax.Array  # [C, 1]: token i lies in the document open before the chunk (the carried state's)
+    last: jax.Array  # [C, 1]: token j lies in the document open at the chunk's end (the state passed on)
+    carried: jax.Array  # [1, 1]: the chunk holds no start, so the carried state passes through it
+
+
+def _load_documents(refs, size: int) -> _Documents:
+    """The masks of this chunk from its two document blocks (``_document_blocks``)."""
+    column_ref, row_ref = refs
+    column = column_ref[...]  # [C, 128]: document number of token i, the same in every lane
+    row = row_ref[...]  # [8, C]: row 0 document of token j; rows 1, 2 the documents before and at the end
+    doc = column[:, :1]  # [C, 1]
+    before, last = row[1:2, :1], row[2:3, :1]  # [1, 1]
+    # The lane copies tile to [C, C] and meet the key-side row broadcast over the sublanes: no transpose.
+    same = jnp.tile(column, (1, size // LANES)) == row[:1, :]
+    return _Documents(same=same, continues=doc == before, last=doc == last, carried=last == before)
+
+
+def _document_decays(lam, size: int, valid, docs: _Documents) -> _Decays:
+    """``_decays`` with document starts: a factor cut off by a start (its token's or chunk's) is exp(−inf)."""
+    pos = jax.lax.broadcasted_iota(jnp.int32, (size, 1), 0)
+    query_exponent = jnp.where(docs.continues, (pos + 1).astype(jnp.float32) * lam, -jnp.inf)
+    key_exponent = jnp.where((pos < valid) & docs.last, (valid - 1 - pos).astype(jnp.float32) * lam, -jnp.inf)
+    chunk_exponent = jnp.full((1, 1), valid, jnp.int32).astype(jnp.float32) * lam
+    return _Decays(
+        query=jnp.exp(query_exponent),
+        key=jnp.exp(key_exponent),
+        chunk=jnp.exp(jnp.where(docs.carried, chunk_exponent, -jnp.inf)),
+    )
+
+
+def _same_document(mask, docs: _Documents | None):
+    """D, with the pairs (i, j) split by a document start set to 0 when there are starts."""
+    return mask if docs is None else jnp.where(docs.same, mask, 0.0)
+
+
+def _split_refs(refs, static: _Static):
+    """(the document block refs or None, the remaining refs): the document blocks are the last inputs."""
+    return (refs[:2], refs[2:]) if static.resets else (None, refs)
+
+
 def _fill_mask(mask_ref, lam, size: int):
     """D [C, C]: γ^(i−j) on and below the diagonal, 0 above (exp of −inf)."""
     i = jax.lax.broadcasted_iota(jnp.int32, (size, size), 0)
@@ -133,9 +190,10 @@ def _masked(a, b, mask, precision):
     return (_dot(a, b, (1, 1), precision) * mask).astype(a.dtype)
 
 
-def _step(static: _Static, lam_ref, mask_ref, state_ref, init_ref, *, reverse: bool):
+def _step(static: _Static, lam_ref, mask_ref, state_ref, init_ref, doc_refs=None, *, reverse: bool):
     """Per-step set-up shared by the kernels: on a program's first step, the mask and the carried state
-    (from ``init_ref``); returns this chunk's decay factors."""
+    (from ``init_ref``); returns this chunk's decay factors and its document masks (None without
+    ``doc_refs``)."""
     groups = pl.num_programs(2)
     t = pl.program_id(2)
     g = groups - 1 - t if reverse else t
@@ -148,15 +206,19 @@ def _step(static: _Static, lam_ref, mask_ref, state_ref, init_ref, *, reverse: b
 
     last = static.length - (static.length - 1) // static.size * static.size  # tokens in the last chunk
     valid = jnp.where(g == groups - 1, last, static.size)
-    return _decays(lam, static.size, valid)
+    if doc_refs is None:
+        return _decays(lam, static.size, valid), None
+    docs = _load_documents(doc_refs, static.size)
+    return _document_decays(lam, static.size, valid, docs), docs
 
 
-def _forward_kernel(lam_ref, q_ref, k_ref, v_ref, kv_ref, o_ref, kv_out_ref, state_ref, mask_ref, *, static):
-    d = _step(static, lam_ref, mask_ref, state_ref, kv_ref, reverse=False)
+def _forward_kernel(lam_ref, q_ref, k_ref, v_ref, kv_ref, *refs, static):
+    doc_refs, (o_ref, kv_out_ref, state_ref, mask_ref) = _split_refs(refs, static)
+    d, docs = _step(static, lam_ref, mask_ref, state_ref, kv_ref, doc_refs, reverse=False)
     precision = _precision(q_ref.dtype)
     q, k, v = q_ref[...], k_ref[...], v_ref[...]
     state = state_ref[...]  # S_g [K, V] float32
-    o = _dot(_masked(q, k, mask_ref[...], precision), v, (1, 0), precision)
+    o = _dot(_masked(q, k, _same_document(mask_ref[...], docs), precision), v, (1, 0), precision)
     o = o + _dot((q * d.query).astype(q.dtype), state.astype(q.dtype), (1, 0), precision)
     o_ref[...] = o.astype(o_ref.dtype)
     state_ref[...] = d.chunk * state + _dot((k * d.key).astype(k.dtype), v, (0, 0), precision)
@@ -166,24 +228,24 @@ def _forward_kernel(lam_ref, q_ref, k_ref, v_ref, kv_ref, o_ref, kv_out_ref, sta
         kv_out_ref[...] = state_ref[...]
 
 
-def _dq_kernel(lam_ref, k_ref, v_ref, do_ref, kv_ref, dq_ref, state_ref, mask_ref, *, static):
-    d = _step(static, lam_ref, mask_ref, state_ref, kv_ref, reverse=False)
+def _dq_kernel(lam_ref, k_ref, v_ref, do_ref, kv_ref, *refs, static):
+    doc_refs, (dq_ref, state_ref, mask_ref) = _split_refs(refs, static)
+    d, docs = _step(static, lam_ref, mask_ref, state_ref, kv_ref, doc_refs, reverse=False)
     precision = _precision(k_ref.dtype)
     k, v, do = k_ref[...], v_ref[...], do_ref[...]
     state = state_ref[...]  # S_g [K, V] float32
-    dq = _dot(_masked(do, v, mask_ref[...], precision), k, (1, 0), precision)
+    dq = _dot(_masked(do, v, _same_document(mask_ref[...], docs), precision), k, (1, 0), precision)
     dq = dq + _dot(do, state.astype(do.dtype), (1, 1), precision) * d.query
     dq_ref[...] = dq.astype(dq_ref.dtype)
     state_ref[...] = d.chunk * state + _dot((k * d.key).astype(k.dtype), v, (0, 0), precision)
 
 
-def _dkdv_kernel(
-    lam_ref, q_ref, k_ref, v_ref, do_ref, dkv_ref, dk_ref, dv_ref, dkv_out_ref, state_ref, mask_ref, *, static
-):
-    d = _step(static, lam_ref, mask_ref, state_ref, dkv_ref, reverse=True)
+def _dkdv_kernel(lam_ref, q_ref, k_ref, v_ref, do_ref, dkv_ref, *refs, static):
+    doc_refs, (dk_ref, dv_ref, dkv_out_ref, state_ref, mask_ref) = _split_refs(refs, static)
+    d, docs = _step(static, lam_ref, mask_ref, state_ref, dkv_ref, doc_refs, reverse=True)
     precision = _precision(q_ref.dtype)
     q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-    mask = mask_ref[...]
+    mask = _same_document(mask_ref[...], docs)
     dstate = state_ref[...]  # dS_{g+1} [K, V] float32
     low = dstate.astype(q.dtype)
     dk = _dot(_masked(do, v, mask, precision), q, (0, 0), precision)
@@ -214,13 +276,26 @@ def _interpret_mode(interpret: bool):
     return params() if params is not None else True
 
 
-def _launch(kernel, rows, states, outs, log_decay, static: _Static, *, reverse: bool = False):
+# Scoped VMEM the kernels with document blocks may use. Compiled for v5p (default limit 16 MiB), the dk-dv
+# kernel at K = 256, V = 512, C = 256 with float32 inputs needs 16.5 MiB. v5e and v6e have 128 MiB of
+# VMEM, v5p 64 MiB; v4 has 16 MiB, and its compiler holds the kernels to that (every preset head shape
+# compiles there). The kernels without documents keep the default limit.
+DOCUMENTS_VMEM_LIMIT = 32 * 1024 * 1024
+
+
+def _vmem_limit(static: _Static) -> dict:
+    return {"vmem_limit_bytes": DOCUMENTS_VMEM_LIMIT} if static.resets else {}
+
+
+def _launch(kernel, rows, states, outs, log_decay, static: _Static, docs=None, *, reverse: bool = False):
     """Runs ``kernel`` over the grid (B, H, G).
 
     Args:
         rows: arrays [B, T, H·W]: each step gets the [C, W] block of chunk g of head h.
         states: arrays [B, H, K, V]: each program gets its (b, h) block, fetched once.
         outs: (shape, dtype, "rows" | "state") of each output, blocked like the inputs.
+        docs: None, or the document blocks ([B, T, 128], [B, 8, T] int32 from ``_document_blocks``):
+            each step gets the [C, 128] and [8, C] blocks of chunk g, after the state inputs.
         reverse: walk the chunks last to first (the index maps, not the kernel, reverse the order).
     """
     batch, length = rows[0].shape[:2]
@@ -238,27 +313,36 @@ def _launch(kernel, rows, states, outs, log_decay, static: _Static, *, reverse: 
     def spec(shape, kind):
         return row_spec(shape[-1] // static.heads) if kind == "rows" else state_spec
 
+    doc_specs = []
+    if docs is not None:
+        doc_specs = [
+            pl.BlockSpec((None, static.size, LANES), lambda b, h, t, lam: (b, chunk(t), 0)),
+            pl.BlockSpec((None, SUBLANES, static.size), lambda b, h, t, lam: (b, 0, chunk(t))),
+        ]
+
     call = pl.pallas_call(
         functools.partial(kernel, static=static),
         out_shape=[jax.ShapeDtypeStruct(shape, dtype) for shape, dtype, _ in outs],
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1,
             grid=(batch, static.heads, groups),
-            in_specs=[spec(x.shape, "rows") for x in rows] + [state_spec] * len(states),
+            in_specs=[spec(x.shape, "rows") for x in rows] + [state_spec] * len(states) + doc_specs,
             out_specs=[spec(shape, kind) for shape, _, kind in outs],
             scratch_shapes=[
                 pltpu.VMEM((key_dim, value_dim), jnp.float32),  # the carried state (or its cotangent)
                 pltpu.VMEM((static.size, static.size), jnp.float32),  # D
             ],
         ),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "arbitrary"), **_vmem_limit(static)
+        ),
         interpret=_interpret_mode(static.interpret),
         name=kernel.__name__.strip("_"),
     )
-    return call(log_decay, *rows, *states)
+    return call(log_decay, *rows, *states, *(docs or ()))
 
 
-def _forward(q, k, v, log_decay, kv, static):
+def _forward(q, k, v, log_decay, kv, docs, static):
     return _launch(
         _forward_kernel,
         [q, k, v],
@@ -266,25 +350,26 @@ def _forward(q, k, v, log_decay, kv, static):
         [(v.shape, v.dtype, "rows"), (kv.shape, jnp.float32, "state")],
         log_decay,
         static,
+        docs,
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _retention(q, k, v, log_decay, kv, static):
-    return tuple(_forward(q, k, v, log_decay, kv, static))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _retention(q, k, v, log_decay, kv, docs, static):
+    return tuple(_forward(q, k, v, log_decay, kv, docs, static))
 
 
-def _retention_fwd(q, k, v, log_decay, kv, static):
-    o, kv_final = _forward(q, k, v, log_decay, kv, static)
-    return (o, kv_final), (q, k, v, log_decay, kv, kv_final)
+def _retention_fwd(q, k, v, log_decay, kv, docs, static):
+    o, kv_final = _forward(q, k, v, log_decay, kv, docs, static)
+    return (o, kv_final), (q, k, v, log_decay, kv, kv_final, docs)
 
 
 def _retention_bwd(static, residuals, cotangents):
-    q, k, v, log_decay, kv, kv_final = residuals
+    q, k, v, log_decay, kv, kv_final, docs = residuals
     do, dkv_final = cotangents
     do = do.astype(v.dtype)
     dkv_final = dkv_final.astype(jnp.float32)
-    (dq,) = _launch(_dq_kernel, [k, v, do], [kv], [(q.shape, q.dtype, "rows")], log_decay, static)
+    (dq,) = _launch(_dq_kernel, [k, v, do], [kv], [(q.shape, q.dtype, "rows")], log_decay, static, docs)
     dk, dv, dkv = _launch(
         _dkdv_kernel,
         [q, k, v, do],
@@ -292,6 +377,7 @@ def _retention_bwd(static, residuals, cotangents):
         [(k.shape, k.dtype, "rows"), (v.shape, v.dtype, "rows"), (kv.shape, jnp.float32, "state")],
         log_decay,
         static,
+        docs,
         reverse=True,
     )
     # ∂L/∂log γ from the scaling identity of the module docstring, centred at c = (T − 1)/2.
@@ -307,7 +393,7 @@ def _retention_bwd(static, residuals, cotangents):
     dlog_decay = jnp.einsum("T,BTH->H", jnp.arange(length, dtype=jnp.float32) - centre, moment)
     dlog_decay = dlog_decay + (centre + 1) * jnp.einsum("BHKV,BHKV->H", kv, dkv)
     dlog_decay = dlog_decay + (static.length - 1 - centre) * jnp.einsum("BHKV,BHKV->H", kv_final, dkv_final)
-    return dq, dk, dv, dlog_decay.astype(log_decay.dtype), dkv
+    return dq, dk, dv, dlog_decay.astype(log_decay.dtype), dkv, None  # no cotangent for the documents
 
 
 _retention.defvjp(_retention_fwd, _retention_bwd)
@@ -321,16 +407,46 @@ def _rows(x, length: int, width: int):
     return x.reshape(batch, length, heads * width)
 
 
-def chunk_retention(q, k, v, log_decay, kv=None, *, chunk_size: int, interpret: bool = False):
+def _document_blocks(segment_ids, length: int, size: int):
+    """The kernels' view of the documents: [B, T] ids → ([B, T', 128], [B, 8, T']) int32, T' = ``length``.
+
+    Documents are numbered by the starts before and at each token (``ops.documents``: a change of id
+    starts one; position 0 never does), so the numbers only grow along a row and two tokens share a
+    document exactly when they share its number, even where ids come back ([1, 2, 1]). The padded tokens
+    repeat the last number (no start). Per token, the first array holds its number in all 128 lanes (the
+    query side: a column of the [C, C] mask after tiling); the second holds in row 0 its number (the key
+    side: a row of that mask), in row 1 the number of the token before its chunk (0 for the first chunk:
+    the carried state's document) and in row 2 the number of its chunk's last token; rows 3-7 are 0.
+    Mosaic lays a [C, 128] and an [8, C] int32 block out without transposes.
+    """
+    batch, steps = segment_ids.shape
+    number = jnp.cumsum(documents.document_starts(segment_ids).astype(jnp.int32), axis=1)  # [B, T]
+    number = jnp.pad(number, [(0, 0), (0, length - steps)], mode="edge")  # [B, T']
+    per_chunk = number.reshape(batch, length // size, size)
+    last = per_chunk[:, :, -1]  # [B, G]
+    before = jnp.concatenate([jnp.zeros((batch, 1), jnp.int32), last[:, :-1]], axis=1)  # [B, G]
+    rows = [number, jnp.repeat(before, size, axis=1), jnp.repeat(last, size, axis=1)]
+    rows += [jnp.zeros_like(number)] * (SUBLANES - len(rows))
+    return jnp.broadcast_to(number[..., None], (batch, length, LANES)), jnp.stack(rows, axis=1)
+
+
+def chunk_retention(
+    q, k, v, log_decay, kv=None, *, chunk_size: int, segment_ids=None, interpret: bool = False
+):
     """Unnormalized retention with a state in and out, positions from 0, through the TPU kernels.
 
     o_n = Σ_{m ≤ n} γ^(n−m) (q_n · k_m) v_m + γ^(n+1) q_n S_0;  S_T = γ^T S_0 + Σ_m γ^(T−1−m) k_mᵀ v_m.
+
+    With ``segment_ids`` the sums run inside each token's document only: the S_0 term reaches the call's
+    first document (position 0 is never a start), and S_T holds the last document alone. The exponents
+    stay differences of indices in the call; positions inside documents (for c_n) are the caller's.
 
     Args:
         q, k: [B, T, H, K]; v: [B, T, H, V] (bfloat16 or float32); log_decay: [H] float32.
         kv: the incoming state S_0 [B, H, K, V] (float32), or None for zeros.
         chunk_size: C, a multiple of 128; T is padded with zeros to a multiple of C, K and V to multiples
             of 128.
+        segment_ids: [B, T] integers or None: a change between t − 1 and t starts a document at t.
         interpret: run the kernels through the Pallas TPU interpreter (any backend; for tests).
 
     Returns:
@@ -351,7 +467,11 @@ def chunk_retention(q, k, v, log_decay, kv=None, *, chunk_size: int, interpret: 
     kv2 = jnp.pad(
         kv.astype(jnp.float32), [(0, 0), (0, 0), (0, key_width - key_dim), (0, value_width - value_dim)]
     )
-    static = _Static(heads, chunk_size, length, bool(interpret))
-    o, kv_final = _retention(q2, k2, v2, log_decay.astype(jnp.float32), kv2, static)
+    docs = None
+    if segment_ids is not None:
+        documents.check_segment_ids("chunk_retention", segment_ids, batch, length)
+        docs = _document_blocks(segment_ids, padded, chunk_size)
+    static = _Static(heads, chunk_size, length, bool(interpret), resets=docs is not None)
+    o, kv_final = _retention(q2, k2, v2, log_decay.astype(jnp.float32), kv2, docs, static)
     o = o.reshape(batch, padded, heads, value_width)[:, :length, :, :value_dim]
     return o, kv_final[:, :, :key_dim, :value_dim]
