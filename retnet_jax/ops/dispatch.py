@@ -107,8 +107,8 @@ def chunkwise(
     Returns:
         (o [B, T, H, V] in the input dtype, the state after the last token).
     """
-    retention._check_inputs("chunkwise", q, k, v, log_decay, state)
-    size = retention._check_chunk_size("chunkwise", chunk_size)
+    retention.check_inputs("chunkwise", q, k, v, log_decay, state)
+    size = retention.check_chunk_size("chunkwise", chunk_size)
     if segment_ids is not None:
         documents.check_segment_ids("chunkwise", segment_ids, q.shape[0], q.shape[1])
     tpu_chunk = tpu.select("chunkwise", implementation, q, v, size)
@@ -193,7 +193,7 @@ def fused_chunkwise(q, k, v, log_decay, plan, state, normalize, segment_ids=None
     document starts) are applied here."""
     length = q.shape[1]
     interpret = jax.default_backend() == "cpu"
-    acc = retention._accumulator(q.dtype)
+    acc = retention.accumulator(q.dtype)
     count = jnp.zeros((q.shape[0],), jnp.int32) if state is None else state.count
     h0 = None if state is None else state.kv.astype(jnp.float32)
     if segment_ids is None:
@@ -203,7 +203,7 @@ def fused_chunkwise(q, k, v, log_decay, plan, state, normalize, segment_ids=None
         positions = documents.positions_from_starts(starts, count)
     o, kv = fused.chunk_retention(q, k, v, log_decay, h0, starts=starts, plan=plan, interpret=interpret)
     if normalize:
-        scale = retention._row_scale(positions, log_decay.astype(acc))
+        scale = retention.row_factors(positions, log_decay.astype(acc))
         o = (o.astype(acc) * scale[..., None]).astype(v.dtype)
     final_count = count + length if segment_ids is None else positions[:, -1] + 1
     return o, retention.RetentionState(kv.astype(acc), final_count)

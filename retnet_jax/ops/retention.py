@@ -121,11 +121,11 @@ def log_decays(num_heads: int, schedule: str = "paper") -> jax.Array:
 # Checks: run at trace time on static shapes, so they cost nothing inside jit.
 
 
-def _accumulator(dtype) -> jnp.dtype:
+def accumulator(dtype) -> jnp.dtype:
     return jnp.dtype(jnp.float64) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(jnp.float32)
 
 
-def _check_inputs(fn: str, q, k, v, log_decay, state, *, step: bool = False):
+def check_inputs(fn: str, q, k, v, log_decay, state, *, step: bool = False):
     lead = "[B, H" if step else "[B, T, H"
     rank = 3 if step else 4
     for name, x, last in (("q", q, "K"), ("k", k, "K"), ("v", v, "V")):
@@ -171,7 +171,7 @@ def _check_inputs(fn: str, q, k, v, log_decay, state, *, step: bool = False):
             )
 
 
-def _check_chunk_size(fn: str, chunk_size) -> int:
+def check_chunk_size(fn: str, chunk_size) -> int:
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int | np.integer):
         raise ValueError(f"{fn}: chunk_size must be a Python int >= 1; got {chunk_size!r}.")
     if chunk_size < 1:
@@ -183,7 +183,7 @@ def _check_chunk_size(fn: str, chunk_size) -> int:
 # Shared pieces.
 
 
-def _row_scale(positions, log_decay):
+def row_factors(positions, log_decay):
     """1/sqrt(c_n) for positions [...] → [..., H], from exponents only (no γ^n subtraction near 1).
 
     c_n = (1 − γ^(n+1)) / (1 − γ) = expm1((n+1)·log γ) / expm1(log γ); negative positions (pads) get c_0.
@@ -318,9 +318,9 @@ def update_state(k, v, log_decay, state: RetentionState, *, segment_ids=None) ->
     This is how the parallel form hands a prompt over to recurrent decoding. With ``segment_ids`` [B, T]
     a row holding a document start keeps its last document only, and the count restarts with it.
     """
-    _check_inputs("update_state", k, k, v, log_decay, state)
+    check_inputs("update_state", k, k, v, log_decay, state)
     starts = _starts("update_state", segment_ids, k)
-    acc = _accumulator(k.dtype)
+    acc = accumulator(k.dtype)
     log_decay = log_decay.astype(acc)
     size = k.shape[1]
     if starts is not None:
@@ -349,19 +349,19 @@ def parallel(q, k, v, log_decay, *, normalize: bool = True, segment_ids=None):
     Returns:
         o: [B, T, H, V] in the input dtype.
     """
-    _check_inputs("parallel", q, k, v, log_decay, None)
+    check_inputs("parallel", q, k, v, log_decay, None)
     starts = _starts("parallel", segment_ids, q)
-    acc = _accumulator(q.dtype)
+    acc = accumulator(q.dtype)
     log_decay = log_decay.astype(acc)
     if starts is not None:
         row_scale = None
         if normalize:  # [B, 1, T, H]: positions restart at each document start
             positions = documents.positions_from_starts(starts)  # [B, T]
-            row_scale = _row_scale(positions, log_decay)[:, None]
+            row_scale = row_factors(positions, log_decay)[:, None]
         weights = _decayed_scores(q[:, None], k[:, None], log_decay, row_scale, acc, starts[:, None])[:, 0]
         o = jnp.einsum("BHTS,BSHV->BTHV", weights.astype(v.dtype), v, preferred_element_type=acc)
         return o.astype(v.dtype)
-    row_scale = _row_scale(jnp.arange(q.shape[1]), log_decay)[None, None] if normalize else None
+    row_scale = row_factors(jnp.arange(q.shape[1]), log_decay)[None, None] if normalize else None
     weights = _decayed_scores(q[:, None], k[:, None], log_decay, row_scale, acc)[:, 0]  # [B, H, T, S]
     o = jnp.einsum("BHTS,BSHV->BTHV", weights.astype(v.dtype), v, preferred_element_type=acc)
     return o.astype(v.dtype)
@@ -378,7 +378,7 @@ def recurrent_step(q, k, v, log_decay, state: RetentionState, *, normalize: bool
     Returns:
         (o [B, H, V] in the input dtype, the new state).
     """
-    _check_inputs("recurrent_step", q, k, v, log_decay, state, step=True)
+    check_inputs("recurrent_step", q, k, v, log_decay, state, step=True)
     if reset is not None:
         if tuple(reset.shape) != (q.shape[0],):
             raise ValueError(
@@ -386,13 +386,13 @@ def recurrent_step(q, k, v, log_decay, state: RetentionState, *, normalize: bool
                 f"got shape {tuple(reset.shape)}."
             )
         state = reset_rows(state, reset.astype(bool))
-    acc = _accumulator(q.dtype)
+    acc = accumulator(q.dtype)
     log_decay = log_decay.astype(acc)
     kv = jnp.exp(log_decay)[:, None, None] * state.kv.astype(acc)
     kv = kv + jnp.einsum("BHK,BHV->BHKV", k.astype(acc), v.astype(acc))
     o = jnp.einsum("BHK,BHKV->BHV", q.astype(acc), kv)
     if normalize:
-        o = o * _row_scale(state.count, log_decay)[..., None]
+        o = o * row_factors(state.count, log_decay)[..., None]
     return o.astype(v.dtype), RetentionState(kv, state.count + 1)
 
 
@@ -409,9 +409,9 @@ def recurrent(
     Returns:
         (o [B, T, H, V] in the input dtype, the state after the last token).
     """
-    _check_inputs("recurrent", q, k, v, log_decay, state)
+    check_inputs("recurrent", q, k, v, log_decay, state)
     starts = _starts("recurrent", segment_ids, q)
-    acc = _accumulator(q.dtype)
+    acc = accumulator(q.dtype)
     if state is None:
         state = init_state(q.shape[0], q.shape[2], q.shape[3], v.shape[3], acc)
     state = RetentionState(state.kv.astype(acc), state.count)
@@ -450,7 +450,7 @@ def _chunks(q, k, v, log_decay, state, size, normalize, starts=None):
     if normalize:
         if starts is None:
             positions = state.count[:, None] + jnp.arange(length)  # [B, T]
-        row_scale = _row_scale(positions, log_decay).reshape(batch, groups, size, heads)
+        row_scale = row_factors(positions, log_decay).reshape(batch, groups, size, heads)
 
     weights = _decayed_scores(qc, kc, log_decay, row_scale, acc, local)  # [B, G, H, C, S]
     if local is None:
@@ -501,10 +501,10 @@ def chunkwise(
     Returns:
         (o [B, T, H, V] in the input dtype, the state after the last token).
     """
-    _check_inputs("chunkwise", q, k, v, log_decay, state)
-    size = _check_chunk_size("chunkwise", chunk_size)
+    check_inputs("chunkwise", q, k, v, log_decay, state)
+    size = check_chunk_size("chunkwise", chunk_size)
     starts = _starts("chunkwise", segment_ids, q)
-    acc = _accumulator(q.dtype)
+    acc = accumulator(q.dtype)
     if state is None:
         state = init_state(q.shape[0], q.shape[2], q.shape[3], v.shape[3], acc)
     state = RetentionState(state.kv.astype(acc), state.count)

@@ -130,7 +130,7 @@ def chunkwise(q, k, v, log_decay, *, chunk_size: int, state=None, normalize: boo
         )
     o, kv = run(q, k, v, log_decay, state.kv.astype(jnp.float32))
     if normalize:
-        scale = retention._row_scale(state.count[:, None] + jnp.arange(length), log_decay)  # [B, T, H]
+        scale = retention.row_factors(state.count[:, None] + jnp.arange(length), log_decay)  # [B, T, H]
         o = (o.astype(jnp.float32) * scale[..., None]).astype(v.dtype)
     return o, retention.RetentionState(kv, state.count + length)
 
@@ -165,6 +165,6 @@ def _chunkwise_documents(q, k, v, log_decay, chunk_size, state, normalize, segme
     o, kv = run(q, k, v, log_decay, state.kv.astype(jnp.float32), segment_ids)
     positions = documents.document_positions(segment_ids, state.count)  # [B, T]
     if normalize:
-        scale = retention._row_scale(positions, log_decay)  # [B, T, H]
+        scale = retention.row_factors(positions, log_decay)  # [B, T, H]
         o = (o.astype(jnp.float32) * scale[..., None]).astype(v.dtype)
     return o, retention.RetentionState(kv, positions[:, -1] + 1)
