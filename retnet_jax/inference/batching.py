@@ -52,7 +52,6 @@ import numpy as np
 from retnet_jax.inference import decoding, sampling
 from retnet_jax.inference import prompts as prompts_lib
 from retnet_jax.models import lm as lm_lib
-from retnet_jax.models.lm import DecoderLM
 
 __all__ = ["Event", "Request", "Scheduler", "Stats", "token_keys"]
 
@@ -296,15 +295,9 @@ class Scheduler:
         prefill_mode: str = "chunkwise",
         chunk_size: int | None = None,
     ):
-        if isinstance(model, DecoderLM):
-            decoder = decoding.LMDecoder(model, prefill_mode, chunk_size)
-        elif all(hasattr(model, name) for name in ("init_state", "prefill", "step", "vocab_size")):
-            decoder = model
-        else:
-            raise ValueError(
-                f"Scheduler: model must be a DecoderLM (RetNetLM, TransformerLM) or a decoding.Decoder; got "
-                f"{type(model).__name__}."
-            )
+        decoder = decoding.as_decoder(
+            model, prefill_mode=prefill_mode, chunk_size=chunk_size, caller="Scheduler"
+        )
         for name, value in (
             ("rows", rows),
             ("block_size", block_size),

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from retnet_jax.models.lm import MODES, DecoderLM, decode_step
 
-__all__ = ["Buffers", "Carry", "Decoder", "LMDecoder", "Spec", "decode", "prefill_and_decode"]
+__all__ = ["Buffers", "Carry", "Decoder", "LMDecoder", "Spec", "as_decoder", "decode", "prefill_and_decode"]
 
 
 class Decoder(Protocol):
@@ -82,6 +82,18 @@ class LMDecoder:
 
     def step(self, variables, tokens, state):
         return decode_step(self.model, variables, tokens, state)
+
+
+def as_decoder(model, *, prefill_mode: str = "chunkwise", chunk_size: int | None = None, caller: str):
+    """``model`` as a ``Decoder``: a ``DecoderLM`` wrapped in ``LMDecoder``, a ``Decoder`` as it is."""
+    if isinstance(model, DecoderLM):
+        return LMDecoder(model, prefill_mode, chunk_size)
+    if all(hasattr(model, name) for name in ("init_state", "prefill", "step", "vocab_size")):
+        return model
+    raise ValueError(
+        f"{caller}: model must be a DecoderLM (RetNetLM, TransformerLM) or a decoding.Decoder; got "
+        f"{type(model).__name__}."
+    )
 
 
 @dataclasses.dataclass(frozen=True)

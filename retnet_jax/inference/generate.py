@@ -26,7 +26,6 @@ import numpy as np
 
 from retnet_jax.inference import decoding, sampling
 from retnet_jax.inference import prompts as prompts_lib
-from retnet_jax.models.lm import DecoderLM
 
 __all__ = ["Generation", "decode_text", "generate", "stream"]
 
@@ -76,15 +75,7 @@ def _prepare(
     chunk_size,
 ) -> _Call:
     """Checks every argument (before any tracing) and frames the prompts."""
-    if isinstance(model, DecoderLM):
-        decoder = decoding.LMDecoder(model, prefill_mode, chunk_size)
-    elif all(hasattr(model, name) for name in ("init_state", "prefill", "step", "vocab_size")):
-        decoder = model
-    else:
-        raise ValueError(
-            f"generate: model must be a DecoderLM (RetNetLM, TransformerLM) or a decoding.Decoder; got "
-            f"{type(model).__name__}."
-        )
+    decoder = decoding.as_decoder(model, prefill_mode=prefill_mode, chunk_size=chunk_size, caller="generate")
     sampling.check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens)
     vocab = decoder.vocab_size
     bos_id = prompts_lib.check_id("bos_id", bos_id, vocab)
