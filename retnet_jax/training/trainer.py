@@ -141,7 +141,11 @@ class Trainer:
             out_shardings=(self.state_shardings, None),
             donate_argnums=0,
         )
-        self._eval_step = jax.jit(self._eval, in_shardings=(self.state_shardings.params, self.batch_sharding))
+        self._eval_step = jax.jit(
+            self._eval,
+            in_shardings=(self.state_shardings.params, self.batch_sharding),
+            static_argnums=2,  # the document rule: one program per rule
+        )
 
     def context(self):
         """The mesh and logical-axis rules under which the model is traced."""
@@ -166,9 +170,19 @@ class Trainer:
         with self.context():
             return self._train_step.lower(state, batch)
 
-    def eval_step(self, params, batch: dict[str, jax.Array]) -> jax.Array:
+    def eval_step(
+        self, params, batch: dict[str, jax.Array], *, reset_at_documents: bool | None = None
+    ) -> jax.Array:
+        """The mean cross-entropy of a batch (weighted by ``batch["weights"]`` where given).
+
+        Args:
+            reset_at_documents: evaluate under this document rule instead of the config's (None): True
+                starts every packed document of a row from an empty state (with ``segment_ids``), False
+                lets state and positions flow across them. Lets a model be measured under both rules.
+        """
+        resets = self.config.reset_at_documents if reset_at_documents is None else bool(reset_at_documents)
         with self.context():
-            return self._eval_step(params, batch)
+            return self._eval_step(params, batch, resets)
 
     def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """This process's rows → one array over all processes, split as the batch sharding says."""
@@ -189,9 +203,11 @@ class Trainer:
         params = self.model.init({"params": rng}, tokens)["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
 
-    def _segments(self, batch):
-        """The batch's document ids when the run resets at documents (``reset_at_documents``), else None."""
-        return batch.get("segment_ids") if self.config.reset_at_documents else None
+    def _segments(self, batch, resets: bool | None = None):
+        """The batch's document ids when the run resets at documents (``reset_at_documents``, or
+        ``resets`` where given), else None."""
+        resets = self.config.reset_at_documents if resets is None else resets
+        return batch.get("segment_ids") if resets else None
 
     def _loss(self, params, batch, rng):
         """The loss of a batch: ``inputs``, ``targets`` and optionally ``segment_ids`` (packed documents)
@@ -237,8 +253,9 @@ class Trainer:
         }
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    def _eval(self, params, batch):
-        logits, _ = self.model.apply({"params": params}, batch["inputs"], segment_ids=self._segments(batch))
+    def _eval(self, params, batch, resets: bool):
+        segment_ids = self._segments(batch, resets)
+        logits, _ = self.model.apply({"params": params}, batch["inputs"], segment_ids=segment_ids)
         return cross_entropy(logits, batch["targets"], weights=batch.get("weights"))[1]
 
 

@@ -141,6 +141,29 @@ def test_resets_follow_the_config():
     assert abs(losses[True] - losses[False]) > 1e-4
 
 
+def test_eval_step_can_use_the_other_document_rule():
+    """eval_step(reset_at_documents=...) evaluates a model under either rule, whatever it trained with:
+    the loss equals that of a trainer configured with that rule, on the same parameters."""
+    mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    rng = np.random.default_rng(3)
+    batch = {k: rng.integers(0, 259, (8, 16)).astype(np.int32) for k in ("inputs", "targets")}
+    batch["segment_ids"] = np.repeat(np.arange(4), 4)[None].repeat(8, 0).astype(np.int32)
+    trainers = {}
+    for reset in (True, False):
+        config = small_config(batch_size=8, seq_len=16, reset_at_documents=reset)
+        trainers[reset] = train.Trainer(config, train.model_config(config, 264), mesh)
+    params = trainers[True].init(0).params
+    batch = trainers[True].global_batch(batch)
+    own = {reset: float(trainers[reset].eval_step(params, batch)) for reset in (True, False)}
+    assert abs(own[True] - own[False]) > 1e-4  # the rules differ on this batch
+    for trained in (True, False):
+        for rule in (True, False):
+            loss = float(trainers[trained].eval_step(params, batch, reset_at_documents=rule))
+            np.testing.assert_allclose(loss, own[rule], rtol=1e-6)
+        # None keeps the config's rule.
+        assert float(trainers[trained].eval_step(params, batch, reset_at_documents=None)) == own[trained]
+
+
 def test_cross_entropy_weights_count_only_the_marked_targets():
     logits = jax.random.normal(jax.random.key(0), (2, 5, 7))
     targets = jnp.array([[1, 2, 3, 4, 5], [6, -1, 0, -1, 2]])
