@@ -11,6 +11,11 @@ cross-entropy, backward, AdamW with clipping) for RetNet, the Transformer baseli
     python -m experiments.bench_training --models=paper-1.3b --archs=retnet,transformer --chunk_size=64 \
         --documents=0,1000 --lengths=2048 --time_budget_s=540       # and again with --lengths=8192
 
+    # Remat policies side by side (nn/remat.py) in one process, 12 configurations of ~20 s (add "none"
+    # for the no-remat bound):
+    python -m experiments.bench_training --models=paper-1.3b --archs=retnet,transformer --chunk_size=64 \
+        --lengths=2048,8192 --remat=full,projections,mixer --in_process --steps=5 --time_budget_s=270
+
 Ours runs through ``retnet_jax.training.trainer.Trainer`` (``--arch`` retnet or transformer, bf16 compute,
 float32 parameters and optimizer state) on a one-device mesh, with synthetic batches of random token ids.
 B = max(1, tokens_per_step / T), unless ``--batch_size`` is given. RetNet trains chunkwise with
@@ -18,6 +23,12 @@ B = max(1, tokens_per_step / T), unless ``--batch_size`` is given. RetNet trains
 ``RetNetDecoder`` (PyTorch, bf16 autocast, float32 master weights, fused AdamW, the same clipping) runs
 at the same D, L, H, value width and vocabulary; its FFN is always a GLU, so for the paper presets (a GELU
 MLP with F = 2D) it gets F' = 2F/3, which matches the parameter count.
+
+``--remat`` lists remat policies (``nn.remat``: none, full, projections, mixer; true / false mean full /
+none); each configuration runs once per entry, and the "remat" column names the policy. "XLA temp GB" is
+the compiled step's temporary memory as XLA plans it (activations kept for the backward and workspace,
+no parameters or optimizer state): per configuration even with ``--in_process``, where "peak mem GB" is
+the process's peak so far.
 
 ``--documents`` lists mean document lengths; each configuration runs once per entry. 0 trains on rows
 without document ids (as before); m > 0 packs documents of geometric lengths with mean m into every row
@@ -45,6 +56,7 @@ from absl import app, flags
 
 from experiments import benchlib as bl
 from retnet_jax.models.config import RetNetConfig
+from retnet_jax.nn import remat as remat_lib
 from retnet_jax.training import flops as flops_lib
 
 ARCHS = ("retnet", "transformer", "torchscale")
@@ -61,7 +73,9 @@ _DOCUMENTS = flags.DEFINE_list(
 _HEADS = flags.DEFINE_integer(
     "retnet_heads", 0, "RetNet heads (0: the preset's); the Transformer keeps its own."
 )
-_REMAT = flags.DEFINE_bool("remat", True, "Recompute each block in the backward pass (all archs).")
+_REMAT = flags.DEFINE_list(
+    "remat", ["full"], f"Remat policies, each a configuration (all archs): {remat_lib.POLICIES}, true, false."
+)
 _DROPOUT = flags.DEFINE_float("dropout", 0.0, "Dropout rate (the paper presets say 0.1).")
 _STEPS = flags.DEFINE_integer("steps", 8, "Timed steps per configuration (after 2 warm-up steps).")
 _IN_PROCESS = flags.DEFINE_bool("in_process", False, "Run configurations in this process (CPU smoke).")
@@ -72,6 +86,7 @@ flags.FLAGS.set_default("time_budget_s", 480.0)
 
 def configs():
     out = []
+    policies = list(dict.fromkeys(bl.remat_policy(text) for text in _REMAT.value))
     for model in _MODELS.value:
         for length in bl.int_list(_LENGTHS.value):
             batch = _BATCH.value or max(1, _TOKENS.value // length)
@@ -79,18 +94,21 @@ def configs():
                 for documents in bl.int_list(",".join(_DOCUMENTS.value)):
                     if documents and arch == "torchscale":
                         continue  # no document ids there
-                    out.append(
-                        dict(
-                            arch=arch,
-                            model=model,
-                            T=length,
-                            B=batch,
-                            chunk=_CHUNK.value,
-                            remat=_REMAT.value,
-                            heads=_HEADS.value if arch == "retnet" else 0,
-                            documents=documents,
+                    for remat in policies:
+                        if arch == "torchscale" and remat not in ("none", "full"):
+                            continue  # its checkpoint_activations is all or nothing
+                        out.append(
+                            dict(
+                                arch=arch,
+                                model=model,
+                                T=length,
+                                B=batch,
+                                chunk=_CHUNK.value,
+                                remat=remat,
+                                heads=_HEADS.value if arch == "retnet" else 0,
+                                documents=documents,
+                            )
                         )
-                    )
     return out
 
 
@@ -142,7 +160,7 @@ def torchscale_worker(cfg):
         vocab_size=n,
         chunkwise_recurrent=cfg["chunk"] > 0,
         recurrent_chunk_size=cfg["chunk"] or 512,
-        checkpoint_activations=cfg["remat"],
+        checkpoint_activations=cfg["remat"] == "full",
         no_scale_embedding=True,
     )
     embed = torch.nn.Embedding(n, d)
@@ -242,6 +260,14 @@ def compare_resets(rows):
             row["resets_slower"] = row["timing"]["median_s"] / plain[key] - 1
 
 
+def _peak_bytes(row):
+    return row["memory"].get("bytes")
+
+
+def _temp_bytes(row):
+    return (row["memory"].get("program") or {}).get("temp_bytes")
+
+
 COLUMNS = [
     ("arch", lambda r: r["arch"]),
     ("model", lambda r: r["model"] + (f" H{r['heads']}" if r.get("heads") else "")),
@@ -250,39 +276,49 @@ COLUMNS = [
     ("B", lambda r: str(r["B"])),
     ("C", lambda r: str(r["chunk"]) if r["arch"] != "transformer" and r["chunk"] else "–"),
     ("docs", lambda r: f"mean {r['documents']}" if r.get("documents") else "–"),
-    ("remat", lambda r: "yes" if r["remat"] else "no"),
+    ("remat", lambda r: r["remat"]),
     ("step ms", bl.when_ok(lambda r: bl.fmt(r["timing"]["median_s"], 1e3, ".1f"))),
     ("iqr%", bl.when_ok(lambda r: bl.fmt(r["timing"]["iqr_pct"], 1, ".1f"))),
     ("tokens/s", bl.when_ok(lambda r: bl.fmt(r["tokens_per_s"], 1, ",.0f"))),
     ("MFU % datasheet", bl.when_ok(lambda r: bl.fmt(r.get("mfu_datasheet"), 1, ".1f"))),
     ("MFU % measured", bl.when_ok(lambda r: bl.fmt(r.get("mfu_measured"), 1, ".1f"))),
-    ("peak mem GB", bl.when_ok(lambda r: bl.fmt(r["memory"].get("bytes"), 1e-9, ".1f"))),
+    ("peak mem GB", bl.when_ok(lambda r: bl.fmt(_peak_bytes(r), 1e-9, ".1f"))),
+    ("XLA temp GB", bl.when_ok(lambda r: bl.fmt(_temp_bytes(r), 1e-9, ".1f"))),
     ("compile / first step s", bl.when_ok(lambda r: bl.fmt(r["compile_s"], 1, ".1f"))),
     ("loss", bl.when_ok(lambda r: bl.fmt(r["loss"], 1, ".3f"))),
     ("resets", lambda r: f"{100 * r['resets_slower']:+.1f}%" if "resets_slower" in r else "–"),
 ]
 
 
-def _series(row) -> str:
-    """A bar series: the architecture, and the mean document length where documents are packed."""
-    return row["arch"] + (f" docs {row['documents']}" if row.get("documents") else "")
+def _series(row, several_policies: bool) -> str:
+    """A bar series: the architecture, the mean document length where documents are packed, and the remat
+    policy where the run compares several."""
+    return (
+        row["arch"]
+        + (f" docs {row['documents']}" if row.get("documents") else "")
+        + (f" remat {row['remat']}" if several_policies else "")
+    )
 
 
 def plot(rows, path):
+    several = len({r["remat"] for r in rows}) > 1
     groups = list(dict.fromkeys((r["model"], r["T"]) for r in rows))
-    archs = list(dict.fromkeys(_series(r) for r in rows))
+    archs = list(dict.fromkeys(_series(r, several) for r in rows))
     fig, axes = bl.figure(1, 2, size=(max(5.0, 1.2 * len(groups) + 2), 3.8))
     width = 0.8 / max(1, len(archs))
-    for panel, (key, scale, label) in enumerate(
-        [("tokens_per_s", 1e-3, "thousand tokens/s"), ("memory", 1e-9, "peak memory GB")]
+    # In one process the peak is the process's so far: the program's own temporary memory compares instead.
+    memory = (_temp_bytes, "XLA temp memory GB") if _IN_PROCESS.value else (_peak_bytes, "peak memory GB")
+    for panel, (value_of, scale, label) in enumerate(
+        [(lambda r: r.get("tokens_per_s"), 1e-3, "thousand tokens/s"), (memory[0], 1e-9, memory[1])]
     ):
         ax = axes[0][panel]
         for i, arch in enumerate(archs):
             values = []
             for group in groups:
-                row = next((r for r in rows if (r["model"], r["T"]) == group and _series(r) == arch), {})
-                value = row.get(key) if row.get("status") == "ok" else None
-                value = value.get("bytes") if isinstance(value, dict) else value
+                row = next(
+                    (r for r in rows if (r["model"], r["T"]) == group and _series(r, several) == arch), {}
+                )
+                value = value_of(row) if row.get("status") == "ok" else None
                 values.append((value or 0) * scale)
             ax.bar(np.arange(len(groups)) + i * width, values, width, label=arch)
         ax.set_xticks(np.arange(len(groups)) + width * (len(archs) - 1) / 2)
@@ -317,7 +353,9 @@ def main(argv):
         if budget.exhausted(next_seconds=longest):  # the longest configuration so far as the estimate
             result = dict(status="skipped", error="time budget")
         else:
-            print(f"{cfg['arch']} {cfg['model']} T{cfg['T']} B{cfg['B']} ...", flush=True)
+            print(
+                f"{cfg['arch']} {cfg['model']} T{cfg['T']} B{cfg['B']} remat {cfg['remat']} ...", flush=True
+            )
             start = time.perf_counter()
             result = run_config(cfg)
             longest = max(longest, time.perf_counter() - start)

@@ -388,6 +388,15 @@ def str_list(text: str) -> list[str]:
     return [x.strip() for x in str(text).split(",") if x.strip()]
 
 
+def remat_policy(text: str, flag: str = "--remat") -> str:
+    """A remat policy name (``nn.remat``) from a flag's text: true / yes / 1 mean full, false / no / 0
+    none."""
+    from retnet_jax.nn import remat as remat_lib
+
+    words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+    return remat_lib.resolve(words.get(text.strip().lower(), text.strip()), flag)
+
+
 # ------------------------------------------------------------------------------------------------------
 # Reports.
 

@@ -49,6 +49,8 @@ def series(paths) -> dict[str, list[tuple[int, float]]]:
                 label += f" C={row['C']}" if row["C"].isdigit() else " parallel"
             if row.get("docs", "–") != "–":  # packed documents (bench_training --documents)
                 label += f" docs {row['docs']}"
+            if row.get("remat", "full") not in ("full", "yes"):  # other policies (--remat); "yes" = full
+                label += f" remat {row['remat']}"
             points.setdefault(label, {})[int(row["T"])] = rate
     return {label: sorted(p.items()) for label, p in points.items()}
 

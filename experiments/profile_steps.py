@@ -38,7 +38,9 @@ _DECODE_CONTEXT = flags.DEFINE_integer("decode_context", 8192, "Context of the d
 _TRAIN_T = flags.DEFINE_integer("train_T", 8192, "Sequence length of the train step.")
 _TRAIN_B = flags.DEFINE_integer("train_B", 2, "Batch of the train step.")
 _CHUNK = flags.DEFINE_integer("chunk_size", 512, "RetNet chunk size C of the train step (0: parallel).")
-_REMAT = flags.DEFINE_bool("remat", True, "Recompute each block in the backward pass.")
+_REMAT = flags.DEFINE_string(
+    "remat", "full", "Remat policy of the train step: none, full, projections, mixer."
+)
 _HEADS = flags.DEFINE_integer("retnet_heads", 0, "RetNet heads (0: the preset's).")
 _TOP = flags.DEFINE_integer("top", 12, "Kernels listed per program.")
 
@@ -124,7 +126,7 @@ def train_run(arch: str, model: str):
         T=_TRAIN_T.value,
         B=_TRAIN_B.value,
         chunk=_CHUNK.value,
-        remat=_REMAT.value,
+        remat=bl.remat_policy(_REMAT.value),
         heads=_HEADS.value if arch == "retnet" else 0,
     )
     step = bl.jax_train_step(cfg)[0]

@@ -16,7 +16,7 @@ def get_config():
     c.model = "paper-1.3b"  # the preset computes in bfloat16
     c.mode = "chunkwise"
     c.chunk_size = 256
-    c.remat = True
+    c.remat = "full"  # nn/remat.py: "projections" or "mixer" when memory allows
     c.seq_len = 2048
     c.batch_size = 8
     c.grad_accum_steps = 1

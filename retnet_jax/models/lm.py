@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from retnet_jax.models.config import ModelConfig, RetNetConfig, TransformerConfig
+from retnet_jax.nn import remat as remat_lib
 from retnet_jax.nn.axes import ACTIVATION_AXES, LAYERS
 from retnet_jax.nn.embedding import embed_tokens, output_logits
 from retnet_jax.nn.feedforward import FeedForward
@@ -74,6 +75,7 @@ class Block(nn.Module):
         )
         view = None if state is None else state.layer(layer)
         y, new = mixer(norm(name=f"{cfg.mixer_name}_norm")(x), positions, view, segment_ids=segment_ids)
+        y = remat_lib.name_mixer_output(y)  # the FFN norm's backward needs x + y: "mixer" keeps y
         if state is not None:
             state, new = state.write(layer, new, positions), None
         elif not self.return_state:
@@ -108,7 +110,10 @@ class DecoderLM(nn.Module):
         implementation: the mixer's kernel choice: retention's chunkwise form "auto" / "xla" / "pallas"
             (``ops.dispatch``), attention's "auto" / "cudnn" / "xla" (``nn.attention``).
         scan_layers: stack the blocks with nn.scan (one compiled block; parameters get a layer axis).
-        remat: recompute each block in the backward pass.
+        remat: what each block keeps for the backward pass (``nn.remat``): "none" (everything; the
+            most memory), "full" (nothing: the block's forward reruns), "projections" (the input
+            projections' outputs: the mixer's forward and elementwise work rerun) or "mixer" (those and
+            the token mixer's output: only elementwise work reruns). True / False mean "full" / "none".
         unroll_decode: unroll the layer loop of one-token steps with a state (a step does little work per
             layer; unrolled, XLA fuses across layers and runs it as a few large kernels), or None for the
             config's ``unroll_decode`` (measured per mixer).
@@ -119,8 +124,12 @@ class DecoderLM(nn.Module):
     chunk_size: int = 64
     implementation: str = "auto"
     scan_layers: bool = True
-    remat: bool = False
+    remat: bool | str = False
     unroll_decode: bool | None = None
+
+    def __post_init__(self):
+        remat_lib.resolve(self.remat, f"{type(self).__name__}: remat")
+        super().__post_init__()
 
     @nn.compact
     def __call__(
@@ -191,7 +200,10 @@ class DecoderLM(nn.Module):
             return_state=return_state and not incoming,
             deterministic=deterministic,
         )
-        block = nn.remat(Block, prevent_cse=not self.scan_layers) if self.remat else Block
+        policy = remat_lib.resolve(self.remat)
+        block = Block
+        if policy != "none":
+            block = nn.remat(Block, prevent_cse=not self.scan_layers, policy=remat_lib.policy(policy))
         if self.scan_layers:
             unroll = cfg.unroll_decode if self.unroll_decode is None else self.unroll_decode
             one_step = length == 1 and incoming and unroll

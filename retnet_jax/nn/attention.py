@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from retnet_jax.nn.axes import EMBED, HEAD_AXES, HEAD_DIM, HEADS
 from retnet_jax.nn.projection import Projection
+from retnet_jax.nn.remat import name_projection, name_token_mixing
 from retnet_jax.ops import rotation
 from retnet_jax.ops.attention import cached_attention, causal_attention
 
@@ -92,7 +93,7 @@ class Attention(nn.Module):
                 param_dtype=self.param_dtype,
                 name=name,
             )(x)
-            return nn.with_logical_constraint(y, HEAD_AXES)
+            return name_projection(nn.with_logical_constraint(y, HEAD_AXES))  # what a remat policy may keep
 
         q = rotation.rotate(project("q_proj"), positions, "rotate_half", self.rotation_base)  # [B, T, H, K]
         k = rotation.rotate(project("k_proj"), positions, "rotate_half", self.rotation_base)  # [B, T, H, K]
@@ -100,6 +101,8 @@ class Attention(nn.Module):
         if state is None:
             implementation = resolve_implementation(self.implementation, head_dim, self.dtype)
             o = causal_attention(q, k, v, implementation, segment_ids=segment_ids)
+            if implementation != "cudnn":  # the "mixer" policy keeps cuDNN's output already (nn/remat.py)
+                o = name_token_mixing(o)
         else:
             k_cache, v_cache, _ = state  # [B, H, S, K] each
             positions = jnp.broadcast_to(positions, x.shape[:2])

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from retnet_jax.nn.axes import BATCH, EMBED, LENGTH, MLP, partitioned
+from retnet_jax.nn.remat import name_projection
 
 ACTIVATIONS = {"swish": jax.nn.swish, "gelu": jax.nn.gelu}
 FFN_TYPES = ("glu", "mlp")
@@ -47,9 +48,9 @@ class FeedForward(nn.Module):
                 name=name,
             )
 
-        hidden = dense(self.ffn_dim, (EMBED, MLP), "fc1")(x)  # [B, T, F]
+        hidden = name_projection(dense(self.ffn_dim, (EMBED, MLP), "fc1")(x))  # [B, T, F]
         hidden = ACTIVATIONS[self.activation](hidden.astype(jnp.promote_types(hidden.dtype, jnp.float32)))
         if self.ffn_type == "glu":
-            hidden = hidden * dense(self.ffn_dim, (EMBED, MLP), "gate")(x)
+            hidden = hidden * name_projection(dense(self.ffn_dim, (EMBED, MLP), "gate")(x))
         hidden = nn.with_logical_constraint(hidden.astype(self.dtype), (BATCH, LENGTH, MLP))
         return dense(x.shape[-1], (MLP, EMBED), "fc2")(hidden)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from retnet_jax.nn.axes import EMBED, HEAD_DIM, HEADS
 from retnet_jax.nn.norms import HeadNorm
 from retnet_jax.nn.projection import Projection
+from retnet_jax.nn.remat import name_projection, name_token_mixing
 from retnet_jax.ops import dispatch, retention, rotation
 
 MODES = ("parallel", "chunkwise", "recurrent")
@@ -76,7 +77,7 @@ class MultiScaleRetention(nn.Module):
         heads, key_dim, value_dim = self.num_heads, self.key_dim, self.value_dim
 
         def project(features, name):
-            return Projection(
+            projection = Projection(
                 features,
                 (EMBED,),
                 (HEADS, HEAD_DIM),
@@ -85,7 +86,8 @@ class MultiScaleRetention(nn.Module):
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name=name,
-            )(x)
+            )
+            return name_projection(projection(x))  # what a remat policy may keep
 
         q = project((heads, key_dim), "q_proj")  # [B, T, H, K]
         k = project((heads, key_dim), "k_proj") * key_dim**-0.5  # [B, T, H, K]
@@ -99,6 +101,7 @@ class MultiScaleRetention(nn.Module):
             k = rotation.rotate(k, positions, self.rotation, self.rotation_base)
 
         o, state = self._retention(q, k, v, state, segment_ids)  # [B, T, H, V]
+        o = name_token_mixing(o)
         o = HeadNorm(self.head_norm, self.head_norm_eps, self.param_dtype, name="head_norm")(o)
         o = (jax.nn.swish(g.astype(o.dtype)) * o).astype(self.dtype)
         y = Projection(

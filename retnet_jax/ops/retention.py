@@ -50,6 +50,7 @@ from retnet_jax.ops import documents
 from retnet_jax.ops.documents import document_positions
 
 __all__ = [
+    "KERNEL_STATE_NAME",
     "RetentionState",
     "chunkwise",
     "document_positions",
@@ -64,6 +65,12 @@ __all__ = [
 ]
 
 DECAY_SCHEDULES = ("paper", "linspace")
+
+# The ``jax.ad_checkpoint.checkpoint_name`` under which the fused kernels (GPU and TPU) keep, for their
+# backward, the one residual their forward computes: the final state. Inside a remat'ed block the kernel's
+# forward reruns in the backward pass unless the remat policy saves this name (and whatever needs the
+# kernel's output is saved too): ``nn.remat``'s "mixer" policy does.
+KERNEL_STATE_NAME = "retention_kernel_state"
 
 
 class RetentionState(NamedTuple):

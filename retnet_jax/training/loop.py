@@ -31,6 +31,7 @@ import numpy as np
 
 from retnet_jax.models.config import from_dict as model_from_dict
 from retnet_jax.nn import attention as attention_lib
+from retnet_jax.nn import remat as remat_lib
 from retnet_jax.ops import dispatch
 from retnet_jax.training import checkpoints as checkpoint_lib
 from retnet_jax.training import corpus, optim, reporting, stopping
@@ -91,7 +92,8 @@ def _validate_run_options(config: ml_collections.ConfigDict):
             f"--config.implementation must be one of {choices} for arch={config.arch!r}; "
             f"got {config.implementation!r}."
         )
-    for name in ("remat", "scan_layers", "allow_schedule_change"):
+    remat_lib.resolve(config.remat, "--config.remat")
+    for name in ("scan_layers", "allow_schedule_change"):
         if not isinstance(config.get(name, False), bool):
             raise ValueError(f"--config.{name} must be True or False; got {config[name]!r}.")
 

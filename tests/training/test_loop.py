@@ -111,6 +111,7 @@ def test_bad_input_is_named_before_anything_is_created(tmp_path):
         (dict(chunk_size=-4), r"--config.chunk_size must be an integer >= 1 \(e.g. 64\); got -4"),
         (dict(mode="recurrent"), r"--config.mode must be one of \('parallel', 'chunkwise'\) for training"),
         (dict(implementation="cuda"), "--config.implementation must be one of"),
+        (dict(remat="some"), r"--config.remat must be one of \('none', 'full', 'projections', 'mixer'\)"),
         (dict(eval_batches=0), "--config.eval_batches must be an integer >= 1; got 0"),
         (dict(schedule="step"), "--config.schedule must be one of"),
         (dict(tokenizer_bos="[BOS]"), "tokenizer_bos='\\[BOS\\]' names special tokens of a tokenizer file"),

@@ -21,10 +21,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from retnet_jax.ops import documents
 from retnet_jax.ops.gpu import chunk_retention, common, partition, split_retention
 from retnet_jax.ops.gpu import plan as plan_lib
+from retnet_jax.ops.retention import KERNEL_STATE_NAME
 
 __all__ = ["chunk_retention"]
 
@@ -75,7 +77,8 @@ def _op(q, k, v, log_decay, h0, first, plan, length, interpret):
 
 def _op_fwd(q, k, v, log_decay, h0, first, plan, length, interpret):
     o, ht = _op(q, k, v, log_decay, h0, first, plan, length, interpret)
-    return (o, ht), (q, k, v, log_decay, h0, first, ht)
+    # Named so that a remat policy can keep it: then the forward kernel need not rerun for the backward.
+    return (o, ht), (q, k, v, log_decay, h0, first, checkpoint_name(ht, KERNEL_STATE_NAME))
 
 
 def _op_bwd(plan, length, interpret, residuals, cotangents):

@@ -63,10 +63,12 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from retnet_jax.ops import documents
+from retnet_jax.ops.retention import KERNEL_STATE_NAME
 
 __all__ = ["AUTO_CHUNK", "LANES", "chunk_retention", "supported"]
 
@@ -360,8 +362,11 @@ def _retention(q, k, v, log_decay, kv, docs, static):
 
 
 def _retention_fwd(q, k, v, log_decay, kv, docs, static):
-    o, kv_final = _forward(q, k, v, log_decay, kv, docs, static)
-    return (o, kv_final), (q, k, v, log_decay, kv, kv_final, docs)
+    # Through the custom_vjp itself (not ``_forward``): where nothing needs its outputs, e.g. in a remat'ed
+    # block whose policy keeps them, the call is dropped whole (Pallas never drops a kernel launch).
+    o, kv_final = _retention(q, k, v, log_decay, kv, docs, static)
+    # Named so that a remat policy can keep it: then the forward kernel need not rerun for the backward.
+    return (o, kv_final), (q, k, v, log_decay, kv, checkpoint_name(kv_final, KERNEL_STATE_NAME), docs)
 
 
 def _retention_bwd(static, residuals, cotangents):
