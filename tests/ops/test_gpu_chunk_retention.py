@@ -223,6 +223,20 @@ def test_auto_follows_the_table():
     assert plan(128, 128, backend="cpu") is None and plan(128, 128, backend="tpu") is None
 
 
+def test_auto_sends_few_rows_to_the_split_kernels():
+    """The register kernels run one program per (batch row, head): below MIN_REGISTER_ROWS of them "auto"
+    takes the split kernels; the paper's heads take them anyway; a forced "pallas" plans by shape."""
+
+    def plan(key_dim, value_dim, rows, implementation="auto"):
+        return dispatch.kernel_plan("f", implementation, key_dim, value_dim, 64, jnp.bfloat16, "gpu", rows)
+
+    few, enough = plan_lib.MIN_REGISTER_ROWS - 1, plan_lib.MIN_REGISTER_ROWS
+    assert plan(128, 128, few).family == "split" and plan(128, 128, enough).family == "register"
+    assert plan(128, 128, None).family == "register"  # rows unknown: by shape
+    assert plan(256, 512, few).family == "split" and plan(256, 512, enough).family == "split"
+    assert plan(128, 128, few, "pallas").family == "register"
+
+
 def test_without_the_triton_backend_auto_warns_once_and_uses_xla(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "jax.experimental.pallas.triton", None)
     monkeypatch.setattr(dispatch, "_warned_missing_backend", False)

@@ -19,13 +19,29 @@ import jax.numpy as jnp
 
 from retnet_jax.ops.gpu import chunk_retention, common, split_retention
 
-__all__ = ["FAMILIES", "MAX_CHUNK", "MIN_CHUNK", "Plan", "family_of", "make", "padded_dims", "shared_memory"]
+__all__ = [
+    "FAMILIES",
+    "MAX_CHUNK",
+    "MIN_CHUNK",
+    "MIN_REGISTER_ROWS",
+    "Plan",
+    "family_of",
+    "make",
+    "padded_dims",
+    "shared_memory",
+]
 
 FAMILIES = ("register", "split")
 
 # Chunk lengths the kernels take: powers of two from 16 (Triton's smallest product) to 128 (a C×C float32
 # score tile per program; C = 128 measured 3-6× slower than 64 at K = V = 128 on an H100).
 MIN_CHUNK, MAX_CHUNK = 16, 128
+
+# The register kernels run one program per (batch row, head): with fewer rows than this they leave most of
+# the GPU idle, and the split kernels (programs per state tile) are faster. H200, H32 K=V=128, bf16
+# fwd+bwd, C=64 (2026-12-01): 64 rows (B2 T32768) register 7.33 ms, split 5.78; 128 rows (B4 T16384)
+# register 3.81 ms, split 6.06.
+MIN_REGISTER_ROWS = 128
 
 
 class Plan(NamedTuple):
@@ -90,14 +106,22 @@ def check_chunk(chunk: int) -> str | None:
 
 
 def make(
-    key_dim: int, value_dim: int, chunk: int, dtype, family: str | None = None, tiles=None
+    key_dim: int,
+    value_dim: int,
+    chunk: int,
+    dtype,
+    family: str | None = None,
+    tiles=None,
+    rows: int | None = None,
 ) -> Plan | str:
     """The plan for these sizes, or the reason there is none.
 
     Args:
         key_dim, value_dim: K and V of the heads; chunk: C; dtype: the inputs' dtype.
-        family: "register", "split", or None for the register family where it fits, else split.
+        family: "register", "split", or None for the register family where it fits (and, when ``rows``
+            is given, where there are at least ``MIN_REGISTER_ROWS`` of them), else split.
         tiles: the family's ``Tiles`` (default: the family's choice, fitted to shared memory).
+        rows: B·H, the (batch row, head) pairs of the call, or None (not known: rows do not decide).
     """
     if jnp.dtype(dtype) not in common.DTYPES:
         return f"dtype {jnp.dtype(dtype).name} (the kernels take bfloat16, float16 or float32)"
@@ -113,7 +137,8 @@ def make(
         if not _fits(plan, key_dim, value_dim, dtype):
             return f"tiles {tuple(tiles)}: {_too_big(plan, key_dim, value_dim, dtype)}"
         return plan
-    if family in (None, "register"):
+    few_rows = family is None and rows is not None and rows < MIN_REGISTER_ROWS
+    if family == "register" or (family is None and not few_rows):
         plan = _register(key_dim, value_dim, chunk, dtype)
         if plan is not None or family == "register":
             return plan or f"K = {key_dim}, V = {value_dim} in the register kernels at C = {chunk}"
