@@ -34,6 +34,7 @@ masked, decayed scores once, in the input dtype, [B, H, G, C, C] (C values per t
 and the output and dv passes read A_g, the dq/dk pass dA_g, in place of their loops over the other width
 (which keep only the state terms). Both variants round the masked scores to the input dtype before the
 products, so they compute the same function up to the order of float32 sums.
+
 Inputs arrive padded (``fused``): T to a multiple of C, K and V to multiples of their tiles. With packed
 documents every pass also takes the document starts (``first``: the batch row's in the state passes, the
 chunk's in the chunk passes) and derives each chunk's decay factors from them (``common.decays``).
