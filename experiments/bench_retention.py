@@ -8,10 +8,11 @@ fla's ``chunk_retention`` (PyTorch/Triton) and cuDNN flash attention (``jax.nn.d
         --impls=fused,fla --norms=unnormalized,normalized --state=carried --repeats=5 --min_sample_s=0.02 \
         --peer_share=0.5 --time_budget_s=470 --tag=presets
     # The split kernels' two variants (scores recomputed per tile / stored once) side by side, at the
-    # paper's heads (B8 T8192 and B8 T2048) and fla's, beside fla:
+    # paper's heads (B8 T8192 and B8 T2048) and fla's, beside fla (auto: the register kernels at fla's heads,
+    # the same plan as split:64x64x4x3 at the paper's, a repeat that shows the timing noise):
     python -m experiments.bench_retention --shapes=paper,fla --lengths=8192,2048 --batch=8 \
-        --impls=fused,fla --passes=fwd,fwdbwd --fused_plans=split:64x64x4x3,split:64x64x4x3:stored \
-        --tag=stored-scores
+        --impls=fused,fla --passes=fwd,fwdbwd --fused_plans=auto,split:64x64x4x3,split:64x64x4x3:stored \
+        --check_plans=false --time_budget_s=500 --peer_share=0.6 --tag=stored-scores
     # The split kernels' tiles and chunk lengths at the paper's heads, beside XLA and fla (tuning):
     python -m experiments.bench_retention --shapes=paper --lengths=8192 --impls=chunkwise,fused,fla \
         --chunk_sizes=256 --passes=fwdbwd --fused_chunk_sizes=64,128 \
