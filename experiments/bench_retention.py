@@ -7,6 +7,12 @@ fla's ``chunk_retention`` (PyTorch/Triton) and cuDNN flash attention (``jax.nn.d
     python -m experiments.bench_retention --shapes=presets --lengths=8192,2048,32768,4096,16384 \
         --impls=fused,fla --norms=unnormalized,normalized --state=carried --repeats=5 --min_sample_s=0.02 \
         --peer_share=0.5 --time_budget_s=470 --tag=presets
+    # The split kernels' two variants (scores recomputed per tile / stored once) side by side, at the
+    # paper's heads (B8 T8192 and B8 T2048) and fla's, beside fla (auto: the register kernels at fla's heads,
+    # the same plan as split:64x64x4x3 at the paper's, a repeat that shows the timing noise):
+    python -m experiments.bench_retention --shapes=paper,fla --lengths=8192,2048 --batch=8 \
+        --impls=fused,fla --passes=fwd,fwdbwd --fused_plans=auto,split:64x64x4x3,split:64x64x4x3:stored \
+        --check_plans=false --time_budget_s=500 --peer_share=0.6 --tag=stored-scores
     # The split kernels' tiles and chunk lengths at the paper's heads, beside XLA and fla (tuning):
     python -m experiments.bench_retention --shapes=paper --lengths=8192 --impls=chunkwise,fused,fla \
         --chunk_sizes=256 --passes=fwdbwd --fused_chunk_sizes=64,128 \
@@ -18,7 +24,8 @@ fla's ``chunk_retention`` (PyTorch/Triton) and cuDNN flash attention (``jax.nn.d
 
 Shapes (``SHAPES``; ``presets`` = all): ``paper`` (H8, K256, V512: paper-1.3b), ``paper-2.7b`` (H10),
 ``paper-6.7b`` (H16), ``torchscale-xl`` (H8, K256, V432), ``fla`` (fla's benchmark shape, H32, K=V=128),
-``k64`` (H32, K=V=64). B = max(1, tokens / T) keeps B·T constant (``--tokens=65536``: B8 at T8192).
+``k64`` (H32, K=V=64). B = max(1, tokens / T) keeps B·T constant (``--tokens=65536``: B8 at T8192);
+``--batch`` fixes B instead.
 ``--norms``: our forms unnormalized (the function fla computes) and/or normalized (÷ sqrt(c_n)); fla is
 always unnormalized. ``--state=carried``: every call continues a random state (count T) and returns the
 final state (fla: ``initial_state``, ``output_final_state``); the backward takes cotangents for both.
@@ -28,7 +35,9 @@ the Transformer baseline's heads), since it needs K = V. Parallel runs only wher
 
 "fused" is ``chunkwise(implementation="pallas")``: the kernel plan ``ops.gpu.plan`` picks per shape (the
 register kernels for K·V ≤ 128·128, else the split kernels); ``--fused_plans`` adds forced families and
-tiles (``split:BKxBVxWARPSxSTAGES``, ``register:BKxBVxWARPSxSTAGES``).
+tiles (``split:BKxBVxWARPSxSTAGES``, ``register:BKxBVxWARPSxSTAGES``), and the split kernels' variant that
+stores each chunk's scores once (``split:stored``, ``split:64x64x4x3:stored``: ``Tiles.stored_scores``).
+Every forced plan that fits a check shape also joins the correctness check (GPU only).
 
 TFLOP/s counts the matrix products of each form (forward; fwd+bwd = 3× forward), one count per form
 whatever the implementation: chunkwise with chunk C (fla: C = 64) 2·B·H·T·(C·(K+V) + 2·K·V), parallel
@@ -77,6 +86,7 @@ TARGET_RATIO = 0.7  # fwd+bwd time against fla's, at every shape and T
 _SHAPES = flags.DEFINE_list("shapes", ["fla", "paper"], f"Head shapes to run: {sorted(SHAPES)} or presets.")
 _LENGTHS = flags.DEFINE_string("lengths", "2048,4096,8192,16384,32768", "Sequence lengths T.")
 _TOKENS = flags.DEFINE_integer("tokens", 65536, "B·T per configuration: B = max(1, tokens // T).")
+_BATCH = flags.DEFINE_integer("batch", 0, "B of every configuration, whatever T (0: from --tokens).")
 _CHUNKS = flags.DEFINE_string("chunk_sizes", "64,128,256,512", "Chunk sizes C of our chunkwise form.")
 _IMPLS = flags.DEFINE_list(
     "impls", ["parallel", "chunkwise", "fused", "fla", "cudnn"], "Implementations to run."
@@ -86,7 +96,8 @@ _FUSED_PLANS = flags.DEFINE_list(
     "fused_plans",
     ["auto"],
     "Kernel plans of the fused runs: auto (ops.gpu.plan's choice), register, split (a family with its "
-    "default tiles), or FAMILY:BKxBVxWARPSxSTAGES (e.g. split:64x64x4x2).",
+    "default tiles), or FAMILY:BKxBVxWARPSxSTAGES (e.g. split:64x64x4x2); a split plan may end in :stored "
+    "(the variant that computes each chunk's scores once: split:stored, split:64x64x4x3:stored).",
 )
 _PASSES = flags.DEFINE_list("passes", ["fwd", "fwdbwd"], "fwd and/or fwdbwd (forward + backward).")
 _NORMS = flags.DEFINE_list(
@@ -121,7 +132,7 @@ def configs():
     norms = [n == "normalized" for n in _NORMS.value]
     state = _STATE.value == "carried"
     for length in bl.int_list(_LENGTHS.value):
-        batch = max(1, _TOKENS.value // length)
+        batch = _BATCH.value or max(1, _TOKENS.value // length)
         for shape in shape_names():
             dims = SHAPES[shape]
             for pass_ in _PASSES.value:
@@ -174,16 +185,26 @@ def parallel_bytes(cfg) -> float:
 
 
 def kernel_plan(cfg):
-    """The plan of a fused run: dispatch's choice at C, or the family / tiles that --fused_plans names."""
+    """The plan of a fused run: dispatch's choice at C, or the family / tiles / variant that --fused_plans
+    names (FAMILY[:BKxBVxWARPSxSTAGES][:stored])."""
     spec = cfg.get("plan") or "auto"
     chunk = dispatch.kernel_chunk(cfg["C"])
     if spec == "auto":  # what chunkwise(implementation="pallas") runs (backend="cpu": no Triton probe)
         return dispatch.kernel_plan("bench", "pallas", cfg["K"], cfg["V"], chunk, jnp.bfloat16, backend="cpu")
-    family, _, tiles = spec.partition(":")
-    if tiles:
-        numbers = bl.int_list(tiles.replace("x", ","))
+    family, *options = spec.split(":")
+    stored = "stored" in options
+    sizes = [o for o in options if o != "stored"]
+    if len(sizes) > 1 or any(not o.replace("x", "").isdigit() for o in sizes):
+        raise ValueError(
+            f"plan {spec}: expected FAMILY[:BKxBVxWARPSxSTAGES][:stored], e.g. split:64x64x4x3:stored"
+        )
+    tiles = None
+    if sizes:
+        numbers = bl.int_list(sizes[0].replace("x", ","))
         tiles = (chunk_retention.Tiles if family == "register" else split_retention.Tiles)(*numbers)
-    plan = plan_lib.make(cfg["K"], cfg["V"], chunk, jnp.bfloat16, family=family, tiles=tiles or None)
+    plan = plan_lib.make(
+        cfg["K"], cfg["V"], chunk, jnp.bfloat16, family=family, tiles=tiles, stored_scores=stored
+    )
     if isinstance(plan, str):
         raise ValueError(f"plan {spec}: {plan}")
     return plan
@@ -382,6 +403,11 @@ def check_inputs(tmp: str):
     return data, files
 
 
+def _plan_fits(dims, spec) -> bool:
+    """Whether the forced plan ``spec`` runs heads ``dims`` (H, K, V) at C = 64."""
+    return bl.guarded(lambda: dict(ok=kernel_plan(dict(dims, C=64, plan=spec)))).get("ok", False)
+
+
 def run_check(data, fla_outputs, chunk: int):
     """Relative errors of (o, dq, dk, dv) against the float64 reference, and of ours against fla."""
     names = ("o", "dq", "dk", "dv")
@@ -391,18 +417,25 @@ def run_check(data, fla_outputs, chunk: int):
         ref = reference(inputs["q"], inputs["k"], inputs["v"], inputs["d"], retention.log_decays(heads))
         args = [jnp.asarray(inputs[n], jnp.bfloat16) for n in "qkvd"]
         results = {}
-        impls = [("chunkwise", chunk), ("parallel", None)]
+        dims = dict(H=heads, K=CHECKS[shape][1], V=CHECKS[shape][2])
+        impls = [("chunkwise", chunk, None), ("parallel", None, None)]
         if "fused" in _IMPLS.value and jax.default_backend() == "gpu":
-            impls.append(("fused", 64))
-        for impl, c in impls:
-            f = jax_function(dict(impl=impl, H=heads, K=CHECKS[shape][1], V=CHECKS[shape][2], C=c))
+            impls.append(("fused", 64, None))
+            # The forced plans that fit this shape (e.g. both variants of the split kernels).
+            impls += [
+                ("fused", 64, spec)
+                for spec in _FUSED_PLANS.value
+                if spec != "auto" and _plan_fits(dims, spec)
+            ]
+        for impl, c, spec in impls:
+            f = jax_function(dict(dims, impl=impl, C=c, plan=spec))
 
             def fwd_bwd(q, k, v, do, f=f):
                 o, vjp = jax.vjp(lambda q, k, v: f(q, k, v, None)[0], q, k, v)
                 return o, vjp(do)
 
             o, grads = jax.jit(fwd_bwd)(*args)
-            results[f"ours {impl}" + (f" C={c}" if c else "")] = [o, *grads]
+            results[f"ours {impl}" + (f" C={c}" if c else "") + (f" {spec}" if spec else "")] = [o, *grads]
         against = {name: ref for name in results}
         if fla_outputs and shape in fla_outputs:
             results["fla chunk_retention"] = [fla_outputs[shape][n] for n in names]
@@ -591,7 +624,8 @@ def plot(rows, path):
                 pts = sorted((r["T"], r["timing"]["median_s"] * 1e3) for r in sel if impl_label(r) == label)
                 ax.plot(*zip(*pts, strict=True), marker="o", label=label)
             dims = SHAPES[shape]
-            title = f"{shape}: H{dims['H']} K{dims['K']} V{dims['V']}, {pass_}, B·T = {_TOKENS.value}"
+            size = f"B = {_BATCH.value}" if _BATCH.value else f"B·T = {_TOKENS.value}"
+            title = f"{shape}: H{dims['H']} K{dims['K']} V{dims['V']}, {pass_}, {size}"
             ax.set(yscale="log", xlabel="T", ylabel="ms per call", title=title)
             bl.log2_xaxis(ax, [r["T"] for r in sel] or [1])
             ax.legend(fontsize=7)

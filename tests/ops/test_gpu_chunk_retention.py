@@ -2,8 +2,9 @@
 
 The same kernel bodies lower through Triton on a GPU (checked here down to Triton IR;
 ``experiments/bench_retention.py`` runs them there against a float64 reference). Here, in float32: outputs,
-final states and gradients (q, k, v, log γ, the incoming state) of both kernel families at lengths below,
-at and not a multiple of the chunk, K and V not powers of two, split into tiles; ``chunkwise`` with a
+final states and gradients (q, k, v, log γ, the incoming state) of both kernel families (the split family
+in both its variants: scores recomputed per tile, or stored once) at lengths below, at and not a multiple of
+the chunk, K and V not powers of two, split into tiles; ``chunkwise`` with a
 carried, left-padded state, normalized and not; bf16 inputs; the choice of path, its errors and its
 fallback; a device mesh.
 """
@@ -30,18 +31,23 @@ BF16_RTOL = 1.5e-2
 REGISTER, SPLIT = chunk_retention.Tiles, split_retention.Tiles
 
 # (B, H, K, V, T, C, family, tiles): T below, at and not a multiple of C; K, V padded to powers of two
-# (register) or to tiles (split); the state whole or in tiles.
+# (register) or to tiles (split); the state whole or in tiles; the split family's stored-scores variant
+# (several key and value tiles, so that its scores passes loop) on the same shapes.
 CASES = [
     (1, 2, 16, 16, 7, 16, "register", None),
     (1, 3, 32, 64, 45, 16, "register", REGISTER(key=16, value=32)),
     (2, 2, 16, 48, 37, 16, "split", SPLIT(16, 16)),
     (1, 2, 32, 64, 32, 16, "split", SPLIT(16, 32)),
     (1, 1, 24, 40, 9, 16, "split", SPLIT(16, 16)),
+    (2, 2, 16, 48, 37, 16, "split", SPLIT(16, 16, stored_scores=True)),
+    (1, 2, 32, 64, 32, 16, "split", SPLIT(16, 32, stored_scores=True)),
+    (1, 1, 24, 40, 9, 16, "split", SPLIT(16, 16, stored_scores=True)),
 ]
 
 
 def _ids(case):
-    return "B{}H{}K{}V{}T{}C{}-{}".format(*case[:7])
+    stored = getattr(case[7], "stored_scores", False)
+    return "B{}H{}K{}V{}T{}C{}-{}".format(*case[:7]) + ("-stored" if stored else "")
 
 
 @pytest.mark.parametrize("case", CASES, ids=_ids)
@@ -57,7 +63,7 @@ def test_kernels_equal_reference(case):
     dht = jnp.asarray(rng.standard_normal(h0.shape), jnp.float32)
     log_decay = retention.log_decays(heads, "linspace")
     plan = plan_lib.make(key_dim, value_dim, chunk, jnp.float32, family=family, tiles=tiles)
-    assert isinstance(plan, plan_lib.Plan) and plan.family == family, plan
+    assert isinstance(plan, plan_lib.Plan) and plan.family == family and plan.tiles == (tiles or plan.tiles)
 
     def fused_loss(*args):
         o, ht = fused.chunk_retention(*args, plan=plan, interpret=True)
@@ -115,13 +121,14 @@ def test_chunkwise_pallas_continues_states_like_xla(family, normalize, monkeypat
                 assert relative_error(a, b) < GRAD_RTOL["float32"], name
 
 
-@pytest.mark.parametrize("family", ["register", "split"])
-def test_bf16_inputs_stay_close_to_float32(family):
+@pytest.mark.parametrize("family, stored_scores", [("register", False), ("split", False), ("split", True)])
+def test_bf16_inputs_stay_close_to_float32(family, stored_scores):
     rng = np.random.default_rng(4)
     q, k, v = random_inputs(rng, 1, 96, 2, 32, 32, "float32")
     log_decay = retention.log_decays(2)
     exact = retention.parallel(q, k, v, log_decay, normalize=False)
-    plan = plan_lib.make(32, 32, 32, jnp.bfloat16, family=family)
+    plan = plan_lib.make(32, 32, 32, jnp.bfloat16, family=family, stored_scores=stored_scores)
+    assert getattr(plan.tiles, "stored_scores", False) == stored_scores, plan
     low = [jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)]
     o, _ = jax.jit(lambda *a: fused.chunk_retention(*a, log_decay, plan=plan, interpret=True))(*low)
     assert o.dtype == jnp.bfloat16
@@ -174,10 +181,15 @@ def test_model_with_pallas_retention_equals_xla():
 
 def test_kernels_lower_to_triton_for_preset_heads():
     """Forward and backward of both families lower through Pallas's Triton backend (to Triton IR, on the
-    CPU) at preset heads: paper (K256, V512), torchscale v2 (V432: padded), fla (K = V = 128), bf16."""
-    for heads, key_dim, value_dim, family in ((8, 256, 432, "split"), (4, 128, 128, "register")):
-        plan = plan_lib.make(key_dim, value_dim, 64, jnp.bfloat16)
-        assert plan.family == family, plan
+    CPU) at preset heads: paper (K256, V512; the split family's stored-scores variant), torchscale v2
+    (V432: padded), fla (K = V = 128), bf16."""
+    for heads, key_dim, value_dim, family, stored in (
+        (8, 256, 432, "split", False),
+        (8, 256, 512, "split", True),
+        (4, 128, 128, "register", False),
+    ):
+        plan = plan_lib.make(key_dim, value_dim, 64, jnp.bfloat16, stored_scores=stored)
+        assert plan.family == family and (family == "register" or plan.tiles.stored_scores == stored), plan
         q = jnp.zeros((1, 100, heads, key_dim), jnp.bfloat16)
         v = jnp.zeros((1, 100, heads, value_dim), jnp.bfloat16)
         h0 = jnp.zeros((1, heads, key_dim, value_dim), jnp.float32)
@@ -208,6 +220,30 @@ def test_plans_fit_shared_memory():
             plan = plan_lib.make(key_dim, value_dim, 64, dtype)
             sizes = plan_lib.shared_memory(plan, key_dim, value_dim, dtype)
             assert max(sizes.values()) <= common.SHARED_MEMORY_BYTES, (key_dim, value_dim, dtype, plan)
+
+
+def test_stored_scores_plans_cover_their_kernels():
+    """The split family's stored-scores variant is a plan of its own: its estimate covers the scores
+    passes (which the recomputing variant lacks) and the lighter chunk passes, the planner fits it to
+    shared memory (lowering stages, then tiles) or refuses it, and the register family has no such
+    variant."""
+    recompute = plan_lib.make(256, 512, 64, jnp.bfloat16, family="split")
+    stored = plan_lib.make(256, 512, 64, jnp.bfloat16, stored_scores=True)
+    assert stored.family == "split" and stored.tiles == recompute.tiles._replace(stored_scores=True)
+    sizes = plan_lib.shared_memory(stored, 256, 512, jnp.bfloat16)
+    before = plan_lib.shared_memory(recompute, 256, 512, jnp.bfloat16)
+    assert {"scores", "dscores"} <= set(sizes) and not {"scores", "dscores"} & set(before)
+    for name in ("output", "dv"):  # no key loads for the scores any more
+        assert sizes[name] < before[name], name
+    for chunk in (16, 64, 128):
+        for dtype in (jnp.bfloat16, jnp.float32):
+            plan = plan_lib.make(256, 512, chunk, dtype, stored_scores=True)
+            assert plan.tiles.stored_scores, plan
+            assert max(plan_lib.shared_memory(plan, 256, 512, dtype).values()) <= common.SHARED_MEMORY_BYTES
+    # C = 128 in float32: a 128-wide key tile at 4 stages loads 4·2·128·128 floats in the scores pass.
+    over = plan_lib.make(256, 512, 128, jnp.float32, tiles=SPLIT(128, 16, num_stages=4, stored_scores=True))
+    assert "scores kernel" in over
+    assert "register family" in plan_lib.make(64, 64, 64, jnp.bfloat16, family="register", stored_scores=True)
 
 
 def test_auto_follows_the_table():

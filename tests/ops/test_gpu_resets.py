@@ -52,15 +52,23 @@ def _inputs(seed, batch, heads, key_dim, value_dim, length=40):
 
 
 # (family, K, V, tiles): the register family with the whole state in one program (one dk-dv pass) and
-# in tiles (separate dq, dk, dv passes); the split family with K, V padded to its tiles.
+# in tiles (separate dq, dk, dv passes); the split family with K, V padded to its tiles, its scores
+# recomputed per tile or stored once (then 2 key and 2 value tiles: every scores pass loops).
 CASES = [
     ("register", 16, 24, None),
     ("register", 32, 32, chunk_retention.Tiles(key=16, value=16)),
     ("split", 16, 24, split_retention.Tiles(16, 16)),
+    ("split", 32, 24, split_retention.Tiles(16, 16, stored_scores=True)),
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-K{c[1]}V{c[2]}-{'tiled' if c[3] else 'whole'}")
+def _case_id(case):
+    family, key_dim, value_dim, tiles = case
+    kind = "stored" if getattr(tiles, "stored_scores", False) else "tiled" if tiles else "whole"
+    return f"{family}-K{key_dim}V{value_dim}-{kind}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_kernels_with_resets_equal_each_document_alone(case):
     family, key_dim, value_dim, tiles = case
     batch, heads = LAYOUTS.shape[0], 2
@@ -69,7 +77,7 @@ def test_kernels_with_resets_equal_each_document_alone(case):
     dht = jnp.asarray(rng.standard_normal(h0.shape), jnp.float32)
     log_decay = retention.log_decays(heads, "linspace")
     plan = plan_lib.make(key_dim, value_dim, CHUNK, jnp.float32, family=family, tiles=tiles)
-    assert isinstance(plan, plan_lib.Plan) and plan.family == family, plan
+    assert isinstance(plan, plan_lib.Plan) and plan.family == family and plan.tiles == (tiles or plan.tiles)
     starts = np.array(documents.document_starts(jnp.asarray(LAYOUTS)))
     starts[:, 0] = RESET_AT_ZERO
     keep = jnp.asarray(~RESET_AT_ZERO, jnp.float32)[:, None, None, None]
@@ -212,11 +220,15 @@ def test_sharded_with_segment_ids_equals_unsharded():
 
 
 def test_kernels_with_resets_lower_to_triton():
-    """Forward and backward of both families with document starts lower through Pallas's Triton backend
-    (to Triton IR, on the CPU) at preset heads, bf16."""
-    for heads, key_dim, value_dim, family in ((8, 256, 512, "split"), (4, 128, 128, "register")):
-        plan = plan_lib.make(key_dim, value_dim, 64, jnp.bfloat16)
-        assert plan.family == family, plan
+    """Forward and backward of both families (the split family in both variants) with document starts
+    lower through Pallas's Triton backend (to Triton IR, on the CPU) at preset heads, bf16."""
+    for heads, key_dim, value_dim, family, stored in (
+        (8, 256, 512, "split", False),
+        (8, 256, 512, "split", True),
+        (4, 128, 128, "register", False),
+    ):
+        plan = plan_lib.make(key_dim, value_dim, 64, jnp.bfloat16, stored_scores=stored)
+        assert plan.family == family and (family == "register" or plan.tiles.stored_scores == stored), plan
         q = jnp.zeros((1, 100, heads, key_dim), jnp.bfloat16)
         v = jnp.zeros((1, 100, heads, value_dim), jnp.bfloat16)
         h0 = jnp.zeros((1, heads, key_dim, value_dim), jnp.float32)

@@ -5,6 +5,9 @@ Two families compute the same function (``fused.chunk_retention``):
 * ``"register"`` (``chunk_retention``): the running state of one (batch row, head) in registers; for heads
   whose whole state, K and V rounded up to powers of two, has at most 128·128 entries.
 * ``"split"`` (``split_retention``): chunk states through device memory; any K and V (padded to tiles).
+  Its tiles name one of two variants (``split_retention.Tiles.stored_scores``): the chunk passes recompute
+  each chunk's C×C scores once per column tile (the default), or read them from a scores pass that
+  computes them once.
 
 A plan is refused (``make`` returns the reason) when its estimated shared memory exceeds what one
 program may use (``common.SHARED_MEMORY_BYTES``); ``make`` first lowers the pipelining stages, then (split)
@@ -87,8 +90,8 @@ def _register(key_dim, value_dim, chunk, dtype) -> Plan | None:
     return None
 
 
-def _split(key_dim, value_dim, chunk, dtype) -> Plan | None:
-    tiles = split_retention.default_tiles(key_dim, value_dim)
+def _split(key_dim, value_dim, chunk, dtype, stored_scores=False) -> Plan | None:
+    tiles = split_retention.default_tiles(key_dim, value_dim)._replace(stored_scores=stored_scores)
     while True:
         for stages in (tiles.num_stages, 1):
             plan = Plan("split", chunk, tiles._replace(num_stages=stages))
@@ -112,6 +115,7 @@ def make(
     dtype,
     family: str | None = None,
     tiles=None,
+    stored_scores: bool = False,
     rows: int | None = None,
 ) -> Plan | str:
     """The plan for these sizes, or the reason there is none.
@@ -121,6 +125,8 @@ def make(
         family: "register", "split", or None for the register family where it fits (and, when ``rows``
             is given, where there are at least ``MIN_REGISTER_ROWS`` of them), else split.
         tiles: the family's ``Tiles`` (default: the family's choice, fitted to shared memory).
+        stored_scores: the split family's variant that computes each chunk's scores once
+            (``split_retention``); True sets it on ``tiles`` too, and family None then means split.
         rows: B·H, the (batch row, head) pairs of the call, or None (not known: rows do not decide).
     """
     if jnp.dtype(dtype) not in common.DTYPES:
@@ -130,6 +136,11 @@ def make(
         return reason
     if family not in (None, *FAMILIES):
         return f"kernel family {family!r} (expected one of {FAMILIES})"
+    if stored_scores:
+        if family == "register" or isinstance(tiles, chunk_retention.Tiles):
+            return "stored_scores in the register family (a variant of the split family only)"
+        family = "split"
+        tiles = None if tiles is None else tiles._replace(stored_scores=True)
     if tiles is not None:
         plan = Plan(
             family or ("register" if isinstance(tiles, chunk_retention.Tiles) else "split"), chunk, tiles
@@ -142,7 +153,7 @@ def make(
         plan = _register(key_dim, value_dim, chunk, dtype)
         if plan is not None or family == "register":
             return plan or f"K = {key_dim}, V = {value_dim} in the register kernels at C = {chunk}"
-    return _split(key_dim, value_dim, chunk, dtype) or (
+    return _split(key_dim, value_dim, chunk, dtype, stored_scores) or (
         f"K = {key_dim}, V = {value_dim} at C = {chunk}: even 16-wide tiles exceed shared memory"
     )
 

@@ -26,6 +26,15 @@ and then, in parallel over chunks,
       dv_g = ((Q Kᵀ) ⊙ D)ᵀ dO + (K dh[g]) ⊙ key         (per value tile, a loop over key tiles)
 
 The chunk passes recompute the C×C scores once per column tile; the tiles trade that against parallelism.
+With ``Tiles.stored_scores`` they do not: a scores pass (one program per chunk and head) writes each chunk's
+masked, decayed scores once, in the input dtype, [B, H, G, C, C] (C values per token and head),
+
+      A_g = (Q_g K_gᵀ) ⊙ D      and, in the backward,      dA_g = (dO_g V_gᵀ) ⊙ D,
+
+and the output and dv passes read A_g, the dq/dk pass dA_g, in place of their loops over the other width
+(which keep only the state terms). Both variants round the masked scores to the input dtype before the
+products, so they compute the same function up to the order of float32 sums.
+
 Inputs arrive padded (``fused``): T to a multiple of C, K and V to multiples of their tiles. With packed
 documents every pass also takes the document starts (``first``: the batch row's in the state passes, the
 chunk's in the chunk passes) and derives each chunk's decay factors from them (``common.decays``).
@@ -33,7 +42,6 @@ chunk's in the chunk passes) and derives each chunk's decay factors from them (`
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
@@ -53,6 +61,7 @@ class Tiles(NamedTuple):
     value: int  # BV: value columns of a state tile, and the step of the loops over V
     num_warps: int = 4
     num_stages: int = 2  # software-pipelining stages of every kernel's loop
+    stored_scores: bool = False  # chunk scores once, through device memory (module docstring), not per tile
 
 
 def default_tiles(key_dim: int, value_dim: int) -> Tiles:
@@ -68,16 +77,28 @@ def default_tiles(key_dim: int, value_dim: int) -> Tiles:
 
 def shared_memory(tiles: Tiles, size: int, key_dim: int, value_dim: int, itemsize: int) -> dict[str, int]:
     """Estimated shared memory (bytes) of each kernel's program: the loads of one loop step times the
-    stages, plus the register-made product operands (state tiles, masked scores, decayed rows)."""
+    stages, plus the register-made product operands (state tiles, masked scores, decayed rows) and the
+    loaded score tiles (``stored_scores``)."""
     bk, bv, c, s = tiles.key, tiles.value, size, tiles.num_stages
     tile = bk * bv
     out = {
         "states": s * c * (bk + bv) + tile + c * bk,
-        "output": s * (2 * c * bk + tile) + c * bv + 2 * c * c + c * bk,
         "dstates": s * c * (bk + bv) + tile + c * bk,
-        "dqk": s * (2 * c * bv + 2 * tile) + 2 * c * bk + 2 * c * c,
-        "dv": s * (2 * c * bk + tile) + c * bv + 2 * c * c + c * bk,
     }
+    if tiles.stored_scores:
+        out |= {
+            "scores": s * 2 * c * bk + 2 * c * c,
+            "dscores": s * 2 * c * bv + 2 * c * c,
+            "output": s * (c * bk + tile) + c * bv + c * c + c * bk,
+            "dqk": s * (2 * c * bv + 2 * tile) + 2 * c * bk + 2 * c * c,
+            "dv": s * (c * bk + tile) + c * bv + c * c + c * bk,
+        }
+    else:
+        out |= {
+            "output": s * (2 * c * bk + tile) + c * bv + 2 * c * c + c * bk,
+            "dqk": s * (2 * c * bv + 2 * tile) + 2 * c * bk + 2 * c * c,
+            "dv": s * (2 * c * bk + tile) + c * bv + 2 * c * c + c * bk,
+        }
     return {name: n * itemsize for name, n in out.items()}
 
 
@@ -158,12 +179,14 @@ def _state_pass(kernel, x, y, start, out_dtype, log_decay, first, size, length, 
 # Chunk passes: grid (column tile, G, H, B); every program reads one chunk.
 
 
-def _chunk_decays(lam_ref, size, length, first_ref):
-    """The decay factors of this program's chunk (grid axis 1); ``first_ref`` [C]: its document starts."""
+def _chunk_decays(lam_ref, size, length, first_ref, *, axis=1, mask=True):
+    """The decay factors of this program's chunk (grid axis ``axis``); ``first_ref`` [C]: its document
+    starts; ``mask``: whether D is needed (the kernels reading stored scores need only the row factors)."""
     lam = lam_ref[...].astype(jnp.float32)
-    g = pl.program_id(1)
+    g = pl.program_id(axis)
     start = common.local_starts(first_ref, g, size)
-    return common.decays(lam, size, common.chunk_length(g, size, length), common.decay_mask(lam, size), start)
+    d_mask = common.decay_mask(lam, size) if mask else None
+    return common.decays(lam, size, common.chunk_length(g, size, length), d_mask, start)
 
 
 def _output_kernel(
@@ -245,11 +268,118 @@ def _dv_kernel(
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
+# The variant with stored scores (``Tiles.stored_scores``): a scores pass, grid (G, H, B), then chunk passes
+# that read A_g or dA_g and loop over the other width only for the state terms.
+
+
+def _scores_kernel(lam_ref, x_ref, y_ref, a_ref, *, size, length, tile, precision, first_ref=None):
+    """(X Yᵀ) ⊙ D [C, C] of one chunk, in the input dtype, from X, Y [C, W] in column tiles of ``tile``."""
+    d = _chunk_decays(lam_ref, size, length, first_ref, axis=0)
+
+    def step(t, scores):
+        cols = common.columns(t, tile)
+        return scores + dot(x_ref[:, cols], y_ref[:, cols], (1, 1), precision)
+
+    scores = jax.lax.fori_loop(0, x_ref.shape[-1] // tile, step, jnp.zeros((size, size), jnp.float32))
+    a_ref[...] = (scores * d.mask).astype(a_ref.dtype)
+
+
+def _output_stored_kernel(
+    lam_ref, q_ref, a_ref, v_ref, h_ref, o_ref, *, size, length, key_tile, precision, first_ref=None
+):
+    d = _chunk_decays(lam_ref, size, length, first_ref, mask=False)
+    bv = v_ref.shape[-1]
+
+    def step(t, cross):  # over key tiles: Q h_g (the row factors γ^(i+1) after the loop)
+        cols = common.columns(t, key_tile)
+        q = q_ref[:, cols]
+        return cross + dot(q, h_ref[cols, :].astype(q.dtype), (1, 0), precision)
+
+    cross = jax.lax.fori_loop(0, q_ref.shape[-1] // key_tile, step, jnp.zeros((size, bv), jnp.float32))
+    o = dot(a_ref[...], v_ref[...], (1, 0), precision) + cross * d.query
+    o_ref[...] = o.astype(o_ref.dtype)
+
+
+def _dqk_stored_kernel(
+    lam_ref,
+    q_ref,
+    k_ref,
+    da_ref,
+    v_ref,
+    do_ref,
+    h_ref,
+    dh_ref,
+    dq_ref,
+    dk_ref,
+    *,
+    size,
+    length,
+    value_tile,
+    precision,
+    first_ref=None,
+):
+    d = _chunk_decays(lam_ref, size, length, first_ref, mask=False)
+    bk = q_ref.shape[-1]
+
+    def step(t, carry):  # over value tiles: the state terms only
+        dq, dk = carry
+        cols = common.columns(t, value_tile)
+        v, do = v_ref[:, cols], do_ref[:, cols]
+        dq = dq + dot(do, h_ref[:, cols].astype(do.dtype), (1, 1), precision)
+        dk = dk + dot(v, dh_ref[:, cols].astype(v.dtype), (1, 1), precision)
+        return dq, dk
+
+    zeros = jnp.zeros((size, bk), jnp.float32)
+    dq, dk = jax.lax.fori_loop(0, v_ref.shape[-1] // value_tile, step, (zeros, zeros))
+    da = da_ref[...]
+    dq_ref[...] = (dq * d.query + dot(da, k_ref[...], (1, 0), precision)).astype(dq_ref.dtype)
+    dk_ref[...] = (dk * d.key + dot(da, q_ref[...], (0, 0), precision)).astype(dk_ref.dtype)
+
+
+def _dv_stored_kernel(
+    lam_ref, k_ref, a_ref, do_ref, dh_ref, dv_ref, *, size, length, key_tile, precision, first_ref=None
+):
+    d = _chunk_decays(lam_ref, size, length, first_ref, mask=False)
+    bv = do_ref.shape[-1]
+
+    def step(t, inter):  # over key tiles: the state term only
+        cols = common.columns(t, key_tile)
+        k = k_ref[:, cols]
+        return inter + dot(k, dh_ref[cols, :].astype(k.dtype), (1, 0), precision)
+
+    inter = jax.lax.fori_loop(0, k_ref.shape[-1] // key_tile, step, jnp.zeros((size, bv), jnp.float32))
+    dv = dot(a_ref[...], do_ref[...], (0, 0), precision) + inter * d.key
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _scores_pass(x, y, tile, log_decay, first, size, length, tiles, interpret):
+    """(X Yᵀ) ⊙ D of every chunk, [B, H, G, C, C] in x's dtype, for x, y [B, T, H, W] (W a multiple of
+    ``tile``); one program per (chunk, head, batch row)."""
+    batch, padded, heads, width = x.shape
+    groups = padded // size
+    seq = pl.BlockSpec((None, size, None, width), lambda g, h, b: (b, g, h, 0))
+    documents = [] if first is None else [pl.BlockSpec((None, size), lambda g, h, b: (b, g))]
+    static = dict(size=size, length=length, tile=tile, precision=common.precision_of(x.dtype))
+    call = common.launch(
+        common.kernel_body(_scores_kernel, first is not None, **static),
+        (groups, heads, batch),
+        [pl.BlockSpec((None, size), lambda g, h, b: (h, 0)), *documents, seq, seq],
+        [jax.ShapeDtypeStruct((batch, heads, groups, size, size), x.dtype)],
+        [pl.BlockSpec((None, None, None, size, size), lambda g, h, b: (b, h, g, 0, 0))],
+        num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
+        interpret=interpret,
+    )
+    (a,) = call(common.head_decays(log_decay, size), *([] if first is None else [first]), x, y)
+    return a
+
+
 def _chunk_pass(kernel, ins, outs, tiled: str, log_decay, first, size, length, tiles, interpret):
     """Runs a chunk pass. ``ins`` / ``outs``: (array or output shape, kind) with kind "seq" ([B, T, H, ·],
     all columns), "seq tile" (its column tile), "state" ([B, H, G, K, V], the chunk's rows and the column
-    tile) or "state rows" (the chunk's key-tile rows, all value columns); ``tiled`` names the width
-    ("key" or "value") whose tiles the grid runs over."""
+    tile), "state rows" (the chunk's key-tile rows, all value columns) or "scores" ([B, H, G, C, C], the
+    chunk's); the first is a "seq" or "seq tile"; ``tiled`` names the width ("key" or "value") whose tiles
+    the grid runs over."""
     x = ins[0][0]
     batch, padded, heads = x.shape[:3]
     key_dim = x.shape[-1]
@@ -262,6 +392,8 @@ def _chunk_pass(kernel, ins, outs, tiled: str, log_decay, first, size, length, t
             return pl.BlockSpec((None, size, None, shape[-1]), lambda t, g, h, b: (b, g, h, 0))
         if kind == "seq tile":
             return pl.BlockSpec((None, size, None, tile), lambda t, g, h, b: (b, g, h, t))
+        if kind == "scores":  # [C, C] of chunk g
+            return pl.BlockSpec((None, None, None, size, size), lambda t, g, h, b: (b, h, g, 0, 0))
         if kind == "state":  # [K, BV] of chunk g
             return pl.BlockSpec((None, None, None, shape[-2], tile), lambda t, g, h, b: (b, h, g, 0, t))
         return pl.BlockSpec((None, None, None, tile, shape[-1]), lambda t, g, h, b: (b, h, g, t, 0))
@@ -303,19 +435,24 @@ def forward(q, k, v, log_decay, h0, first=None, *, size: int, length: int, tiles
         first: [B, T] int32 or None: the index of each token's document start (−1: the document carried
             in), padded rows repeating the last real one (``common.decays``); None: no resets.
     """
-    h, ht = _states(k, v, log_decay, h0, first, size, length, tiles, interpret)
-    (o,) = _chunk_pass(
-        _output_kernel,
-        [(q, "seq"), (k, "seq"), (v, "seq tile"), (h, "state")],
-        [(jax.ShapeDtypeStruct(v.shape, v.dtype), "seq tile")],
-        "value",
-        log_decay,
-        first,
-        size,
-        length,
-        tiles,
-        interpret,
+    context = dict(
+        log_decay=log_decay, first=first, size=size, length=length, tiles=tiles, interpret=interpret
     )
+    h, ht = _states(k, v, log_decay, h0, first, size, length, tiles, interpret)
+    out = [(jax.ShapeDtypeStruct(v.shape, v.dtype), "seq tile")]
+    if tiles.stored_scores:
+        a = _scores_pass(q, k, tiles.key, **context)
+        (o,) = _chunk_pass(
+            _output_stored_kernel,
+            [(q, "seq"), (a, "scores"), (v, "seq tile"), (h, "state")],
+            out,
+            "value",
+            **context,
+        )
+    else:
+        (o,) = _chunk_pass(
+            _output_kernel, [(q, "seq"), (k, "seq"), (v, "seq tile"), (h, "state")], out, "value", **context
+        )
     return o, ht
 
 
@@ -324,32 +461,29 @@ def backward(
 ):
     """Gradients (dq, dk, dv, dh0) of ``forward`` for the cotangents do [B, T, H, V] and dht [B, H, K, V]
     (float32)."""
+    context = dict(
+        log_decay=log_decay, first=first, size=size, length=length, tiles=tiles, interpret=interpret
+    )
     h, _ = _states(k, v, log_decay, h0, first, size, length, tiles, interpret)
     dh, dh0 = _state_pass(
         _dstates_kernel, q, do, dht, v.dtype, log_decay, first, size, length, tiles, interpret
     )
-    chunk_pass = functools.partial(
-        _chunk_pass,
-        log_decay=log_decay,
-        first=first,
-        size=size,
-        length=length,
-        tiles=tiles,
-        interpret=interpret,
-    )
-    dq, dk = chunk_pass(
-        _dqk_kernel,
-        [(q, "seq tile"), (k, "seq tile"), (v, "seq"), (do, "seq"), (h, "state rows"), (dh, "state rows")],
-        [
-            (jax.ShapeDtypeStruct(q.shape, q.dtype), "seq tile"),
-            (jax.ShapeDtypeStruct(k.shape, k.dtype), "seq tile"),
-        ],
-        "key",
-    )
-    (dv,) = chunk_pass(
-        _dv_kernel,
-        [(q, "seq"), (k, "seq"), (do, "seq tile"), (dh, "state")],
-        [(jax.ShapeDtypeStruct(v.shape, v.dtype), "seq tile")],
-        "value",
-    )
+    dqk_out = [
+        (jax.ShapeDtypeStruct(q.shape, q.dtype), "seq tile"),
+        (jax.ShapeDtypeStruct(k.shape, k.dtype), "seq tile"),
+    ]
+    dv_out = [(jax.ShapeDtypeStruct(v.shape, v.dtype), "seq tile")]
+    states = [(h, "state rows"), (dh, "state rows")]
+    if tiles.stored_scores:
+        a = _scores_pass(q, k, tiles.key, **context)
+        da = _scores_pass(do, v, tiles.value, **context)
+        dqk_in = [(q, "seq tile"), (k, "seq tile"), (da, "scores"), (v, "seq"), (do, "seq"), *states]
+        dq, dk = _chunk_pass(_dqk_stored_kernel, dqk_in, dqk_out, "key", **context)
+        dv_in = [(k, "seq"), (a, "scores"), (do, "seq tile"), (dh, "state")]
+        (dv,) = _chunk_pass(_dv_stored_kernel, dv_in, dv_out, "value", **context)
+    else:
+        dqk_in = [(q, "seq tile"), (k, "seq tile"), (v, "seq"), (do, "seq"), *states]
+        dq, dk = _chunk_pass(_dqk_kernel, dqk_in, dqk_out, "key", **context)
+        dv_in = [(q, "seq"), (k, "seq"), (do, "seq tile"), (dh, "state")]
+        (dv,) = _chunk_pass(_dv_kernel, dv_in, dv_out, "value", **context)
     return dq, dk, dv, dh0
