@@ -154,14 +154,15 @@ class MultiScaleRetention(nn.Module):
 
 
 def _after(state: retention.RetentionState, y) -> retention.RetentionState:
-    """The state, made to depend on the layer's output y (its value unchanged: + 0 · Σy).
+    """The state, made to depend on the layer's output y (its value unchanged: + 0 · y[0]).
 
     The caller writes the new state over the old one in a buffer of every layer's state. That write is in
     place only if every read of the old state comes before it, and XLA orders only what data orders: the
     read-out o = q·S (whose fusion reads the old S, the update recomputed inside it) is not an input of
     the write, so XLA copied the whole buffer instead — three copies of the state per decoding step at
     B = 1 on the CPU, two per layer in a prefill's layer loop. Through y, every read is an input of the
-    write. (A non-finite y would make the state NaN; the state behind such a y is garbage already.)
+    write. One element of y suffices (the product that makes y makes all of it) and costs no kernel,
+    where a sum would. (A non-finite y[0] makes the state NaN; the state behind it is garbage already.)
     """
-    tie = jnp.zeros((), jnp.float32) * jnp.sum(y, dtype=jnp.float32)
+    tie = jnp.zeros((), jnp.float32) * y.reshape(-1)[0].astype(jnp.float32)
     return state._replace(kv=state.kv + tie.astype(state.kv.dtype))
