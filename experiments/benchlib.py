@@ -251,6 +251,15 @@ def time_torch(
     return Timing(samples)
 
 
+def free_bytes() -> int | None:
+    """Device memory JAX can still allocate (its limit minus what is in use), where the backend reports
+    it (GPU/TPU; None on a CPU)."""
+    stats = jax.devices()[0].memory_stats()
+    if not stats or "bytes_limit" not in stats:
+        return None
+    return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+
+
 def peak_bytes_in_use() -> int | None:
     """This process's peak device memory (JAX), where the backend reports it (GPU/TPU; not CPU)."""
     stats = jax.devices()[0].memory_stats()
@@ -301,10 +310,17 @@ class Budget:
         return self.left() <= next_seconds
 
 
-def run_worker(module: str, payload: dict[str, Any], timeout_s: float, extra_flags: Sequence[str] = ()):
+def run_worker(
+    module: str,
+    payload: dict[str, Any],
+    timeout_s: float,
+    extra_flags: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+):
     """Runs ``python -m module --worker_in=... --worker_out=...`` in a fresh process; returns its result.
 
-    A worker that crashes, is killed or times out gives {"status": "OOM" | "error" | "timeout", ...}.
+    ``env`` replaces the process environment (e.g. other XLA_FLAGS). A worker that crashes, is killed or
+    times out gives {"status": "OOM" | "error" | "timeout", ...}.
     """
     with tempfile.TemporaryDirectory() as tmp:
         path_in, path_out = os.path.join(tmp, "in.json"), os.path.join(tmp, "out.json")
@@ -320,7 +336,7 @@ def run_worker(module: str, payload: dict[str, Any], timeout_s: float, extra_fla
         ]
         try:
             proc = subprocess.run(
-                cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=max(1.0, timeout_s)
+                cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=max(1.0, timeout_s), env=env
             )
         except subprocess.TimeoutExpired as error:
             return dict(status="timeout", error=f"worker exceeded {timeout_s:.0f}s", log=_tail(error.stderr))
@@ -593,7 +609,8 @@ def decode_model(arch: str, model_name: str, dtype: str):
 
 
 def nbytes(tree) -> int:
-    return sum(x.nbytes for x in jax.tree.leaves(tree))
+    """Bytes of a tree's arrays (or of the ``jax.ShapeDtypeStruct``s standing for them)."""
+    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
 def state_arrays(state) -> list[jax.Array]:
@@ -601,19 +618,36 @@ def state_arrays(state) -> list[jax.Array]:
     return [a for name, a in state._asdict().items() if name != "position"]
 
 
-def decode_state(model, batch: int, context: int, *, extra_slots: int):
+def decode_state_spec(model, batch: int, context: int, *, extra_slots: int, state_dtype=None):
+    """The shapes and dtypes (``jax.ShapeDtypeStruct``) of the model's decoding state for ``batch`` rows;
+    a KV cache gets ``context + extra_slots`` slots."""
+    return jax.eval_shape(
+        lambda: model.config.init_state(batch, max_length=context + extra_slots, state_dtype=state_dtype)
+    )
+
+
+def decode_state(model, batch: int, context: int, *, extra_slots: int, state_dtype=None):
     """The model's own decoding state (whatever its layout) at position ``context``, with random contents
     (the work of a step does not depend on them); a KV cache gets ``context + extra_slots`` slots."""
-    empty = jax.eval_shape(lambda: model.config.init_state(batch, max_length=context + extra_slots))
-    # Jitted, so the values are drawn straight into the array's dtype without a float32 copy of it.
+    empty = decode_state_spec(model, batch, context, extra_slots=extra_slots, state_dtype=state_dtype)
     fields = {
-        name: jax.jit(lambda key, spec=spec: jax.random.normal(key, spec.shape, spec.dtype))(
-            jax.random.key(i)
-        )
+        name: random_layers(jax.random.key(i), spec)
         for i, (name, spec) in enumerate(empty._asdict().items())
         if name != "position"
     }
     return type(empty)(**fields, position=jnp.full(empty.position.shape, context, jnp.int32))
+
+
+def random_layers(key, spec) -> jax.Array:
+    """Random normal values of ``spec``'s shape and dtype, drawn for one (layer, row) and repeated over
+    the first two axes: a state that fills most of the device needs no temporary as large as itself
+    (values drawn for the whole array at once would)."""
+    shape, dtype = tuple(spec.shape), spec.dtype
+    lead = 2 if len(shape) > 2 else 0
+    draw = jax.jit(
+        lambda key: jnp.broadcast_to(jax.random.normal(key, (1,) * lead + shape[lead:], dtype), shape)
+    )
+    return draw(key)
 
 
 def at_position(state, context: int):

@@ -272,6 +272,8 @@ class Scheduler:
         refill_at: when requests wait, a decoding program returns once this many rows are free.
         static: serve in static batches (the baseline; see the module doc).
         prefill_mode, chunk_size: the form that consumes a RetNet's prompts and its chunk size.
+        state_dtype: None (the model's own decoding state) or "bfloat16" (a RetNet state stored in bf16:
+            half the bytes per row; see ``generate``).
 
     Raises:
         ValueError: a bad argument, or a Transformer without ``max_length``.
@@ -294,9 +296,14 @@ class Scheduler:
         static: bool = False,
         prefill_mode: str = "chunkwise",
         chunk_size: int | None = None,
+        state_dtype: str | None = None,
     ):
         decoder = decoding.as_decoder(
-            model, prefill_mode=prefill_mode, chunk_size=chunk_size, caller="Scheduler"
+            model,
+            prefill_mode=prefill_mode,
+            chunk_size=chunk_size,
+            state_dtype=state_dtype,
+            caller="Scheduler",
         )
         for name, value in (
             ("rows", rows),

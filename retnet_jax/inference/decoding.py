@@ -52,11 +52,15 @@ class LMDecoder:
         prefill_mode: the form that consumes the prompt: "chunkwise", "parallel" or "recurrent" (a
             RetNet's; attention has one form).
         chunk_size: C for a chunkwise prefill (default: the model's).
+        state_dtype: what the decoding state is stored in between steps: None for the model's own (a
+            RetNet's float32 state, a Transformer's cache in the compute dtype), or "bfloat16" for a
+            RetNet state of half the bytes (each step still computes in float32; ``models.state``).
     """
 
     model: DecoderLM
     prefill_mode: str = "chunkwise"
     chunk_size: int | None = None
+    state_dtype: str | None = None
 
     def __post_init__(self):
         if self.prefill_mode not in MODES:
@@ -64,13 +68,19 @@ class LMDecoder:
         chunk = self.chunk_size
         if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
             raise ValueError(f"chunk_size must be an integer >= 1 or None (the model's); got {chunk!r}.")
+        if self.state_dtype is not None:  # the config says whether its state may be stored so
+            jax.eval_shape(
+                lambda: self.model.config.init_state(1, max_length=1, state_dtype=self.state_dtype)
+            )
 
     @property
     def vocab_size(self) -> int:
         return self.model.config.vocab_size
 
     def init_state(self, pads, max_length):
-        state = self.model.config.init_state(pads.shape[0], max_length=max_length)
+        state = self.model.config.init_state(
+            pads.shape[0], max_length=max_length, state_dtype=self.state_dtype
+        )
         return state._replace(position=-pads.astype(jnp.int32))
 
     def prefill(self, variables, tokens, state):
@@ -84,11 +94,26 @@ class LMDecoder:
         return decode_step(self.model, variables, tokens, state)
 
 
-def as_decoder(model, *, prefill_mode: str = "chunkwise", chunk_size: int | None = None, caller: str):
+def as_decoder(
+    model,
+    *,
+    prefill_mode: str = "chunkwise",
+    chunk_size: int | None = None,
+    state_dtype: str | None = None,
+    caller: str,
+):
     """``model`` as a ``Decoder``: a ``DecoderLM`` wrapped in ``LMDecoder``, a ``Decoder`` as it is."""
     if isinstance(model, DecoderLM):
-        return LMDecoder(model, prefill_mode, chunk_size)
+        try:
+            return LMDecoder(model, prefill_mode, chunk_size, state_dtype)
+        except ValueError as err:
+            raise ValueError(f"{caller}: {err}") from None
     if all(hasattr(model, name) for name in ("init_state", "prefill", "step", "vocab_size")):
+        if state_dtype is not None:
+            raise ValueError(
+                f"{caller}: state_dtype applies to a DecoderLM; a Decoder builds its own state (got "
+                f"state_dtype={state_dtype!r} with a {type(model).__name__})."
+            )
         return model
     raise ValueError(
         f"{caller}: model must be a DecoderLM (RetNetLM, TransformerLM) or a decoding.Decoder; got "

@@ -73,9 +73,12 @@ def _prepare(
     pad_id,
     prefill_mode,
     chunk_size,
+    state_dtype,
 ) -> _Call:
     """Checks every argument (before any tracing) and frames the prompts."""
-    decoder = decoding.as_decoder(model, prefill_mode=prefill_mode, chunk_size=chunk_size, caller="generate")
+    decoder = decoding.as_decoder(
+        model, prefill_mode=prefill_mode, chunk_size=chunk_size, state_dtype=state_dtype, caller="generate"
+    )
     sampling.check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens)
     vocab = decoder.vocab_size
     bos_id = prompts_lib.check_id("bos_id", bos_id, vocab)
@@ -113,6 +116,7 @@ def generate(
     return_logprobs: bool = False,
     prefill_mode: str = "chunkwise",
     chunk_size: int | None = None,
+    state_dtype: str | None = None,
 ) -> Generation:
     """Generates up to ``max_new_tokens`` ids after each prompt.
 
@@ -130,6 +134,8 @@ def generate(
         return_logprobs: also return the log-probabilities of the chosen ids.
         prefill_mode, chunk_size: the form that consumes a RetNet's prompt ("chunkwise", "parallel" or
             "recurrent") and its chunk size (default: the model's). Ignored for a ``Decoder``.
+        state_dtype: None (the model's own decoding state) or "bfloat16": a RetNet state stored in bf16
+            between steps (half its bytes; each step computes in float32; not exact: ``models.state``).
 
     Returns:
         A ``Generation`` with tokens [B, max_new_tokens].
@@ -150,6 +156,7 @@ def generate(
         pad_id=pad_id,
         prefill_mode=prefill_mode,
         chunk_size=chunk_size,
+        state_dtype=state_dtype,
     )
     # The buffer width is bucketed too; the loop bound (max_new_tokens) is a traced value.
     spec = decoding.Spec(
@@ -189,6 +196,7 @@ def stream(
     return_logprobs: bool = False,
     prefill_mode: str = "chunkwise",
     chunk_size: int | None = None,
+    state_dtype: str | None = None,
 ) -> Iterator[Generation]:
     """Like ``generate``, but yields the ids as they come, ``block_size`` per jitted call.
 
@@ -212,6 +220,7 @@ def stream(
         pad_id=pad_id,
         prefill_mode=prefill_mode,
         chunk_size=chunk_size,
+        state_dtype=state_dtype,
     )
     spec = decoding.Spec(width=int(block_size), pad_id=call.pad_id, logprobs=return_logprobs)
 

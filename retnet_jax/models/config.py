@@ -107,8 +107,9 @@ class ModelConfig:
         """The token mixer of one block: a Linen module called as ``(x, positions, state) → (y, state)``."""
         raise NotImplementedError
 
-    def init_state(self, batch: int, *, max_length: int | None = None):
-        """The empty decoding state of ``batch`` rows (see ``models.state``)."""
+    def init_state(self, batch: int, *, max_length: int | None = None, state_dtype=None):
+        """The empty decoding state of ``batch`` rows (see ``models.state``); ``state_dtype`` None is the
+        kind's own (a recurrent state: float32; a KV cache: the compute dtype)."""
         raise NotImplementedError
 
     def mixer_flops_per_token(self, seq_len: int, chunk_size: int | None = None) -> float:
@@ -224,10 +225,19 @@ class RetNetConfig(ModelConfig):
             name=name,
         )
 
-    def init_state(self, batch: int, *, max_length: int | None = None) -> state_lib.RecurrentState:
+    def init_state(
+        self, batch: int, *, max_length: int | None = None, state_dtype=None
+    ) -> state_lib.RecurrentState:
+        """The empty recurrent state, stored in ``state_dtype``: "float32" (None; exact) or "bfloat16"
+        (half the bytes; each step still computes in float32: ``models.state``)."""
         del max_length  # the recurrent state's size does not depend on the length
         return state_lib.RecurrentState.empty(
-            self.num_layers, batch, self.num_heads, self.key_dim, self.head_value_dim
+            self.num_layers,
+            batch,
+            self.num_heads,
+            self.key_dim,
+            self.head_value_dim,
+            "float32" if state_dtype is None else state_dtype,
         )
 
     def mixer_flops_per_token(self, seq_len: int, chunk_size: int | None = None) -> float:
@@ -317,7 +327,15 @@ class TransformerConfig(ModelConfig):
             name=name,
         )
 
-    def init_state(self, batch: int, *, max_length: int | None = None) -> state_lib.KVCache:
+    def init_state(self, batch: int, *, max_length: int | None = None, state_dtype=None) -> state_lib.KVCache:
+        """The empty KV cache of ``max_length`` slots; it holds the compute dtype (``state_dtype`` may only
+        name that one)."""
+        if state_dtype is not None and _dtype_or_none(state_dtype) != self.compute_dtype:
+            raise ValueError(
+                f"TransformerConfig.init_state: a KV cache holds the compute dtype "
+                f"({self.compute_dtype.name}); got state_dtype={state_dtype!r}. Leave state_dtype unset, "
+                f"or change the config's dtype."
+            )
         if max_length is None:
             raise ValueError(
                 "TransformerConfig.init_state: a KV cache needs max_length (the most tokens a row will "
@@ -331,6 +349,13 @@ class TransformerConfig(ModelConfig):
         # Q Kᵀ and (·)V over the full T×T scores (2·T·H·K each), counted as the RetNet's parallel form.
         del chunk_size
         return float(2 * 2 * seq_len * self.num_heads * self.head_dim)
+
+
+def _dtype_or_none(dtype):
+    try:
+        return jnp.dtype(dtype)
+    except TypeError:
+        return None
 
 
 CONFIGS: dict[str, type[ModelConfig]] = {c.arch: c for c in (RetNetConfig, TransformerConfig)}

@@ -13,9 +13,16 @@ contiguous, so the layer loop reads and writes it in place), and both have:
   state of a call that started empty (stacked over layers); ``reserve(max_length)``; ``check(...)``.
 
 ``RecurrentState`` (RetNet): every layer's retention state S [B, H, K, V] in float32 — the same size at
-any context. ``KVCache`` (Transformer): every layer's rotated keys and values, S slots each — it grows
-with the context, which is the cost RetNet's O(1) state avoids. A mixer's new layer state is its whole
-state for retention, and the call's own keys and values for attention (the cache appends them).
+any context. It may be stored in bfloat16 instead (``state_dtype="bfloat16"``: half the bytes a decoding
+step reads and writes, twice the rows in the same memory); each step still reads it into float32, updates
+it in float32 and rounds once when it writes the layer back, so only the storage between steps is bf16.
+That rounding is not exact: bf16 keeps 8 significant bits, so an update smaller than half a unit in the
+last place of S is lost, which is what a slow head's decay (γ = 1 − 2^−12 in paper-1.3b) asks of S at
+every step; its error is measured (``experiments/bench_inference.py``), not assumed.
+
+``KVCache`` (Transformer): every layer's rotated keys and values, S slots each — it grows with the context,
+which is the cost RetNet's O(1) state avoids. A mixer's new layer state is its whole state for retention,
+and the call's own keys and values for attention (the cache appends them).
 Configs build empty ones: ``config.init_state(batch, max_length=...)``.
 """
 
@@ -30,7 +37,23 @@ import numpy as np
 from retnet_jax.ops.attention import write_cache
 from retnet_jax.ops.retention import RetentionState
 
-__all__ = ["KVCache", "RecurrentState"]
+__all__ = ["STATE_DTYPES", "KVCache", "RecurrentState", "check_state_dtype"]
+
+STATE_DTYPES = ("float32", "bfloat16")  # what a RecurrentState may be stored in between steps
+
+
+def check_state_dtype(name: str, dtype) -> jnp.dtype:
+    """``dtype`` as a jnp.dtype if a recurrent state may be stored in it, else a ValueError."""
+    try:
+        resolved = jnp.dtype(dtype)
+    except TypeError:
+        resolved = None
+    if resolved is None or resolved.name not in STATE_DTYPES:
+        raise ValueError(
+            f"{name}: state_dtype must be one of {STATE_DTYPES} (float32 is exact; bfloat16 halves the "
+            f"state's bytes); got {dtype!r}."
+        )
+    return resolved
 
 
 def _put_rows(array, rows, values, axis: int):
@@ -67,7 +90,8 @@ class RecurrentState(NamedTuple):
     """RetNet's decoding state.
 
     Attributes:
-        kv: [L, B, H, K, V] float32: each layer's S = Σ_m γ^(n−m) k_mᵀ v_m.
+        kv: [L, B, H, K, V] float32 (or bfloat16, see the module doc): each layer's
+            S = Σ_m γ^(n−m) k_mᵀ v_m.
         position: [B] int32: tokens seen per row (the absolute position of the next token).
     """
 
@@ -75,9 +99,13 @@ class RecurrentState(NamedTuple):
     position: jax.Array
 
     @classmethod
-    def empty(cls, layers: int, batch: int, heads: int, key_dim: int, value_dim: int) -> RecurrentState:
+    def empty(
+        cls, layers: int, batch: int, heads: int, key_dim: int, value_dim: int, dtype="float32"
+    ) -> RecurrentState:
+        """The state of no tokens, stored in ``dtype`` ("float32" or "bfloat16")."""
+        dtype = check_state_dtype("RecurrentState.empty", dtype)
         return cls(
-            kv=jnp.zeros((layers, batch, heads, key_dim, value_dim), jnp.float32),
+            kv=jnp.zeros((layers, batch, heads, key_dim, value_dim), dtype),
             position=jnp.zeros((batch,), jnp.int32),
         )
 
@@ -100,6 +128,7 @@ class RecurrentState(NamedTuple):
 
     def write(self, index, new: RetentionState, positions) -> RecurrentState:
         del positions  # the layer's whole state is replaced
+        # The new state was computed in float32; a bf16 state rounds it here, once per layer and step.
         kv = jax.lax.dynamic_update_index_in_dim(self.kv, new.kv.astype(self.kv.dtype), index, 0)
         return self._replace(kv=kv)
 
@@ -128,6 +157,11 @@ class RecurrentState(NamedTuple):
                 f"The state does not fit this model and batch: expected kv of shape {expected}; got "
                 f"{tuple(self.kv.shape)}. Was it made for another config or batch size? Build one with "
                 f"config.init_state({batch})."
+            )
+        if self.kv.dtype.name not in STATE_DTYPES:
+            raise ValueError(
+                f"The state holds {self.kv.dtype.name}; a recurrent state is stored in one of "
+                f"{STATE_DTYPES}. Build it with config.init_state({batch}, state_dtype=...)."
             )
         _check_position("RecurrentState", self.position, batch)
 

@@ -100,6 +100,7 @@ class MultiScaleRetention(nn.Module):
             q = rotation.rotate(q, positions, self.rotation, self.rotation_base)
             k = rotation.rotate(k, positions, self.rotation, self.rotation_base)
 
+        incoming = state is not None
         o, state = self._retention(q, k, v, state, segment_ids)  # [B, T, H, V]
         o = name_token_mixing(o)
         o = HeadNorm(self.head_norm, self.head_norm_eps, self.param_dtype, name="head_norm")(o)
@@ -114,6 +115,8 @@ class MultiScaleRetention(nn.Module):
             param_dtype=self.param_dtype,
             name="out_proj",
         )(o)
+        if incoming:
+            state = _after(state, y)
         return y, state
 
     def _retention(self, q, k, v, state, segment_ids):
@@ -151,3 +154,18 @@ class MultiScaleRetention(nn.Module):
                 empty = retention.init_state(q.shape[0], q.shape[2], q.shape[3], v.shape[3])
                 state = retention.update_state(k, v, log_decay, empty, **docs)
         return o, (state if wants_state else None)
+
+
+def _after(state: retention.RetentionState, y) -> retention.RetentionState:
+    """The state, made to depend on the layer's output y (its value unchanged: + 0 · y[0]).
+
+    The caller writes the new state over the old one in a buffer of every layer's state. That write is in
+    place only if every read of the old state comes before it, and XLA orders only what data orders: the
+    read-out o = q·S (whose fusion reads the old S, the update recomputed inside it) is not an input of
+    the write, so XLA copied the whole buffer instead — three copies of the state per decoding step at
+    B = 1 on the CPU, two per layer in a prefill's layer loop. Through y, every read is an input of the
+    write. One element of y suffices (the product that makes y makes all of it) and costs no kernel,
+    where a sum would. (A non-finite y[0] makes the state NaN; the state behind it is garbage already.)
+    """
+    tie = jnp.zeros((), jnp.float32) * y.reshape(-1)[0].astype(jnp.float32)
+    return state._replace(kv=state.kv + tie.astype(state.kv.dtype))
