@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import gc
 import json
 import os
 import re
@@ -35,7 +36,7 @@ _STARTED = time.perf_counter()
 import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from experiments.replication import data, lm, recall, recipe, report  # noqa: E402
+from experiments.replication import data, lm, recall, recipe, report, schedule, tokens  # noqa: E402
 from retnet_jax.training import code_corpus  # noqa: E402
 from retnet_jax.training import flops as flops_lib  # noqa: E402
 from retnet_jax.training.trainer import model_vocab_size  # noqa: E402
@@ -74,9 +75,6 @@ _PEAK_TFLOPS = flags.DEFINE_float(
 )
 _TIME_LIMIT_S = flags.DEFINE_float("time_limit_s", 560.0, "Wall-clock limit of the call, from start-up.")
 _RESERVE_S = flags.DEFINE_float("reserve_s", 110.0, "Time kept after training for the final measurements.")
-_GRAIN_WORKERS = flags.DEFINE_integer(
-    "grain_workers", 12, "Tokenizing worker processes of the training data."
-)
 _MQAR_STEPS = flags.DEFINE_integer("mqar_steps", 0, "MQAR training steps (0: the set-up's).")
 _MQAR_LRS = flags.DEFINE_list("mqar_lrs", [], "MQAR learning rates (default: the set-up's).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of initialization and data order (the same for every run).")
@@ -147,10 +145,14 @@ def _lm_sizes() -> list[str]:
     return ["smoke"] if _SMOKE.value else _SIZE.value
 
 
+_STARTUP: dict[str, Any] = {}  # what this call's start-up cost (recorded with every run)
+
+
 def _prepare() -> tuple[Any, lm.Options]:
-    """The corpus (built if missing) and the tokenizer; the options every LM part shares."""
+    """The corpus (built if missing), the tokenizer and the tokenized corpus; the options every LM part
+    shares. The first call in a process pays the start-up; later ones reuse what is in ``--work_dir``."""
     work_dir = _WORK_DIR.value
-    stats, _ = data.ensure_corpus(work_dir, _roots(), _VALIDATION_FRACTION.value, log)
+    stats, build_s = data.ensure_corpus(work_dir, _roots(), _VALIDATION_FRACTION.value, log)
     candidates = [
         _TOKENIZER.value,
         os.path.join(_RESULTS_DIR.value, data.TOKENIZER_FILE),
@@ -161,16 +163,38 @@ def _prepare() -> tuple[Any, lm.Options]:
     recorded = _read_result(data.CORPUS_FILE)
     if recorded and recorded["corpus"]["fingerprint"] != stats.fingerprint:
         log("WARNING: this corpus differs from the one corpus.json describes (another site-packages?).")
+    digest = data.tokenizer_digest(tokenizer)
+    arrays, manifest = tokens.ensure_tokens(
+        work_dir,
+        data.corpus_dir(work_dir),
+        stats.fingerprint,
+        tokenizer,
+        digest,
+        model_vocab_size(tokenizer),
+        log,
+    )
+    if not _STARTUP:
+        _STARTUP.update(
+            corpus_build_s=build_s,
+            tokenize_s=manifest["seconds"],
+            tokens=manifest["tokens"],
+            ready_s=time.perf_counter() - _STARTED,  # the whole start-up, process start included
+        )
     options = lm.Options(
         work_dir=work_dir,
         tokenizer_path=os.path.abspath(path),
         corpus_fingerprint=stats.fingerprint,
-        tokenizer_digest=data.tokenizer_digest(tokenizer),
-        grain_workers=_GRAIN_WORKERS.value if flags.FLAGS["grain_workers"].present or not _SMOKE.value else 0,
-        deadline=_STARTED + _TIME_LIMIT_S.value - _RESERVE_S.value,
+        tokenizer_digest=digest,
+        deadline=_call_end() - _RESERVE_S.value,
         seed=_SEED.value,
+        corpus_tokens=arrays,
     )
     return tokenizer, options
+
+
+def _call_end() -> float:
+    """The ``time.perf_counter()`` value by which the call must be done."""
+    return _STARTED + _TIME_LIMIT_S.value
 
 
 def part_corpus() -> None:
@@ -206,7 +230,7 @@ def part_calibrate() -> None:
             except Exception as error:  # noqa: BLE001 — recorded, and the next configuration runs
                 runs[size_name][arch] = _failure(error)
             log(f"  {json.dumps({k: v for k, v in runs[size_name][arch].items() if k != 'traceback'})[:400]}")
-    write_json("calibrate.json", dict(runs=runs, train_seconds=_TRAIN_SECONDS.value))
+    write_json("calibrate.json", dict(runs=runs, train_seconds=_TRAIN_SECONDS.value, startup=_STARTUP))
 
 
 def _failure(error: BaseException) -> dict[str, Any]:
@@ -216,69 +240,157 @@ def _failure(error: BaseException) -> dict[str, Any]:
     return dict(status=status, error=text[:4000], traceback=traceback.format_exc()[-4000:])
 
 
+def _corpus_tokens(options: lm.Options | None) -> int | None:
+    """Training tokens of the corpus: corpus.json's (the same in every call), else this call's count."""
+    recorded = _read_result(data.CORPUS_FILE)
+    if recorded:
+        return recorded["tokens"]["train"]
+    if options is not None and options.corpus_tokens is not None:
+        return len(options.corpus_tokens["train"].tokens)
+    return None
+
+
+def _calibration(size_name: str) -> dict[str, Any]:
+    """calibrate.json's runs of a size, if it was measured on this kind of device and both runs succeeded."""
+    calibration = _read_result("calibrate.json")
+    runs = (calibration or {}).get("runs", {}).get(size_name, {})
+    same_device = calibration and calibration["device"]["device_kind"] == _device()["device_kind"]
+    return runs if same_device and all(runs.get(a, {}).get("status") == "ok" for a in recipe.ARCHS) else {}
+
+
 def budget(size_name: str, vocab_size: int, options: lm.Options) -> dict[str, Any]:
-    """The steps and tokens of a size's runs, the same for both architectures (recipe.token_budget)."""
+    """The steps and tokens of a size's runs, the same for both architectures (recipe.token_budget), with
+    each architecture's expected tokens/s and training seconds."""
     size = recipe.LM_SIZES[size_name]
     params = lm.non_embedding_params(size, vocab_size, options)
+    corpus_tokens = _corpus_tokens(options)
     if _TOKENS.value or size.fixed_steps:
         steps = max(1, _TOKENS.value // size.step_tokens) if _TOKENS.value else size.fixed_steps
         tokens = steps * size.step_tokens
         basis = "--tokens" if _TOKENS.value else "the size's fixed steps"
         return dict(
-            steps=steps, tokens=tokens, tokens_per_param=tokens / params, limited_by=basis, basis=basis
+            steps=steps,
+            tokens=tokens,
+            tokens_per_param=tokens / params,
+            epochs=tokens / corpus_tokens if corpus_tokens else None,
+            limited_by=basis,
+            basis=basis,
+            speeds={},
+            expected_train_s={},
         )
-    calibration = _read_result("calibrate.json")
-    runs = (calibration or {}).get("runs", {}).get(size_name, {})
-    same_device = calibration and calibration["device"]["device_kind"] == _device()["device_kind"]
-    if same_device and all(runs.get(a, {}).get("status") == "ok" for a in recipe.ARCHS):
-        speed = min(runs[a]["tokens_per_s"] for a in recipe.ARCHS)
-        basis = f"calibration: {speed:,.0f} tokens/s (the slower architecture)"
+    runs = _calibration(size_name)
+    if runs:
+        speeds = {a: runs[a]["tokens_per_s"] for a in recipe.ARCHS}
+        basis = f"calibration: {min(speeds.values()):,.0f} tokens/s (the slower architecture)"
     else:
-        flops = max(lm.flops_per_token(size, a, vocab_size, options) for a in recipe.ARCHS)
-        speed = _MFU.value * _PEAK_TFLOPS.value * 1e12 * jax.device_count() / flops
+        flops = {a: lm.flops_per_token(size, a, vocab_size, options) for a in recipe.ARCHS}
+        rate = _MFU.value * _PEAK_TFLOPS.value * 1e12 * jax.device_count()
+        speeds = {a: rate / f for a, f in flops.items()}
         basis = (
-            f"estimate: {flops / 1e6:.0f} MFLOP/token at {_MFU.value:.0%} of {_PEAK_TFLOPS.value:g} TFLOP/s"
+            f"estimate: {max(flops.values()) / 1e6:.0f} MFLOP/token at {_MFU.value:.0%} of "
+            f"{_PEAK_TFLOPS.value:g} TFLOP/s"
         )
     result = recipe.token_budget(
         params=params,
         step_tokens=size.step_tokens,
-        tokens_per_second=speed,
+        tokens_per_second=min(speeds.values()),
         train_seconds=_TRAIN_SECONDS.value,
         tokens_per_param=_TOKENS_PER_PARAM.value,
+        corpus_tokens=corpus_tokens,
     )
     return dict(
-        **result, basis=basis, train_seconds=_TRAIN_SECONDS.value, expected_train_s=result["tokens"] / speed
+        **result,
+        basis=basis,
+        train_seconds=_TRAIN_SECONDS.value,
+        max_epochs=recipe.MAX_EPOCHS,
+        speeds=speeds,
+        expected_train_s={a: result["tokens"] / v for a, v in speeds.items()},
     )
+
+
+def _run_time(size_name: str, arch: str, plan: dict[str, Any], measured: dict[str, float] | None = None):
+    """A run's expected seconds: calibrate.json's set-up, the budget's training time and, where a run of
+    this call measured them, its set-up and measurements."""
+    runs = _calibration(size_name)
+    setup_s = runs[arch]["setup_and_compile_s"] if runs else schedule.SETUP_S
+    measure_s = schedule.MEASURE_S
+    if measured:
+        setup_s = measured.get("setup_s", 0.0) + measured.get("compile_and_first_step_s", 0.0)
+        measure_s = sum(measured.get(k, 0.0) for k in ("eval_s", "extrapolation_s", "decode_s"))
+    return schedule.RunTime(
+        arch=arch, train_s=plan["expected_train_s"].get(arch, 0.0), setup_s=setup_s, measure_s=measure_s
+    )
+
+
+def _startup_s() -> float:
+    """The start-up of a call: calibrate.json's measured one, else the estimate."""
+    recorded = (_read_result("calibrate.json") or {}).get("startup") or {}
+    return recorded.get("ready_s", schedule.STARTUP_S)
 
 
 def part_plan() -> None:
-    """The budgets train would use (from calibrate.json or the estimate), without data or training."""
-    options = lm.Options(_WORK_DIR.value, "", "", "", 0, 0.0, _SEED.value)
+    """The budgets train would use (from calibrate.json or the estimate) and the expected time of the calls,
+    without data or training."""
+    options = lm.Options(_WORK_DIR.value, "", "", "", 0.0, _SEED.value)
     vocab = -(-_vocab_size() // 8) * 8
+    startup = _startup_s()
+    log(f"corpus: {_corpus_tokens(None) or 0:,} training tokens; a call's start-up ~{startup:.0f}s")
     for size_name in _lm_sizes():
         plan = budget(size_name, vocab, options)
         size = recipe.LM_SIZES[size_name]
         flops = {a: round(lm.flops_per_token(size, a, vocab, options) / 1e6) for a in recipe.ARCHS}
+        epochs = f"{plan['epochs']:.2f} epochs" if plan.get("epochs") is not None else "epochs unknown"
         log(
             f"size {size_name}: {plan['steps']} steps, {plan['tokens']:,} tokens, "
-            f"{plan['tokens_per_param']:.1f} per parameter, ~{plan.get('expected_train_s', 0):.0f}s of "
-            f"training (limited by {plan['limited_by']}); MFLOP/token {flops}; {plan['basis']}"
+            f"{plan['tokens_per_param']:.1f} per parameter, {epochs} (limited by {plan['limited_by']}); "
+            f"MFLOP/token {flops}; {plan['basis']}"
+        )
+        times = [_run_time(size_name, arch, plan) for arch in _ARCH.value]
+        for run in times:
+            log(
+                f"  {run.arch}: ~{run.train_s:.0f}s training, ~{run.total_s / 60:.1f} min a run "
+                f"(set-up {run.setup_s:.0f}s, measurements {run.measure_s:.0f}s)"
+            )
+        together = schedule.call_seconds(startup, times)
+        fit = schedule.runs_that_fit(startup, times, _TIME_LIMIT_S.value)
+        log(
+            f"  one call with --arch={','.join(_ARCH.value)}: ~{together / 60:.1f} min; "
+            f"{fit} of {len(times)} runs fit a call of {_TIME_LIMIT_S.value:.0f}s"
         )
 
 
 def part_train() -> None:
     tokenizer, options = _prepare()
-    if len(_lm_sizes()) * len(_ARCH.value) > 1 and not _SMOKE.value:
-        log("WARNING: several runs in one call share its --time_limit_s; give one --arch and --size a call.")
+    done: list[str] = []
     for size_name in _lm_sizes():
         plan = budget(size_name, model_vocab_size(tokenizer), options)
         log(f"size {size_name}: {plan['steps']} steps, {plan['tokens']:,} tokens ({plan['basis']})")
+        measured: dict[str, float] | None = None
         for arch in _ARCH.value:
+            expected = _run_time(size_name, arch, plan, measured)
+            now = time.perf_counter() - _STARTED
+            if done and not _SMOKE.value and not schedule.fits(now, _TIME_LIMIT_S.value, expected):
+                # A run cut short by the deadline compares with nothing: leave it to a call of its own.
+                log(
+                    f"NOT RUN: {arch} {size_name} needs ~{expected.with_margin():.0f}s, "
+                    f"{_TIME_LIMIT_S.value - now:.0f}s are left; run it in a call of its own "
+                    f"(--part=train --arch={arch} --size={size_name})."
+                )
+                done.append(f"{arch} {size_name}: not run")
+                continue
             try:
                 result = lm.train(recipe.LM_SIZES[size_name], arch, tokenizer, options, plan, log)
-            except Exception as error:  # noqa: BLE001 — the failure is the result
+            except Exception as error:  # noqa: BLE001 — the failure is the result; the next run goes on
                 result = dict(arch=arch, budget=plan, **_failure(error))
+            result["startup"] = _STARTUP
             write_json(f"train_{arch}_{size_name}.json", dict(size=size_name, **result))
+            measured = result.get("phases") or measured
+            done.append(
+                f"{arch} {size_name}: {result['status']}"
+                + (" (truncated)" if result.get("truncated") else "")
+            )
+            gc.collect()
+    log("train: " + "; ".join(done))
 
 
 def part_mqar() -> None:
