@@ -3,19 +3,56 @@
     python -m experiments.replicate --part=corpus --out_dir=$OUT                 # corpus, tokenizer, sizes
     python -m experiments.replicate --part=plan --size=s,m,l                      # budgets, no device needed
     python -m experiments.replicate --part=calibrate --size=s,m,l --out_dir=$OUT # step times → token budgets
-    python -m experiments.replicate --part=train --arch=retnet --size=s --out_dir=$OUT
-    python -m experiments.replicate --part=train --arch=transformer --size=s --out_dir=$OUT
+    python -m experiments.replicate --part=train --arch=retnet,transformer --size=s --out_dir=$OUT
+    python -m experiments.replicate --part=train --arch=retnet --size=m --out_dir=$OUT
     python -m experiments.replicate --part=mqar --mqar_size=s,m --out_dir=$OUT
     python -m experiments.replicate --part=report                                 # here: tables and plots
     python -m experiments.replicate --smoke --part=corpus,calibrate,train,mqar,report  # all of it, CPU, toy
 
 Each part writes small JSON files to ``--out_dir`` (default ``--results_dir``,
 experiments/results/replication): ``corpus.json`` and ``tokenizer.json``, ``calibrate.json``,
-``train_{arch}_{size}.json``, ``mqar_{arch}_{size}.json``. Later parts read the tokenizer and the
-calibration from ``--results_dir``, so copy each call's files there before the next call; ``report``
-merges them into ``experiments/results/replication_{device}_{date}.md`` with PNG plots. The corpus is
-rebuilt on the machine from its site-packages (``--roots``) wherever ``--work_dir`` holds none.
-The sizes, recipe and budgets are in ``experiments/replication/recipe.py``.
+``train_{arch}_{size}.json``, ``mqar_{arch}_{size}.json``. Later parts read the tokenizer, the
+calibration and earlier runs' budgets from ``--results_dir``, so copy each call's files there before the
+next call; ``report`` merges them into ``experiments/results/replication_{device}_{date}.md`` with PNG
+plots. The sizes, recipe and budgets are in ``experiments/replication/recipe.py``.
+
+Start-up of every LM part on a fresh machine: the corpus is rebuilt from its site-packages (``--roots``;
+12 s on the H200 machine) and tokenized once into arrays (``replication/tokens.py``; the corpus part
+counted the same 99M tokens in 49 s there, on all 16 cores), before any run's clock starts. Tokenizing
+while training instead would need 2–3M tokens/s at size s (112–142 MFLOP a token at 40% of 790 TFLOP/s)
+from grain workers that make about 0.4M a CPU-second each. Each result records its call's ``startup``.
+
+Several runs in one train call (``--arch=retnet,transformer``) run one after another in the call's
+``--time_limit_s``; a run that raises is recorded as failed and the next one still runs; before each
+later run the call checks that it fits the time left (``replication/schedule.py``: set-up, training at
+the calibrated speed, measurements, with a 10% margin) and otherwise leaves it out with a line
+``NOT RUN: ...``, since a run cut short by the deadline compares with nothing. A size's runs always
+train on the budget that its first finished run recorded.
+
+Device schedule (one H200; GPU time in blocks of 30 minutes, a machine's start of ~2 minutes included;
+one command at most 10 minutes; each command below is one call with ``--out_dir=$OUT``; minutes from
+``--part=plan``: the FLOP estimate at 40% utilization, 45 s of set-up and 60 s of measurements a run,
+75 s of start-up a call, until calibrate.json replaces the speeds and set-up):
+
+| block | command | expected minutes |
+|---|---|---|
+| done | ``--part=corpus`` | 1.3 (measured) |
+| 1 | ``--part=calibrate --size=s,m,l`` | ~6 |
+| 1 | ``--part=train --arch=retnet,transformer --size=s`` | ~8.5 (3.4 + 3.9 + start-up) |
+| 1 | ``--part=mqar --mqar_size=s,m`` | ~5 (not measured) |
+| 2 | ``--part=train --arch=retnet --size=m`` | ~7.2 |
+| 2 | ``--part=train --arch=transformer --size=m`` | ~8.0 |
+| 3 | ``--part=train --arch=retnet --size=l`` | ~7.5 |
+| 3 | ``--part=train --arch=transformer --size=l`` | ~8.0 |
+| – | ``--part=report`` (no GPU) | |
+
+Between commands: copy ``$OUT/*.json`` into experiments/results/replication/ (calibrate.json sets the
+budgets of m and l; a size's first train result sets the second's). After calibrate, run
+``--part=plan --size=s,m,l`` (no GPU): if it says that only 1 of the 2 s runs fits a call, block 1
+trains ``--arch=retnet --size=s`` and block 2 adds ``--arch=transformer --size=s`` (~5 min; block 2 has
+the room); a ``NOT RUN`` line in a two-run call means the same. m and l train for ``--train_seconds``
+(300 s) each, one run a call: two would not fit. MQAR writes each architecture and size as it finishes;
+if the command reaches its limit, rerun the missing size alone (``--mqar_size=m``).
 """
 
 from __future__ import annotations
@@ -308,6 +345,24 @@ def budget(size_name: str, vocab_size: int, options: lm.Options) -> dict[str, An
     )
 
 
+def size_budget(size_name: str, vocab_size: int, options: lm.Options) -> dict[str, Any]:
+    """The budget of a size's runs: the one a finished run of the size recorded (so that runs of one size in
+    different calls train on the same tokens, whatever calibrate.json says meanwhile), else ``budget``."""
+    if not (_TOKENS.value or recipe.LM_SIZES[size_name].fixed_steps):
+        for arch in recipe.ARCHS:
+            run = _read_result(f"train_{arch}_{size_name}.json")
+            if run and run.get("status") == "ok" and run["device"]["device_kind"] == _device()["device_kind"]:
+                fresh = budget(size_name, vocab_size, options)
+                recorded = dict(
+                    run["budget"],
+                    basis=f"as the {arch} run of {run['date']} recorded (delete its result for a new budget)",
+                    speeds=fresh["speeds"],
+                    expected_train_s={a: run["budget"]["tokens"] / v for a, v in fresh["speeds"].items()},
+                )
+                return recorded
+    return budget(size_name, vocab_size, options)
+
+
 def _run_time(size_name: str, arch: str, plan: dict[str, Any], measured: dict[str, float] | None = None):
     """A run's expected seconds: calibrate.json's set-up, the budget's training time and, where a run of
     this call measured them, its set-up and measurements."""
@@ -336,7 +391,7 @@ def part_plan() -> None:
     startup = _startup_s()
     log(f"corpus: {_corpus_tokens(None) or 0:,} training tokens; a call's start-up ~{startup:.0f}s")
     for size_name in _lm_sizes():
-        plan = budget(size_name, vocab, options)
+        plan = size_budget(size_name, vocab, options)
         size = recipe.LM_SIZES[size_name]
         flops = {a: round(lm.flops_per_token(size, a, vocab, options) / 1e6) for a in recipe.ARCHS}
         epochs = f"{plan['epochs']:.2f} epochs" if plan.get("epochs") is not None else "epochs unknown"
@@ -349,7 +404,8 @@ def part_plan() -> None:
         for run in times:
             log(
                 f"  {run.arch}: ~{run.train_s:.0f}s training, ~{run.total_s / 60:.1f} min a run "
-                f"(set-up {run.setup_s:.0f}s, measurements {run.measure_s:.0f}s)"
+                f"(set-up {run.setup_s:.0f}s, measurements {run.measure_s:.0f}s), "
+                f"~{schedule.call_seconds(startup, [run]) / 60:.1f} min as a call of its own"
             )
         together = schedule.call_seconds(startup, times)
         fit = schedule.runs_that_fit(startup, times, _TIME_LIMIT_S.value)
@@ -363,7 +419,7 @@ def part_train() -> None:
     tokenizer, options = _prepare()
     done: list[str] = []
     for size_name in _lm_sizes():
-        plan = budget(size_name, model_vocab_size(tokenizer), options)
+        plan = size_budget(size_name, model_vocab_size(tokenizer), options)
         log(f"size {size_name}: {plan['steps']} steps, {plan['tokens']:,} tokens ({plan['basis']})")
         measured: dict[str, float] | None = None
         for arch in _ARCH.value:

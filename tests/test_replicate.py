@@ -186,3 +186,33 @@ app.run(replicate.main)
     assert failed["status"] == "error" and "injected failure" in failed["error"]
     assert done["status"] == "ok" and done["steps_done"] == 6
     assert "train: retnet smoke: error; transformer smoke: ok" in proc.stdout
+
+
+def test_plan_keeps_a_recorded_budget(tmp_path):
+    """A size whose first run finished keeps that run's budget; corpus.json's tokens give the epochs."""
+    results = tmp_path / "results"
+    results.mkdir()
+    device = dict(platform="cpu", device_kind="cpu", short="cpu", device_count=1, jax_version="0")
+    (results / "corpus.json").write_text(json.dumps(dict(device=device, tokens=dict(train=10_000_000))))
+    budget = dict(steps=123, tokens=123 * 65536, tokens_per_param=0.5, epochs=0.8, limited_by="time")
+    run = dict(status="ok", device=device, date="2000-01-01", budget=budget)
+    (results / "train_retnet_m.json").write_text(json.dumps(run))
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.replicate",
+        "--part=plan",
+        "--size=s,m",
+        f"--results_dir={results}",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    lines = {line.split(":")[0]: line for line in proc.stdout.splitlines() if line.startswith("size ")}
+    # s: 20 tokens per parameter would be 28 passes over 10M tokens; the cap is 4 (40M tokens).
+    assert "(limited by epochs)" in lines["size s"] and "4.00 epochs" in lines["size s"]
+    assert (
+        lines["size m"].startswith("size m: 123 steps")
+        and "as the retnet run of 2000-01-01" in lines["size m"]
+    )
