@@ -8,6 +8,7 @@
     python -m experiments.replicate --part=mqar --mqar_size=s,m --out_dir=$OUT
     python -m experiments.replicate --part=report                                 # here: tables and plots
     python -m experiments.replicate --smoke --part=corpus,calibrate,train,mqar,report  # all of it, CPU, toy
+                                             # (results under --work_dir/smoke unless --results_dir is given)
 
 Each part writes small JSON files to ``--out_dir`` (default ``--results_dir``,
 experiments/results/replication): ``corpus.json`` and ``tokenizer.json``, ``calibrate.json``,
@@ -126,7 +127,21 @@ def log(text: str) -> None:
 
 
 def _out_dir() -> str:
-    return _OUT_DIR.value or _RESULTS_DIR.value
+    return _OUT_DIR.value or _results_dir()
+
+
+def _results_dir() -> str:
+    """``--results_dir``; with ``--smoke`` and no ``--results_dir``, a folder under ``--work_dir`` (so that a
+    toy run never overwrites the study's results)."""
+    if _SMOKE.value and not flags.FLAGS["results_dir"].present:
+        return os.path.join(_WORK_DIR.value, "smoke", "results")
+    return _RESULTS_DIR.value
+
+
+def _report_dir() -> str:
+    if _SMOKE.value and not flags.FLAGS["report_dir"].present:
+        return os.path.join(_WORK_DIR.value, "smoke", "reports")
+    return _REPORT_DIR.value
 
 
 def _device() -> dict[str, Any]:
@@ -162,7 +177,7 @@ def write_json(name: str, payload: dict[str, Any]) -> str:
 
 
 def _read_result(name: str) -> dict[str, Any] | None:
-    for folder in dict.fromkeys([_RESULTS_DIR.value, _out_dir()]):
+    for folder in dict.fromkeys([_results_dir(), _out_dir()]):
         path = os.path.join(folder, name)
         if os.path.isfile(path):
             with open(path) as f:
@@ -192,7 +207,7 @@ def _prepare() -> tuple[Any, lm.Options]:
     stats, build_s = data.ensure_corpus(work_dir, _roots(), _VALIDATION_FRACTION.value, log)
     candidates = [
         _TOKENIZER.value,
-        os.path.join(_RESULTS_DIR.value, data.TOKENIZER_FILE),
+        os.path.join(_results_dir(), data.TOKENIZER_FILE),
         os.path.join(_out_dir(), data.TOKENIZER_FILE),
         os.path.join(work_dir, data.TOKENIZER_FILE),
     ]
@@ -490,7 +505,7 @@ def part_mqar() -> None:
 
 def part_report() -> None:
     date = _DATE.value or datetime.date.today().isoformat()
-    path = report.write_report(_RESULTS_DIR.value, _REPORT_DIR.value, date)
+    path = report.write_report(_results_dir(), _report_dir(), date)
     log(f"wrote {path}")
 
 
