@@ -1,11 +1,12 @@
 """The corpus tokenized once, before any run's clock starts, and the packed batches the runs read from it.
 
-A size-s run steps through 2–3M tokens a second on an H200. The library's pipeline tokenizes while
-training, in grain worker processes at about 0.4M tokens per CPU-second each (measured on a 2-core
-EPYC with the study's BPE), so 12 workers would have to scale perfectly on the machine's 16 cores,
-beside the process that drives the GPU, to keep up. Instead each call tokenizes both splits once with
-the Rust tokenizer's batch call on every core (about a minute for the 100M-token corpus, paid before
-training) into flat arrays, and a run cuts its batches from them with numpy at tens of millions of
+At 40% of an H200's bf16 rate a size-s run would step through 2.2–2.8M tokens a second (142 and 112
+MFLOP a token). The library's pipeline tokenizes while training, in grain worker processes that make
+about 0.4M tokens per CPU-second each (measured with the study's BPE on an EPYC core), so 12 workers
+would have to scale perfectly on the machine's 16 cores, beside the process that drives the GPU, to
+keep up; the same cores counted the corpus at 2.0M tokens/s. Instead each call tokenizes both splits
+once with the Rust tokenizer's batch call on every core (the corpus part counted the same 99M tokens
+in 49 s there) into flat arrays, and a run cuts its batches from them with numpy at tens of millions of
 tokens a second. The data order then depends on the seed alone, not on a number of worker processes.
 
     split/tokens.bin     [N_tokens] uint16 (int32 for vocabularies past 65536): every document as
