@@ -3,25 +3,64 @@
     python -m experiments.replicate --part=corpus --out_dir=$OUT                 # corpus, tokenizer, sizes
     python -m experiments.replicate --part=plan --size=s,m,l                      # budgets, no device needed
     python -m experiments.replicate --part=calibrate --size=s,m,l --out_dir=$OUT # step times → token budgets
-    python -m experiments.replicate --part=train --arch=retnet --size=s --out_dir=$OUT
-    python -m experiments.replicate --part=train --arch=transformer --size=s --out_dir=$OUT
+    python -m experiments.replicate --part=train --arch=retnet,transformer --size=s --out_dir=$OUT
+    python -m experiments.replicate --part=train --arch=retnet --size=m --out_dir=$OUT
     python -m experiments.replicate --part=mqar --mqar_size=s,m --out_dir=$OUT
     python -m experiments.replicate --part=report                                 # here: tables and plots
     python -m experiments.replicate --smoke --part=corpus,calibrate,train,mqar,report  # all of it, CPU, toy
+                                             # (results under --work_dir/smoke unless --results_dir is given)
 
 Each part writes small JSON files to ``--out_dir`` (default ``--results_dir``,
 experiments/results/replication): ``corpus.json`` and ``tokenizer.json``, ``calibrate.json``,
-``train_{arch}_{size}.json``, ``mqar_{arch}_{size}.json``. Later parts read the tokenizer and the
-calibration from ``--results_dir``, so copy each call's files there before the next call; ``report``
-merges them into ``experiments/results/replication_{device}_{date}.md`` with PNG plots. The corpus is
-rebuilt on the machine from its site-packages (``--roots``) wherever ``--work_dir`` holds none.
-The sizes, recipe and budgets are in ``experiments/replication/recipe.py``.
+``train_{arch}_{size}.json``, ``mqar_{arch}_{size}.json``. Later parts read the tokenizer, the
+calibration and earlier runs' budgets from ``--results_dir``, so copy each call's files there before the
+next call; ``report`` merges them into ``experiments/results/replication_{device}_{date}.md`` with PNG
+plots. The sizes, recipe and budgets are in ``experiments/replication/recipe.py``.
+
+Start-up of every LM part on a fresh machine: the corpus is rebuilt from its site-packages (``--roots``;
+12 s on the H200 machine) and tokenized once into arrays (``replication/tokens.py``; the corpus part
+counted the same 99M tokens in 49 s there, on all 16 cores), before any run's clock starts. Tokenizing
+while training instead would need 2–3M tokens/s at size s (112–142 MFLOP a token at 40% of 790 TFLOP/s)
+from grain workers that make about 0.4M a CPU-second each. Each result records its call's ``startup``.
+
+Several runs in one train call (``--arch=retnet,transformer``) run one after another in the call's
+``--time_limit_s``; a run that raises is recorded as failed and the next one still runs; before each
+later run the call checks that it fits the time left (``replication/schedule.py``: set-up, training at
+the calibrated speed, measurements, with a 10% margin) and otherwise leaves it out with a line
+``NOT RUN: ...``, since a run cut short by the deadline compares with nothing. A size's runs always
+train on the budget that its first finished run recorded.
+
+Device schedule (one H200; GPU time in blocks of 30 minutes, a machine's start of ~2 minutes included;
+one command at most 10 minutes; each command below is one call with ``--out_dir=$OUT``; minutes from
+``--part=plan``: the FLOP estimate at 40% utilization, 45 s of set-up and 60 s of measurements a run,
+75 s of start-up a call, until calibrate.json replaces the speeds and set-up):
+
+| block | command | expected minutes |
+|---|---|---|
+| done | ``--part=corpus`` | 1.3 (measured) |
+| 1 | ``--part=calibrate --size=s,m,l`` | ~6 |
+| 1 | ``--part=train --arch=retnet,transformer --size=s`` | ~8.5 (3.4 + 3.9 + start-up) |
+| 1 | ``--part=mqar --mqar_size=s,m`` | ~5 (not measured) |
+| 2 | ``--part=train --arch=retnet --size=m`` | ~7.2 |
+| 2 | ``--part=train --arch=transformer --size=m`` | ~8.0 |
+| 3 | ``--part=train --arch=retnet --size=l`` | ~7.5 |
+| 3 | ``--part=train --arch=transformer --size=l`` | ~8.0 |
+| – | ``--part=report`` (no GPU) | |
+
+Between commands: copy ``$OUT/*.json`` into experiments/results/replication/ (calibrate.json sets the
+budgets of m and l; a size's first train result sets the second's). After calibrate, run
+``--part=plan --size=s,m,l`` (no GPU): if it says that only 1 of the 2 s runs fits a call, block 1
+trains ``--arch=retnet --size=s`` and block 2 adds ``--arch=transformer --size=s`` (~5 min; block 2 has
+the room); a ``NOT RUN`` line in a two-run call means the same. m and l train for ``--train_seconds``
+(300 s) each, one run a call: two would not fit. MQAR writes each architecture and size as it finishes;
+if the command reaches its limit, rerun the missing size alone (``--mqar_size=m``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import gc
 import json
 import os
 import re
@@ -35,7 +74,7 @@ _STARTED = time.perf_counter()
 import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from experiments.replication import data, lm, recall, recipe, report  # noqa: E402
+from experiments.replication import data, lm, recall, recipe, report, schedule, tokens  # noqa: E402
 from retnet_jax.training import code_corpus  # noqa: E402
 from retnet_jax.training import flops as flops_lib  # noqa: E402
 from retnet_jax.training.trainer import model_vocab_size  # noqa: E402
@@ -74,9 +113,6 @@ _PEAK_TFLOPS = flags.DEFINE_float(
 )
 _TIME_LIMIT_S = flags.DEFINE_float("time_limit_s", 560.0, "Wall-clock limit of the call, from start-up.")
 _RESERVE_S = flags.DEFINE_float("reserve_s", 110.0, "Time kept after training for the final measurements.")
-_GRAIN_WORKERS = flags.DEFINE_integer(
-    "grain_workers", 12, "Tokenizing worker processes of the training data."
-)
 _MQAR_STEPS = flags.DEFINE_integer("mqar_steps", 0, "MQAR training steps (0: the set-up's).")
 _MQAR_LRS = flags.DEFINE_list("mqar_lrs", [], "MQAR learning rates (default: the set-up's).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of initialization and data order (the same for every run).")
@@ -91,7 +127,21 @@ def log(text: str) -> None:
 
 
 def _out_dir() -> str:
-    return _OUT_DIR.value or _RESULTS_DIR.value
+    return _OUT_DIR.value or _results_dir()
+
+
+def _results_dir() -> str:
+    """``--results_dir``; with ``--smoke`` and no ``--results_dir``, a folder under ``--work_dir`` (so that a
+    toy run never overwrites the study's results)."""
+    if _SMOKE.value and not flags.FLAGS["results_dir"].present:
+        return os.path.join(_WORK_DIR.value, "smoke", "results")
+    return _RESULTS_DIR.value
+
+
+def _report_dir() -> str:
+    if _SMOKE.value and not flags.FLAGS["report_dir"].present:
+        return os.path.join(_WORK_DIR.value, "smoke", "reports")
+    return _REPORT_DIR.value
 
 
 def _device() -> dict[str, Any]:
@@ -127,7 +177,7 @@ def write_json(name: str, payload: dict[str, Any]) -> str:
 
 
 def _read_result(name: str) -> dict[str, Any] | None:
-    for folder in dict.fromkeys([_RESULTS_DIR.value, _out_dir()]):
+    for folder in dict.fromkeys([_results_dir(), _out_dir()]):
         path = os.path.join(folder, name)
         if os.path.isfile(path):
             with open(path) as f:
@@ -147,13 +197,17 @@ def _lm_sizes() -> list[str]:
     return ["smoke"] if _SMOKE.value else _SIZE.value
 
 
+_STARTUP: dict[str, Any] = {}  # what this call's start-up cost (recorded with every run)
+
+
 def _prepare() -> tuple[Any, lm.Options]:
-    """The corpus (built if missing) and the tokenizer; the options every LM part shares."""
+    """The corpus (built if missing), the tokenizer and the tokenized corpus; the options every LM part
+    shares. The first call in a process pays the start-up; later ones reuse what is in ``--work_dir``."""
     work_dir = _WORK_DIR.value
-    stats, _ = data.ensure_corpus(work_dir, _roots(), _VALIDATION_FRACTION.value, log)
+    stats, build_s = data.ensure_corpus(work_dir, _roots(), _VALIDATION_FRACTION.value, log)
     candidates = [
         _TOKENIZER.value,
-        os.path.join(_RESULTS_DIR.value, data.TOKENIZER_FILE),
+        os.path.join(_results_dir(), data.TOKENIZER_FILE),
         os.path.join(_out_dir(), data.TOKENIZER_FILE),
         os.path.join(work_dir, data.TOKENIZER_FILE),
     ]
@@ -161,16 +215,38 @@ def _prepare() -> tuple[Any, lm.Options]:
     recorded = _read_result(data.CORPUS_FILE)
     if recorded and recorded["corpus"]["fingerprint"] != stats.fingerprint:
         log("WARNING: this corpus differs from the one corpus.json describes (another site-packages?).")
+    digest = data.tokenizer_digest(tokenizer)
+    arrays, manifest = tokens.ensure_tokens(
+        work_dir,
+        data.corpus_dir(work_dir),
+        stats.fingerprint,
+        tokenizer,
+        digest,
+        model_vocab_size(tokenizer),
+        log,
+    )
+    if not _STARTUP:
+        _STARTUP.update(
+            corpus_build_s=build_s,
+            tokenize_s=manifest["seconds"],
+            tokens=manifest["tokens"],
+            ready_s=time.perf_counter() - _STARTED,  # the whole start-up, process start included
+        )
     options = lm.Options(
         work_dir=work_dir,
         tokenizer_path=os.path.abspath(path),
         corpus_fingerprint=stats.fingerprint,
-        tokenizer_digest=data.tokenizer_digest(tokenizer),
-        grain_workers=_GRAIN_WORKERS.value if flags.FLAGS["grain_workers"].present or not _SMOKE.value else 0,
-        deadline=_STARTED + _TIME_LIMIT_S.value - _RESERVE_S.value,
+        tokenizer_digest=digest,
+        deadline=_call_end() - _RESERVE_S.value,
         seed=_SEED.value,
+        corpus_tokens=arrays,
     )
     return tokenizer, options
+
+
+def _call_end() -> float:
+    """The ``time.perf_counter()`` value by which the call must be done."""
+    return _STARTED + _TIME_LIMIT_S.value
 
 
 def part_corpus() -> None:
@@ -206,7 +282,7 @@ def part_calibrate() -> None:
             except Exception as error:  # noqa: BLE001 — recorded, and the next configuration runs
                 runs[size_name][arch] = _failure(error)
             log(f"  {json.dumps({k: v for k, v in runs[size_name][arch].items() if k != 'traceback'})[:400]}")
-    write_json("calibrate.json", dict(runs=runs, train_seconds=_TRAIN_SECONDS.value))
+    write_json("calibrate.json", dict(runs=runs, train_seconds=_TRAIN_SECONDS.value, startup=_STARTUP))
 
 
 def _failure(error: BaseException) -> dict[str, Any]:
@@ -216,69 +292,176 @@ def _failure(error: BaseException) -> dict[str, Any]:
     return dict(status=status, error=text[:4000], traceback=traceback.format_exc()[-4000:])
 
 
+def _corpus_tokens(options: lm.Options | None) -> int | None:
+    """Training tokens of the corpus: corpus.json's (the same in every call), else this call's count."""
+    recorded = _read_result(data.CORPUS_FILE)
+    if recorded:
+        return recorded["tokens"]["train"]
+    if options is not None and options.corpus_tokens is not None:
+        return len(options.corpus_tokens["train"].tokens)
+    return None
+
+
+def _calibration(size_name: str) -> dict[str, Any]:
+    """calibrate.json's runs of a size, if it was measured on this kind of device and both runs succeeded."""
+    calibration = _read_result("calibrate.json")
+    runs = (calibration or {}).get("runs", {}).get(size_name, {})
+    same_device = calibration and calibration["device"]["device_kind"] == _device()["device_kind"]
+    return runs if same_device and all(runs.get(a, {}).get("status") == "ok" for a in recipe.ARCHS) else {}
+
+
 def budget(size_name: str, vocab_size: int, options: lm.Options) -> dict[str, Any]:
-    """The steps and tokens of a size's runs, the same for both architectures (recipe.token_budget)."""
+    """The steps and tokens of a size's runs, the same for both architectures (recipe.token_budget), with
+    each architecture's expected tokens/s and training seconds."""
     size = recipe.LM_SIZES[size_name]
     params = lm.non_embedding_params(size, vocab_size, options)
+    corpus_tokens = _corpus_tokens(options)
     if _TOKENS.value or size.fixed_steps:
         steps = max(1, _TOKENS.value // size.step_tokens) if _TOKENS.value else size.fixed_steps
         tokens = steps * size.step_tokens
         basis = "--tokens" if _TOKENS.value else "the size's fixed steps"
         return dict(
-            steps=steps, tokens=tokens, tokens_per_param=tokens / params, limited_by=basis, basis=basis
+            steps=steps,
+            tokens=tokens,
+            tokens_per_param=tokens / params,
+            epochs=tokens / corpus_tokens if corpus_tokens else None,
+            limited_by=basis,
+            basis=basis,
+            speeds={},
+            expected_train_s={},
         )
-    calibration = _read_result("calibrate.json")
-    runs = (calibration or {}).get("runs", {}).get(size_name, {})
-    same_device = calibration and calibration["device"]["device_kind"] == _device()["device_kind"]
-    if same_device and all(runs.get(a, {}).get("status") == "ok" for a in recipe.ARCHS):
-        speed = min(runs[a]["tokens_per_s"] for a in recipe.ARCHS)
-        basis = f"calibration: {speed:,.0f} tokens/s (the slower architecture)"
+    runs = _calibration(size_name)
+    if runs:
+        speeds = {a: runs[a]["tokens_per_s"] for a in recipe.ARCHS}
+        basis = f"calibration: {min(speeds.values()):,.0f} tokens/s (the slower architecture)"
     else:
-        flops = max(lm.flops_per_token(size, a, vocab_size, options) for a in recipe.ARCHS)
-        speed = _MFU.value * _PEAK_TFLOPS.value * 1e12 * jax.device_count() / flops
+        flops = {a: lm.flops_per_token(size, a, vocab_size, options) for a in recipe.ARCHS}
+        rate = _MFU.value * _PEAK_TFLOPS.value * 1e12 * jax.device_count()
+        speeds = {a: rate / f for a, f in flops.items()}
         basis = (
-            f"estimate: {flops / 1e6:.0f} MFLOP/token at {_MFU.value:.0%} of {_PEAK_TFLOPS.value:g} TFLOP/s"
+            f"estimate: {max(flops.values()) / 1e6:.0f} MFLOP/token at {_MFU.value:.0%} of "
+            f"{_PEAK_TFLOPS.value:g} TFLOP/s"
         )
     result = recipe.token_budget(
         params=params,
         step_tokens=size.step_tokens,
-        tokens_per_second=speed,
+        tokens_per_second=min(speeds.values()),
         train_seconds=_TRAIN_SECONDS.value,
         tokens_per_param=_TOKENS_PER_PARAM.value,
+        corpus_tokens=corpus_tokens,
     )
     return dict(
-        **result, basis=basis, train_seconds=_TRAIN_SECONDS.value, expected_train_s=result["tokens"] / speed
+        **result,
+        basis=basis,
+        train_seconds=_TRAIN_SECONDS.value,
+        max_epochs=recipe.MAX_EPOCHS,
+        speeds=speeds,
+        expected_train_s={a: result["tokens"] / v for a, v in speeds.items()},
     )
+
+
+def size_budget(size_name: str, vocab_size: int, options: lm.Options) -> dict[str, Any]:
+    """The budget of a size's runs: the one a finished run of the size recorded (so that runs of one size in
+    different calls train on the same tokens, whatever calibrate.json says meanwhile), else ``budget``."""
+    if not (_TOKENS.value or recipe.LM_SIZES[size_name].fixed_steps):
+        for arch in recipe.ARCHS:
+            run = _read_result(f"train_{arch}_{size_name}.json")
+            if run and run.get("status") == "ok" and run["device"]["device_kind"] == _device()["device_kind"]:
+                fresh = budget(size_name, vocab_size, options)
+                recorded = dict(
+                    run["budget"],
+                    basis=f"as the {arch} run of {run['date']} recorded (delete its result for a new budget)",
+                    speeds=fresh["speeds"],
+                    expected_train_s={a: run["budget"]["tokens"] / v for a, v in fresh["speeds"].items()},
+                )
+                return recorded
+    return budget(size_name, vocab_size, options)
+
+
+def _run_time(size_name: str, arch: str, plan: dict[str, Any], measured: dict[str, float] | None = None):
+    """A run's expected seconds: calibrate.json's set-up, the budget's training time and, where a run of
+    this call measured them, its set-up and measurements."""
+    runs = _calibration(size_name)
+    setup_s = runs[arch]["setup_and_compile_s"] if runs else schedule.SETUP_S
+    measure_s = schedule.MEASURE_S
+    if measured:
+        setup_s = measured.get("setup_s", 0.0) + measured.get("compile_and_first_step_s", 0.0)
+        measure_s = sum(measured.get(k, 0.0) for k in ("eval_s", "extrapolation_s", "decode_s"))
+    return schedule.RunTime(
+        arch=arch, train_s=plan["expected_train_s"].get(arch, 0.0), setup_s=setup_s, measure_s=measure_s
+    )
+
+
+def _startup_s() -> float:
+    """The start-up of a call: calibrate.json's measured one, else the estimate."""
+    recorded = (_read_result("calibrate.json") or {}).get("startup") or {}
+    return recorded.get("ready_s", schedule.STARTUP_S)
 
 
 def part_plan() -> None:
-    """The budgets train would use (from calibrate.json or the estimate), without data or training."""
-    options = lm.Options(_WORK_DIR.value, "", "", "", 0, 0.0, _SEED.value)
+    """The budgets train would use (from calibrate.json or the estimate) and the expected time of the calls,
+    without data or training."""
+    options = lm.Options(_WORK_DIR.value, "", "", "", 0.0, _SEED.value)
     vocab = -(-_vocab_size() // 8) * 8
+    startup = _startup_s()
+    log(f"corpus: {_corpus_tokens(None) or 0:,} training tokens; a call's start-up ~{startup:.0f}s")
     for size_name in _lm_sizes():
-        plan = budget(size_name, vocab, options)
+        plan = size_budget(size_name, vocab, options)
         size = recipe.LM_SIZES[size_name]
         flops = {a: round(lm.flops_per_token(size, a, vocab, options) / 1e6) for a in recipe.ARCHS}
+        epochs = f"{plan['epochs']:.2f} epochs" if plan.get("epochs") is not None else "epochs unknown"
         log(
             f"size {size_name}: {plan['steps']} steps, {plan['tokens']:,} tokens, "
-            f"{plan['tokens_per_param']:.1f} per parameter, ~{plan.get('expected_train_s', 0):.0f}s of "
-            f"training (limited by {plan['limited_by']}); MFLOP/token {flops}; {plan['basis']}"
+            f"{plan['tokens_per_param']:.1f} per parameter, {epochs} (limited by {plan['limited_by']}); "
+            f"MFLOP/token {flops}; {plan['basis']}"
+        )
+        times = [_run_time(size_name, arch, plan) for arch in _ARCH.value]
+        for run in times:
+            log(
+                f"  {run.arch}: ~{run.train_s:.0f}s training, ~{run.total_s / 60:.1f} min a run "
+                f"(set-up {run.setup_s:.0f}s, measurements {run.measure_s:.0f}s), "
+                f"~{schedule.call_seconds(startup, [run]) / 60:.1f} min as a call of its own"
+            )
+        together = schedule.call_seconds(startup, times)
+        fit = schedule.runs_that_fit(startup, times, _TIME_LIMIT_S.value)
+        log(
+            f"  one call with --arch={','.join(_ARCH.value)}: ~{together / 60:.1f} min; "
+            f"{fit} of {len(times)} runs fit a call of {_TIME_LIMIT_S.value:.0f}s"
         )
 
 
 def part_train() -> None:
     tokenizer, options = _prepare()
-    if len(_lm_sizes()) * len(_ARCH.value) > 1 and not _SMOKE.value:
-        log("WARNING: several runs in one call share its --time_limit_s; give one --arch and --size a call.")
+    done: list[str] = []
     for size_name in _lm_sizes():
-        plan = budget(size_name, model_vocab_size(tokenizer), options)
+        plan = size_budget(size_name, model_vocab_size(tokenizer), options)
         log(f"size {size_name}: {plan['steps']} steps, {plan['tokens']:,} tokens ({plan['basis']})")
+        measured: dict[str, float] | None = None
         for arch in _ARCH.value:
+            expected = _run_time(size_name, arch, plan, measured)
+            now = time.perf_counter() - _STARTED
+            if done and not _SMOKE.value and not schedule.fits(now, _TIME_LIMIT_S.value, expected):
+                # A run cut short by the deadline compares with nothing: leave it to a call of its own.
+                log(
+                    f"NOT RUN: {arch} {size_name} needs ~{expected.with_margin():.0f}s, "
+                    f"{_TIME_LIMIT_S.value - now:.0f}s are left; run it in a call of its own "
+                    f"(--part=train --arch={arch} --size={size_name})."
+                )
+                done.append(f"{arch} {size_name}: not run")
+                continue
             try:
                 result = lm.train(recipe.LM_SIZES[size_name], arch, tokenizer, options, plan, log)
-            except Exception as error:  # noqa: BLE001 — the failure is the result
+            except Exception as error:  # noqa: BLE001 — the failure is the result; the next run goes on
                 result = dict(arch=arch, budget=plan, **_failure(error))
+            result["startup"] = _STARTUP
             write_json(f"train_{arch}_{size_name}.json", dict(size=size_name, **result))
+            measured = result.get("phases") or measured
+            done.append(
+                f"{arch} {size_name}: {result['status']}"
+                + (" (truncated)" if result.get("truncated") else "")
+            )
+            gc.collect()
+    log("train: " + "; ".join(done))
 
 
 def part_mqar() -> None:
@@ -322,7 +505,7 @@ def part_mqar() -> None:
 
 def part_report() -> None:
     date = _DATE.value or datetime.date.today().isoformat()
-    path = report.write_report(_RESULTS_DIR.value, _REPORT_DIR.value, date)
+    path = report.write_report(_results_dir(), _report_dir(), date)
     log(f"wrote {path}")
 
 

@@ -64,6 +64,10 @@ def test_pipeline(tmp_path):
         assert set(run["decode"]["by_batch"]) == {"1", "2"}
         assert run["decode"]["by_batch"]["1"]["tokens_per_s"] > 0
         assert run["tokenizer_digest"] == corpus["tokenizer"]["digest"]
+        # The corpus was tokenized once, before the first run, and the runs know their epochs.
+        assert run["startup"]["tokens"]["train"] == corpus["tokens"]["train"]
+        assert run["epochs_done"] == run["tokens_done"] / corpus["tokens"]["train"] > 0
+        assert run["budget"]["epochs"] == run["epochs_done"]
     # Same size, same data: equal parameter counts and tokens.
     assert runs["retnet"]["params"] == runs["transformer"]["params"]
     assert runs["retnet"]["tokens_done"] == runs["transformer"]["tokens_done"]
@@ -92,20 +96,123 @@ def test_pipeline(tmp_path):
 def test_token_budget():
     from experiments.replication import recipe
 
-    # Time-limited: 1000 tokens/s for 100 s, cap far away; whole steps of 64 tokens.
+    # Time-limited: 1000 tokens/s for 100 s, caps far away; whole steps of 64 tokens.
     plan = recipe.token_budget(
         params=10, step_tokens=64, tokens_per_second=1000, train_seconds=100, tokens_per_param=1e6
     )
-    assert plan == dict(steps=1562, tokens=99968, tokens_per_param=9996.8, limited_by="time")
+    assert plan == dict(steps=1562, tokens=99968, tokens_per_param=9996.8, epochs=None, limited_by="time")
     # Capped at 20 tokens per parameter.
     plan = recipe.token_budget(
         params=1000, step_tokens=64, tokens_per_second=1e6, train_seconds=100, tokens_per_param=20
     )
     assert plan["steps"] == 312 and plan["limited_by"] == "tokens_per_param"
+    # Capped at max_epochs passes over a corpus of 1000 tokens: 4000 tokens, 62 steps.
+    plan = recipe.token_budget(
+        params=1000,
+        step_tokens=64,
+        tokens_per_second=1e6,
+        train_seconds=100,
+        tokens_per_param=20,
+        corpus_tokens=1000,
+        max_epochs=4,
+    )
+    assert plan == dict(steps=62, tokens=3968, tokens_per_param=3.968, epochs=3.968, limited_by="epochs")
+    # A large corpus leaves the other caps to bind, and the epochs are reported.
+    plan = recipe.token_budget(
+        params=1000,
+        step_tokens=64,
+        tokens_per_second=1e6,
+        train_seconds=100,
+        tokens_per_param=20,
+        corpus_tokens=10_000,
+    )
+    assert plan["limited_by"] == "tokens_per_param" and plan["epochs"] == 312 * 64 / 10_000
     # Never less than one step.
     assert (
         recipe.token_budget(
             params=1, step_tokens=64, tokens_per_second=1, train_seconds=1, tokens_per_param=20
         )["steps"]
         == 1
+    )
+
+
+def test_call_schedule():
+    from experiments.replication import schedule
+
+    runs = [
+        schedule.RunTime("retnet", train_s=100, setup_s=40, measure_s=60),
+        schedule.RunTime("transformer", train_s=200, setup_s=40, measure_s=60),
+    ]
+    assert schedule.call_seconds(70, runs) == 70 + 200 + 300
+    # With the 10% margin on training: 70 + 210 = 280, then + 320 = 600.
+    assert schedule.runs_that_fit(70, runs, 600) == 2
+    assert schedule.runs_that_fit(70, runs, 599) == 1
+    assert schedule.runs_that_fit(70, runs, 100) == 1  # one run is always tried
+    assert schedule.fits(280, 600, runs[1]) and not schedule.fits(281, 600, runs[1])
+
+
+def test_one_failed_run_keeps_the_others_results(tmp_path):
+    """Two runs in one train call: the first raises, the second still trains and writes its results."""
+    site = fake_site_packages(str(tmp_path / "site"), packages=30, modules=4)
+    results = tmp_path / "results"
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
+    script = f"""
+import sys
+from absl import app
+import experiments.replicate as replicate
+
+real_train = replicate.lm.train
+
+def train(size, arch, *args, **kwargs):
+    if arch == "retnet":
+        raise RuntimeError("injected failure")
+    return real_train(size, arch, *args, **kwargs)
+
+replicate.lm.train = train
+sys.argv = ["replicate", "--smoke", "--part=corpus,train", "--arch=retnet,transformer",
+            "--roots={site}", "--work_dir={tmp_path / "work"}", "--results_dir={results}",
+            "--validation_fraction=0.25"]
+app.run(replicate.main)
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    with open(results / "train_retnet_smoke.json") as f:
+        failed = json.load(f)
+    with open(results / "train_transformer_smoke.json") as f:
+        done = json.load(f)
+    assert failed["status"] == "error" and "injected failure" in failed["error"]
+    assert done["status"] == "ok" and done["steps_done"] == 6
+    assert "train: retnet smoke: error; transformer smoke: ok" in proc.stdout
+
+
+def test_plan_keeps_a_recorded_budget(tmp_path):
+    """A size whose first run finished keeps that run's budget; corpus.json's tokens give the epochs."""
+    results = tmp_path / "results"
+    results.mkdir()
+    device = dict(platform="cpu", device_kind="cpu", short="cpu", device_count=1, jax_version="0")
+    (results / "corpus.json").write_text(json.dumps(dict(device=device, tokens=dict(train=10_000_000))))
+    budget = dict(steps=123, tokens=123 * 65536, tokens_per_param=0.5, epochs=0.8, limited_by="time")
+    run = dict(status="ok", device=device, date="2000-01-01", budget=budget)
+    (results / "train_retnet_m.json").write_text(json.dumps(run))
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.replicate",
+        "--part=plan",
+        "--size=s,m",
+        f"--results_dir={results}",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    lines = {line.split(":")[0]: line for line in proc.stdout.splitlines() if line.startswith("size ")}
+    # s: 20 tokens per parameter would be 28 passes over 10M tokens; the cap is 4 (40M tokens).
+    assert "(limited by epochs)" in lines["size s"] and "4.00 epochs" in lines["size s"]
+    assert (
+        lines["size m"].startswith("size m: 123 steps")
+        and "as the retnet run of 2000-01-01" in lines["size m"]
     )

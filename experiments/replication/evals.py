@@ -23,26 +23,7 @@ import numpy as np
 
 from retnet_jax.inference.generate import generate
 from retnet_jax.models.lm import cast_params
-from retnet_jax.training import corpus
 from retnet_jax.training.trainer import Trainer
-
-
-def long_documents(config, tokenizer, length: int, rows: int) -> np.ndarray:
-    """[n <= rows, length + 1] int32: [BOS] + the first ``length`` tokens of each validation document that
-    has that many, in the split's order."""
-    source = corpus.text_source(
-        config.dataset, config.eval_split, data_dir=config.data_dir or None, text_feature=config.text_feature
-    )
-    found = []
-    for text in source:
-        if len(text) < length:  # a token holds at least one character: too short for sure
-            continue
-        ids = tokenizer.encode(text)
-        if len(ids) >= length:
-            found.append([tokenizer.bos_id, *ids[:length]])
-            if len(found) == rows:
-                break
-    return np.asarray(found, np.int32).reshape(len(found), length + 1)
 
 
 def loss_by_position(trainer: Trainer, params, rows: np.ndarray, *, batch: int = 8) -> np.ndarray:

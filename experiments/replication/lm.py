@@ -1,7 +1,8 @@
 """Language-model runs of the study: calibration of the step time, and a training run with its measurements.
 
-A run is the library's ``Trainer`` (the jitted step) fed by the library's data pipeline
-(``data.make_dataset`` over ``text:CORPUS``), driven here rather than by ``loop.train_and_evaluate``
+A run is the library's ``Trainer`` (the jitted step) fed with batches cut from the corpus tokenized once
+before the clock starts (``tokens.PackedBatches``, packed as the library's ``data.make_dataset`` packs),
+driven here rather than by ``loop.train_and_evaluate``
 because a run is bounded by a token budget and a wall-clock deadline, keeps no checkpoint (nothing but
 metrics leaves the device) and ends with measurements of the trained parameters still in memory:
 
@@ -23,8 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from experiments.replication import data, evals, recipe
-from retnet_jax.training import data as data_lib
+from experiments.replication import data, evals, recipe, tokens
 from retnet_jax.training import flops as flops_lib
 from retnet_jax.training.sharding import make_mesh
 from retnet_jax.training.trainer import Trainer, model_config, model_vocab_size
@@ -38,9 +38,9 @@ class Options:
     tokenizer_path: str
     corpus_fingerprint: str
     tokenizer_digest: str
-    grain_workers: int
     deadline: float  # time.perf_counter() value by which training must stop
     seed: int = 0
+    corpus_tokens: dict[str, tokens.TokenArray] | None = None  # split → the tokenized corpus
 
 
 def _parameter_counts(trainer: Trainer) -> dict[str, int]:
@@ -60,7 +60,6 @@ def build(size: recipe.LMSize, arch: str, vocab_size: int, options: Options, ste
         data_dir=data.tfds_dir(options.work_dir),
         tokenizer=options.tokenizer_path,
         steps=steps,
-        grain_workers=options.grain_workers,
         seed=options.seed,
     )
     architecture = model_config(config, vocab_size)
@@ -77,19 +76,29 @@ def non_embedding_params(size: recipe.LMSize, vocab_size: int, options: Options)
     return _parameter_counts(build(size, "retnet", vocab_size, options, steps=1))["non_embedding"]
 
 
-def _fixed_batches(trainer: Trainer, tokenizer, count: int) -> list[dict[str, np.ndarray]]:
-    """The first ``count`` validation batches, tokenized once (read in this process: no workers)."""
-    config = trainer.config.copy_and_resolve_references()
-    config.grain_workers = 0
-    vocab = trainer.model_config.vocab_size
-    iterator = data_lib.make_dataset(config, tokenizer, config.eval_split, train=False, vocab_size=vocab)
-    try:
-        batches = [batch for _, batch in zip(range(count), iterator, strict=False)]
-    finally:
-        iterator.close()
+def _split(options: Options, split: str) -> tokens.TokenArray:
+    if options.corpus_tokens is None:
+        raise ValueError("Options.corpus_tokens is unset: tokenize the corpus first (tokens.ensure_tokens).")
+    return options.corpus_tokens[split]
+
+
+def _batches(size: recipe.LMSize, options: Options, split: str, *, train: bool) -> tokens.PackedBatches:
+    return tokens.PackedBatches(
+        _split(options, split),
+        batch_size=size.batch_size,
+        seq_len=size.seq_len,
+        train=train,
+        seed=options.seed,
+    )
+
+
+def _fixed_batches(size: recipe.LMSize, options: Options) -> list[dict[str, np.ndarray]]:
+    """The first ``size.eval_batches`` validation batches (in the split's order)."""
+    iterator = _batches(size, options, "validation", train=False)
+    batches = [b for _, b in zip(range(size.eval_batches), iterator, strict=False)]
     if not batches:
         raise ValueError(
-            f"The validation split gives no full batch of {config.batch_size}×{config.seq_len} tokens."
+            f"The validation split gives no full batch of {size.batch_size}×{size.seq_len} tokens."
         )
     return batches
 
@@ -104,9 +113,7 @@ def calibrate(size: recipe.LMSize, arch: str, tokenizer, options: Options) -> di
     pipeline's own rate; a run can go no faster than the slower of the two."""
     start = time.perf_counter()
     trainer = build(size, arch, model_vocab_size(tokenizer), options, steps=1000)
-    train_data = data_lib.make_dataset(
-        trainer.config, tokenizer, "train", train=True, vocab_size=trainer.model_config.vocab_size
-    )
+    train_data = _batches(size, options, "train", train=True)
     try:
         state = trainer.init(options.seed)
         state, metrics = trainer.train_step(state, trainer.global_batch(next(train_data)))
@@ -141,12 +148,9 @@ def calibrate(size: recipe.LMSize, arch: str, tokenizer, options: Options) -> di
     return result
 
 
-def _data_rate(iterator, step_tokens: int, drain_s: float = 3.0, measure_s: float = 5.0) -> float:
-    """Tokens/s the input pipeline delivers on its own: batches pulled without training, counted after
-    ``drain_s`` (by then the read-ahead buffers are empty and batches come as fast as they are made)."""
-    start = time.perf_counter()
-    while time.perf_counter() - start < drain_s:
-        next(iterator)
+def _data_rate(iterator, step_tokens: int, measure_s: float = 1.0) -> float:
+    """Tokens/s the input pipeline delivers on its own: batches pulled without training (it reads ahead
+    nothing, so each batch is made when it is asked for)."""
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < measure_s:
         next(iterator)
@@ -175,10 +179,8 @@ def train(size: recipe.LMSize, arch: str, tokenizer, options: Options, budget: d
         f"{arch} {size.d_model}x{size.num_layers}: {counts['non_embedding'] / 1e6:.2f}M non-embedding "
         f"parameters ({counts['total'] / 1e6:.2f}M in all), {steps} steps of {size.step_tokens} tokens"
     )
-    eval_batches = _fixed_batches(trainer, tokenizer, size.eval_batches)
-    train_data = data_lib.make_dataset(
-        trainer.config, tokenizer, "train", train=True, vocab_size=trainer.model_config.vocab_size
-    )
+    eval_batches = _fixed_batches(size, options)
+    train_data = _batches(size, options, "train", train=True)
     eval_every = max(1, steps // size.evaluations)
     log_every = max(1, min(eval_every, steps // 100))
     train_curve: list[dict[str, float]] = []
@@ -237,6 +239,8 @@ def train(size: recipe.LMSize, arch: str, tokenizer, options: Options, budget: d
         steps_done=step,
         tokens_done=step * size.step_tokens,
         truncated=truncated,
+        epochs_done=step * size.step_tokens / len(_split(options, "train").tokens),
+        input="pre-tokenized: tokens.PackedBatches over the tokenized corpus",
         train_curve=_thin(train_curve, 200),
         eval_curve=eval_curve,
         final_eval_loss=eval_curve[-1]["loss"],
@@ -249,7 +253,7 @@ def train(size: recipe.LMSize, arch: str, tokenizer, options: Options, budget: d
     if not diverged:
         # Each measurement is guarded: a failure is recorded beside the training results, not instead.
         start = time.perf_counter()
-        rows = evals.long_documents(trainer.config, tokenizer, 4 * size.seq_len, size.extrapolation_rows)
+        rows = tokens.long_documents(_split(options, "validation"), 4 * size.seq_len, size.extrapolation_rows)
         if len(rows):
             result["extrapolation"] = _guarded(
                 lambda: dict(
@@ -301,6 +305,6 @@ def _thin(points: list[dict], most: int) -> list[dict]:
 def _config_summary(config) -> dict[str, Any]:
     names = (
         "seq_len batch_size learning_rate schedule warmup_steps end_learning_rate_factor b1 b2 eps "
-        "weight_decay grad_clip steps mode chunk_size implementation seed grain_workers"
+        "weight_decay grad_clip steps mode chunk_size implementation seed"
     ).split()
     return {name: config[name] for name in names}

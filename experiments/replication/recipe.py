@@ -15,15 +15,25 @@ fused chunkwise kernels prefer — so that H = D / 64 heads give decays from 1 �
 
 Recipe (both architectures alike): AdamW β = (0.9, 0.98), ε = 1e-8, weight decay 0.05 on matrices,
 global-norm clipping at 2.0, linear warm-up over 5% of the steps then linear decay to 10% of the peak;
-no dropout (no run sees its data more than a few times); bf16 compute with float32 parameters and
-optimizer state; chunkwise retention (C = 64); batches of 64 rows of 1024 tokens; a byte-level BPE of
-8192 entries; the same seed and so the same data order for both architectures.
+no dropout (no run sees its data more than ``MAX_EPOCHS`` = 4 times); bf16 compute with float32
+parameters and optimizer state; chunkwise retention (C = 64); batches of 64 rows of 1024 tokens; a
+byte-level BPE of 8192 entries; the same seed and so the same data order for both architectures.
 
 Token budget of a size: the tokens that the slower of the two architectures trains in
-``train_seconds``, capped at ``tokens_per_param`` × its non-embedding parameters; both architectures
-then train on exactly that many tokens. The throughput comes from a calibration run on the device
-(``--part=calibrate``), else from the FLOP count at an assumed utilization (``--mfu`` of
-``--peak_tflops``: 40% of the 790 TFLOP/s that a bf16 matrix product reaches on an H200).
+``train_seconds``, capped at ``tokens_per_param`` × its non-embedding parameters and at ``MAX_EPOCHS``
+passes over the training split; both architectures then train on exactly that many tokens. The cap
+that binds is recorded as ``limited_by`` ("time", "tokens_per_param" or "epochs"). The throughput
+comes from a calibration run on the device (``--part=calibrate``), else from the FLOP count at an
+assumed utilization (``--mfu`` of ``--peak_tflops``: 40% of the 790 TFLOP/s that a bf16 matrix product
+reaches on an H200).
+
+Why at most 4 epochs (``MAX_EPOCHS``): the corpus is small (94M training tokens of the 8192-entry BPE,
+from one machine's site-packages) and the recipe has no dropout, so a run that loops over it many times
+measures how well an architecture memorises the training packages, not how well it learns code; up to
+about four passes, repeated tokens still help a model nearly as much as new ones would, and far past
+that they stop helping and the validation loss turns up. 20 tokens per parameter takes 3 passes at s
+(284M tokens) but would take 10 at m and 27 at l: there the cap binds, unless the device time (one
+call of 10 minutes a run) binds first, as the H200 estimate has it.
 """
 
 from __future__ import annotations
@@ -87,6 +97,7 @@ LM_SIZES = {
     ),
 }
 
+MAX_EPOCHS = 4  # passes over the training split a run may make (see the module docstring)
 WARMUP_FRACTION = 0.05
 END_LR_FACTOR = 0.1
 WEIGHT_DECAY = 0.05
@@ -101,7 +112,6 @@ def lm_config(
     data_dir: str,
     tokenizer: str,
     steps: int,
-    grain_workers: int,
     seed: int = 0,
 ) -> ml_collections.ConfigDict:
     """The experiment config of one run (``retnet_jax/configs/default.py`` with the study's fields)."""
@@ -120,7 +130,7 @@ def lm_config(
     c.mode, c.chunk_size, c.implementation = "chunkwise", CHUNK_SIZE, "auto"
     c.dataset, c.data_dir, c.tokenizer = dataset, data_dir, tokenizer
     c.seq_len, c.batch_size = size.seq_len, size.batch_size
-    c.grain_workers, c.prefetch = grain_workers, 4
+    c.grain_workers, c.prefetch = 0, 0  # unused: the runs read pre-tokenized batches (tokens.py)
     c.learning_rate, c.schedule, c.end_learning_rate_factor = size.learning_rate, "linear", END_LR_FACTOR
     c.b1, c.b2, c.eps, c.weight_decay, c.grad_clip = 0.9, 0.98, 1e-8, WEIGHT_DECAY, 2.0
     c.steps, c.warmup_steps = steps, max(1, round(WARMUP_FRACTION * steps))
@@ -129,18 +139,35 @@ def lm_config(
 
 
 def token_budget(
-    *, params: int, step_tokens: int, tokens_per_second: float, train_seconds: float, tokens_per_param: float
+    *,
+    params: int,
+    step_tokens: int,
+    tokens_per_second: float,
+    train_seconds: float,
+    tokens_per_param: float,
+    corpus_tokens: int | None = None,
+    max_epochs: float = MAX_EPOCHS,
 ) -> dict:
     """Steps and tokens of a size's runs: what fits ``train_seconds`` at ``tokens_per_second`` (the slower
-    architecture's), capped at ``tokens_per_param`` × ``params``; whole steps, at least one."""
-    fits = tokens_per_second * train_seconds
-    target = tokens_per_param * params
-    steps = max(1, int(min(fits, target) // step_tokens))
+    architecture's), capped at ``tokens_per_param`` × ``params`` and at ``max_epochs`` × ``corpus_tokens``
+    (the training split's tokens; no epoch cap when None); whole steps, at least one.
+
+    Returns:
+        dict of steps, tokens, tokens_per_param, epochs (tokens / corpus_tokens, None without a corpus
+        size) and limited_by: "time", "tokens_per_param" or "epochs", whichever cap is the lowest.
+    """
+    caps = {"time": tokens_per_second * train_seconds, "tokens_per_param": tokens_per_param * params}
+    if corpus_tokens:
+        caps["epochs"] = max_epochs * corpus_tokens
+    limited_by = min(caps, key=caps.get)
+    steps = max(1, int(caps[limited_by] // step_tokens))
+    tokens = steps * step_tokens
     return dict(
         steps=steps,
-        tokens=steps * step_tokens,
-        tokens_per_param=steps * step_tokens / params,
-        limited_by="time" if fits < target else "tokens_per_param",
+        tokens=tokens,
+        tokens_per_param=tokens / params,
+        epochs=tokens / corpus_tokens if corpus_tokens else None,
+        limited_by=limited_by,
     )
 
 

@@ -27,9 +27,10 @@ ARCH_STYLE = {
 COMMANDS = """\
 python -m experiments.replicate --part=corpus --out_dir=$OUT
 python -m experiments.replicate --part=calibrate --size=s,m,l --out_dir=$OUT
-python -m experiments.replicate --part=train --arch=retnet --size=s --out_dir=$OUT
-python -m experiments.replicate --part=train --arch=transformer --size=s --out_dir=$OUT
-  (the same for --size=m and --size=l)
+python -m experiments.replicate --part=train --arch=retnet,transformer --size=s --out_dir=$OUT
+python -m experiments.replicate --part=train --arch=retnet --size=m --out_dir=$OUT
+python -m experiments.replicate --part=train --arch=transformer --size=m --out_dir=$OUT
+  (the same two for --size=l)
 python -m experiments.replicate --part=mqar --mqar_size=s,m --out_dir=$OUT
 python -m experiments.replicate --part=report"""
 
@@ -163,7 +164,7 @@ def calibration_section(calibrate: dict | None) -> str:
             "## Step time (calibration)",
             f"Device {calibrate['device']['device_kind']}; the token budgets of the runs were set from these "
             "(the slower architecture's tokens/s, the lower of its step's and its input pipeline's, × the "
-            "training seconds, capped at 20 tokens per parameter).",
+            f"training seconds, capped at 20 tokens per parameter and at {recipe.MAX_EPOCHS} epochs).",
             _table(header, rows),
         ]
     )
@@ -197,7 +198,7 @@ def runs_section(train: dict, corpus: dict | None) -> str:
             if run is None:
                 continue
             if not _ok(run):
-                rows.append([size, arch, run.get("status", "?")] + [""] * 10)
+                rows.append([size, arch, run.get("status", "?")] + [""] * 11)
                 continue
             delta = ""
             if arch == "retnet" and _ok(base):
@@ -210,7 +211,8 @@ def runs_section(train: dict, corpus: dict | None) -> str:
                     _count(run["params"]["total"]),
                     _count(run["tokens_done"]),
                     f"{run['tokens_done'] / run['params']['non_embedding']:.1f}",
-                    _fmt(corpus and run["tokens_done"] / corpus["tokens"]["train"], ".2f"),
+                    _fmt(_epochs(run, corpus), ".2f"),
+                    str(run["budget"].get("limited_by", "–")),
                     f"{run['final_eval_loss']:.4f}",
                     f"{math.exp(run['final_eval_loss']):.2f}",
                     delta,
@@ -227,6 +229,7 @@ def runs_section(train: dict, corpus: dict | None) -> str:
         "tokens",
         "tokens/param",
         "epochs",
+        "limited by",
         "val loss",
         "val ppl",
         "RetNet − Transformer",
@@ -247,7 +250,21 @@ def runs_section(train: dict, corpus: dict | None) -> str:
             f"compute, RetNet in the {c['mode']} form (C = {c['chunk_size']}); validation loss in nats per "
             "token on the held-out packages."
         )
-    return "\n\n".join(["## Language models", recipe_line, _table(header, rows)])
+    budget_line = (
+        "Token budget of a size (the same for both architectures): what the slower one trains in the "
+        f"training time a device call leaves, capped at 20 tokens per non-embedding parameter and at "
+        f"{recipe.MAX_EPOCHS} epochs of the training split; *limited by* names the cap that bound. A size "
+        "limited by time trains on fewer than 20 tokens per parameter: its losses are those of a short, "
+        "equal-compute run, not of a converged model."
+    )
+    return "\n\n".join(["## Language models", recipe_line, budget_line, _table(header, rows)])
+
+
+def _epochs(run: dict, corpus: dict | None) -> float | None:
+    """Passes over the training split: the run's own count, else from corpus.json."""
+    if run.get("epochs_done") is not None:
+        return run["epochs_done"]
+    return run["tokens_done"] / corpus["tokens"]["train"] if corpus else None
 
 
 def extrapolation_section(train: dict) -> str:
