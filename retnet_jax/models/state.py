@@ -39,7 +39,9 @@ from retnet_jax.ops.retention import RetentionState
 
 __all__ = ["STATE_DTYPES", "KVCache", "RecurrentState", "check_state_dtype"]
 
-STATE_DTYPES = ("float32", "bfloat16")  # what a RecurrentState may be stored in between steps
+# What a RecurrentState may be stored in between steps: float32 (the default), bfloat16 (half the bytes),
+# float64 (models run under jax's x64 mode, e.g. checks against a float64 reference).
+STATE_DTYPES = ("float32", "bfloat16", "float64")
 
 
 def check_state_dtype(name: str, dtype) -> jnp.dtype:
@@ -51,7 +53,7 @@ def check_state_dtype(name: str, dtype) -> jnp.dtype:
     if resolved is None or resolved.name not in STATE_DTYPES:
         raise ValueError(
             f"{name}: state_dtype must be one of {STATE_DTYPES} (float32 is exact; bfloat16 halves the "
-            f"state's bytes); got {dtype!r}."
+            f"state's bytes; float64 under x64); got {dtype!r}."
         )
     return resolved
 
