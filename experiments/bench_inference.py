@@ -62,6 +62,7 @@ from typing import Any
 from absl import app, flags
 
 from experiments import benchlib as bl
+from experiments import benchreport as br
 from experiments.inference import analysis, plan, report, runner, worker
 
 # The benchmark's own flags are defined in inference/plan.py; --help lists them as this script's.
@@ -80,7 +81,7 @@ def main(argv):
         if results["device"] is None:
             return
         if "report" not in state:
-            state["report"] = bl.Report("bench_inference", results["device"]["short"])
+            state["report"] = br.Report("bench_inference", results["device"]["short"])
         setup = next(iter(results["setups"].values()), {})
         state["dtype"] = setup.get("dtype", "?")
         for row in results["rows"]:
@@ -94,7 +95,7 @@ def main(argv):
         print("No worker reported a device; see the errors above.", results["rows"][:1])
         sys.exit(1)
     text = report.write(state["report"], results, state["dtype"])
-    if bl.PLOTS.value:
+    if br.PLOTS.value:
         bl.guarded(lambda: report.plot(results["rows"], state["report"].png))
     print(text)
     print("Wrote", *state["report"].paths(), *([state["report"].stem + "_hlo.zip"] if plan.HLO.value else []))

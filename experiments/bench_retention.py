@@ -66,6 +66,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import benchlib as bl
+from experiments import benchreport as br
 from experiments.retention import sweep
 from experiments.retention.checks import check_inputs, check_plans, run_check
 from experiments.retention.fla_peer import fla_worker, measure_fla
@@ -92,7 +93,7 @@ def main(argv):
 
     device = bl.device_info()
     ceilings = bl.measure_ceilings()
-    report = bl.Report("bench_retention", device["short"])
+    report = br.Report("bench_retention", device["short"])
     fla_outputs = None
     if fla_ok and fla["check"]["status"] == "ok":
         fla_outputs = {name: dict(np.load(path)) for name, path in fla["check"]["outputs"].items()}
@@ -121,7 +122,7 @@ def main(argv):
         derive(rows, device, ceilings)
         write(report, rows, device, ceilings, check, fla, plans)
     text = write(report, rows, device, ceilings, check, fla, plans)
-    if bl.PLOTS.value:
+    if br.PLOTS.value:
         bl.guarded(lambda: plot(rows, report.png))
     print(text)
     print("Wrote", *report.paths())

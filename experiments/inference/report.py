@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import zipfile
 
-from experiments import benchlib as bl
+from experiments import benchreport as br
 from experiments import hlostats
 from experiments.inference import plan
 from experiments.inference.analysis import summary_lines
@@ -17,7 +17,7 @@ def _state_label(r) -> str:
 
 
 def _ms(r, key):
-    return bl.fmt(r.get(key), 1e3, ".3f")
+    return br.fmt(r.get(key), 1e3, ".3f")
 
 
 DECODE_COLUMNS = [
@@ -25,45 +25,45 @@ DECODE_COLUMNS = [
     ("state", lambda r: _state_label(r)),
     ("context", lambda r: str(r["T"])),
     ("B", lambda r: str(r["B"])),
-    ("ms/step", bl.when_ok(lambda r: _ms(r, "seconds"))),
-    ("iqr%", bl.when_ok(lambda r: bl.fmt(r["timing"]["iqr_pct"], 1, ".1f"))),
-    ("tokens/s", bl.when_ok(lambda r: bl.fmt(r["tokens_per_s"], 1, ",.0f"))),
-    ("floor ms", bl.when_ok(lambda r: _ms(r, "floor_s"))),
-    ("× floor", bl.when_ok(lambda r: bl.fmt(r.get("vs_floor"), 1, ".2f"))),
-    ("× floor params", bl.when_ok(lambda r: bl.fmt(r.get("vs_floor_params"), 1, ".2f"))),
-    ("RetNet/Transformer", bl.when_ok(lambda r: bl.fmt(r.get("vs_transformer"), 1, ".2f"))),
-    ("state GB", lambda r: bl.fmt(r.get("state_bytes"), 1e-9, ".3g")),
-    ("decode mem GB", bl.when_ok(lambda r: bl.fmt((r.get("memory") or {}).get("bytes"), 1e-9, ".3g"))),
-    ("compile s", bl.when_ok(lambda r: bl.fmt(r.get("compile_s"), 1, ".1f"))),
+    ("ms/step", br.when_ok(lambda r: _ms(r, "seconds"))),
+    ("iqr%", br.when_ok(lambda r: br.fmt(r["timing"]["iqr_pct"], 1, ".1f"))),
+    ("tokens/s", br.when_ok(lambda r: br.fmt(r["tokens_per_s"], 1, ",.0f"))),
+    ("floor ms", br.when_ok(lambda r: _ms(r, "floor_s"))),
+    ("× floor", br.when_ok(lambda r: br.fmt(r.get("vs_floor"), 1, ".2f"))),
+    ("× floor params", br.when_ok(lambda r: br.fmt(r.get("vs_floor_params"), 1, ".2f"))),
+    ("RetNet/Transformer", br.when_ok(lambda r: br.fmt(r.get("vs_transformer"), 1, ".2f"))),
+    ("state GB", lambda r: br.fmt(r.get("state_bytes"), 1e-9, ".3g")),
+    ("decode mem GB", br.when_ok(lambda r: br.fmt((r.get("memory") or {}).get("bytes"), 1e-9, ".3g"))),
+    ("compile s", br.when_ok(lambda r: br.fmt(r.get("compile_s"), 1, ".1f"))),
 ]
 STATE_COLUMNS = DECODE_COLUMNS[:6] + [
-    ("tokens/s", bl.when_ok(lambda r: bl.fmt(r["tokens_per_s"], 1, ",.0f"))),
-    ("× floor", bl.when_ok(lambda r: bl.fmt(r.get("vs_floor"), 1, ".2f"))),
-    ("time vs f32 state", bl.when_ok(lambda r: bl.fmt(r.get("vs_float32_state"), 1, ".2f"))),
-    ("state GB", lambda r: bl.fmt(r.get("state_bytes"), 1e-9, ".3g")),
+    ("tokens/s", br.when_ok(lambda r: br.fmt(r["tokens_per_s"], 1, ",.0f"))),
+    ("× floor", br.when_ok(lambda r: br.fmt(r.get("vs_floor"), 1, ".2f"))),
+    ("time vs f32 state", br.when_ok(lambda r: br.fmt(r.get("vs_float32_state"), 1, ".2f"))),
+    ("state GB", lambda r: br.fmt(r.get("state_bytes"), 1e-9, ".3g")),
 ]
 FLAG_COLUMNS = [
     ("arch", lambda r: r["arch"]),
     ("XLA flags", lambda r: r["flags"]),
     ("B", lambda r: str(r["B"])),
-    ("ms/step", bl.when_ok(lambda r: _ms(r, "seconds"))),
-    ("iqr%", bl.when_ok(lambda r: bl.fmt(r["timing"]["iqr_pct"], 1, ".1f"))),
-    ("× floor", bl.when_ok(lambda r: bl.fmt(r.get("vs_floor"), 1, ".2f"))),
-    ("time vs default", bl.when_ok(lambda r: bl.fmt(r.get("vs_default"), 1, ".3f"))),
-    ("compile s", bl.when_ok(lambda r: bl.fmt(r.get("compile_s"), 1, ".1f"))),
+    ("ms/step", br.when_ok(lambda r: _ms(r, "seconds"))),
+    ("iqr%", br.when_ok(lambda r: br.fmt(r["timing"]["iqr_pct"], 1, ".1f"))),
+    ("× floor", br.when_ok(lambda r: br.fmt(r.get("vs_floor"), 1, ".2f"))),
+    ("time vs default", br.when_ok(lambda r: br.fmt(r.get("vs_default"), 1, ".3f"))),
+    ("compile s", br.when_ok(lambda r: br.fmt(r.get("compile_s"), 1, ".1f"))),
 ]
 PREFILL_COLUMNS = [
     ("arch", lambda r: r["arch"]),
     ("T", lambda r: str(r["T"])),
     ("B", lambda r: str(r["B"])),
     ("program", lambda r: r["variant"]),
-    ("ms", bl.when_ok(lambda r: bl.fmt(r["seconds"], 1e3, ".2f"))),
-    ("iqr%", bl.when_ok(lambda r: bl.fmt(r["timing"]["iqr_pct"], 1, ".1f"))),
-    ("tokens/s", bl.when_ok(lambda r: bl.fmt(r["tokens_per_s"], 1, ",.0f"))),
-    ("× training forward", bl.when_ok(lambda r: bl.fmt(r.get("vs_forward"), 1, ".2f"))),
-    ("copies (all)", bl.when_ok(lambda r: _copies(r))),
-    ("mem GB", bl.when_ok(lambda r: bl.fmt((r["memory"] or {}).get("bytes"), 1e-9, ".3g"))),
-    ("compile s", bl.when_ok(lambda r: bl.fmt(r["compile_s"], 1, ".1f"))),
+    ("ms", br.when_ok(lambda r: br.fmt(r["seconds"], 1e3, ".2f"))),
+    ("iqr%", br.when_ok(lambda r: br.fmt(r["timing"]["iqr_pct"], 1, ".1f"))),
+    ("tokens/s", br.when_ok(lambda r: br.fmt(r["tokens_per_s"], 1, ",.0f"))),
+    ("× training forward", br.when_ok(lambda r: br.fmt(r.get("vs_forward"), 1, ".2f"))),
+    ("copies (all)", br.when_ok(lambda r: _copies(r))),
+    ("mem GB", br.when_ok(lambda r: br.fmt((r["memory"] or {}).get("bytes"), 1e-9, ".3g"))),
+    ("compile s", br.when_ok(lambda r: br.fmt(r["compile_s"], 1, ".1f"))),
 ]
 
 
@@ -79,7 +79,7 @@ def write(report, results, dtype):
         columns, select, key=lambda r: (r["arch"], r.get("state_dtype") or "", r["T"], r.get("B") or 0)
     ):
         sel = [r for r in rows if select(r)]
-        return bl.markdown_table(sorted(sel, key=key), columns) if sel else "(not run)"
+        return br.markdown_table(sorted(sel, key=key), columns) if sel else "(not run)"
 
     default = lambda r: r.get("flags") == "default"  # noqa: E731
     setup = (
@@ -109,13 +109,13 @@ def write(report, results, dtype):
         check_text = "\n".join(lines)
     hlo_rows = [hlostats.markdown_rows(h["name"], h["stats"]) for h in results["hlo"]]
     hlo_table = (
-        bl.markdown_table(hlo_rows, [(c, lambda r, i=i: r[i]) for i, c in enumerate(hlostats.COLUMNS)])
+        br.markdown_table(hlo_rows, [(c, lambda r, i=i: r[i]) for i, c in enumerate(hlostats.COLUMNS)])
         if hlo_rows
         else "(none)"
     )
     fit_rows = [r for r in rows if r["kind"] == "fit"]
     sections = [
-        bl.ceilings_markdown(results["device"] or {}, ceilings),
+        br.ceilings_markdown(results["device"] or {}, ceilings),
         setup,
         "## Against the targets\n\n" + ("\n".join(summary_lines(rows)) or "(nothing measured)"),
         f"## Decoding vs context, batch {plan.LENGTH_BATCH.value}\n\n"
@@ -211,7 +211,7 @@ def _fit_line(r) -> str:
 
 
 def plot(rows, path):
-    fig, axes = bl.figure(1, 3)
+    fig, axes = br.figure(1, 3)
     panels = [
         (
             "length",
@@ -246,8 +246,8 @@ def plot(rows, path):
             title=f"{title}, {plan.MODEL.value}, {fixed}",
         )
         if xs:
-            bl.log2_xaxis(ax, xs)
+            br.log2_xaxis(ax, xs)
             if x == "B":
                 ax.set_yscale("log")
         ax.legend(fontsize=7)
-    bl.save_figure(fig, path)
+    br.save_figure(fig, path)

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import benchlib as bl
+from experiments import benchprograms as bp
+from experiments import benchreport as br
 from experiments import hlostats
 from experiments.inference import plan
 from retnet_jax.models.lm import prefill as lm_prefill
@@ -41,7 +43,7 @@ def run_group(payload: dict[str, Any]) -> dict[str, Any]:
 
     def emit(line_type: str, /, **fields):
         with open(payload["rows_path"], "a") as f:
-            f.write(json.dumps(dict(type=line_type, **fields), default=bl._json_default) + "\n")
+            f.write(json.dumps(dict(type=line_type, **fields), default=br.json_default) + "\n")
 
     device = bl.device_info()
     emit("device", **device)
@@ -52,8 +54,8 @@ def run_group(payload: dict[str, Any]) -> dict[str, Any]:
         if plan.DTYPE.value != "auto"
         else ("float32" if device["platform"] == "cpu" else "bfloat16")
     )
-    model, decoder, variables = bl.decode_model(group["arch"], plan.MODEL.value, dtype)
-    ctx = Context(group["arch"], group["flags"], model, decoder, variables, bl.nbytes(variables), emit)
+    model, decoder, variables = bp.decode_model(group["arch"], plan.MODEL.value, dtype)
+    ctx = Context(group["arch"], group["flags"], model, decoder, variables, bp.nbytes(variables), emit)
     emit("setup", dtype=dtype, params_bytes=ctx.params_bytes, group=group["name"])
     runners = dict(decode=run_decode, prefill=run_prefill, state_check=run_state_check, fit=run_fit)
     for task in group["tasks"]:
@@ -86,10 +88,10 @@ def record_hlo(ctx: Context, name: str, key, compiled, scope: str) -> dict[str, 
 
 def run_decode(ctx: Context, task) -> dict[str, Any]:
     batch, context, state_dtype = task["B"], task["T"], task["state_dtype"]
-    spec = bl.decode_state_spec(
+    spec = bp.decode_state_spec(
         ctx.model, batch, context, extra_slots=plan.STEPS.value, state_dtype=state_dtype
     )
-    state_bytes = bl.nbytes(bl.state_arrays(spec))
+    state_bytes = bp.nbytes(bp.state_arrays(spec))
     free = bl.free_bytes()
     if free is not None and state_bytes > free:  # known before compiling or allocating anything
         return dict(status="does not fit", state_bytes=state_bytes, free_bytes=free)
@@ -99,7 +101,7 @@ def run_decode(ctx: Context, task) -> dict[str, Any]:
     reused = key in ctx.programs
     if not reused:
         ctx.programs[key] = bl.compile_timed(
-            bl.decode_program(ctx.decoder, plan.STEPS.value), ctx.variables, token, spec, donate_argnums=(2,)
+            bp.decode_program(ctx.decoder, plan.STEPS.value), ctx.variables, token, spec, donate_argnums=(2,)
         )
     compiled, compile_s, memory = ctx.programs[key]
     result = dict(state_bytes=state_bytes, memory=memory, compile_s=None if reused else compile_s)
@@ -113,14 +115,14 @@ def run_decode(ctx: Context, task) -> dict[str, Any]:
     needed = None if memory is None else memory["bytes"] - ctx.params_bytes
     if free is not None and needed is not None and needed > free:
         return dict(result, status="does not fit", free_bytes=free, needed_bytes=needed)
-    state = bl.decode_state(ctx.model, batch, context, extra_slots=plan.STEPS.value, state_dtype=state_dtype)
+    state = bp.decode_state(ctx.model, batch, context, extra_slots=plan.STEPS.value, state_dtype=state_dtype)
     carry = dict(
         token=jnp.asarray(bl.random_tokens(batch, (batch,), ctx.model.config.vocab_size)), state=state
     )
     del state  # donated: only carry holds the live state
 
     def call():
-        state = bl.at_position(carry["state"], context)
+        state = bp.at_position(carry["state"], context)
         carry["token"], carry["state"] = compiled(ctx.variables, carry["token"], state)
         return carry["token"]
 

@@ -3,7 +3,7 @@ tables (correctness, kernel plans, timings) and plot."""
 
 from __future__ import annotations
 
-from experiments import benchlib as bl
+from experiments import benchreport as br
 from experiments.retention import sweep
 
 TARGET_RATIO = 0.7  # fwd+bwd time against fla's, at every shape and T
@@ -13,13 +13,13 @@ def plans_markdown(plans) -> str:
     columns = [
         ("shape", lambda r: r["shape"]),
         ("dtype", lambda r: r["dtype"]),
-        ("plan (family, tiles)", bl.when_ok(lambda r: r["plan"])),
-        ("est. shared KiB", bl.when_ok(lambda r: f"{r['smem_kib']:.0f}")),
+        ("plan (family, tiles)", br.when_ok(lambda r: r["plan"])),
+        ("est. shared KiB", br.when_ok(lambda r: f"{r['smem_kib']:.0f}")),
     ] + [
-        (f"rel err {n}", bl.when_ok(lambda r, n=n: bl.fmt(r["errors"][n], 1, ".1e")))
+        (f"rel err {n}", br.when_ok(lambda r, n=n: br.fmt(r["errors"][n], 1, ".1e")))
         for n in ("o", "state", "dq", "dk", "dv", "dstate")
     ]
-    return bl.markdown_table(plans, columns) if plans else "Not run (fused not requested)."
+    return br.markdown_table(plans, columns) if plans else "Not run (fused not requested)."
 
 
 def impl_label(r) -> str:
@@ -40,15 +40,15 @@ COLUMNS = [
     ("H/K/V", lambda r: f"{r['H']}/{r['K']}/{r['V']}"),
     ("impl", lambda r: impl_label(r)),
     ("pass", lambda r: r["passes"]),
-    ("ms", bl.when_ok(lambda r: bl.fmt(r.get("timing", {}).get("median_s"), 1e3, ".3f"))),
-    ("iqr%", bl.when_ok(lambda r: bl.fmt(r.get("timing", {}).get("iqr_pct"), 1, ".1f"))),
-    ("× fla", bl.when_ok(lambda r: bl.fmt(r.get("vs_fla"), 1, ".2f"))),
-    ("TFLOP/s", bl.when_ok(lambda r: bl.fmt(r.get("flops_per_s"), 1e-12, ".3g"))),
-    ("% matmul", bl.when_ok(lambda r: bl.fmt(r.get("pct_measured"), 1, ".1f"))),
-    ("% datasheet", bl.when_ok(lambda r: bl.fmt(r.get("pct_datasheet"), 1, ".1f"))),
-    ("XLA-counted TFLOP/s", bl.when_ok(lambda r: bl.fmt(r.get("xla_flops_per_s"), 1e-12, ".3g"))),
-    ("mem GB", bl.when_ok(lambda r: bl.fmt((r.get("memory") or {}).get("bytes"), 1e-9, ".2f"))),
-    ("compile s", bl.when_ok(lambda r: bl.fmt(r.get("compile_s"), 1, ".1f"))),
+    ("ms", br.when_ok(lambda r: br.fmt(r.get("timing", {}).get("median_s"), 1e3, ".3f"))),
+    ("iqr%", br.when_ok(lambda r: br.fmt(r.get("timing", {}).get("iqr_pct"), 1, ".1f"))),
+    ("× fla", br.when_ok(lambda r: br.fmt(r.get("vs_fla"), 1, ".2f"))),
+    ("TFLOP/s", br.when_ok(lambda r: br.fmt(r.get("flops_per_s"), 1e-12, ".3g"))),
+    ("% matmul", br.when_ok(lambda r: br.fmt(r.get("pct_measured"), 1, ".1f"))),
+    ("% datasheet", br.when_ok(lambda r: br.fmt(r.get("pct_datasheet"), 1, ".1f"))),
+    ("XLA-counted TFLOP/s", br.when_ok(lambda r: br.fmt(r.get("xla_flops_per_s"), 1e-12, ".3g"))),
+    ("mem GB", br.when_ok(lambda r: br.fmt((r.get("memory") or {}).get("bytes"), 1e-9, ".2f"))),
+    ("compile s", br.when_ok(lambda r: br.fmt(r.get("compile_s"), 1, ".1f"))),
 ]
 
 
@@ -107,7 +107,7 @@ def targets(rows) -> str:
 
 def plot(rows, path):
     shapes = [s for s in sweep.shape_names() if any(r["shape"] == s for r in rows)]
-    fig, axes = bl.figure(max(1, len(shapes)), len(sweep.PASSES.value))
+    fig, axes = br.figure(max(1, len(shapes)), len(sweep.PASSES.value))
     for i, shape in enumerate(shapes):
         for j, pass_ in enumerate(sweep.PASSES.value):
             ax = axes[i][j]
@@ -121,17 +121,17 @@ def plot(rows, path):
             size = f"B = {sweep.BATCH.value}" if sweep.BATCH.value else f"B·T = {sweep.TOKENS.value}"
             title = f"{shape}: H{dims['H']} K{dims['K']} V{dims['V']}, {pass_}, {size}"
             ax.set(yscale="log", xlabel="T", ylabel="ms per call", title=title)
-            bl.log2_xaxis(ax, [r["T"] for r in sel] or [1])
+            br.log2_xaxis(ax, [r["T"] for r in sel] or [1])
             ax.legend(fontsize=7)
-    bl.save_figure(fig, path)
+    br.save_figure(fig, path)
 
 
 def write(report, rows, device, ceilings, check, fla, plans):
-    check_rows = bl.markdown_table(
+    check_rows = br.markdown_table(
         check,
         [("shape", lambda r: r["shape"]), ("impl", lambda r: r["impl"])]
         + [
-            (f"rel err {n}", lambda r, n=n: bl.fmt(r["errors"][n], 1, ".2e")) for n in ("o", "dq", "dk", "dv")
+            (f"rel err {n}", lambda r, n=n: br.fmt(r["errors"][n], 1, ".2e")) for n in ("o", "dq", "dk", "dv")
         ],
     )
     peers = "fla: " + (
@@ -140,7 +140,7 @@ def write(report, rows, device, ceilings, check, fla, plans):
         else f"not measured ({fla.get('reason') or fla.get('error')})"
     )
     sections = [
-        bl.ceilings_markdown(device, ceilings),
+        br.ceilings_markdown(device, ceilings),
         peers
         + f". Our forms: {', '.join(sweep.NORMS.value)}; state {sweep.STATE.value}; bf16 inputs, float32 "
         "accumulation.",
@@ -148,7 +148,7 @@ def write(report, rows, device, ceilings, check, fla, plans):
         "reference)\n\n" + check_rows,
         "## Kernel plans (chunkwise pallas vs xla, B1 T300 C64, state in and out, normalized)\n\n"
         + plans_markdown(plans),
-        "## Timings\n\n" + bl.markdown_table(rows, COLUMNS),
+        "## Timings\n\n" + br.markdown_table(rows, COLUMNS),
         f"## Targets (fwd+bwd ≤ {TARGET_RATIO}× fla)\n\n" + targets(rows),
     ]
     raw = dict(
