@@ -17,6 +17,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import benchlib as bl
+from experiments import benchreport as br
 from retnet_jax import retention
 
 _LENGTHS = flags.DEFINE_string("lengths", "16384,65536", "Sequence lengths T.")
@@ -59,9 +60,9 @@ def measure(length: int) -> list[dict]:
 def main(argv):
     del argv
     device = bl.device_info()
-    report = bl.Report("accuracy_long", device["short"])
+    report = br.Report("accuracy_long", device["short"])
     rows = [row for length in bl.int_list(_LENGTHS.value) for row in measure(length)]
-    table = bl.markdown_table(
+    table = br.markdown_table(
         rows,
         [
             ("T", lambda r: f"{r['T']:,}"),
@@ -73,7 +74,7 @@ def main(argv):
         ],
     )
     setup = (
-        f"{bl.ceilings_markdown(device, None)} B = 1, H = {_HEADS.value} (all paper decays), "
+        f"{br.ceilings_markdown(device, None)} B = 1, H = {_HEADS.value} (all paper decays), "
         f"K = V = {_DIM.value}; reference: float32 chunkwise (C = 256) on the same inputs."
     )
     text = report.write(

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from experiments import benchlib as bl
+from experiments import benchreport as br
 from retnet_jax import retention
 from retnet_jax.ops import attention
 
@@ -103,7 +104,7 @@ def check_against_xla(forward, reference, shapes, segment_ids) -> dict:
 def main(argv):
     del argv
     device = bl.device_info()
-    report = bl.Report("bench_resets", device["short"])
+    report = br.Report("bench_resets", device["short"])
     rows: list[dict] = []
     raw = {"device": device, "rows": rows}
     on_gpu = device["platform"] == "gpu"
@@ -143,9 +144,9 @@ def main(argv):
             )
 
         def ms(label):
-            return bl.when_ok(lambda r: f"{r[label]['timing']['median_s'] * 1e3:.3f}")
+            return br.when_ok(lambda r: f"{r[label]['timing']['median_s'] * 1e3:.3f}")
 
-        table = bl.markdown_table(
+        table = br.markdown_table(
             rows,
             [
                 ("mixer", lambda r: r["name"]),
@@ -153,7 +154,7 @@ def main(argv):
                 ("documents", lambda r: str(r["documents"])),
                 ("fwd+bwd ms", ms("plain")),
                 ("with resets ms", ms("resets")),
-                ("slower", bl.when_ok(lambda r: f"{100 * r['slower']:+.1f}%")),
+                ("slower", br.when_ok(lambda r: f"{100 * r['slower']:+.1f}%")),
             ],
         )
         checks = [
@@ -167,7 +168,7 @@ def main(argv):
         ]
         print(
             report.write(
-                "Document resets: mixer cost", [bl.ceilings_markdown(device, None), table, *checks], raw
+                "Document resets: mixer cost", [br.ceilings_markdown(device, None), table, *checks], raw
             )
         )
 

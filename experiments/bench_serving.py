@@ -19,7 +19,7 @@ with ``--rows`` rows):
   longest output has ended, then the next ``R``.
 
 The RetNet's state is a fixed size per row; the Transformer's KV cache is sized for the longest request
-(BOS + prompt + output). Parameters are random (``benchlib.decode_model``) in ``--dtype``.
+(BOS + prompt + output). Parameters are random (``benchprograms.decode_model``) in ``--dtype``.
 
 Timing: each policy serves the whole workload ``--repeats`` times. Programs are compiled on first use,
 while the device is idle, and timed apart (``compile s``); the time to finish is the wall time from the
@@ -43,6 +43,8 @@ import numpy as np
 from absl import app, flags
 
 from experiments import benchlib as bl
+from experiments import benchprograms as bp
+from experiments import benchreport as br
 from retnet_jax.inference import batching
 
 _ARCHS = flags.DEFINE_list("archs", ["retnet", "transformer"], "retnet, transformer.")
@@ -120,7 +122,7 @@ def serve_once(model, variables, requests, rows: int, policy: str, max_length: i
 def state_bytes(model, rows: int, max_length: int | None) -> int:
     """Bytes of the decoding state of ``rows`` rows (the RetNet's states or the Transformer's cache)."""
     state = jax.eval_shape(lambda: model.config.init_state(rows, max_length=max_length))
-    return sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in bl.state_arrays(state))
+    return sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in bp.state_arrays(state))
 
 
 def run(arch, model, variables, requests, rows: int, policy: str):
@@ -158,17 +160,17 @@ COLUMNS = [
     ("arch", lambda r: r["arch"]),
     ("policy", lambda r: r["policy"]),
     ("R", lambda r: str(r["R"])),
-    ("time to finish s", bl.when_ok(lambda r: bl.fmt(r["seconds"], 1, ".2f"))),
-    ("tokens/s", bl.when_ok(lambda r: bl.fmt(r["tokens_per_s"], 1, ",.0f"))),
-    ("× static", bl.when_ok(lambda r: bl.fmt(r.get("vs_static"), 1, ".2f"))),
-    ("prompt tokens/s", bl.when_ok(lambda r: bl.fmt(r["prompt_tokens_per_s"], 1, ",.0f"))),
-    ("latency mean s", bl.when_ok(lambda r: bl.fmt(r["latency_mean_s"], 1, ".2f"))),
-    ("latency p90 s", bl.when_ok(lambda r: bl.fmt(r["latency_p90_s"], 1, ".2f"))),
-    ("busy %", bl.when_ok(lambda r: bl.fmt(r["busy"], 100, ".0f"))),
-    ("prefill pad %", bl.when_ok(lambda r: bl.fmt(1 - r["prompt_tokens"] / r["prefill_tokens"], 100, ".0f"))),
-    ("steps", bl.when_ok(lambda r: str(r["steps"]))),
-    ("state GB", bl.when_ok(lambda r: bl.fmt(r["state_bytes"], 1e-9, ".3g"))),
-    ("compile s", bl.when_ok(lambda r: bl.fmt(r["compile_s"], 1, ".1f"))),
+    ("time to finish s", br.when_ok(lambda r: br.fmt(r["seconds"], 1, ".2f"))),
+    ("tokens/s", br.when_ok(lambda r: br.fmt(r["tokens_per_s"], 1, ",.0f"))),
+    ("× static", br.when_ok(lambda r: br.fmt(r.get("vs_static"), 1, ".2f"))),
+    ("prompt tokens/s", br.when_ok(lambda r: br.fmt(r["prompt_tokens_per_s"], 1, ",.0f"))),
+    ("latency mean s", br.when_ok(lambda r: br.fmt(r["latency_mean_s"], 1, ".2f"))),
+    ("latency p90 s", br.when_ok(lambda r: br.fmt(r["latency_p90_s"], 1, ".2f"))),
+    ("busy %", br.when_ok(lambda r: br.fmt(r["busy"], 100, ".0f"))),
+    ("prefill pad %", br.when_ok(lambda r: br.fmt(1 - r["prompt_tokens"] / r["prefill_tokens"], 100, ".0f"))),
+    ("steps", br.when_ok(lambda r: str(r["steps"]))),
+    ("state GB", br.when_ok(lambda r: br.fmt(r["state_bytes"], 1e-9, ".3g"))),
+    ("compile s", br.when_ok(lambda r: br.fmt(r["compile_s"], 1, ".1f"))),
 ]
 
 
@@ -192,19 +194,19 @@ def describe(requests) -> str:
 
 
 def plot(rows, path):
-    fig, axes = bl.figure(1, 1)
+    fig, axes = br.figure(1, 1)
     ax = axes[0][0]
     ok = [r for r in rows if r.get("status") == "ok"]
     labels = [f"{r['arch']}\n{r['policy']} R={r['R']}" for r in ok]
     ax.bar(range(len(ok)), [r["tokens_per_s"] for r in ok])
     ax.set_xticks(range(len(ok)), labels, fontsize=7)
     ax.set(ylabel="tokens/s", title=f"Serving {_REQUESTS.value} requests, {_MODEL.value}")
-    bl.save_figure(fig, path)
+    br.save_figure(fig, path)
 
 
 def run_arch(arch, dtype, budget, rows, write) -> str:
     """Runs one architecture's configurations (the model lives in here); returns the setup line."""
-    model, _, variables = bl.decode_model(arch, _MODEL.value, dtype)
+    model, _, variables = bp.decode_model(arch, _MODEL.value, dtype)
     requests = workload(model.config.vocab_size)
     setup = (
         f"Model {_MODEL.value} in {dtype} (parameters too). {describe(requests)} Blocks of {_BLOCK.value} "
@@ -232,7 +234,7 @@ def main(argv):
     dtype = (
         _DTYPE.value if _DTYPE.value != "auto" else ("float32" if device["platform"] == "cpu" else "bfloat16")
     )
-    report = bl.Report("bench_serving", device["short"])
+    report = br.Report("bench_serving", device["short"])
     rows, setups = [], []
     for path in _MERGE.value:
         with open(path) as f:
@@ -244,10 +246,10 @@ def main(argv):
         derive(rows)
         setup = " ".join(s for s in [*setups, setup] if s)
         sections = [
-            bl.ceilings_markdown(device, None),
+            br.ceilings_markdown(device, None),
             setup,
             "## Continuous batching vs static batches\n\n"
-            + bl.markdown_table(sorted(rows, key=lambda r: (r["arch"], r["R"], r["policy"])), COLUMNS),
+            + br.markdown_table(sorted(rows, key=lambda r: (r["arch"], r["R"], r["policy"])), COLUMNS),
         ]
         raw = dict(device=device, model=_MODEL.value, dtype=dtype, setup=setup, rows=rows)
         return report.write("Serving benchmark", sections, raw)
@@ -257,7 +259,7 @@ def main(argv):
         setup = run_arch(arch, dtype, budget, rows, write)
         gc.collect()
     text = write(setup)
-    if bl.PLOTS.value:
+    if br.PLOTS.value:
         bl.guarded(lambda: plot(rows, report.png))
     print(text)
     print("Wrote", *report.paths())

@@ -55,6 +55,8 @@ import numpy as np
 from absl import app, flags
 
 from experiments import benchlib as bl
+from experiments import benchprograms as bp
+from experiments import benchreport as br
 from retnet_jax.models.config import RetNetConfig
 from retnet_jax.nn import remat as remat_lib
 from retnet_jax.training import flops as flops_lib
@@ -127,7 +129,7 @@ def peaks_worker(payload):
 
 
 def jax_worker(cfg):
-    step, trainer, init_s, compile_s, compiled = bl.jax_train_step(cfg)
+    step, trainer, init_s, compile_s, compiled = bp.jax_train_step(cfg)
     timing = bl.time_calls(step, repeats=cfg["steps"], warmup=2, calls_per_sample=1)
     return dict(
         num_params=trainer.num_params,
@@ -271,21 +273,21 @@ def _temp_bytes(row):
 COLUMNS = [
     ("arch", lambda r: r["arch"]),
     ("model", lambda r: r["model"] + (f" H{r['heads']}" if r.get("heads") else "")),
-    ("params", lambda r: bl.fmt_count(r.get("num_params"))),
+    ("params", lambda r: br.fmt_count(r.get("num_params"))),
     ("T", lambda r: str(r["T"])),
     ("B", lambda r: str(r["B"])),
     ("C", lambda r: str(r["chunk"]) if r["arch"] != "transformer" and r["chunk"] else "–"),
     ("docs", lambda r: f"mean {r['documents']}" if r.get("documents") else "–"),
     ("remat", lambda r: r["remat"]),
-    ("step ms", bl.when_ok(lambda r: bl.fmt(r["timing"]["median_s"], 1e3, ".1f"))),
-    ("iqr%", bl.when_ok(lambda r: bl.fmt(r["timing"]["iqr_pct"], 1, ".1f"))),
-    ("tokens/s", bl.when_ok(lambda r: bl.fmt(r["tokens_per_s"], 1, ",.0f"))),
-    ("MFU % datasheet", bl.when_ok(lambda r: bl.fmt(r.get("mfu_datasheet"), 1, ".1f"))),
-    ("MFU % measured", bl.when_ok(lambda r: bl.fmt(r.get("mfu_measured"), 1, ".1f"))),
-    ("peak mem GB", bl.when_ok(lambda r: bl.fmt(_peak_bytes(r), 1e-9, ".1f"))),
-    ("XLA temp GB", bl.when_ok(lambda r: bl.fmt(_temp_bytes(r), 1e-9, ".1f"))),
-    ("compile / first step s", bl.when_ok(lambda r: bl.fmt(r["compile_s"], 1, ".1f"))),
-    ("loss", bl.when_ok(lambda r: bl.fmt(r["loss"], 1, ".3f"))),
+    ("step ms", br.when_ok(lambda r: br.fmt(r["timing"]["median_s"], 1e3, ".1f"))),
+    ("iqr%", br.when_ok(lambda r: br.fmt(r["timing"]["iqr_pct"], 1, ".1f"))),
+    ("tokens/s", br.when_ok(lambda r: br.fmt(r["tokens_per_s"], 1, ",.0f"))),
+    ("MFU % datasheet", br.when_ok(lambda r: br.fmt(r.get("mfu_datasheet"), 1, ".1f"))),
+    ("MFU % measured", br.when_ok(lambda r: br.fmt(r.get("mfu_measured"), 1, ".1f"))),
+    ("peak mem GB", br.when_ok(lambda r: br.fmt(_peak_bytes(r), 1e-9, ".1f"))),
+    ("XLA temp GB", br.when_ok(lambda r: br.fmt(_temp_bytes(r), 1e-9, ".1f"))),
+    ("compile / first step s", br.when_ok(lambda r: br.fmt(r["compile_s"], 1, ".1f"))),
+    ("loss", br.when_ok(lambda r: br.fmt(r["loss"], 1, ".3f"))),
     ("resets", lambda r: f"{100 * r['resets_slower']:+.1f}%" if "resets_slower" in r else "–"),
 ]
 
@@ -304,7 +306,7 @@ def plot(rows, path):
     several = len({r["remat"] for r in rows}) > 1
     groups = list(dict.fromkeys((r["model"], r["T"]) for r in rows))
     archs = list(dict.fromkeys(_series(r, several) for r in rows))
-    fig, axes = bl.figure(1, 2, size=(max(5.0, 1.2 * len(groups) + 2), 3.8))
+    fig, axes = br.figure(1, 2, size=(max(5.0, 1.2 * len(groups) + 2), 3.8))
     width = 0.8 / max(1, len(archs))
     # In one process the peak is the process's so far: the program's own temporary memory compares instead.
     memory = (_temp_bytes, "XLA temp memory GB") if _IN_PROCESS.value else (_peak_bytes, "peak memory GB")
@@ -325,7 +327,7 @@ def plot(rows, path):
         ax.set_xticklabels([f"{m}\nT={t}" for m, t in groups], fontsize=7)
         ax.set(ylabel=label, title=f"train step, {label}")
         ax.legend(fontsize=7)
-    bl.save_figure(fig, path)
+    br.save_figure(fig, path)
 
 
 def main(argv):
@@ -347,7 +349,7 @@ def main(argv):
         if peaks.get("status") != "ok":
             raise SystemExit(f"Measuring the device ceilings failed: {peaks}")
     device, ceilings = peaks["device"], peaks["ceilings"]
-    report = bl.Report("bench_training", device["short"])
+    report = br.Report("bench_training", device["short"])
     rows, longest = [], 0.0
     for cfg in configs():
         if budget.exhausted(next_seconds=longest):  # the longest configuration so far as the estimate
@@ -366,7 +368,7 @@ def main(argv):
         rows.append(row)
         compare_resets(rows)
         text = write(report, rows, device, ceilings)
-    if bl.PLOTS.value:
+    if br.PLOTS.value:
         bl.guarded(lambda: plot(rows, report.png))
     print(text)
     print("Wrote", *report.paths())
@@ -380,7 +382,7 @@ def write(report, rows, device, ceilings):
         f"{'each configuration in its own process' if not _IN_PROCESS.value else 'all in one process'}. "
         "torchscale: GLU FFN with F' = 2F/3 for the paper presets (same parameter count), bf16 autocast."
     )
-    sections = [bl.ceilings_markdown(device, ceilings), notes, bl.markdown_table(rows, COLUMNS)]
+    sections = [br.ceilings_markdown(device, ceilings), notes, br.markdown_table(rows, COLUMNS)]
     return report.write(
         "Training step benchmark", sections, dict(device=device, ceilings=ceilings, rows=rows)
     )

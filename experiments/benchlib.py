@@ -1,4 +1,6 @@
-"""What the three benchmark scripts share: flags, the timing method, device ceilings, workers and reports.
+"""What the benchmark scripts share: flags, the timing method, device ceilings, workers and inputs. Their
+reports (files, tables, plots) are in ``benchreport``; the model programs they measure (a train step,
+decoding) in ``benchprograms``.
 
 Timing method (every number the scripts report):
 
@@ -26,7 +28,6 @@ whose peak memory matters). The parent starts them before its own JAX code touch
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
 import math
 import os
@@ -44,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
+from experiments import benchreport
 from retnet_jax.training import flops as flops_lib
 
 # Read when JAX creates its GPU client (at the first device use, not at import), so this is in time.
@@ -51,9 +53,6 @@ from retnet_jax.training import flops as flops_lib
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-OUT_DIR = flags.DEFINE_string("out_dir", "experiments/results", "Where the .md, .json and .png results go.")
-TAG = flags.DEFINE_string("tag", "", "Appended to the result file names (e.g. the subset run).")
 REPEATS = flags.DEFINE_integer("repeats", 10, "Timed samples per configuration (the median is reported).")
 MIN_SAMPLE_S = flags.DEFINE_float("min_sample_s", 0.05, "Each sample runs calls back to back for this long.")
 TIME_BUDGET_S = flags.DEFINE_float(
@@ -61,7 +60,6 @@ TIME_BUDGET_S = flags.DEFINE_float(
 )
 MATMUL_N = flags.DEFINE_integer("matmul_n", 0, "n of the n³ bf16 peak matmul (0: 8192 on GPU, 512 on CPU).")
 COPY_MIB = flags.DEFINE_integer("copy_mib", 0, "MiB of the bandwidth pass (0: 2048 on GPU, 64 on CPU).")
-PLOTS = flags.DEFINE_bool("plots", True, "Write a PNG of the results (matplotlib).")
 WORKER_IN = flags.DEFINE_string("worker_in", None, "Internal: run as a worker on this JSON payload.")
 WORKER_OUT = flags.DEFINE_string("worker_out", None, "Internal: where a worker writes its JSON result.")
 
@@ -362,7 +360,7 @@ def maybe_run_worker(handlers: dict[str, Callable[[dict[str, Any]], dict[str, An
         payload = json.load(f)
     result = guarded(lambda: handlers[payload["kind"]](payload))
     with open(WORKER_OUT.value, "w") as f:
-        json.dump(result, f, default=_json_default)
+        json.dump(result, f, default=benchreport.json_default)
     return True
 
 
@@ -411,259 +409,3 @@ def remat_policy(text: str, flag: str = "--remat") -> str:
 
     words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
     return remat_lib.resolve(words.get(text.strip().lower(), text.strip()), flag)
-
-
-# ------------------------------------------------------------------------------------------------------
-# Reports.
-
-
-def fmt(value, scale: float = 1.0, spec: str = ".3g") -> str:
-    """A number for a table cell; "–" for None."""
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "–"
-    return format(value * scale, spec)
-
-
-def fmt_count(n) -> str:
-    """1414205440 → '1.41B', 5.6e6 → '5.6M'."""
-    if not n:
-        return "–"
-    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if n >= scale:
-            return f"{n / scale:.3g}{unit}"
-    return str(n)
-
-
-def when_ok(cell: Callable[[dict], str]) -> Callable[[dict], str]:
-    """A table cell that shows the row's status (OOM, error, skipped, n/a) when it did not run."""
-    return lambda row: cell(row) if row.get("status") == "ok" else row.get("status", "?")
-
-
-def markdown_table(
-    rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, Callable[[dict], str]]]
-) -> str:
-    header = "| " + " | ".join(name for name, _ in columns) + " |"
-    rule = "|" + "|".join("---" for _ in columns) + "|"
-    body = ["| " + " | ".join(cell(row) for _, cell in columns) + " |" for row in rows]
-    return "\n".join([header, rule, *body])
-
-
-def ceilings_markdown(device: dict[str, Any], ceilings: dict[str, Any] | None) -> str:
-    lines = [
-        f"Device: {device.get('device_kind')} ({device.get('platform')}), jax {device.get('jax_version')}."
-    ]
-    if device.get("datasheet_flops"):
-        lines.append(f"Datasheet bf16 dense peak: {device['datasheet_flops'] / 1e12:.0f} TFLOP/s.")
-    if ceilings:
-        lines.append(
-            f"Measured: bf16 matmul {ceilings['matmul_n']}³ at {ceilings['matmul_flops'] / 1e12:.4g} TFLOP/s "
-            f"(iqr {ceilings['matmul_timing']['iqr_pct']:.1f}%); device-to-device pass over "
-            f"{ceilings['copy_bytes'] / 2**20:.0f} MiB at {ceilings['bandwidth'] / 1e9:.4g} GB/s "
-            f"(read + write)."
-        )
-    return " ".join(lines)
-
-
-class Report:
-    """Writes ``{out_dir}/{name}_{device}_{date}[_{tag}].{md,json,png}``; rewritten after every config."""
-
-    def __init__(self, name: str, device_short: str):
-        stem = f"{name}_{device_short}_{datetime.date.today().isoformat()}"
-        stem += f"_{TAG.value}" if TAG.value else ""
-        out_dir = OUT_DIR.value
-        self.dir = out_dir if os.path.isabs(out_dir) else os.path.join(os.getcwd(), out_dir)
-        os.makedirs(self.dir, exist_ok=True)
-        self.stem = os.path.join(self.dir, stem)
-        self.command = "python -m " + " ".join([_module_name(), *sys.argv[1:]])
-
-    @property
-    def png(self) -> str:
-        return self.stem + ".png"
-
-    def write(self, title: str, sections: Sequence[str], raw: dict[str, Any]):
-        text = "\n\n".join([f"# {title}", f"`{self.command}`", *sections]) + "\n"
-        with open(self.stem + ".md", "w") as f:
-            f.write(text)
-        with open(self.stem + ".json", "w") as f:
-            json.dump({"command": self.command, **raw}, f, indent=1, default=_json_default)
-        return text
-
-    def paths(self) -> list[str]:
-        return [p for p in (self.stem + ".md", self.stem + ".json", self.png) if os.path.exists(p)]
-
-
-def _module_name() -> str:
-    main = sys.modules.get("__main__")
-    spec = getattr(main, "__spec__", None)
-    return spec.name if spec is not None else os.path.basename(sys.argv[0])
-
-
-def _json_default(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)
-
-
-def figure(rows: int, cols: int, size=(5.0, 3.6)):
-    """A matplotlib figure on the Agg backend (no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows), squeeze=False)
-    return fig, axes
-
-
-def log2_xaxis(ax, values):
-    """A base-2 log x axis with a plain tick at each value (1K, 2K, ... for powers of two >= 1024)."""
-    values = sorted(set(values))
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(values, [f"{v // 1024}K" if v >= 1024 and v % 1024 == 0 else str(v) for v in values])
-    ax.minorticks_off()
-
-
-def save_figure(fig, path: str):
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def jax_train_step(cfg: dict[str, Any]):
-    """(step, trainer, init_s, compile_s, compiled): ``step()`` runs one compiled train step of the
-    configuration on alternating synthetic batches, carrying the donated state. ``cfg["documents"]``
-    > 0 packs documents of that mean length into the rows (segment ids in the batches, resets on)."""
-    from retnet_jax.configs.default import get_config
-    from retnet_jax.models.config import RetNetConfig
-    from retnet_jax.training import trainer as train
-    from retnet_jax.training.sharding import make_mesh
-
-    config = get_config()
-    config.arch, config.model = cfg["arch"], cfg["model"]
-    if cfg.get("heads"):
-        config.model_overrides.num_heads = cfg["heads"]
-    config.model_overrides.dtype = "bfloat16"
-    config.model_overrides.dropout = cfg.get("dropout", 0.0)
-    config.seq_len, config.batch_size, config.remat = cfg["T"], cfg["B"], cfg["remat"]
-    config.mode = "chunkwise" if cfg["chunk"] else "parallel"
-    config.chunk_size = cfg["chunk"] or config.chunk_size
-    config.steps, config.warmup_steps, config.learning_rate = 1000, 10, 3e-4
-    documents = cfg.get("documents") or 0
-    config.reset_at_documents = documents > 0
-    vocab = RetNetConfig.preset(cfg["model"]).vocab_size
-    mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])  # one device, whatever the host has
-
-    start = time.perf_counter()
-    trainer = train.Trainer(config, train.model_config(config, vocab), mesh)
-    state = jax.block_until_ready(trainer.init(0))
-    init_s = time.perf_counter() - start
-    shape = (cfg["B"], cfg["T"])
-    batches = []
-    for i in range(2):
-        batch = dict(
-            inputs=random_tokens(2 * i, shape, vocab), targets=random_tokens(2 * i + 1, shape, vocab)
-        )
-        if documents:
-            batch["segment_ids"] = packed_segment_ids(*shape, documents, seed=i)
-        batches.append(trainer.global_batch(batch))
-    start = time.perf_counter()
-    compiled = trainer.lower_train_step(state, batches[0]).compile()  # the Trainer's own jitted step
-    compile_s = time.perf_counter() - start
-
-    carry = dict(state=state, step=0, loss=None)
-
-    def step():
-        carry["state"], metrics = compiled(carry["state"], batches[carry["step"] % 2])
-        carry["step"] += 1
-        carry["loss"] = metrics["loss"]
-        return carry["state"], metrics
-
-    step.carry = carry
-    return step, trainer, init_s, compile_s, compiled
-
-
-# ------------------------------------------------------------------------------------------------------
-# Decoding programs (bench_inference and profile_steps).
-
-
-def decode_model(arch: str, model_name: str, dtype: str):
-    """(model, decoder, variables) with random parameters in ``dtype``: ``arch`` retnet, retnet-loop (the
-    one-token step's layer loop not unrolled) or transformer (the baseline matching the preset)."""
-    import flax.linen as nn
-
-    from retnet_jax.inference.decoding import LMDecoder
-    from retnet_jax.models import DecoderLM, RetNetConfig, TransformerConfig
-
-    cfg = RetNetConfig.preset(model_name, dtype=dtype, param_dtype=dtype, dropout=0.0)
-    if arch.startswith("retnet"):
-        model = DecoderLM(cfg, unroll_decode=arch == "retnet")
-    else:
-        model = DecoderLM(TransformerConfig.matching(cfg))
-    tokens = jnp.zeros((1, 8), jnp.int32)
-    variables = jax.jit(lambda key: nn.unbox(model.init(key, tokens)))(jax.random.key(0))
-    return model, LMDecoder(model, "chunkwise"), variables
-
-
-def nbytes(tree) -> int:
-    """Bytes of a tree's arrays (or of the ``jax.ShapeDtypeStruct``s standing for them)."""
-    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
-
-
-def state_arrays(state) -> list[jax.Array]:
-    """A decoding state's contents: every array but the position."""
-    return [a for name, a in state._asdict().items() if name != "position"]
-
-
-def decode_state_spec(model, batch: int, context: int, *, extra_slots: int, state_dtype=None):
-    """The shapes and dtypes (``jax.ShapeDtypeStruct``) of the model's decoding state for ``batch`` rows;
-    a KV cache gets ``context + extra_slots`` slots."""
-    return jax.eval_shape(
-        lambda: model.config.init_state(batch, max_length=context + extra_slots, state_dtype=state_dtype)
-    )
-
-
-def decode_state(model, batch: int, context: int, *, extra_slots: int, state_dtype=None):
-    """The model's own decoding state (whatever its layout) at position ``context``, with random contents
-    (the work of a step does not depend on them); a KV cache gets ``context + extra_slots`` slots."""
-    empty = decode_state_spec(model, batch, context, extra_slots=extra_slots, state_dtype=state_dtype)
-    fields = {
-        name: random_layers(jax.random.key(i), spec)
-        for i, (name, spec) in enumerate(empty._asdict().items())
-        if name != "position"
-    }
-    return type(empty)(**fields, position=jnp.full(empty.position.shape, context, jnp.int32))
-
-
-def random_layers(key, spec) -> jax.Array:
-    """Random normal values of ``spec``'s shape and dtype, drawn for one (layer, row) and repeated over
-    the first two axes: a state that fills most of the device needs no temporary as large as itself
-    (values drawn for the whole array at once would)."""
-    shape, dtype = tuple(spec.shape), spec.dtype
-    lead = 2 if len(shape) > 2 else 0
-    draw = jax.jit(
-        lambda key: jnp.broadcast_to(jax.random.normal(key, (1,) * lead + shape[lead:], dtype), shape)
-    )
-    return draw(key)
-
-
-def at_position(state, context: int):
-    """The state with every row's position set back to ``context``."""
-    return state._replace(position=jnp.full(state.position.shape, context, jnp.int32))
-
-
-def decode_program(decoder, steps: int):
-    """f(variables, token [B], state) → (token, state) after ``steps`` greedy steps (a fori_loop)."""
-
-    def decode(variables, token, state):
-        def body(_, carry):
-            token, state = carry
-            logits, state = decoder.step(variables, token, state)
-            return jnp.argmax(logits, axis=-1).astype(jnp.int32), state
-
-        return jax.lax.fori_loop(0, steps, body, (token, state))
-
-    return decode

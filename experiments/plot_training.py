@@ -14,7 +14,7 @@ import os
 
 from absl import app, flags
 
-from experiments import benchlib as bl
+from experiments import benchreport as br
 
 _DEVICE = flags.DEFINE_string("device", "H100", "Device short name in the result file names.")
 _DATE = flags.DEFINE_string("date", "2026-11-22", "Date in the result file names.")
@@ -57,10 +57,10 @@ def series(paths) -> dict[str, list[tuple[int, float]]]:
 
 def main(argv):
     del argv
-    stem = os.path.join(bl.OUT_DIR.value, f"bench_training_{_DEVICE.value}_{_DATE.value}")
+    stem = os.path.join(br.OUT_DIR.value, f"bench_training_{_DEVICE.value}_{_DATE.value}")
     paths = [p for p in glob.glob(stem + "*.md") if not p.endswith("_throughput.md")]
     data = series(paths)
-    fig, axes = bl.figure(1, 1, size=(8.0, 4.5))
+    fig, axes = br.figure(1, 1, size=(8.0, 4.5))
     ax = axes[0][0]
     xs = []
     for label, pts in sorted(data.items()):
@@ -69,9 +69,9 @@ def main(argv):
         ax.plot(t, [r / 1e3 for r in rate], marker="o", label=label)
     title = f"train step throughput, {_DEVICE.value} {_DATE.value}"
     ax.set(xlabel="T", ylabel="thousand tokens/s", title=title)
-    bl.log2_xaxis(ax, xs or [1])
+    br.log2_xaxis(ax, xs or [1])
     ax.legend(fontsize=6)
-    bl.save_figure(fig, stem + "_throughput.png")
+    br.save_figure(fig, stem + "_throughput.png")
     print("Wrote", stem + "_throughput.png", "from", len(paths), "tables")
 
 

@@ -28,6 +28,8 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from experiments import benchlib as bl
+from experiments import benchprograms as bp
+from experiments import benchreport as br
 
 _TARGETS = flags.DEFINE_list("targets", ["decode", "train"], "decode and/or train.")
 _MODEL = flags.DEFINE_string("model", "paper-1.3b", "Model preset (RetNetConfig.preset); tiny on a CPU.")
@@ -103,15 +105,15 @@ def profile(name: str, run, calls: int = 1):
 
 
 def decode_run(arch: str, dtype: str):
-    model, decoder, variables = bl.decode_model(arch, _MODEL.value, dtype)
+    model, decoder, variables = bp.decode_model(arch, _MODEL.value, dtype)
     batch, context = _DECODE_BATCH.value, _DECODE_CONTEXT.value
-    state = bl.decode_state(model, batch, context, extra_slots=_DECODE_STEPS.value)
+    state = bp.decode_state(model, batch, context, extra_slots=_DECODE_STEPS.value)
     token = jnp.asarray(bl.random_tokens(batch, (batch,), model.config.vocab_size))
-    program = jax.jit(bl.decode_program(decoder, _DECODE_STEPS.value), donate_argnums=(2,))
+    program = jax.jit(bp.decode_program(decoder, _DECODE_STEPS.value), donate_argnums=(2,))
     carry = dict(token=token, state=state)
 
     def run():
-        state = bl.at_position(carry["state"], context)
+        state = bp.at_position(carry["state"], context)
         carry["token"], carry["state"] = program(variables, carry["token"], state)
         return carry["token"]
 
@@ -129,7 +131,7 @@ def train_run(arch: str, model: str):
         remat=bl.remat_policy(_REMAT.value),
         heads=_HEADS.value if arch == "retnet" else 0,
     )
-    step = bl.jax_train_step(cfg)[0]
+    step = bp.jax_train_step(cfg)[0]
     for _ in range(2):
         jax.block_until_ready(step())
     return step
@@ -137,19 +139,19 @@ def train_run(arch: str, model: str):
 
 def markdown(result) -> str:
     busy = result["busy_s"]
-    kinds = bl.markdown_table(
+    kinds = br.markdown_table(
         [dict(kind=k, s=v) for k, v in result["kinds"]],
         [
             ("kind", lambda r: r["kind"]),
-            ("ms", lambda r: bl.fmt(r["s"], 1e3, ".2f")),
-            ("% of busy", lambda r: bl.fmt(100 * r["s"] / busy if busy else None, 1, ".1f")),
+            ("ms", lambda r: br.fmt(r["s"], 1e3, ".2f")),
+            ("% of busy", lambda r: br.fmt(100 * r["s"] / busy if busy else None, 1, ".1f")),
         ],
     )
-    top = bl.markdown_table(
+    top = br.markdown_table(
         [dict(kernel=k, s=v, n=n) for k, v, n in result["top"]],
         [
             ("kernel", lambda r: f"`{r['kernel'][:90]}`"),
-            ("ms", lambda r: bl.fmt(r["s"], 1e3, ".3f")),
+            ("ms", lambda r: br.fmt(r["s"], 1e3, ".3f")),
             ("launches", lambda r: str(r["n"])),
             ("kind", lambda r: kind_of(r["kernel"])),
         ],
@@ -164,7 +166,7 @@ def main(argv):
     del argv
     device = bl.device_info()
     dtype = "float32" if device["platform"] == "cpu" else "bfloat16"
-    report = bl.Report("profile_steps", device["short"])
+    report = br.Report("profile_steps", device["short"])
     sections = []
     model = _MODEL.value
     for arch in _ARCHS.value:
@@ -181,7 +183,7 @@ def main(argv):
             print(name, flush=True)
             result = bl.guarded(lambda arch=arch, name=name: profile(name, train_run(arch, model), calls=2))
             sections.append(markdown(result) if result["status"] == "ok" else f"## {name}\n\n{result}")
-    text = report.write("Device profile by kernel", [bl.ceilings_markdown(device, None), *sections], {})
+    text = report.write("Device profile by kernel", [br.ceilings_markdown(device, None), *sections], {})
     print(text)
     print("Wrote", *report.paths())
 

@@ -49,6 +49,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from experiments import benchlib as bl
+from experiments import benchreport as br
 from retnet_jax.configs.default import get_config
 from retnet_jax.training import checkpoints as checkpoint_lib
 from retnet_jax.training import corpus, loop, reporting
@@ -269,22 +270,22 @@ def run(arch: str, resets: bool, seed: int, work_dir: str) -> dict[str, Any]:
 
 
 def _loss(key: str):
-    return bl.when_ok(lambda r: bl.fmt(r.get(key), 1, ".4f"))
+    return br.when_ok(lambda r: br.fmt(r.get(key), 1, ".4f"))
 
 
 COLUMNS = [
     ("arch", lambda r: r["arch"]),
-    ("params", lambda r: bl.fmt_count(r.get("params"))),
+    ("params", lambda r: br.fmt_count(r.get("params"))),
     ("seed", lambda r: str(r["seed"])),
     ("resets in training", lambda r: "yes" if r["resets"] else "no"),
     ("val loss, eval with resets", _loss("eval_with_resets")),
     ("val loss, eval without", _loss("eval_without_resets")),
     ("after a boundary: with resets", _loss("after_boundary_with_resets")),
     ("after a boundary: without", _loss("after_boundary_without_resets")),
-    ("tokens trained", bl.when_ok(lambda r: bl.fmt_count(r["tokens"]))),
-    ("steps", bl.when_ok(lambda r: str(r["steps"]))),
-    ("wall s", bl.when_ok(lambda r: bl.fmt(r["wall_s"], 1, ".0f"))),
-    ("tokens/s", bl.when_ok(lambda r: bl.fmt(r.get("tokens_per_s"), 1, ",.0f"))),
+    ("tokens trained", br.when_ok(lambda r: br.fmt_count(r["tokens"]))),
+    ("steps", br.when_ok(lambda r: str(r["steps"]))),
+    ("wall s", br.when_ok(lambda r: br.fmt(r["wall_s"], 1, ".0f"))),
+    ("tokens/s", br.when_ok(lambda r: br.fmt(r.get("tokens_per_s"), 1, ",.0f"))),
 ]
 
 
@@ -316,7 +317,7 @@ def plot(rows, path: str):
     resets minus trained without, per evaluation point (each under its own rule) and at the end."""
     ok = [r for r in rows if r.get("status") == "ok"]
     archs = list(dict.fromkeys(r["arch"] for r in rows))
-    fig, axes = bl.figure(2, len(archs), size=(5.2, 3.6))
+    fig, axes = br.figure(2, len(archs), size=(5.2, 3.6))
     finals = (("eval_with_resets", "^", "with"), ("eval_without_resets", "v", "without"))
     for column, arch in enumerate(archs):
         ax, below = axes[0][column], axes[1][column]
@@ -362,7 +363,7 @@ def plot(rows, path: str):
         for a in (ax, below):
             if a.get_legend_handles_labels()[0]:
                 a.legend(fontsize=7)
-    bl.save_figure(fig, path)
+    br.save_figure(fig, path)
 
 
 def write(report, rows, device, data, estimate) -> str:
@@ -413,9 +414,9 @@ def write(report, rows, device, data, estimate) -> str:
         "trainings smaller than the seed-to-seed spread say nothing."
     )
     sections = [
-        bl.ceilings_markdown(device, None),
+        br.ceilings_markdown(device, None),
         "\n\n".join(lines),
-        bl.markdown_table(rows, COLUMNS),
+        br.markdown_table(rows, COLUMNS),
         "\n".join(comparisons(rows)) or "(no complete pair)",
         notes,
     ]
@@ -447,7 +448,7 @@ def main(argv):
         raise app.UsageError(f"--archs: unknown {bad}; choose from {ARCHS}.")
     seeds = [int(s) for s in _SEEDS.value]
     device = bl.device_info()
-    report = bl.Report("resets_quality", device["short"])
+    report = br.Report("resets_quality", device["short"])
     config = experiment_config(_ARCHS.value[0], True, seeds[0])
     loop.validate(config, make_mesh(config.mesh))  # refused sizes fail before any training
     tokenizer = data_lib.make_tokenizer(config)
@@ -477,7 +478,7 @@ def main(argv):
                             config, tokenizer, vocab, min(config.steps, 200)
                         )
                     text = write(report, rows, device, data, estimate)
-    if bl.PLOTS.value:
+    if br.PLOTS.value:
         bl.guarded(lambda: plot(rows, report.png))
     print(text)
     print("Wrote", *report.paths())
