@@ -5,8 +5,8 @@ Data parallel, FSDP, tensor parallel and their mixes, through the logical-axis r
 float32. RetNet trains chunkwise through the fused kernels (the Pallas interpreter on the CPU), so their
 partitioning rule (``ops.gpu.partition``) runs under each mesh; the Transformer through XLA attention.
 
-The model is one layer of ``tiny`` widened to 8 heads (K = 16, V = 32) so that every axis divides by 8: heads, feed-forward
-width and vocabulary over tensor, model width over fsdp, batch rows over data × fsdp.
+The model is one layer of ``tiny`` widened to 8 heads (K = 16, V = 32) so that every axis divides by 8:
+heads, feed-forward width and vocabulary over tensor, model width over fsdp, batch rows over data × fsdp.
 """
 
 import functools
@@ -40,13 +40,13 @@ CASES = [("retnet", s) for s in MESHES] + [("transformer", s) for s in TRANSFORM
 BATCH, LENGTH, CHUNK = 8, 32, 16
 
 # Tolerances in float32 (the reductions run in another order on a mesh; nothing else differs):
-# the loss, measured <= 3.2e-7 relative;
+# the loss, measured <= 4e-7 relative;
 LOSS_RTOL = 1e-5
-# the whole update (every parameter's change, as one vector), measured <= 2e-5 normwise;
+# the whole update (every parameter's change, as one vector), measured <= 7.4e-6 normwise;
 UPDATE_RTOL = 1e-4
-# each parameter's change alone: the per-head norm scales' gradients are sums of many terms of both signs,
-# so their relative rounding error is larger (measured <= 2.2e-4; every other leaf <= 2e-5).
-LEAF_RTOL = 2e-3
+# each parameter's change alone: the norm scales' gradients are sums of many terms of both signs, so their
+# relative rounding error is larger (measured <= 8.2e-5, 2.2e-4 with two layers; every other leaf <= 1.3e-5).
+LEAF_RTOL = 1e-3
 
 
 def architectures():
