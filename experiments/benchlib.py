@@ -251,10 +251,15 @@ def time_torch(
     return Timing(samples)
 
 
-def peak_bytes_in_use() -> int | None:
-    """This process's peak device memory (JAX), where the backend reports it (GPU/TPU; not CPU)."""
-    stats = jax.devices()[0].memory_stats()
-    return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+def peak_bytes_in_use(devices=None) -> int | None:
+    """This process's peak device memory (JAX), where the backend reports it (GPU/TPU; not CPU): of the
+    first device, or the most of any of ``devices``."""
+    peaks = []
+    for device in devices or jax.devices()[:1]:
+        stats = device.memory_stats()
+        if stats and "peak_bytes_in_use" in stats:
+            peaks.append(int(stats["peak_bytes_in_use"]))
+    return max(peaks) if peaks else None
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -301,10 +306,17 @@ class Budget:
         return self.left() <= next_seconds
 
 
-def run_worker(module: str, payload: dict[str, Any], timeout_s: float, extra_flags: Sequence[str] = ()):
+def run_worker(
+    module: str,
+    payload: dict[str, Any],
+    timeout_s: float,
+    extra_flags: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+):
     """Runs ``python -m module --worker_in=... --worker_out=...`` in a fresh process; returns its result.
 
-    A worker that crashes, is killed or times out gives {"status": "OOM" | "error" | "timeout", ...}.
+    ``env``: variables set in the worker's environment over this process's. A worker that crashes, is
+    killed or times out gives {"status": "OOM" | "error" | "timeout", ...}.
     """
     with tempfile.TemporaryDirectory() as tmp:
         path_in, path_out = os.path.join(tmp, "in.json"), os.path.join(tmp, "out.json")
@@ -320,7 +332,12 @@ def run_worker(module: str, payload: dict[str, Any], timeout_s: float, extra_fla
         ]
         try:
             proc = subprocess.run(
-                cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=max(1.0, timeout_s)
+                cmd,
+                cwd=REPO_ROOT,
+                capture_output=True,
+                text=True,
+                timeout=max(1.0, timeout_s),
+                env={**os.environ, **env} if env else None,
             )
         except subprocess.TimeoutExpired as error:
             return dict(status="timeout", error=f"worker exceeded {timeout_s:.0f}s", log=_tail(error.stderr))
@@ -517,10 +534,12 @@ def save_figure(fig, path: str):
     plt.close(fig)
 
 
-def jax_train_step(cfg: dict[str, Any]):
+def jax_train_step(cfg: dict[str, Any], mesh=None):
     """(step, trainer, init_s, compile_s, compiled): ``step()`` runs one compiled train step of the
     configuration on alternating synthetic batches, carrying the donated state. ``cfg["documents"]``
-    > 0 packs documents of that mean length into the rows (segment ids in the batches, resets on)."""
+    > 0 packs documents of that mean length into the rows (segment ids in the batches, resets on);
+    ``cfg["overrides"]`` sets architecture fields of the preset. ``mesh``: the device mesh (default one
+    device); ``cfg["B"]`` rows in all, split over its data and fsdp axes."""
     from retnet_jax.configs.default import get_config
     from retnet_jax.models.config import RetNetConfig
     from retnet_jax.training import trainer as train
@@ -530,6 +549,8 @@ def jax_train_step(cfg: dict[str, Any]):
     config.arch, config.model = cfg["arch"], cfg["model"]
     if cfg.get("heads"):
         config.model_overrides.num_heads = cfg["heads"]
+    for field, value in (cfg.get("overrides") or {}).items():
+        config.model_overrides[field] = value
     config.model_overrides.dtype = "bfloat16"
     config.model_overrides.dropout = cfg.get("dropout", 0.0)
     config.seq_len, config.batch_size, config.remat = cfg["T"], cfg["B"], cfg["remat"]
@@ -538,8 +559,9 @@ def jax_train_step(cfg: dict[str, Any]):
     config.steps, config.warmup_steps, config.learning_rate = 1000, 10, 3e-4
     documents = cfg.get("documents") or 0
     config.reset_at_documents = documents > 0
-    vocab = RetNetConfig.preset(cfg["model"]).vocab_size
-    mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])  # one device, whatever the host has
+    vocab = RetNetConfig.preset(cfg["model"], **(cfg.get("overrides") or {})).vocab_size
+    if mesh is None:
+        mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])  # one device, whatever the host has
 
     start = time.perf_counter()
     trainer = train.Trainer(config, train.model_config(config, vocab), mesh)
