@@ -92,6 +92,7 @@ TRAIN = [
     ("XLA temp GB", _ok(lambda r: bl.fmt((r["memory"].get("program") or {}).get("temp_bytes"), 1e-9, ".1f"))),
     ("compile s", _ok(lambda r: bl.fmt(r["compile_s"], 1, ".1f"))),
     ("loss", _ok(lambda r: bl.fmt(r["loss"], 1, ".3f"))),
+    ("retention", _ok(lambda r: _retention(r))),
 ]
 SCALING = [
     *TRAIN[:9],
@@ -129,6 +130,13 @@ DECODE = [
     ("program GB", _ok(lambda r: bl.fmt((r.get("memory") or {}).get("bytes"), 1e-9, ".1f"))),
     ("compile s", _ok(lambda r: bl.fmt(r["compile_s"], 1, ".1f"))),
 ]
+
+
+def _retention(row) -> str:
+    """How the step ran retention: the fused kernels (Pallas calls in the compiled step) or XLA."""
+    if row["arch"] != "retnet":
+        return "–"
+    return "kernels" if (row.get("hlo") or {}).get("kernels") else "XLA"
 
 
 def _with_note(columns):

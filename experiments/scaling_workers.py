@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 
 import numpy as np
 
@@ -49,7 +50,17 @@ def train_worker(cfg):
         loss=float(step.carry["loss"]),
         memory=dict(bytes=bl.peak_bytes_in_use(devices), program=bl.program_memory(compiled)),
         env=environment(),
+        hlo=hlo_counts(compiled.as_text()),
     )
+
+
+def hlo_counts(text: str) -> dict[str, int]:
+    """What the compiled step holds: Pallas (Triton) kernel calls and collectives, by kind (loop bodies
+    counted once)."""
+    counts = {"kernels": text.count('custom_call_target="__gpu$xla.gpu.triton"')}
+    for op in ("all-gather", "reduce-scatter", "all-reduce", "collective-permute", "all-to-all"):
+        counts[op] = len(re.findall(rf"= [^=]*? {op}(?:-start)?\(", text))
+    return counts
 
 
 def environment() -> dict[str, str | None]:
