@@ -187,6 +187,16 @@ def sections(rows, device, ceilings, device_bytes, rejected, kept, variants):
         + "".join(f" Variant `{v}` was rejected by XLA: {why}." for v, why in rejected.items())
         + (f" {len(kept)} configurations kept from the earlier run of the day (`--resume`)." if kept else ""),
     ]
+    train = next((r["cfg"] for r in rows if r["cfg"]["kind"] == "train"), None)
+    if train:
+        out.append(
+            f"Training: bf16 compute, float32 parameters and AdamW state, remat {train['remat']}, chunk "
+            f"{train['chunk']}, synthetic random tokens; B = rows per step in all (split over data × fsdp); "
+            "per GPU = tokens/s over the GPUs used; MFU per GPU against the datasheet bf16 peak and the "
+            "bf16 matmul rate measured on one GPU; efficiency = per-GPU tokens/s over that at the smallest "
+            "GPU count that ran (named in the speed-up column); retention = the fused kernels found in the "
+            "compiled step, or XLA."
+        )
     if by("check"):
         bounds = f"loss within {CHECK_LOSS_RTOL:g}, the parameters' change within {CHECK_UPDATE_RTOL:g}"
         out += ["## One step on each mesh against one device (float32)",
@@ -264,6 +274,9 @@ def plot(plan_rows, results, device, ceilings, path):
             done = [r for r in rows if r["study"] == study and r["spec"] == spec and r.get("efficiency")]
             if done:
                 ax.plot([r["n"] for r in done], [100 * r["efficiency"] for r in done], "o-", label=spec)
+        counts = [r["n"] for r in rows if r["study"] == study and r.get("efficiency")]
+        if counts:
+            bl.log2_xaxis(ax, counts)
         ax.axhline(100, color="gray", lw=0.5)
         ax.set(xlabel="GPUs", ylabel="efficiency %", title=f"{study} scaling", ylim=(0, 110))
         ax.legend(fontsize=7)
@@ -281,6 +294,9 @@ def plot(plan_rows, results, device, ceilings, path):
                 "o-",
                 label=f"{key[0]} {key[1]} B{key[2]}",
             )
+    counts = [r["n"] for r in decode_rows(rows) if r.get("status") == "ok"]
+    if counts:
+        bl.log2_xaxis(ax, counts)
     ax.set(xlabel="GPUs (tensor parallel)", ylabel="tokens/s", title="decoding", yscale="log")
     ax.legend(fontsize=7)
     bl.save_figure(fig, path)
