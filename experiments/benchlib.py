@@ -258,10 +258,15 @@ def free_bytes() -> int | None:
     return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
 
 
-def peak_bytes_in_use() -> int | None:
-    """This process's peak device memory (JAX), where the backend reports it (GPU/TPU; not CPU)."""
-    stats = jax.devices()[0].memory_stats()
-    return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+def peak_bytes_in_use(devices=None) -> int | None:
+    """This process's peak device memory (JAX), where the backend reports it (GPU/TPU; not CPU): of the
+    first device, or the most of any of ``devices``."""
+    peaks = []
+    for device in devices or jax.devices()[:1]:
+        stats = device.memory_stats()
+        if stats and "peak_bytes_in_use" in stats:
+            peaks.append(int(stats["peak_bytes_in_use"]))
+    return max(peaks) if peaks else None
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -317,8 +322,8 @@ def run_worker(
 ):
     """Runs ``python -m module --worker_in=... --worker_out=...`` in a fresh process; returns its result.
 
-    ``env`` replaces the process environment (e.g. other XLA_FLAGS). A worker that crashes, is killed or
-    times out gives {"status": "OOM" | "error" | "timeout", ...}.
+    ``env``: variables set in the worker's environment over this process's. A worker that crashes, is
+    killed or times out gives {"status": "OOM" | "error" | "timeout", ...}.
     """
     with tempfile.TemporaryDirectory() as tmp:
         path_in, path_out = os.path.join(tmp, "in.json"), os.path.join(tmp, "out.json")
@@ -334,7 +339,12 @@ def run_worker(
         ]
         try:
             proc = subprocess.run(
-                cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=max(1.0, timeout_s), env=env
+                cmd,
+                cwd=REPO_ROOT,
+                capture_output=True,
+                text=True,
+                timeout=max(1.0, timeout_s),
+                env={**os.environ, **env} if env else None,
             )
         except subprocess.TimeoutExpired as error:
             return dict(status="timeout", error=f"worker exceeded {timeout_s:.0f}s", log=_tail(error.stderr))

@@ -14,10 +14,12 @@ import jax.numpy as jnp
 from experiments.benchlib import packed_segment_ids, random_tokens
 
 
-def jax_train_step(cfg: dict[str, Any]):
+def jax_train_step(cfg: dict[str, Any], mesh=None):
     """(step, trainer, init_s, compile_s, compiled): ``step()`` runs one compiled train step of the
     configuration on alternating synthetic batches, carrying the donated state. ``cfg["documents"]``
-    > 0 packs documents of that mean length into the rows (segment ids in the batches, resets on)."""
+    > 0 packs documents of that mean length into the rows (segment ids in the batches, resets on);
+    ``cfg["overrides"]`` sets architecture fields of the preset. ``mesh``: the device mesh (default one
+    device); ``cfg["B"]`` rows in all, split over its data and fsdp axes."""
     from retnet_jax.configs.default import get_config
     from retnet_jax.models.config import RetNetConfig
     from retnet_jax.training import trainer as train
@@ -27,6 +29,8 @@ def jax_train_step(cfg: dict[str, Any]):
     config.arch, config.model = cfg["arch"], cfg["model"]
     if cfg.get("heads"):
         config.model_overrides.num_heads = cfg["heads"]
+    for field, value in (cfg.get("overrides") or {}).items():
+        config.model_overrides[field] = value
     config.model_overrides.dtype = "bfloat16"
     config.model_overrides.dropout = cfg.get("dropout", 0.0)
     config.seq_len, config.batch_size, config.remat = cfg["T"], cfg["B"], cfg["remat"]
@@ -35,8 +39,9 @@ def jax_train_step(cfg: dict[str, Any]):
     config.steps, config.warmup_steps, config.learning_rate = 1000, 10, 3e-4
     documents = cfg.get("documents") or 0
     config.reset_at_documents = documents > 0
-    vocab = RetNetConfig.preset(cfg["model"]).vocab_size
-    mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])  # one device, whatever the host has
+    vocab = RetNetConfig.preset(cfg["model"], **(cfg.get("overrides") or {})).vocab_size
+    if mesh is None:
+        mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])  # one device, whatever the host has
 
     start = time.perf_counter()
     trainer = train.Trainer(config, train.model_config(config, vocab), mesh)

@@ -54,6 +54,7 @@ SCRIPTS = {
         "--output_lengths=2,10",
         "--plots=false",
     ],
+    "bench_scaling": ["--smoke", "--plots=false"],  # 8 fake CPU devices: every study, a tiny model
     "profile_steps": [
         "--model=tiny",
         "--archs=retnet",
@@ -73,7 +74,7 @@ def run(name, tmp_path):
     files = sorted(f for f in os.listdir(tmp_path) if not f.endswith("_hlo.zip"))
     plots = "--plots=false" not in SCRIPTS[name]
     assert [f.rsplit(".", 1)[1] for f in files] == ["json", "md", "png"][: 3 if plots else 2], files
-    assert all(f.startswith(f"{name}_cpu_") for f in files), files
+    assert all(f.startswith(f"{name}_cpu") for f in files), files  # bench_scaling: cpux8
     stem = os.path.join(tmp_path, files[0].rsplit(".", 1)[0])
     with open(stem + ".json") as f, open(stem + ".md") as g:
         return json.load(f), g.read()
@@ -157,3 +158,43 @@ def test_profile(tmp_path):
     _, text = run("profile_steps", tmp_path)
     assert "## decode: retnet tiny" in text and "kernel launches" in text
     assert "| kernel | ms | launches | kind |" in text
+
+
+def test_scaling(tmp_path):
+    results, text = run("bench_scaling", tmp_path)
+    rows = results["rows"]
+    assert {r["study"] for r in rows} == {
+        "check",
+        "weak",
+        "strong",
+        "overlap",
+        "decode",
+        "largest",
+        "throughput",
+    }
+    assert all(r["status"] == "ok" for r in rows), [
+        (r["study"], r.get("error")) for r in rows if r["status"] != "ok"
+    ]
+    assert results["device"]["device_count"] == 8 and not results["rejected"]
+    # The mesh agrees with one device (the kernels, interpreted, under their partitioning rule).
+    (check,) = [r for r in rows if r["study"] == "check"]
+    assert check["rows"] and all(r["status"] == "ok" and r["agrees"] for r in check["rows"]), check["rows"]
+    train = [r for r in rows if r["study"] not in ("check", "decode")]
+    assert all(r["tokens_per_s"] > 0 and r["mfu_measured"] > 0 for r in train)
+    # Weak and strong scaling: efficiency against the one-device row of the same spec.
+    for study in ("weak", "strong"):
+        assert sorted(r["n"] for r in rows if r["study"] == study) == [1, 8]
+        assert all(r["base_n"] == 1 for r in rows if r["study"] == study)
+    # Each overlap variant ran with its XLA flags, every training worker with NVLink multicast off.
+    overlap = {r["variant"]: r for r in rows if r["study"] == "overlap"}
+    assert set(overlap) == {"default", "on"} and overlap["default"]["vs_first"] == 1.0
+    assert "--xla_gpu_enable_latency_hiding_scheduler=true" in overlap["on"]["env"]["XLA_FLAGS"]
+    assert all(r["env"]["NCCL_NVLS_ENABLE"] == "0" for r in train)
+    # The largest sweep goes upward; decoding ran on 1 device and split over 8.
+    largest = [r for r in rows if r["study"] == "largest"]
+    assert [r["num_params"] for r in largest] == sorted(r["num_params"] for r in largest)
+    assert "Largest that trained: tiny:num_heads=8 (" in text
+    decode = [r for r in rows if r["study"] == "decode"]
+    assert sorted(r["n"] for r in decode) == [1, 8]
+    assert all(b["status"] == "ok" for r in decode for b in r["rows"])
+    assert "## Weak scaling" in text and "| mesh DxFxT |" in text
