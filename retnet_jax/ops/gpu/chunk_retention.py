@@ -126,7 +126,7 @@ def _forward_kernel(
     def body(rows, d, state):  # S_g [K, BV] float32
         q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
         o = dot(masked(q, k, d, precision), v, (1, 0), precision)
-        o = o + dot((q * d.query).astype(q.dtype), state.astype(q.dtype), (1, 0), precision)
+        o = o + dot(q, state.astype(q.dtype), (1, 0), precision) * d.query  # decays in float32
         o_ref[rows, :] = o.astype(o_ref.dtype)
         return _carried(state, k, d.key, v, d.chunk, precision)
 

@@ -200,13 +200,13 @@ def _output_kernel(
         cols = common.columns(t, key_tile)
         q, k = q_ref[:, cols], k_ref[:, cols]
         scores = scores + dot(q, k, (1, 1), precision)
-        q_decayed = (q * d.query).astype(q.dtype)
-        return scores, cross + dot(q_decayed, h_ref[cols, :].astype(q.dtype), (1, 0), precision)
+        return scores, cross + dot(q, h_ref[cols, :].astype(q.dtype), (1, 0), precision)
 
     init = (jnp.zeros((size, size), jnp.float32), jnp.zeros((size, bv), jnp.float32))
     scores, cross = jax.lax.fori_loop(0, q_ref.shape[-1] // key_tile, step, init)
     v = v_ref[...]
-    o = dot((scores * d.mask).astype(v.dtype), v, (1, 0), precision) + cross
+    # The rows' decays scale the product in float32 (not q before it is rounded to the input dtype).
+    o = dot((scores * d.mask).astype(v.dtype), v, (1, 0), precision) + cross * d.query
     o_ref[...] = o.astype(o_ref.dtype)
 
 
