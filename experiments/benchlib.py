@@ -323,7 +323,8 @@ def run_worker(
     """Runs ``python -m module --worker_in=... --worker_out=...`` in a fresh process; returns its result.
 
     ``env``: variables set in the worker's environment over this process's. A worker that crashes, is
-    killed or times out gives {"status": "OOM" | "error" | "timeout", ...}.
+    killed or times out gives {"status": "OOM" | "error" | "timeout", ...}, unless it saved a partial
+    result (``save_partial``): then that, with ``partial`` saying why the rest is missing.
     """
     with tempfile.TemporaryDirectory() as tmp:
         path_in, path_out = os.path.join(tmp, "in.json"), os.path.join(tmp, "out.json")
@@ -347,13 +348,23 @@ def run_worker(
                 env={**os.environ, **env} if env else None,
             )
         except subprocess.TimeoutExpired as error:
-            return dict(status="timeout", error=f"worker exceeded {timeout_s:.0f}s", log=_tail(error.stderr))
+            timeout = dict(status="timeout", error=f"worker exceeded {timeout_s:.0f}s")
+            return _failed(path_out, timeout, error.stderr)
         if os.path.exists(path_out):
             with open(path_out) as f:
                 return json.load(f)
         log = _tail(proc.stderr) + _tail(proc.stdout)
         status = "OOM" if is_oom(log) or proc.returncode in (-9, 137) else "error"
-        return dict(status=status, error=f"worker exited with {proc.returncode}", log=log)
+        return _failed(path_out, dict(status=status, error=f"worker exited with {proc.returncode}"), log)
+
+
+def _failed(path_out: str, failure: dict[str, Any], log) -> dict[str, Any]:
+    """A worker that ended without its result: the partial one it saved, with ``partial`` saying why it is
+    partial, or the failure."""
+    if os.path.exists(path_out + ".partial"):
+        with open(path_out + ".partial") as f:
+            return {**json.load(f), "partial": f"{failure['status']}: {failure['error']}", "log": _tail(log)}
+    return {**failure, "log": _tail(log)}
 
 
 def _tail(text, chars: int = 3000) -> str:
@@ -372,6 +383,17 @@ def maybe_run_worker(handlers: dict[str, Callable[[dict[str, Any]], dict[str, An
     with open(WORKER_OUT.value, "w") as f:
         json.dump(result, f, default=benchreport.json_default)
     return True
+
+
+def save_partial(result: dict[str, Any]) -> None:
+    """In a worker process: what ``run_worker`` returns if the worker is then killed by its timeout (a
+    long sweep keeps the configurations it finished). Written whole, then renamed: never half a file."""
+    if not WORKER_OUT.value:
+        return
+    path = WORKER_OUT.value + ".partial"
+    with open(path + ".tmp", "w") as f:
+        json.dump({"status": "ok", **result}, f, default=benchreport.json_default)
+    os.replace(path + ".tmp", path)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -198,3 +198,12 @@ def test_scaling(tmp_path):
     assert sorted(r["n"] for r in decode) == [1, 8]
     assert all(b["status"] == "ok" for r in decode for b in r["rows"])
     assert "## Weak scaling" in text and "| mesh DxFxT |" in text
+
+
+def test_a_worker_that_dies_returns_what_it_saved():
+    sys.path.insert(0, ROOT)
+    from experiments import benchlib as bl
+
+    result = bl.run_worker("tests.dying_worker", dict(kind="dies", done=3), timeout_s=300)
+    assert result["status"] == "ok" and result["done"] == 3
+    assert result["partial"] == "error: worker exited with 3"

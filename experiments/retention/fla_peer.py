@@ -42,9 +42,17 @@ def fla_worker(payload):
             outputs[name] = files["outputs"]
         return dict(outputs=outputs)
 
+    print("fla worker: correctness checks ...", flush=True)
     check = bl.guarded(run_check)
     results = []
-    for cfg in payload["configs"]:
+    unfinished = dict(status="timeout", error="the fla worker was stopped by its time limit")
+    for n, cfg in enumerate(payload["configs"]):
+        # What the parent gets if the worker is killed during this configuration: the ones done so far.
+        rest = [unfinished] * (len(payload["configs"]) - n)
+        device = torch.cuda.get_device_name()
+        bl.save_partial(dict(available=True, device=device, check=check, results=results + rest))
+        label = " ".join(f"{key}={cfg[key]}" for key in ("B", "T", "H", "K", "V", "passes", "state"))
+        print(f"fla worker: {label} ...", flush=True)
         if time.monotonic() > deadline:
             results.append(dict(status="skipped", error="time budget of the fla worker"))
             continue
