@@ -32,7 +32,7 @@ def kernel_plan(cfg):
         numbers = bl.int_list(sizes[0].replace("x", ","))
         tiles = (chunk_retention.Tiles if family == "register" else split_retention.Tiles)(*numbers)
     plan = plan_lib.make(
-        cfg["K"], cfg["V"], chunk, jnp.bfloat16, family=family, tiles=tiles, stored_scores=stored
+        cfg["K"], cfg["V"], chunk, jnp.bfloat16, family=family, tiles=tiles, stored_scores=stored or None
     )
     if isinstance(plan, str):
         raise ValueError(f"plan {spec}: {plan}")

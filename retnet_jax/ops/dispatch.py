@@ -72,12 +72,17 @@ AUTO_CHOICES: dict[tuple[int, int], Choice] = {
         "H200 H8 fwd+bwd (2026-12-01): split kernels C=64 7.69 ms, XLA C=256 14.01 (B8 T8192); vs fla in one "
         "run 7.96 vs 13.75 (B8 T8192), 8.05 vs 13.59 (B32 T2048), 8.10 vs 14.75 (B2 T32768)",
     ),
-    (256, 432): Choice("xla", None, "torchscale v2 heads: as (256, 512); split kernels to measure"),
-    (256, 428): Choice("xla", None, "torchscale v2 3b/13b heads: as (256, 512); split kernels to measure"),
+    (256, 432): Choice(
+        "pallas",
+        64,
+        "torchscale v2 heads, H200 H8 fwd+bwd with a carried state (2026-12-01): split kernels C=64 7.58 ms "
+        "(B8 T8192), 7.80 (B32 T2048), 8.33 (B2 T32768); XLA is not faster than at V512 (14.01 ms B8 T8192)",
+    ),
+    (256, 428): Choice("pallas", 64, "torchscale v2 3b/13b heads: padded to the tiles of (256, 432)"),
 }
 AUTO_DEFAULT: dict[str, Choice] = {
     "register": Choice("pallas", 64, "whole state in registers: as (128, 128)"),
-    "split": Choice("xla", None, "chunk states through device memory: not yet measured"),
+    "split": Choice("pallas", 64, "chunk states through device memory: as (256, 512) and (256, 432)"),
 }
 # Input dtypes "auto" sends to the kernels; float32 keeps XLA (exact float32 products in Triton run on
 # the CUDA cores, not measured).

@@ -227,7 +227,7 @@ def test_stored_scores_plans_cover_their_kernels():
     passes (which the recomputing variant lacks) and the lighter chunk passes, the planner fits it to
     shared memory (lowering stages, then tiles) or refuses it, and the register family has no such
     variant."""
-    recompute = plan_lib.make(256, 512, 64, jnp.bfloat16, family="split")
+    recompute = plan_lib.make(256, 512, 64, jnp.bfloat16, family="split", stored_scores=False)
     stored = plan_lib.make(256, 512, 64, jnp.bfloat16, stored_scores=True)
     assert stored.family == "split" and stored.tiles == recompute.tiles._replace(stored_scores=True)
     sizes = plan_lib.shared_memory(stored, 256, 512, jnp.bfloat16)
@@ -271,6 +271,9 @@ def test_auto_sends_few_rows_to_the_split_kernels():
     assert plan(128, 128, None).family == "register"  # rows unknown: by shape
     assert plan(256, 512, few).family == "split" and plan(256, 512, enough).family == "split"
     assert plan(128, 128, few, "pallas").family == "register"
+    # Scores stored where V spans 4+ value tiles (measured faster there, slower at 2 tiles).
+    assert plan(256, 512, enough).tiles.stored_scores and plan(256, 432, enough).tiles.stored_scores
+    assert not plan(128, 128, few).tiles.stored_scores
 
 
 def test_without_the_triton_backend_auto_warns_once_and_uses_xla(monkeypatch):

@@ -6,8 +6,8 @@ Two families compute the same function (``fused.chunk_retention``):
   whose whole state, K and V rounded up to powers of two, has at most 128·128 entries.
 * ``"split"`` (``split_retention``): chunk states through device memory; any K and V (padded to tiles).
   Its tiles name one of two variants (``split_retention.Tiles.stored_scores``): the chunk passes recompute
-  each chunk's C×C scores once per column tile (the default), or read them from a scores pass that
-  computes them once.
+  each chunk's C×C scores once per column tile, or read them from a scores pass that computes them once
+  (the default where V spans 4 value tiles or more: ``split_retention.default_tiles``).
 
 A plan is refused (``make`` returns the reason) when its estimated shared memory exceeds what one
 program may use (``common.SHARED_MEMORY_BYTES``); ``make`` first lowers the pipelining stages, then (split)
@@ -90,8 +90,10 @@ def _register(key_dim, value_dim, chunk, dtype) -> Plan | None:
     return None
 
 
-def _split(key_dim, value_dim, chunk, dtype, stored_scores=False) -> Plan | None:
-    tiles = split_retention.default_tiles(key_dim, value_dim)._replace(stored_scores=stored_scores)
+def _split(key_dim, value_dim, chunk, dtype, stored_scores=None) -> Plan | None:
+    tiles = split_retention.default_tiles(key_dim, value_dim)
+    if stored_scores is not None:
+        tiles = tiles._replace(stored_scores=stored_scores)
     while True:
         for stages in (tiles.num_stages, 1):
             plan = Plan("split", chunk, tiles._replace(num_stages=stages))
@@ -115,7 +117,7 @@ def make(
     dtype,
     family: str | None = None,
     tiles=None,
-    stored_scores: bool = False,
+    stored_scores: bool | None = None,
     rows: int | None = None,
 ) -> Plan | str:
     """The plan for these sizes, or the reason there is none.
@@ -126,7 +128,9 @@ def make(
             is given, where there are at least ``MIN_REGISTER_ROWS`` of them), else split.
         tiles: the family's ``Tiles`` (default: the family's choice, fitted to shared memory).
         stored_scores: the split family's variant that computes each chunk's scores once
-            (``split_retention``); True sets it on ``tiles`` too, and family None then means split.
+            (``split_retention``); True sets it on ``tiles`` too, and family None then means split;
+            False the recomputing variant; None the default for the head shape
+            (``split_retention.default_tiles``).
         rows: B·H, the (batch row, head) pairs of the call, or None (not known: rows do not decide).
     """
     if jnp.dtype(dtype) not in common.DTYPES:

@@ -67,11 +67,20 @@ class Tiles(NamedTuple):
 def default_tiles(key_dim: int, value_dim: int) -> Tiles:
     """64-wide tiles, narrower only for narrow heads, 4 warps, 3 stages: at the paper's heads (H8 K256
     V512, B8 T8192, C64, bf16 fwd+bwd, H200 2026-12-01) 7.69 ms, against 8.24 with 2 stages, 7.70 with
-    64×128 tiles and 9.94 with 8 warps."""
+    64×128 tiles and 9.94 with 8 warps.
+
+    Scores are stored (``stored_scores``) where V spans at least 4 value tiles, since the recomputing
+    variant computes each chunk's scores once per value tile. Measured on the H200 (2026-12-01, B8, C64,
+    bf16, ``bench_retention_H200_2026-12-01_stored-scores.md``): paper heads (V512, 8 tiles) fwd+bwd 7.35
+    against 7.50 ms at T8192 and 1.92 against 1.96 at T2048, forward 2.17 against 2.31 ms; fla's heads
+    (V128, 2 tiles) 6.21 against 5.70 ms, slower.
+    """
+    value = min(64, common.next_power_of_two(value_dim))
     return Tiles(
         key=min(64, common.next_power_of_two(key_dim)),
-        value=min(64, common.next_power_of_two(value_dim)),
+        value=value,
         num_stages=3,
+        stored_scores=value_dim >= 4 * value,
     )
 
 
