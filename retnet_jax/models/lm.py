@@ -88,6 +88,7 @@ class Block(nn.Module):
             cfg.use_bias,
             cfg.compute_dtype,
             cfg.params_dtype,
+            implementation=self.implementation,
             name="ffn",
         )
         x = x + dropout(ffn(norm(name="ffn_norm")(x)))
@@ -108,7 +109,9 @@ class DecoderLM(nn.Module):
         mode: the retention form of full calls: "parallel", "chunkwise" or "recurrent" (attention has one).
         chunk_size: C for the chunkwise form.
         implementation: the mixer's kernel choice: retention's chunkwise form "auto" / "xla" / "pallas"
-            (``ops.dispatch``), attention's "auto" / "cudnn" / "xla" (``nn.attention``).
+            (``ops.dispatch``), attention's "auto" / "cudnn" / "xla" (``nn.attention``). The projections
+            follow it (``ops.products``): other than "xla", a decoding step's few-row products may run
+            the few-row kernel (on a GPU; "pallas" anywhere).
         scan_layers: stack the blocks with nn.scan (one compiled block; parameters get a layer axis).
         remat: what each block keeps for the backward pass (``nn.remat``): "none" (everything; the
             most memory), "full" (nothing: the block's forward reruns), "projections" (the input
@@ -235,6 +238,7 @@ class DecoderLM(nn.Module):
             norm_eps=cfg.norm_eps,
             dtype=cfg.compute_dtype,
             param_dtype=cfg.params_dtype,
+            implementation=self.implementation,
         )
         if not return_state:
             return logits, None

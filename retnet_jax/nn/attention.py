@@ -54,7 +54,8 @@ class Attention(nn.Module):
         num_heads, head_dim: H and K.
         rotation_base: RoPE base.
         use_bias, dtype, param_dtype: projections' bias, compute and parameter dtypes.
-        implementation: "auto", "cudnn" or "xla" (calls without a cache).
+        implementation: "auto", "cudnn" or "xla" (calls without a cache); the projections take it too
+            (``ops.products``: "cudnn" means "auto" there).
     """
 
     num_heads: int
@@ -91,6 +92,7 @@ class Attention(nn.Module):
                 use_bias=self.use_bias,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
+                implementation=self.implementation,
                 name=name,
             )(x)
             return name_projection(nn.with_logical_constraint(y, HEAD_AXES))  # what a remat policy may keep
@@ -116,6 +118,7 @@ class Attention(nn.Module):
             use_bias=self.use_bias,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            implementation=self.implementation,
             name="out_proj",
         )(o)
         return y, (k, v)

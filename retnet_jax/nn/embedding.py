@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from retnet_jax.nn.axes import ACTIVATION_AXES, EMBED, VOCAB, partitioned
 from retnet_jax.nn.norms import Norm
+from retnet_jax.ops import products
 
 
 def embed_tokens(
@@ -49,9 +50,19 @@ def embed_tokens(
 
 
 def output_logits(
-    x, embed: nn.Embed, *, vocab_size: int, tied: bool, norm: str, norm_eps: float, dtype, param_dtype
+    x,
+    embed: nn.Embed,
+    *,
+    vocab_size: int,
+    tied: bool,
+    norm: str,
+    norm_eps: float,
+    dtype,
+    param_dtype,
+    implementation: str = "xla",
 ):
-    """Final norm and head: x [B, T, D] → logits [B, T, N] float32 (``tied``: the embedding transposed)."""
+    """Final norm and head: x [B, T, D] → logits [B, T, N] float32 (``tied``: the embedding transposed).
+    ``implementation``: how an untied head's product runs (``ops.products``)."""
     x = Norm(norm, norm_eps, dtype, param_dtype, name="final_norm")(x)
     if tied:
         logits = embed.attend(x)
@@ -62,6 +73,7 @@ def output_logits(
             dtype=dtype,
             param_dtype=param_dtype,
             kernel_init=partitioned(nn.initializers.normal(x.shape[-1] ** -0.5), EMBED, VOCAB),
+            dot_general=products.dense_dot_general(implementation),
             name="head",
         )(x)
     return logits.astype(jnp.float32)

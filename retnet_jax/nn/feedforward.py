@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from retnet_jax.nn.axes import BATCH, EMBED, LENGTH, MLP, partitioned
 from retnet_jax.nn.remat import name_projection
+from retnet_jax.ops import products
 
 ACTIVATIONS = {"swish": jax.nn.swish, "gelu": jax.nn.gelu}
 FFN_TYPES = ("glu", "mlp")
@@ -26,6 +27,7 @@ class FeedForward(nn.Module):
         activation: "swish" or "gelu".
         use_bias: biases in the three (or two) projections.
         dtype, param_dtype: compute and parameter dtypes.
+        implementation: how the products run (``ops.products``: the few-row kernel in decoding steps).
     """
 
     ffn_dim: int
@@ -34,6 +36,7 @@ class FeedForward(nn.Module):
     use_bias: bool = False
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    implementation: str = "xla"
 
     @nn.compact
     def __call__(self, x):
@@ -45,6 +48,7 @@ class FeedForward(nn.Module):
                 param_dtype=self.param_dtype,
                 kernel_init=partitioned(TORCH_LINEAR_INIT, *names),
                 bias_init=partitioned(nn.initializers.zeros, names[-1]),
+                dot_general=products.dense_dot_general(self.implementation),
                 name=name,
             )
 

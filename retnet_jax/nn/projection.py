@@ -7,6 +7,7 @@ logical-axis sharding constraints applied at creation under a mesh. Here the ker
 
 from __future__ import annotations
 
+import math
 import string
 from collections.abc import Callable, Sequence
 
@@ -14,6 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from retnet_jax.nn.axes import partitioned
+from retnet_jax.ops import products
 
 
 class Projection(nn.Module):
@@ -24,6 +26,8 @@ class Projection(nn.Module):
         in_names, out_names: logical axis names of the contracted and the output axes.
         init_scale, init_mode, init_distribution: ``variance_scaling`` arguments; fans are computed over
             all contracted axes (fan in) and all output axes (fan out), as for the flat matrix.
+        implementation: how the product runs (``ops.products``): "xla", or "auto" / "pallas" for the
+            few-row kernel in calls of a decoding step's few rows.
     """
 
     features: Sequence[int]
@@ -36,6 +40,7 @@ class Projection(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     kernel_init: Callable | None = None
+    implementation: str = "xla"
 
     @nn.compact
     def __call__(self, x):
@@ -52,15 +57,16 @@ class Projection(nn.Module):
             (*in_shape, *self.features),
             self.param_dtype,
         )
-        letters = string.ascii_lowercase
-        batch = letters[: x.ndim - n_in]
-        contracted = letters[x.ndim - n_in : x.ndim]
-        produced = letters[x.ndim : x.ndim + n_out]
-        y = jnp.einsum(
-            f"{batch}{contracted},{contracted}{produced}->{batch}{produced}",
-            x.astype(self.dtype),
-            kernel.astype(self.dtype),
-        )
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        rows, d, n = math.prod(x.shape[: x.ndim - n_in]), math.prod(in_shape), math.prod(self.features)
+        if products.uses_kernel(self.implementation, rows, d, n, x.dtype):
+            y = products.project(x, kernel, n_in, implementation=self.implementation)
+        else:
+            letters = string.ascii_lowercase
+            batch = letters[: x.ndim - n_in]
+            contracted = letters[x.ndim - n_in : x.ndim]
+            produced = letters[x.ndim : x.ndim + n_out]
+            y = jnp.einsum(f"{batch}{contracted},{contracted}{produced}->{batch}{produced}", x, kernel)
         if self.use_bias:
             bias_init = partitioned(nn.initializers.zeros, *self.out_names)
             bias = self.param("bias", bias_init, tuple(self.features), self.param_dtype)

@@ -36,7 +36,8 @@ class MultiScaleRetention(nn.Module):
         mode: the form of a full call: "parallel", "chunkwise" or "recurrent" (T = 1 with a state always
             runs one recurrent step).
         chunk_size: C for the chunkwise form.
-        implementation: how the chunkwise form runs ("auto", "xla", "pallas": ``ops.dispatch``).
+        implementation: how the chunkwise form runs ("auto", "xla", "pallas": ``ops.dispatch``), and the
+            projections' products (``ops.products``).
         return_state: compute the state after the call when none came in (the parallel form computes it
             apart; a call with a state always returns the new one).
     """
@@ -85,6 +86,7 @@ class MultiScaleRetention(nn.Module):
                 use_bias=self.use_bias,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
+                implementation=self.implementation,
                 name=name,
             )
             return name_projection(projection(x))  # what a remat policy may keep
@@ -113,6 +115,7 @@ class MultiScaleRetention(nn.Module):
             use_bias=self.use_bias,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            implementation=self.implementation,
             name="out_proj",
         )(o)
         if incoming:

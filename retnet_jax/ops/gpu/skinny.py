@@ -1,0 +1,152 @@
+"""Products of a few rows by a weight matrix, as one decoding step's projections make them.
+
+One decoding step multiplies M rows (the batch: 1–16) by every weight matrix W [D, N] of the model once, so
+its time is the time to read the weights. XLA does not always read them once: in paper-1.3b's compiled
+batch-1 step (H200, jax 0.11.2) each layer's output projection and both FFN projections run as two
+kernels, one writing x ⊙ W (a weight-sized bf16 tensor) and one reducing it: three passes over those
+weights instead of one (``experiments/results/bench_inference_H200_2026-12-01_floor_hlo.zip``).
+
+Here program (n, s) of a grid (N / BN, S) takes the n-th BN columns of W and the s-th of S equal slices of
+its D rows, walks the slice in BD-row steps (a [R, BD] × [BD, BN] product each, float32 accumulation; the
+rows padded to R = 16, Triton's smallest product, or for one row a broadcast product summed over BD) and
+writes a float32 partial [R, BN]; the S partials are summed afterwards (S·R·N floats, small against W's
+D·N). S is the smallest divisor of D / BD that gives the grid ``PROGRAMS`` programs, so that a matrix of
+few columns is still read by every SM, but no more than keeps the partials within 1/16 of W's bytes. W is
+read once, a [BD, BN] tile at a time along its rows (contiguous BN-element runs).
+
+The backward pass is XLA's (``jax.custom_vjp``): a few-row product's gradients are ordinary matmuls.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from retnet_jax.ops.gpu import common
+
+__all__ = ["MAX_ROWS", "PROGRAMS", "Plan", "matmul", "plan"]
+
+MAX_ROWS = 16  # rows the kernel takes: Triton's smallest product is 16 rows; more rows are a matmul
+PROGRAMS = 2 * 132  # programs wanted per call: two per SM of an H100 / H200
+
+
+def _padded_rows(rows: int) -> int:
+    """R: one row stays one (no product: a broadcast and a sum), more are padded to a 16-row product."""
+    return 1 if rows == 1 else 16
+
+
+class Plan(NamedTuple):
+    block_d: int  # BD: rows of W per loop step
+    block_n: int  # BN: columns of W per program
+    splits: int  # S: slices of D, one program each per column tile
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def _tile(size: int, widest: int) -> int | None:
+    for tile in (widest, widest // 2, widest // 4, widest // 8):
+        if tile >= 16 and size % tile == 0:
+            return tile
+    return None
+
+
+def plan(rows: int, d: int, n: int, dtype) -> Plan | str:
+    """The kernel's tiles for x [rows, d] @ w [d, n], or why it does not take them."""
+    if jnp.dtype(dtype) not in common.DTYPES:
+        return f"dtype {jnp.dtype(dtype).name} (the kernel takes bfloat16, float16 or float32)"
+    if not 1 <= rows <= MAX_ROWS:
+        return f"{rows} rows (the kernel takes 1 to {MAX_ROWS})"
+    block_d, block_n = _tile(d, 64), _tile(n, 128)
+    if block_d is None or block_n is None:
+        return f"D = {d}, N = {n} (the kernel needs both multiples of 16)"
+    steps, columns = d // block_d, n // block_n
+    most = max(1, d * jnp.dtype(dtype).itemsize // (16 * 4 * _padded_rows(rows)))  # partials ≤ W / 16
+    divisors = [s for s in range(1, steps + 1) if steps % s == 0 and s <= most]
+    splits = next((s for s in divisors if columns * s >= PROGRAMS), divisors[-1])
+    return Plan(block_d, block_n, splits)
+
+
+def _kernel(x_ref, w_ref, o_ref, *, block_d: int, steps: int, precision):
+    s = pl.program_id(1)
+
+    def step(i, acc):
+        d = pl.multiple_of((s * steps + i) * block_d, block_d)
+        rows = x_ref[:, pl.ds(d, block_d)]  # [R, BD]
+        weights = w_ref[pl.ds(d, block_d), :]  # [BD, BN]
+        if rows.shape[0] == 1:  # one row: no product to pad to 16 rows
+            column = jnp.transpose(rows).astype(jnp.float32)  # [BD, 1]
+            return acc + jnp.sum(column * weights.astype(jnp.float32), axis=0, keepdims=True)
+        return acc + common.dot(rows, weights, (1, 0), precision)
+
+    o_ref[...] = jax.lax.fori_loop(0, steps, step, jnp.zeros(o_ref.shape, jnp.float32))
+
+
+def _forward(x, w, tiles: Plan, interpret: bool):
+    rows, d = x.shape
+    n = w.shape[1]
+    padded_rows = _padded_rows(rows)
+    padded = jnp.pad(x, ((0, padded_rows - rows), (0, 0)))  # [R, D]
+    steps = d // tiles.block_d // tiles.splits
+    kernel = functools.partial(
+        _kernel, block_d=tiles.block_d, steps=steps, precision=common.precision_of(x.dtype)
+    )
+    partials = common.launch(
+        kernel,
+        (n // tiles.block_n, tiles.splits),
+        [
+            pl.BlockSpec((padded_rows, d), lambda c, s: (0, 0)),
+            pl.BlockSpec((d, tiles.block_n), lambda c, s: (0, c)),
+        ],
+        jax.ShapeDtypeStruct((tiles.splits, padded_rows, n), jnp.float32),
+        pl.BlockSpec((None, padded_rows, tiles.block_n), lambda c, s: (s, 0, c)),
+        num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
+        interpret=interpret,
+    )(padded, w)
+    return partials.sum(0)[:rows].astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _matmul(x, w, tiles, interpret):
+    return _forward(x, w, tiles, interpret)
+
+
+def _matmul_fwd(x, w, tiles, interpret):
+    return _forward(x, w, tiles, interpret), (x, w)
+
+
+def _matmul_bwd(tiles, interpret, residuals, dy):
+    del tiles, interpret
+    x, w = residuals
+    dx = jnp.einsum("MN,DN->MD", dy, w, preferred_element_type=jnp.float32).astype(x.dtype)
+    dw = jnp.einsum("MD,MN->DN", x, dy, preferred_element_type=jnp.float32).astype(w.dtype)
+    return dx, dw
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def matmul(x, w, *, tiles: Plan | None = None, interpret: bool = False):
+    """x [M, D] @ w [D, N] → [M, N] in x's dtype, float32 accumulation, for M ≤ ``MAX_ROWS``.
+
+    Args:
+        x: [M, D] rows; w: [D, N] in x's dtype.
+        tiles: the kernel's plan (default ``plan(M, D, N, dtype)``).
+        interpret: run the kernel through the Pallas interpreter (any backend; for tests).
+
+    Raises:
+        ValueError: shapes or dtypes the kernel does not take (``plan`` says which).
+    """
+    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0] or x.dtype != w.dtype:
+        raise ValueError(
+            f"skinny.matmul: expected x [M, D] and w [D, N] of one dtype; got x {x.shape} {x.dtype}, "
+            f"w {w.shape} {w.dtype}."
+        )
+    tiles = tiles or plan(x.shape[0], x.shape[1], w.shape[1], x.dtype)
+    if isinstance(tiles, str):
+        raise ValueError(f"skinny.matmul cannot run {tiles}; use XLA's product.")
+    return _matmul(x, w, tiles, interpret)

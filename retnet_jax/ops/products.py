@@ -1,0 +1,86 @@
+"""Which implementation runs a projection: XLA's product, or the few-row kernel where one decoding step
+multiplies a handful of rows by a weight matrix (``ops.gpu.skinny``).
+
+``project(x, kernel, in_axes, implementation=)``:
+
+* ``"xla"``: ``jnp.einsum``, any backend, any number of rows.
+* ``"auto"``: on one GPU whose JAX has the Triton backend, calls of at most ``skinny.MAX_ROWS`` rows whose
+  shapes the kernel takes run it; everything else is XLA's. No backend: XLA, with no warning (a product is
+  never wrong through XLA; ``dispatch.chunkwise`` already warns once about the missing backend). With
+  several devices XLA too: the kernel has no partitioning rule, and a sharded weight would be gathered.
+* ``"pallas"``: as "auto", on any backend: on a CPU through the Pallas interpreter (how the tests check it).
+  Calls of more rows are matmuls and stay XLA's.
+
+The model's ``implementation`` (``DecoderLM``) reaches here: "pallas_tpu" and attention's "cudnn" mean
+"auto" for the projections.
+"""
+
+from __future__ import annotations
+
+import math
+import string
+
+import jax
+import jax.numpy as jnp
+
+from retnet_jax.ops.gpu import common, skinny
+
+__all__ = ["IMPLEMENTATIONS", "dense_dot_general", "project", "uses_kernel"]
+
+IMPLEMENTATIONS = ("xla", "auto", "pallas", "pallas_tpu", "cudnn")
+
+
+def uses_kernel(implementation: str, rows: int, d: int, n: int, dtype) -> bool:
+    """Whether ``project`` runs the few-row kernel for x [rows, d] @ w [d, n]."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"project: unknown implementation {implementation!r}; expected one of {IMPLEMENTATIONS}."
+        )
+    if implementation == "xla" or rows > skinny.MAX_ROWS:
+        return False
+    if implementation != "pallas" and (
+        jax.default_backend() != "gpu" or jax.device_count() > 1 or common.triton_unavailable()
+    ):
+        return False
+    return not isinstance(skinny.plan(rows, d, n, dtype), str)
+
+
+def project(x, kernel, in_axes: int = 1, *, implementation: str = "xla"):
+    """x [..., *in] contracted with kernel [*in, *out] → [..., *out], in x's dtype.
+
+    Args:
+        x: the inputs; their last ``in_axes`` axes are contracted.
+        kernel: the weights, [*in, *out], in x's dtype.
+        in_axes: how many leading axes of ``kernel`` are contracted.
+        implementation: see the module docstring.
+    """
+    n_in, n_out = in_axes, kernel.ndim - in_axes
+    batch_shape = x.shape[: x.ndim - n_in]
+    rows = math.prod(batch_shape)
+    d, n = math.prod(kernel.shape[:n_in]), math.prod(kernel.shape[n_in:])
+    if uses_kernel(implementation, rows, d, n, x.dtype):
+        interpret = jax.default_backend() != "gpu"
+        y = skinny.matmul(x.reshape(rows, d), kernel.reshape(d, n), interpret=interpret)
+        return y.reshape(*batch_shape, *kernel.shape[n_in:])
+    letters = string.ascii_lowercase
+    batch = letters[: x.ndim - n_in]
+    contracted = letters[x.ndim - n_in : x.ndim]
+    produced = letters[x.ndim : x.ndim + n_out]
+    return jnp.einsum(f"{batch}{contracted},{contracted}{produced}->{batch}{produced}", x, kernel)
+
+
+def dense_dot_general(implementation: str):
+    """A ``dot_general`` for ``flax.linen.Dense`` (``Dense(dot_general=...)``): its product through
+    ``project`` where that runs the few-row kernel, ``lax.dot_general`` as before everywhere else."""
+
+    def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+        standard = dimension_numbers == (((lhs.ndim - 1,), (0,)), ((), ()))
+        rows = math.prod(lhs.shape[:-1])
+        if standard and preferred_element_type is None and lhs.dtype == rhs.dtype:
+            if uses_kernel(implementation, rows, rhs.shape[0], rhs.shape[1], lhs.dtype):
+                return project(lhs, rhs, 1, implementation=implementation)
+        return jax.lax.dot_general(
+            lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=preferred_element_type
+        )
+
+    return dot_general
