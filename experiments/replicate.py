@@ -74,7 +74,7 @@ _STARTED = time.perf_counter()
 import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from experiments.replication import data, lm, recall, recipe, report, schedule, tokens  # noqa: E402
+from experiments.replication import data, lm, loop, recall, recipe, report, schedule, tokens  # noqa: E402
 from retnet_jax.training import code_corpus  # noqa: E402
 from retnet_jax.training import flops as flops_lib  # noqa: E402
 from retnet_jax.training.trainer import model_vocab_size  # noqa: E402
@@ -302,12 +302,36 @@ def _corpus_tokens(options: lm.Options | None) -> int | None:
     return None
 
 
+def _this_loop(record: dict[str, Any]) -> bool:
+    """Whether ``record`` (a calibration or a run) was timed with this version of the training loop."""
+    return (record.get("loop") or {}).get("version") == loop.LOOP_VERSION
+
+
 def _calibration(size_name: str) -> dict[str, Any]:
-    """calibrate.json's runs of a size, if it was measured on this kind of device and both runs succeeded."""
+    """calibrate.json's runs of a size, if it was measured on this kind of device with this training loop
+    and both runs succeeded."""
     calibration = _read_result("calibrate.json")
     runs = (calibration or {}).get("runs", {}).get(size_name, {})
     same_device = calibration and calibration["device"]["device_kind"] == _device()["device_kind"]
-    return runs if same_device and all(runs.get(a, {}).get("status") == "ok" for a in recipe.ARCHS) else {}
+    usable = all(runs.get(a, {}).get("status") == "ok" and _this_loop(runs[a]) for a in recipe.ARCHS)
+    return runs if same_device and usable else {}
+
+
+def _measured_speeds(size_name: str) -> dict[str, float]:
+    """Tokens/s that earlier runs of a size (finished or stopped at their deadline) reached over their
+    whole training, on this kind of device with this loop: a longer measurement than the calibration's."""
+    speeds = {}
+    for arch in recipe.ARCHS:
+        run = _read_result(f"train_{arch}_{size_name}.json")
+        if (
+            run
+            and run.get("status") == "ok"
+            and run.get("tokens_per_s")
+            and _this_loop(run)
+            and run["device"]["device_kind"] == _device()["device_kind"]
+        ):
+            speeds[arch] = run["tokens_per_s"]
+    return speeds
 
 
 def budget(size_name: str, vocab_size: int, options: lm.Options) -> dict[str, Any]:
@@ -342,6 +366,10 @@ def budget(size_name: str, vocab_size: int, options: lm.Options) -> dict[str, An
             f"estimate: {max(flops.values()) / 1e6:.0f} MFLOP/token at {_MFU.value:.0%} of "
             f"{_PEAK_TFLOPS.value:g} TFLOP/s"
         )
+    slower = {a: v for a, v in _measured_speeds(size_name).items() if v < speeds[a]}
+    if slower:  # a run's whole training is the longer measurement: the budget must fit its speed
+        speeds.update(slower)
+        basis = f"measured by an earlier run of the size: {min(speeds.values()):,.0f} tokens/s (not {basis})"
     result = recipe.token_budget(
         params=params,
         step_tokens=size.step_tokens,
@@ -349,10 +377,11 @@ def budget(size_name: str, vocab_size: int, options: lm.Options) -> dict[str, An
         train_seconds=_TRAIN_SECONDS.value,
         tokens_per_param=_TOKENS_PER_PARAM.value,
         corpus_tokens=corpus_tokens,
+        margin=schedule.MARGIN,
     )
     return dict(
         **result,
-        basis=basis,
+        basis=basis + f"; {_TRAIN_SECONDS.value:g} s / margin {schedule.MARGIN:g}",
         train_seconds=_TRAIN_SECONDS.value,
         max_epochs=recipe.MAX_EPOCHS,
         speeds=speeds,
@@ -362,11 +391,17 @@ def budget(size_name: str, vocab_size: int, options: lm.Options) -> dict[str, An
 
 def size_budget(size_name: str, vocab_size: int, options: lm.Options) -> dict[str, Any]:
     """The budget of a size's runs: the one a finished run of the size recorded (so that runs of one size in
-    different calls train on the same tokens, whatever calibrate.json says meanwhile), else ``budget``."""
+    different calls train on the same tokens, whatever calibrate.json says meanwhile), else ``budget``. A
+    run stopped by its deadline (``truncated``) sets no budget; its measured speed lowers the next one."""
     if not (_TOKENS.value or recipe.LM_SIZES[size_name].fixed_steps):
         for arch in recipe.ARCHS:
             run = _read_result(f"train_{arch}_{size_name}.json")
-            if run and run.get("status") == "ok" and run["device"]["device_kind"] == _device()["device_kind"]:
+            if (
+                run
+                and run.get("status") == "ok"
+                and not run.get("truncated")  # a run cut short compares with nothing: no budget from it
+                and run["device"]["device_kind"] == _device()["device_kind"]
+            ):
                 fresh = budget(size_name, vocab_size, options)
                 recorded = dict(
                     run["budget"],
