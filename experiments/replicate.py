@@ -302,6 +302,15 @@ def _corpus_tokens(options: lm.Options | None) -> int | None:
     return None
 
 
+_PLAN_FOR: dict[str, str] = {}  # set by --part=plan: the device kind it plans for
+
+
+def _target_kind() -> str:
+    """The device kind whose calibration and runs set the budgets: this machine's, except in
+    ``--part=plan``, which runs anywhere and plans for the device that calibrate.json measured."""
+    return _PLAN_FOR.get("device_kind") or _device()["device_kind"]
+
+
 def _this_loop(record: dict[str, Any]) -> bool:
     """Whether ``record`` (a calibration or a run) was timed with this version of the training loop."""
     return (record.get("loop") or {}).get("version") == loop.LOOP_VERSION
@@ -312,7 +321,7 @@ def _calibration(size_name: str) -> dict[str, Any]:
     and both runs succeeded."""
     calibration = _read_result("calibrate.json")
     runs = (calibration or {}).get("runs", {}).get(size_name, {})
-    same_device = calibration and calibration["device"]["device_kind"] == _device()["device_kind"]
+    same_device = calibration and calibration["device"]["device_kind"] == _target_kind()
     usable = all(runs.get(a, {}).get("status") == "ok" and _this_loop(runs[a]) for a in recipe.ARCHS)
     return runs if same_device and usable else {}
 
@@ -328,7 +337,7 @@ def _measured_speeds(size_name: str) -> dict[str, float]:
             and run.get("status") == "ok"
             and run.get("tokens_per_s")
             and _this_loop(run)
-            and run["device"]["device_kind"] == _device()["device_kind"]
+            and run["device"]["device_kind"] == _target_kind()
         ):
             speeds[arch] = run["tokens_per_s"]
     return speeds
@@ -400,7 +409,7 @@ def size_budget(size_name: str, vocab_size: int, options: lm.Options) -> dict[st
                 run
                 and run.get("status") == "ok"
                 and not run.get("truncated")  # a run cut short compares with nothing: no budget from it
-                and run["device"]["device_kind"] == _device()["device_kind"]
+                and run["device"]["device_kind"] == _target_kind()
             ):
                 fresh = budget(size_name, vocab_size, options)
                 recorded = dict(
@@ -439,6 +448,10 @@ def part_plan() -> None:
     options = lm.Options(_WORK_DIR.value, "", "", "", 0.0, _SEED.value)
     vocab = -(-_vocab_size() // 8) * 8
     startup = _startup_s()
+    calibration = _read_result("calibrate.json")
+    if calibration:
+        _PLAN_FOR["device_kind"] = calibration["device"]["device_kind"]
+        log(f"planning for {_PLAN_FOR['device_kind']} (calibrate.json's device)")
     log(f"corpus: {_corpus_tokens(None) or 0:,} training tokens; a call's start-up ~{startup:.0f}s")
     for size_name in _lm_sizes():
         plan = size_budget(size_name, vocab, options)

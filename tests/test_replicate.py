@@ -2,7 +2,7 @@
 a tiny RetNet and Transformer trained a few steps and measured → MQAR → the report with its plots.
 
 One subprocess runs the parts in order (as the device calls would, but in one process to pay JAX's
-start-up once); about 40 s on 2 CPU cores, compilation included.
+start-up once); about 45 s on 2 CPU cores, compilation included.
 """
 
 import json

@@ -132,7 +132,7 @@ def calibrate(size: recipe.LMSize, arch: str, tokenizer, options: Options) -> di
         if done.diverged or not done.tokens_per_s:
             raise RuntimeError(f"calibration: {done.steps_done} steps, diverged={done.diverged}.")
         setup_and_compile_s = time.perf_counter() - start - done.train_s
-        data_tokens_per_s = _data_rate(train_data, size.step_tokens)
+        data_tokens_per_s = _data_rate(train_data, size.step_tokens, min(1.0, 0.05 + size.calibration_s / 20))
     finally:
         train_data.close()
     step_s = done.train_s / done.timed_steps
