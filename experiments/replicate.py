@@ -23,37 +23,47 @@ counted the same 99M tokens in 49 s there, on all 16 cores), before any run's cl
 while training instead would need 2–3M tokens/s at size s (112–142 MFLOP a token at 40% of 790 TFLOP/s)
 from grain workers that make about 0.4M a CPU-second each. Each result records its call's ``startup``.
 
+Calibration and runs step through one loop (``replication/loop.py``: the next batch sent to the device
+while a step runs, metrics read on the host a log point late, no wait in the step path);
+``--part=calibrate`` times it for 20 s a configuration, and a size's token budget is what the slower
+architecture trains at that speed in ``--train_seconds`` / 1.1 (``schedule.MARGIN``). A run that a
+deadline nevertheless stops (``truncated``) sets no budget, and its measured speed, if lower, replaces
+the calibration's in the next budget of its size. A size's runs always train on the budget that its first
+finished run recorded. Each calibration and run records its loop's ``host`` time (making and sending
+batches, dispatching steps, waiting for metrics) and its tokens/s over the run (``loop.speed``).
+
 Several runs in one train call (``--arch=retnet,transformer``) run one after another in the call's
 ``--time_limit_s``; a run that raises is recorded as failed and the next one still runs; before each
 later run the call checks that it fits the time left (``replication/schedule.py``: set-up, training at
 the calibrated speed, measurements, with a 10% margin) and otherwise leaves it out with a line
-``NOT RUN: ...``, since a run cut short by the deadline compares with nothing. A size's runs always
-train on the budget that its first finished run recorded.
+``NOT RUN: ...``, since a run cut short by the deadline compares with nothing.
 
 Device schedule (one H200; GPU time in blocks of 30 minutes, a machine's start of ~2 minutes included;
 one command at most 10 minutes; each command below is one call with ``--out_dir=$OUT``; minutes from
-``--part=plan``: the FLOP estimate at 40% utilization, 45 s of set-up and 60 s of measurements a run,
-75 s of start-up a call, until calibrate.json replaces the speeds and set-up):
+``--part=plan`` with the H200's step times of the first calibration (751K / 1.01M tokens/s at s), 43 s
+of start-up a call (a later call on the same machine reuses the tokens: ~2 s), 40 s of measurements a
+run):
 
 | block | command | expected minutes |
 |---|---|---|
 | done | ``--part=corpus`` | 1.3 (measured) |
-| 1 | ``--part=calibrate --size=s,m,l`` | ~6 |
-| 1 | ``--part=train --arch=retnet,transformer --size=s`` | ~8.5 (3.4 + 3.9 + start-up) |
+| 1 | ``--part=calibrate --size=s,m,l`` | ~4.5 (6 × (compile + 20 s timed) + start-up) |
+| 1 | ``--part=train --arch=retnet --size=s`` | ~6.2 (273 s training) |
+| 1 | ``--part=train --arch=transformer --size=s`` | ~4.4 (204 s training) |
 | 1 | ``--part=mqar --mqar_size=s,m`` | ~5 (not measured) |
-| 2 | ``--part=train --arch=retnet --size=m`` | ~7.2 |
-| 2 | ``--part=train --arch=transformer --size=m`` | ~8.0 |
-| 3 | ``--part=train --arch=retnet --size=l`` | ~7.5 |
-| 3 | ``--part=train --arch=transformer --size=l`` | ~8.0 |
+| 2 | ``--part=train --arch=retnet --size=m`` | ~6.2 |
+| 2 | ``--part=train --arch=transformer --size=m`` | ~5.1 |
+| 2 | ``--part=train --arch=retnet --size=l`` | ~6.2 |
+| 3 | ``--part=train --arch=transformer --size=l`` | ~5.4 |
 | – | ``--part=report`` (no GPU) | |
 
 Between commands: copy ``$OUT/*.json`` into experiments/results/replication/ (calibrate.json sets the
-budgets of m and l; a size's first train result sets the second's). After calibrate, run
-``--part=plan --size=s,m,l`` (no GPU): if it says that only 1 of the 2 s runs fits a call, block 1
-trains ``--arch=retnet --size=s`` and block 2 adds ``--arch=transformer --size=s`` (~5 min; block 2 has
-the room); a ``NOT RUN`` line in a two-run call means the same. m and l train for ``--train_seconds``
-(300 s) each, one run a call: two would not fit. MQAR writes each architecture and size as it finishes;
-if the command reaches its limit, rerun the missing size alone (``--mqar_size=m``).
+budgets; a size's first finished train result sets the second's). After calibrate, run
+``--part=plan --size=s,m,l`` (no GPU; it plans for calibrate.json's device) and check the minutes
+above. At ``--train_seconds=300`` two runs of a size do not fit one call (~10.4 min at s); with
+``--train_seconds=230`` the two s runs would (~8.6 min, 157M instead of 205M tokens). MQAR writes each
+architecture and size as it finishes; if the command reaches its limit, rerun the missing size alone
+(``--mqar_size=m``).
 """
 
 from __future__ import annotations
