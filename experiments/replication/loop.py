@@ -151,9 +151,8 @@ def training_loop(
     step, first_step_s, eval_s, paused = 0, 0.0, 0.0, 0.0
     truncated = diverged = False
     loop_start = mark_time = start
-    mark_step = 0
-
-    paused_since_mark = 0.0  # evaluation time since the last read point
+    mark_step = 0  # the last step read, at host time mark_time: the start of the next speed window
+    paused_since_mark = 0.0  # evaluation time since then
 
     def read(entries) -> bool:
         """Reads ``entries`` into the curve; False when a loss is not finite."""
@@ -200,8 +199,6 @@ def training_loop(
             diverged = True
             log(f"  loss became {train_curve[-1]['loss']} by step {step}: stopping")
             break
-        if step == 1:
-            mark_time = loop_start  # the first window starts when the first step is done
         now = clock()
         late = deadline is not None and now > deadline
         spent_all = max_train_s is not None and now - loop_start - paused > max_train_s
