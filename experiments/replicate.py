@@ -23,37 +23,47 @@ counted the same 99M tokens in 49 s there, on all 16 cores), before any run's cl
 while training instead would need 2–3M tokens/s at size s (112–142 MFLOP a token at 40% of 790 TFLOP/s)
 from grain workers that make about 0.4M a CPU-second each. Each result records its call's ``startup``.
 
+Calibration and runs step through one loop (``replication/loop.py``: the next batch sent to the device
+while a step runs, metrics read on the host a log point late, no wait in the step path);
+``--part=calibrate`` times it for 20 s a configuration, and a size's token budget is what the slower
+architecture trains at that speed in ``--train_seconds`` / 1.1 (``schedule.MARGIN``). A run that a
+deadline nevertheless stops (``truncated``) sets no budget, and its measured speed, if lower, replaces
+the calibration's in the next budget of its size. A size's runs always train on the budget that its first
+finished run recorded. Each calibration and run records its loop's ``host`` time (making and sending
+batches, dispatching steps, waiting for metrics) and its tokens/s over the run (``loop.speed``).
+
 Several runs in one train call (``--arch=retnet,transformer``) run one after another in the call's
 ``--time_limit_s``; a run that raises is recorded as failed and the next one still runs; before each
 later run the call checks that it fits the time left (``replication/schedule.py``: set-up, training at
 the calibrated speed, measurements, with a 10% margin) and otherwise leaves it out with a line
-``NOT RUN: ...``, since a run cut short by the deadline compares with nothing. A size's runs always
-train on the budget that its first finished run recorded.
+``NOT RUN: ...``, since a run cut short by the deadline compares with nothing.
 
 Device schedule (one H200; GPU time in blocks of 30 minutes, a machine's start of ~2 minutes included;
 one command at most 10 minutes; each command below is one call with ``--out_dir=$OUT``; minutes from
-``--part=plan``: the FLOP estimate at 40% utilization, 45 s of set-up and 60 s of measurements a run,
-75 s of start-up a call, until calibrate.json replaces the speeds and set-up):
+``--part=plan`` with the H200's step times of the first calibration (751K / 1.01M tokens/s at s), 43 s
+of start-up a call (a later call on the same machine reuses the tokens: ~2 s), 40 s of measurements a
+run):
 
 | block | command | expected minutes |
 |---|---|---|
 | done | ``--part=corpus`` | 1.3 (measured) |
-| 1 | ``--part=calibrate --size=s,m,l`` | ~6 |
-| 1 | ``--part=train --arch=retnet,transformer --size=s`` | ~8.5 (3.4 + 3.9 + start-up) |
+| 1 | ``--part=calibrate --size=s,m,l`` | ~4.5 (6 × (compile + 20 s timed) + start-up) |
+| 1 | ``--part=train --arch=retnet --size=s`` | ~6.2 (273 s training) |
+| 1 | ``--part=train --arch=transformer --size=s`` | ~4.4 (204 s training) |
 | 1 | ``--part=mqar --mqar_size=s,m`` | ~5 (not measured) |
-| 2 | ``--part=train --arch=retnet --size=m`` | ~7.2 |
-| 2 | ``--part=train --arch=transformer --size=m`` | ~8.0 |
-| 3 | ``--part=train --arch=retnet --size=l`` | ~7.5 |
-| 3 | ``--part=train --arch=transformer --size=l`` | ~8.0 |
+| 2 | ``--part=train --arch=retnet --size=m`` | ~6.2 |
+| 2 | ``--part=train --arch=transformer --size=m`` | ~5.1 |
+| 2 | ``--part=train --arch=retnet --size=l`` | ~6.2 |
+| 3 | ``--part=train --arch=transformer --size=l`` | ~5.4 |
 | – | ``--part=report`` (no GPU) | |
 
 Between commands: copy ``$OUT/*.json`` into experiments/results/replication/ (calibrate.json sets the
-budgets of m and l; a size's first train result sets the second's). After calibrate, run
-``--part=plan --size=s,m,l`` (no GPU): if it says that only 1 of the 2 s runs fits a call, block 1
-trains ``--arch=retnet --size=s`` and block 2 adds ``--arch=transformer --size=s`` (~5 min; block 2 has
-the room); a ``NOT RUN`` line in a two-run call means the same. m and l train for ``--train_seconds``
-(300 s) each, one run a call: two would not fit. MQAR writes each architecture and size as it finishes;
-if the command reaches its limit, rerun the missing size alone (``--mqar_size=m``).
+budgets; a size's first finished train result sets the second's). After calibrate, run
+``--part=plan --size=s,m,l`` (no GPU; it plans for calibrate.json's device) and check the minutes
+above. At ``--train_seconds=300`` two runs of a size do not fit one call (~10.4 min at s); with
+``--train_seconds=230`` the two s runs would (~8.6 min, 157M instead of 205M tokens). MQAR writes each
+architecture and size as it finishes; if the command reaches its limit, rerun the missing size alone
+(``--mqar_size=m``).
 """
 
 from __future__ import annotations
@@ -74,7 +84,7 @@ _STARTED = time.perf_counter()
 import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from experiments.replication import data, lm, recall, recipe, report, schedule, tokens  # noqa: E402
+from experiments.replication import data, lm, loop, recall, recipe, report, schedule, tokens  # noqa: E402
 from retnet_jax.training import code_corpus  # noqa: E402
 from retnet_jax.training import flops as flops_lib  # noqa: E402
 from retnet_jax.training.trainer import model_vocab_size  # noqa: E402
@@ -302,12 +312,45 @@ def _corpus_tokens(options: lm.Options | None) -> int | None:
     return None
 
 
+_PLAN_FOR: dict[str, str] = {}  # set by --part=plan: the device kind it plans for
+
+
+def _target_kind() -> str:
+    """The device kind whose calibration and runs set the budgets: this machine's, except in
+    ``--part=plan``, which runs anywhere and plans for the device that calibrate.json measured."""
+    return _PLAN_FOR.get("device_kind") or _device()["device_kind"]
+
+
+def _this_loop(record: dict[str, Any]) -> bool:
+    """Whether ``record`` (a calibration or a run) was timed with this version of the training loop."""
+    return (record.get("loop") or {}).get("version") == loop.LOOP_VERSION
+
+
 def _calibration(size_name: str) -> dict[str, Any]:
-    """calibrate.json's runs of a size, if it was measured on this kind of device and both runs succeeded."""
+    """calibrate.json's runs of a size, if it was measured on this kind of device with this training loop
+    and both runs succeeded."""
     calibration = _read_result("calibrate.json")
     runs = (calibration or {}).get("runs", {}).get(size_name, {})
-    same_device = calibration and calibration["device"]["device_kind"] == _device()["device_kind"]
-    return runs if same_device and all(runs.get(a, {}).get("status") == "ok" for a in recipe.ARCHS) else {}
+    same_device = calibration and calibration["device"]["device_kind"] == _target_kind()
+    usable = all(runs.get(a, {}).get("status") == "ok" and _this_loop(runs[a]) for a in recipe.ARCHS)
+    return runs if same_device and usable else {}
+
+
+def _measured_speeds(size_name: str) -> dict[str, float]:
+    """Tokens/s that earlier runs of a size (finished or stopped at their deadline) reached over their
+    whole training, on this kind of device with this loop: a longer measurement than the calibration's."""
+    speeds = {}
+    for arch in recipe.ARCHS:
+        run = _read_result(f"train_{arch}_{size_name}.json")
+        if (
+            run
+            and run.get("status") == "ok"
+            and run.get("tokens_per_s")
+            and _this_loop(run)
+            and run["device"]["device_kind"] == _target_kind()
+        ):
+            speeds[arch] = run["tokens_per_s"]
+    return speeds
 
 
 def budget(size_name: str, vocab_size: int, options: lm.Options) -> dict[str, Any]:
@@ -342,6 +385,10 @@ def budget(size_name: str, vocab_size: int, options: lm.Options) -> dict[str, An
             f"estimate: {max(flops.values()) / 1e6:.0f} MFLOP/token at {_MFU.value:.0%} of "
             f"{_PEAK_TFLOPS.value:g} TFLOP/s"
         )
+    slower = {a: v for a, v in _measured_speeds(size_name).items() if v < speeds[a]}
+    if slower:  # a run's whole training is the longer measurement: the budget must fit its speed
+        speeds.update(slower)
+        basis = f"measured by an earlier run of the size: {min(speeds.values()):,.0f} tokens/s (not {basis})"
     result = recipe.token_budget(
         params=params,
         step_tokens=size.step_tokens,
@@ -349,10 +396,11 @@ def budget(size_name: str, vocab_size: int, options: lm.Options) -> dict[str, An
         train_seconds=_TRAIN_SECONDS.value,
         tokens_per_param=_TOKENS_PER_PARAM.value,
         corpus_tokens=corpus_tokens,
+        margin=schedule.MARGIN,
     )
     return dict(
         **result,
-        basis=basis,
+        basis=basis + f"; {_TRAIN_SECONDS.value:g} s / margin {schedule.MARGIN:g}",
         train_seconds=_TRAIN_SECONDS.value,
         max_epochs=recipe.MAX_EPOCHS,
         speeds=speeds,
@@ -362,11 +410,17 @@ def budget(size_name: str, vocab_size: int, options: lm.Options) -> dict[str, An
 
 def size_budget(size_name: str, vocab_size: int, options: lm.Options) -> dict[str, Any]:
     """The budget of a size's runs: the one a finished run of the size recorded (so that runs of one size in
-    different calls train on the same tokens, whatever calibrate.json says meanwhile), else ``budget``."""
+    different calls train on the same tokens, whatever calibrate.json says meanwhile), else ``budget``. A
+    run stopped by its deadline (``truncated``) sets no budget; its measured speed lowers the next one."""
     if not (_TOKENS.value or recipe.LM_SIZES[size_name].fixed_steps):
         for arch in recipe.ARCHS:
             run = _read_result(f"train_{arch}_{size_name}.json")
-            if run and run.get("status") == "ok" and run["device"]["device_kind"] == _device()["device_kind"]:
+            if (
+                run
+                and run.get("status") == "ok"
+                and not run.get("truncated")  # a run cut short compares with nothing: no budget from it
+                and run["device"]["device_kind"] == _target_kind()
+            ):
                 fresh = budget(size_name, vocab_size, options)
                 recorded = dict(
                     run["budget"],
@@ -404,6 +458,10 @@ def part_plan() -> None:
     options = lm.Options(_WORK_DIR.value, "", "", "", 0.0, _SEED.value)
     vocab = -(-_vocab_size() // 8) * 8
     startup = _startup_s()
+    calibration = _read_result("calibrate.json")
+    if calibration:
+        _PLAN_FOR["device_kind"] = calibration["device"]["device_kind"]
+        log(f"planning for {_PLAN_FOR['device_kind']} (calibrate.json's device)")
     log(f"corpus: {_corpus_tokens(None) or 0:,} training tokens; a call's start-up ~{startup:.0f}s")
     for size_name in _lm_sizes():
         plan = size_budget(size_name, vocab, options)

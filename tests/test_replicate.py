@@ -2,13 +2,15 @@
 a tiny RetNet and Transformer trained a few steps and measured → MQAR → the report with its plots.
 
 One subprocess runs the parts in order (as the device calls would, but in one process to pay JAX's
-start-up once); about 40 s on 2 CPU cores, compilation included.
+start-up once); about 45 s on 2 CPU cores, compilation included.
 """
 
 import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 from tests.training.test_code_corpus import fake_site_packages
 
@@ -21,23 +23,36 @@ def test_pipeline(tmp_path):
     env = dict(os.environ)
     # One CPU device (the test set-up's 8 fake devices would split the 4-row toy batches).
     env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
-    cmd = [
-        sys.executable,
-        "-m",
-        "experiments.replicate",
-        "--smoke",
-        "--part=corpus,train,mqar,report",
-        f"--roots={site}",
-        f"--work_dir={tmp_path / 'work'}",
-        f"--results_dir={results}",
-        f"--report_dir={reports}",
-        "--validation_fraction=0.25",
-        "--date=2000-01-01",
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    # The parts run as ``python -m experiments.replicate`` would, with a spy on the training loop that
+    # says which functions drove it.
+    script = f"""
+import inspect, sys
+from absl import app
+import experiments.replicate as replicate
+from experiments.replication import loop
+
+real_loop = loop.training_loop
+
+def spy(*args, **kwargs):
+    print("LOOP CALLED BY", inspect.stack()[1].function, flush=True)
+    return real_loop(*args, **kwargs)
+
+loop.training_loop = spy
+sys.argv = ["replicate", "--smoke", "--part=corpus,calibrate,train,mqar,report", "--roots={site}",
+            "--work_dir={tmp_path / "work"}", "--results_dir={results}", "--report_dir={reports}",
+            "--validation_fraction=0.25", "--date=2000-01-01"]
+app.run(replicate.main)
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    # Calibration and training time the same loop function.
+    callers = [line.split()[-1] for line in proc.stdout.splitlines() if line.startswith("LOOP CALLED BY")]
+    assert callers == ["calibrate", "calibrate", "train", "train"]
 
     assert sorted(os.listdir(results)) == [
+        "calibrate.json",
         "corpus.json",
         "mqar_retnet_smoke.json",
         "mqar_transformer_smoke.json",
@@ -50,6 +65,13 @@ def test_pipeline(tmp_path):
     assert corpus["tokens"]["train"] > corpus["tokens"]["validation"] > 0
     assert corpus["device"]["short"] == "cpu"
 
+    with open(results / "calibrate.json") as f:
+        calibration = json.load(f)
+    for arch in ("retnet", "transformer"):
+        measured = calibration["runs"]["smoke"][arch]
+        assert measured["status"] == "ok" and measured["loop"]["timed_steps"] == 2  # 3 steps, 1 compiles
+        assert measured["step_tokens_per_s"] == pytest.approx(4 * 32 / measured["step_s"])
+
     runs = {}
     for arch in ("retnet", "transformer"):
         with open(results / f"train_{arch}_smoke.json") as f:
@@ -61,8 +83,9 @@ def test_pipeline(tmp_path):
         assert run["eval_curve"][-1]["loss"] < run["eval_curve"][0]["loss"]  # it learns
         e = run["extrapolation"]
         assert e["documents"] >= 1 and len(e["binned"]) == 4 * e["seq_len"] // e["bin_width"]
-        assert set(run["decode"]["by_batch"]) == {"1", "2"}
-        assert run["decode"]["by_batch"]["1"]["tokens_per_s"] > 0
+        assert set(run["decode"]["by_batch"]) == {"2"}
+        assert run["decode"]["by_batch"]["2"]["tokens_per_s"] > 0
+        assert run["loop"]["version"] == calibration["runs"]["smoke"][arch]["loop"]["version"]
         assert run["tokenizer_digest"] == corpus["tokenizer"]["digest"]
         # The corpus was tokenized once, before the first run, and the runs know their epochs.
         assert run["startup"]["tokens"]["train"] == corpus["tokens"]["train"]
@@ -101,6 +124,20 @@ def test_token_budget():
         params=10, step_tokens=64, tokens_per_second=1000, train_seconds=100, tokens_per_param=1e6
     )
     assert plan == dict(steps=1562, tokens=99968, tokens_per_param=9996.8, epochs=None, limited_by="time")
+    # With a margin of 1.25 the time cap is 100 s / 1.25 = 80 s of the measured speed: 80000 tokens.
+    plan = recipe.token_budget(
+        params=10,
+        step_tokens=64,
+        tokens_per_second=1000,
+        train_seconds=100,
+        tokens_per_param=1e6,
+        margin=1.25,
+    )
+    assert plan["steps"] == 1250 and plan["steps"] * 64 / 1000 <= 100 / 1.25
+    with pytest.raises(ValueError, match="margin"):
+        recipe.token_budget(
+            params=10, step_tokens=64, tokens_per_second=1, train_seconds=1, tokens_per_param=1, margin=0.5
+        )
     # Capped at 20 tokens per parameter.
     plan = recipe.token_budget(
         params=1000, step_tokens=64, tokens_per_second=1e6, train_seconds=100, tokens_per_param=20
@@ -189,7 +226,10 @@ app.run(replicate.main)
 
 
 def test_plan_keeps_a_recorded_budget(tmp_path):
-    """A size whose first run finished keeps that run's budget; corpus.json's tokens give the epochs."""
+    """A size whose first run finished keeps that run's budget; a truncated run sets none but its speed
+    lowers the budget; corpus.json's tokens give the epochs."""
+    from experiments.replication.loop import LOOP_VERSION
+
     results = tmp_path / "results"
     results.mkdir()
     device = dict(platform="cpu", device_kind="cpu", short="cpu", device_count=1, jax_version="0")
@@ -197,6 +237,10 @@ def test_plan_keeps_a_recorded_budget(tmp_path):
     budget = dict(steps=123, tokens=123 * 65536, tokens_per_param=0.5, epochs=0.8, limited_by="time")
     run = dict(status="ok", device=device, date="2000-01-01", budget=budget)
     (results / "train_retnet_m.json").write_text(json.dumps(run))
+    # A run of l stopped by its deadline: its budget is not kept, its measured speed (this loop's) caps the
+    # next budget: 100,000 tokens/s × 300 s / 1.1 = 27.3M tokens = 416 steps of 65,536.
+    truncated = dict(run, truncated=True, tokens_per_s=100_000.0, loop=dict(version=LOOP_VERSION))
+    (results / "train_transformer_l.json").write_text(json.dumps(truncated))
     env = dict(os.environ)
     env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
     cmd = [
@@ -204,7 +248,7 @@ def test_plan_keeps_a_recorded_budget(tmp_path):
         "-m",
         "experiments.replicate",
         "--part=plan",
-        "--size=s,m",
+        "--size=s,m,l",
         f"--results_dir={results}",
     ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -216,3 +260,4 @@ def test_plan_keeps_a_recorded_budget(tmp_path):
         lines["size m"].startswith("size m: 123 steps")
         and "as the retnet run of 2000-01-01" in lines["size m"]
     )
+    assert lines["size l"].startswith("size l: 416 steps") and "measured by an earlier run" in lines["size l"]

@@ -10,21 +10,22 @@ metrics leaves the device) and ends with measurements of the trained parameters 
   ``eval_batches`` of the validation split, tokenized once);
 * at the end, the loss by position up to 4× the training length and the decoding speed (``evals``).
 
-A run that reaches its deadline stops training early, says so (``truncated``) and still measures.
+The steps run in ``loop.training_loop``, the same function that ``calibrate`` times, so that a budget
+sized from the calibration's tokens/s is what a run reaches. A run that reaches its deadline stops
+training early, says so (``truncated``) and still measures; such a run never sets its size's budget.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gc
-import math
 import time
 from typing import Any
 
 import jax
 import numpy as np
 
-from experiments.replication import data, evals, recipe, tokens
+from experiments.replication import data, evals, loop, recipe, tokens
 from retnet_jax.training import flops as flops_lib
 from retnet_jax.training.sharding import make_mesh
 from retnet_jax.training.trainer import Trainer, model_config, model_vocab_size
@@ -109,41 +110,49 @@ def _evaluate(trainer: Trainer, params, batches) -> float:
 
 
 def calibrate(size: recipe.LMSize, arch: str, tokenizer, options: Options) -> dict[str, Any]:
-    """Compiles a run's step, times ``calibration_steps`` steps on the training data, and measures the input
-    pipeline's own rate; a run can go no faster than the slower of the two."""
+    """Compiles a run's step and times the runs' own loop (``loop.training_loop``, at a run's log cadence)
+    for ``size.calibration_s`` seconds after its first step (at most ``calibration_steps`` steps); then
+    measures the input pipeline's own rate."""
     start = time.perf_counter()
-    trainer = build(size, arch, model_vocab_size(tokenizer), options, steps=1000)
+    cap = size.calibration_steps
+    trainer = build(size, arch, model_vocab_size(tokenizer), options, steps=cap)
     train_data = _batches(size, options, "train", train=True)
     try:
         state = trainer.init(options.seed)
-        state, metrics = trainer.train_step(state, trainer.global_batch(next(train_data)))
-        jax.block_until_ready(metrics)
-        compile_s = time.perf_counter() - start
-        state, metrics = trainer.train_step(state, trainer.global_batch(next(train_data)))
-        jax.block_until_ready(metrics)
-        clock = time.perf_counter()
-        for _ in range(size.calibration_steps):
-            state, metrics = trainer.train_step(state, trainer.global_batch(next(train_data)))
-        jax.block_until_ready(metrics)
-        step_s = (time.perf_counter() - clock) / size.calibration_steps
-        data_tokens_per_s = _data_rate(train_data, size.step_tokens)
+        done = loop.training_loop(
+            trainer,
+            state,
+            train_data,
+            steps=cap,
+            step_tokens=size.step_tokens,
+            log_every=loop.log_every(3200),
+            max_train_s=size.calibration_s or None,
+            log=lambda _: None,
+        )
+        if done.diverged or not done.tokens_per_s:
+            raise RuntimeError(f"calibration: {done.steps_done} steps, diverged={done.diverged}.")
+        setup_and_compile_s = time.perf_counter() - start - done.train_s
+        data_tokens_per_s = _data_rate(train_data, size.step_tokens, min(1.0, 0.05 + size.calibration_s / 20))
     finally:
         train_data.close()
+    step_s = done.train_s / done.timed_steps
+    flops = trainer.train_flops_per_token()
     result = dict(
         status="ok",
         arch=arch,
         params=_parameter_counts(trainer),
         step_s=step_s,
-        step_tokens_per_s=size.step_tokens / step_s,
+        step_tokens_per_s=done.tokens_per_s,
         data_tokens_per_s=data_tokens_per_s,
-        tokens_per_s=min(size.step_tokens / step_s, data_tokens_per_s),
-        setup_and_compile_s=compile_s,
-        flops_per_token=trainer.train_flops_per_token(),
-        loss=float(metrics["loss"]),
-        **_utilization(trainer.train_flops_per_token() * size.step_tokens / step_s),
+        tokens_per_s=min(done.tokens_per_s, data_tokens_per_s),
+        setup_and_compile_s=setup_and_compile_s,
+        flops_per_token=flops,
+        loss=done.train_curve[-1]["loss"],
+        **_utilization(flops * done.tokens_per_s),
         peak_memory_bytes=_peak_memory(),
+        loop=done.summary(),
     )
-    del state
+    del state, done
     gc.collect()
     return result
 
@@ -181,53 +190,30 @@ def train(size: recipe.LMSize, arch: str, tokenizer, options: Options, budget: d
     )
     eval_batches = _fixed_batches(size, options)
     train_data = _batches(size, options, "train", train=True)
-    eval_every = max(1, steps // size.evaluations)
-    log_every = max(1, min(eval_every, steps // 100))
-    train_curve: list[dict[str, float]] = []
-    eval_curve: list[dict[str, float]] = []
-    pending: list[tuple[int, Any]] = []
     state = trainer.init(options.seed)
-    eval_curve.append(dict(step=0, tokens=0, loss=_evaluate(trainer, state.params, eval_batches)))
+    eval_curve = [dict(step=0, tokens=0, loss=_evaluate(trainer, state.params, eval_batches))]
     phases["setup_s"] = time.perf_counter() - clock
-
-    train_s, eval_s, timed_steps, step, truncated, diverged = 0.0, 0.0, 0, 0, False, False
-    clock = time.perf_counter()
     try:
-        while step < steps:
-            state, metrics = trainer.train_step(state, trainer.global_batch(next(train_data)))
-            step += 1
-            pending.append((step, metrics))
-            if step == 1:
-                jax.block_until_ready(metrics)
-                phases["compile_and_first_step_s"] = time.perf_counter() - clock
-                clock = time.perf_counter()
-            evaluate_now = step % eval_every == 0 or step == steps
-            if step % log_every == 0 or evaluate_now:
-                for number, values in jax.device_get(pending):
-                    train_curve.append(dict(step=number, tokens=number * size.step_tokens, **_floats(values)))
-                if step > 1:
-                    timed_steps += len(pending) - (1 if pending[0][0] == 1 else 0)
-                    train_s += time.perf_counter() - clock
-                pending = []
-                if not math.isfinite(train_curve[-1]["loss"]):
-                    diverged = True
-                    log(f"  loss became {train_curve[-1]['loss']} at step {step}: stopping")
-                    break
-                truncated = time.perf_counter() > options.deadline and step < steps
-                if evaluate_now or truncated:
-                    start = time.perf_counter()
-                    loss = _evaluate(trainer, state.params, eval_batches)
-                    eval_s += time.perf_counter() - start
-                    eval_curve.append(dict(step=step, tokens=step * size.step_tokens, loss=loss))
-                    log(f"  step {step}/{steps}: train {train_curve[-1]['loss']:.4f}, validation {loss:.4f}")
-                if truncated:
-                    log(f"  deadline reached at step {step} of {steps}: stopping early")
-                    break
-                clock = time.perf_counter()
+        done = loop.training_loop(
+            trainer,
+            state,
+            train_data,
+            steps=steps,
+            step_tokens=size.step_tokens,
+            log_every=loop.log_every(steps),
+            eval_every=max(1, steps // size.evaluations),
+            evaluate=lambda params: _evaluate(trainer, params, eval_batches),
+            deadline=options.deadline,
+            log=log,
+        )
     finally:
         train_data.close()
-    phases["train_s"], phases["eval_s"] = train_s, eval_s
-    tokens_per_s = timed_steps * size.step_tokens / train_s if train_s > 0 else None
+    del state  # donated to the first step
+    state, step, truncated, diverged = done.state, done.steps_done, done.truncated, done.diverged
+    eval_curve += done.eval_curve
+    phases["compile_and_first_step_s"] = done.first_step_s
+    phases["train_s"], phases["eval_s"] = done.train_s, done.eval_s
+    tokens_per_s = done.tokens_per_s
 
     result = dict(
         status="diverged" if diverged else "ok",
@@ -241,7 +227,7 @@ def train(size: recipe.LMSize, arch: str, tokenizer, options: Options, budget: d
         truncated=truncated,
         epochs_done=step * size.step_tokens / len(_split(options, "train").tokens),
         input="pre-tokenized: tokens.PackedBatches over the tokenized corpus",
-        train_curve=_thin(train_curve, 200),
+        train_curve=done.train_curve,
         eval_curve=eval_curve,
         final_eval_loss=eval_curve[-1]["loss"],
         tokens_per_s=tokens_per_s,
@@ -249,6 +235,7 @@ def train(size: recipe.LMSize, arch: str, tokenizer, options: Options, budget: d
         **(_utilization(trainer.train_flops_per_token() * tokens_per_s) if tokens_per_s else {}),
         corpus_fingerprint=options.corpus_fingerprint,
         tokenizer_digest=options.tokenizer_digest,
+        loop=done.summary(),
     )
     if not diverged:
         # Each measurement is guarded: a failure is recorded beside the training results, not instead.
@@ -289,17 +276,6 @@ def _guarded(measure, log) -> dict[str, Any]:
         text = f"{type(error).__name__}: {error}"
         log(f"  measurement failed: {text[:300]}")
         return {"status": "error", "error": text[:4000]}
-
-
-def _floats(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items()}
-
-
-def _thin(points: list[dict], most: int) -> list[dict]:
-    """At most about ``most`` points, evenly spaced, the last one kept."""
-    stride = max(1, math.ceil(len(points) / most))
-    kept = points[::stride]
-    return kept if not points or kept[-1] is points[-1] else [*kept, points[-1]]
 
 
 def _config_summary(config) -> dict[str, Any]:

@@ -62,10 +62,11 @@ class LMSize:
     evaluations: int = 12  # validation points a run
     eval_batches: int = 8  # validation batches each point averages
     extrapolation_rows: int = 32  # validation documents of >= 4T tokens for the loss by position
-    decode_batches: tuple[int, ...] = (1, 64)
+    decode_batches: tuple[int, ...] = (64,)  # one shape: each batch size costs a compilation (~14 s on H200)
     decode_prompt: int = 128  # prompt tokens of the decoding measurement
     decode_tokens: int = 256  # tokens generated
-    calibration_steps: int = 10  # timed steps of --part=calibrate
+    calibration_s: float = 20.0  # seconds --part=calibrate times the training loop after its first step
+    calibration_steps: int = 10_000  # and at most this many steps
     fixed_steps: int = 0  # steps of a run regardless of the budget (0: from the budget)
 
     @property
@@ -89,10 +90,11 @@ LM_SIZES = {
         evaluations=2,
         eval_batches=1,
         extrapolation_rows=2,
-        decode_batches=(1, 2),
+        decode_batches=(2,),
         decode_prompt=8,
         decode_tokens=4,
-        calibration_steps=2,
+        calibration_s=0.0,
+        calibration_steps=3,
         fixed_steps=6,
     ),
 }
@@ -147,16 +149,20 @@ def token_budget(
     tokens_per_param: float,
     corpus_tokens: int | None = None,
     max_epochs: float = MAX_EPOCHS,
+    margin: float = 1.0,
 ) -> dict:
-    """Steps and tokens of a size's runs: what fits ``train_seconds`` at ``tokens_per_second`` (the slower
-    architecture's), capped at ``tokens_per_param`` × ``params`` and at ``max_epochs`` × ``corpus_tokens``
-    (the training split's tokens; no epoch cap when None); whole steps, at least one.
+    """Steps and tokens of a size's runs: what fits ``train_seconds / margin`` at ``tokens_per_second`` (the
+    slower architecture's measured loop speed; ``margin`` > 1 leaves room for a run slower than measured),
+    capped at ``tokens_per_param`` × ``params`` and at ``max_epochs`` × ``corpus_tokens`` (the training
+    split's tokens; no epoch cap when None); whole steps, at least one.
 
     Returns:
         dict of steps, tokens, tokens_per_param, epochs (tokens / corpus_tokens, None without a corpus
         size) and limited_by: "time", "tokens_per_param" or "epochs", whichever cap is the lowest.
     """
-    caps = {"time": tokens_per_second * train_seconds, "tokens_per_param": tokens_per_param * params}
+    if margin < 1:
+        raise ValueError(f"margin must be >= 1 (a factor on the expected training time); got {margin}.")
+    caps = {"time": tokens_per_second * train_seconds / margin, "tokens_per_param": tokens_per_param * params}
     if corpus_tokens:
         caps["epochs"] = max_epochs * corpus_tokens
     limited_by = min(caps, key=caps.get)

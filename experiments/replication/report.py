@@ -16,7 +16,7 @@ import math
 import os
 from typing import Any
 
-from experiments.replication import recipe
+from experiments.replication import recipe, schedule
 
 SIZE_ORDER = ("smoke", "s", "m", "l")
 ARCH_STYLE = {
@@ -163,8 +163,9 @@ def calibration_section(calibrate: dict | None) -> str:
         [
             "## Step time (calibration)",
             f"Device {calibrate['device']['device_kind']}; the token budgets of the runs were set from these "
-            "(the slower architecture's tokens/s, the lower of its step's and its input pipeline's, × the "
-            f"training seconds, capped at 20 tokens per parameter and at {recipe.MAX_EPOCHS} epochs).",
+            "(the slower architecture's tokens/s through the runs' own training loop, timed for 20 s, × the "
+            f"training seconds / {schedule.MARGIN:g}, capped at 20 tokens per parameter and at "
+            f"{recipe.MAX_EPOCHS} epochs).",
             _table(header, rows),
         ]
     )

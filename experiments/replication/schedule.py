@@ -7,12 +7,16 @@ and the copy of its results) spends
                  tokenized into arrays (the corpus part counted the same tokens in 49 s there), the
                  Python and JAX imports: ``STARTUP_S`` until a call measures it
     per run      set-up (model, first evaluation) and compilation: ``SETUP_S`` until ``--part=calibrate``
-                 measures it; the training (tokens / the architecture's tokens/s); the evaluations and
-                 the final measurements (loss by position, decoding): ``MEASURE_S`` until a run
-                 measures them
+                 measures it; the training (tokens / the architecture's tokens/s, as the calibration
+                 measured them on the runs' own loop, ``loop.training_loop``); the evaluations and the
+                 final measurements (loss by position, decoding): ``MEASURE_S`` until a run measures them
 
 Estimates are used only until a measurement exists: ``calibrate.json`` gives the set-up and each
 architecture's tokens/s, a finished run gives the measurements' time of the next run in the same call.
+``MARGIN`` is applied twice, for one uncertainty (a run slower than measured): a size's token budget is
+the tokens of ``train_seconds / MARGIN`` at the measured speed (so that a run 10% slower still ends in
+``train_seconds``), and a later run of a call starts only if it ends within the call with its training
+``MARGIN`` times longer than expected.
 """
 
 from __future__ import annotations
@@ -22,7 +26,10 @@ from collections.abc import Sequence
 
 STARTUP_S = 75.0  # start-up of a call on a fresh machine (see the module docstring)
 SETUP_S = 45.0  # a run's set-up and compilation, before calibration measures it
-MEASURE_S = 60.0  # a run's evaluations and final measurements, before a run measures them
+# A run's evaluations and final measurements, before a run measures them: 35 s measured at size s on the
+# H200 (evaluations 1 s, loss by position 5 s, decoding 30 s, nearly all of it compiling two batch sizes;
+# decoding now measures one).
+MEASURE_S = 40.0
 MARGIN = 1.1  # factor on expected training times when deciding whether a run still fits
 
 
