@@ -35,7 +35,7 @@ from jax.experimental import pallas as pl
 from retnet_jax.ops import retention
 from retnet_jax.ops.gpu import common
 
-__all__ = ["BLOCK_V", "STATE_DTYPES", "decode_step", "unsupported", "value_tile"]
+__all__ = ["BLOCK_V", "STATE_DTYPES", "decode_step", "factors", "launch", "unsupported", "value_tile"]
 
 # Widest V tile a program takes: 32 float32 columns are a 128-byte run per row of the tile (one cache
 # line), and keep 128 programs at B = 1 for H8 V512. A [256, 32] float32 tile is 64 values per thread at
@@ -96,7 +96,14 @@ def _with_layer(factors_ref, layer_ref, *refs):
     _kernel(factors_ref, *refs, layer_ref=layer_ref)
 
 
-def _launch(factors, q, k, v, kv, layer, *, block_v: int, interpret: bool):
+def launch(factors, q, k, v, kv, layer=None, *, interpret: bool = False):
+    """The kernel call: (o [B, H, V], the new state, written over ``kv``).
+
+    Args:
+        factors: [B, H, 2, BV] float32 from ``factors`` (its last axis sets the V tile).
+        q, k: [B, H, K]; v: [B, H, V]; kv: [B, H, K, V], or [L, B, H, K, V] with ``layer`` [1] int32.
+    """
+    block_v = factors.shape[-1]
     batch, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     tiles = value_dim // block_v
@@ -143,7 +150,8 @@ def decode_step(
     Args:
         q, k: [B, H, K]; v: [B, H, V] (bfloat16, float16 or float32, one dtype); log_decay: [H] float32.
         kv: the state, float32 or bfloat16: [B, H, K, V], or every layer's [L, B, H, K, V] with ``layer``.
-        count: [B] int32, the tokens each row has seen (its position; negative: pads, factor of 0).
+        count: [B] int32, the tokens each row has seen (its position; negative: pads, which take the
+            factor of position 0).
         normalize: multiply o by 1/sqrt(c_n) at the row's position.
         reset: [B] bool or None: rows where this token starts a new document (state emptied first).
         layer: None, or the int32 index (traced or not) of the layer of ``kv`` [L, ...] to update.
@@ -159,6 +167,17 @@ def decode_step(
     why = unsupported(key_dim, value_dim, q.dtype, kv.dtype)
     if why is not None:
         raise ValueError(f"decode_step: the kernel cannot run {why}; use the XLA form.")
+    scalars = factors(log_decay, count, value_dim, normalize=normalize, reset=reset, block_v=block_v)
+    if layer is not None:
+        layer = jnp.reshape(jnp.asarray(layer, jnp.int32), (1,))
+    return launch(scalars, q, k, v, kv, layer, interpret=interpret)
+
+
+def factors(log_decay, count, value_dim: int, *, normalize: bool, reset=None, block_v: int = BLOCK_V):
+    """The rows' scalars as the kernel takes them: [B, H, 2, BV] float32, (decay, row factor) per row and
+    head, each repeated over the V tile (``value_tile``). A reset row's decay is 0 and its row factor
+    that of position 0."""
+    batch, heads = count.shape[0], log_decay.shape[0]
     tile = value_tile(value_dim, block_v)
     log_decay = log_decay.astype(jnp.float32)
     decay = jnp.broadcast_to(jnp.exp(log_decay), (batch, heads))  # [B, H]
@@ -169,7 +188,4 @@ def decode_step(
         scale = retention.row_factors(count, log_decay)  # [B, H]
     else:
         scale = jnp.ones((batch, heads), jnp.float32)
-    factors = jnp.broadcast_to(jnp.stack([decay, scale], -1)[..., None], (batch, heads, 2, tile))
-    if layer is not None:
-        layer = jnp.reshape(jnp.asarray(layer, jnp.int32), (1,))
-    return _launch(factors, q, k, v, kv, layer, block_v=tile, interpret=interpret)
+    return jnp.broadcast_to(jnp.stack([decay, scale], -1)[..., None], (batch, heads, 2, tile))
