@@ -74,15 +74,17 @@ def jax_train_step(cfg: dict[str, Any], mesh=None):
 
 def decode_model(arch: str, model_name: str, dtype: str):
     """(model, decoder, variables) with random parameters in ``dtype``: ``arch`` retnet, retnet-loop (the
-    one-token step's layer loop not unrolled) or transformer (the baseline matching the preset)."""
+    one-token step's layer loop not unrolled) or transformer (the baseline matching the preset); a RetNet
+    arch may end in @xla, @pallas or @auto, its retention implementation (default auto)."""
     import flax.linen as nn
 
     from retnet_jax.inference.decoding import LMDecoder
     from retnet_jax.models import DecoderLM, RetNetConfig, TransformerConfig
 
     cfg = RetNetConfig.preset(model_name, dtype=dtype, param_dtype=dtype, dropout=0.0)
+    arch, _, implementation = arch.partition("@")
     if arch.startswith("retnet"):
-        model = DecoderLM(cfg, unroll_decode=arch == "retnet")
+        model = DecoderLM(cfg, implementation=implementation or "auto", unroll_decode=arch == "retnet")
     else:
         model = DecoderLM(TransformerConfig.matching(cfg))
     tokens = jnp.zeros((1, 8), jnp.int32)

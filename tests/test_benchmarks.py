@@ -101,6 +101,34 @@ def test_training(tmp_path):
     assert rows["torchscale"]["status"] in ("n/a", "ok"), rows["torchscale"]
 
 
+def test_inference_decode_impls(tmp_path):
+    """--decode_impls times the RetNet decoding rows once per retention implementation, labelled."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.bench_inference",
+        f"--out_dir={tmp_path}",
+        *COMMON,
+        "--model=tiny",
+        "--archs=retnet",
+        "--panels=batch",
+        "--batches=1",
+        "--batch_context=32",
+        "--decode_steps=2",
+        "--decode_impls=xla,pallas",
+        "--hlo=false",
+        "--plots=false",
+        "--in_process",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    (stem,) = {f.rsplit(".", 1)[0] for f in os.listdir(tmp_path)}
+    with open(os.path.join(tmp_path, stem + ".json")) as f:
+        rows = json.load(f)["rows"]
+    ran = {(r["arch"], r["status"]) for r in rows if r["kind"] == "decode"}
+    assert ran == {("retnet", "ok"), ("retnet@xla", "ok"), ("retnet@pallas", "ok")}, ran
+
+
 def test_inference(tmp_path):
     """Every part runs (the largest fitting batch is n/a on a CPU), the flag set in a worker of its own."""
     results, text = run("bench_inference", tmp_path)

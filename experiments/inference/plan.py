@@ -27,6 +27,13 @@ ARCHS = flags.DEFINE_list(
     ["retnet", "transformer"],
     "retnet, retnet-loop (the decode step's layer loop not unrolled: unroll_decode=False), transformer.",
 )
+DECODE_IMPLS = flags.DEFINE_list(
+    "decode_impls",
+    [],
+    "Also time each RetNet arch's decoding rows (the length, batch and state parts) with these retention "
+    "implementations side by side: xla, pallas (the fused decode kernel), auto; rows labelled ARCH@IMPL "
+    "(the arch's own rows run 'auto'). E.g. --decode_impls=xla,pallas.",
+)
 MODEL = flags.DEFINE_string("model", "paper-1.3b", "Model preset (RetNetConfig.preset); tiny on a CPU.")
 RUN_PANELS = flags.DEFINE_list("panels", list(PANELS), f"Parts, run in this order: {', '.join(PANELS)}.")
 CONTEXTS = flags.DEFINE_string("contexts", "1024,8192,65536,262144,1048576", "Contexts of the length part.")
@@ -57,6 +64,11 @@ flags.FLAGS.set_default("time_budget_s", 480.0)
 
 def is_retnet(arch: str) -> bool:
     return arch.startswith("retnet")
+
+
+def base_arch(arch: str) -> str:
+    """The arch of a row label ARCH@IMPL (``--decode_impls``)."""
+    return arch.split("@", 1)[0]
 
 
 def parse_flag_sets(text: str) -> dict[str, str]:
@@ -91,6 +103,11 @@ def decode_task(arch, context, batch, panel, state_dtype=None, flags_name="defau
         panels=[panel],
         flags=flags_name,
     )
+
+
+def groups_tasks(groups, arch: str) -> list[dict[str, Any]]:
+    """The tasks of ``arch``'s default group (copies)."""
+    return [dict(t) for g in groups if g["name"] == arch for t in g["tasks"]]
 
 
 def plan_groups() -> list[dict[str, Any]]:
@@ -133,6 +150,17 @@ def plan_groups() -> list[dict[str, Any]]:
         groups.append(
             dict(name=arch, arch=arch, flags="default", xla_flags="", tasks=tasks, share=_SHARES[arch])
         )
+    for arch in ARCHS.value:  # the decoding rows again, per retention implementation
+        if not is_retnet(arch):
+            continue
+        for impl in DECODE_IMPLS.value:
+            if impl not in ("xla", "pallas", "auto"):
+                raise ValueError(f"--decode_impls: unknown {impl!r}; choose from xla, pallas, auto.")
+            name = f"{arch}@{impl}"
+            tasks = [dict(t, arch=name) for t in groups_tasks(groups, arch) if t["kind"] == "decode"]
+            if tasks:
+                group = dict(name=name, arch=name, flags="default", xla_flags="", tasks=tasks)
+                groups.append(dict(group, share=_SHARES[arch] / 2))
     for name, xla_flags in parse_flag_sets(XLA_FLAG_SETS.value).items():
         for arch in FLAG_ARCHS.value:
             tasks = [

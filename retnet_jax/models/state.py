@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from retnet_jax.ops.attention import write_cache
-from retnet_jax.ops.retention import RetentionState
+from retnet_jax.ops.retention import RetentionState, StackedState
 
 __all__ = ["STATE_DTYPES", "KVCache", "RecurrentState", "check_state_dtype"]
 
@@ -125,11 +125,17 @@ class RecurrentState(NamedTuple):
             _put_rows(self.kv, rows, other.kv, 1), _put_rows(self.position, rows, other.position, 0)
         )
 
-    def layer(self, index) -> RetentionState:
-        return RetentionState(jax.lax.dynamic_index_in_dim(self.kv, index, 0, keepdims=False), self.position)
+    def layer(self, index) -> StackedState:
+        """Layer ``index``'s view: the whole array and the index, so that a decode kernel can update the
+        layer in place inside it (``ops.dispatch.recurrent_step``); ``view.current()`` is its slice."""
+        return StackedState(self.kv, index, self.position)
 
-    def write(self, index, new: RetentionState, positions) -> RecurrentState:
+    def write(self, index, new: StackedState | RetentionState, positions) -> RecurrentState:
+        """The state with the mixer's new view (every layer's array, layer ``index`` updated in it), or
+        with layer ``index`` replaced by a new ``RetentionState``."""
         del positions  # the layer's whole state is replaced
+        if isinstance(new, StackedState):  # a bf16 state was rounded once, as the view took the layer in
+            return self._replace(kv=new.kv.astype(self.kv.dtype))
         # The new state was computed in float32; a bf16 state rounds it here, once per layer and step.
         kv = jax.lax.dynamic_update_index_in_dim(self.kv, new.kv.astype(self.kv.dtype), index, 0)
         return self._replace(kv=kv)

@@ -36,8 +36,8 @@ class MultiScaleRetention(nn.Module):
         mode: the form of a full call: "parallel", "chunkwise" or "recurrent" (T = 1 with a state always
             runs one recurrent step).
         chunk_size: C for the chunkwise form.
-        implementation: how the chunkwise form runs ("auto", "xla", "pallas": ``ops.dispatch``), and the
-            projections' products (``ops.products``).
+        implementation: how the chunkwise form and the one-token step run ("auto", "xla", "pallas":
+            ``ops.dispatch``), and the projections' products (``ops.products``).
         return_state: compute the state after the call when none came in (the parallel form computes it
             apart; a call with a state always returns the new one).
     """
@@ -66,14 +66,15 @@ class MultiScaleRetention(nn.Module):
         Args:
             x: [B, T, D].
             positions: [B or 1, T] int absolute positions of the call's tokens; negative = left pads.
-            state: this layer's ``RetentionState`` (kv [B, H, K, V], count [B] = positions[:, 0]), or None
-                (the call starts at position 0).
+            state: this layer's ``RetentionState`` (kv [B, H, K, V], count [B] = positions[:, 0]), or its
+                ``StackedState`` (its view in every layer's state, a decoding state's), or None (the call
+                starts at position 0).
             segment_ids: [B, T] document ids of packed rows, or None (``ops.retention``): the state is
                 emptied at every document start; ``positions`` then restart there too.
 
         Returns:
-            (y [B, T, D] in the compute dtype, the new state: None when none came in and
-            ``return_state`` is False).
+            (y [B, T, D] in the compute dtype, the new state of the kind given: None when none came in
+            and ``return_state`` is False).
         """
         heads, key_dim, value_dim = self.num_heads, self.key_dim, self.value_dim
 
@@ -103,6 +104,12 @@ class MultiScaleRetention(nn.Module):
             k = rotation.rotate(k, positions, self.rotation, self.rotation_base)
 
         incoming = state is not None
+        stack = state if isinstance(state, retention.StackedState) else None
+        # A one-token step through the decode kernel updates the layer inside every layer's array; any
+        # other call works on the layer's slice and writes it back at the end.
+        in_place = stack is not None and self._kernel_step(q, v, stack)
+        if stack is not None and not in_place:
+            state = stack.current()
         o, state = self._retention(q, k, v, state, segment_ids)  # [B, T, H, V]
         o = name_token_mixing(o)
         o = HeadNorm(self.head_norm, self.head_norm_eps, self.param_dtype, name="head_norm")(o)
@@ -118,9 +125,21 @@ class MultiScaleRetention(nn.Module):
             implementation=self.implementation,
             name="out_proj",
         )(o)
-        if incoming:
+        if incoming and not in_place:  # (the kernel reads and writes the state in one call: no order to tie)
             state = _after(state, y)
+            if stack is not None:
+                state = stack.put(state)
         return y, state
+
+    def _one_step(self, q, state) -> bool:
+        return self.mode == "recurrent" and q.shape[1] == 1 and state is not None
+
+    def _kernel_step(self, q, v, state) -> bool:
+        """Whether this call is one token through the decode kernel (``dispatch.decode_kernel``)."""
+        if not self._one_step(q, state):
+            return False
+        dims = (q.shape[-1], v.shape[-1], q.dtype, state.kv.dtype)
+        return dispatch.decode_kernel(self.implementation, *dims)
 
     def _retention(self, q, k, v, state, segment_ids):
         log_decay = retention.log_decays(self.num_heads, self.decay)
@@ -128,9 +147,10 @@ class MultiScaleRetention(nn.Module):
         docs = {} if segment_ids is None else {"segment_ids": segment_ids}
         wants_state = self.return_state or state is not None
         if self.mode == "recurrent":
-            if q.shape[1] == 1 and state is not None:
-                o, state = retention.recurrent_step(
-                    q[:, 0], k[:, 0], v[:, 0], log_decay, state, normalize=norm
+            if self._one_step(q, state):
+                impl = self.implementation
+                o, state = dispatch.recurrent_step(
+                    q[:, 0], k[:, 0], v[:, 0], log_decay, state, normalize=norm, implementation=impl
                 )
                 return o[:, None], state
             o, state = retention.recurrent(q, k, v, log_decay, state=state, normalize=norm, **docs)

@@ -1,6 +1,8 @@
-"""Which implementation runs the chunkwise form: the pure-JAX form of ``ops.retention`` or the fused kernels.
+"""Which implementation runs the chunkwise form and the decoding step: the pure-JAX forms of
+``ops.retention`` or the fused kernels.
 
-``chunkwise(..., implementation=)`` is the one place that reads the backend and picks a path:
+``chunkwise(..., implementation=)`` and ``recurrent_step(..., implementation=)`` are the places that read the
+backend and pick a path. For ``chunkwise``:
 
 * ``"xla"``: ``ops.retention.chunkwise``, any backend.
 * ``"pallas"``: the fused kernels of ``ops.gpu`` (Pallas, Triton backend), on a GPU; on a CPU through the
@@ -18,10 +20,18 @@ unnormalized retention continuing the incoming state (emptied at each document s
 final state; the row factors 1/sqrt(c_n), which depend on the positions, are applied here. Under a
 device mesh the kernel calls carry a partitioning rule (each batch row and head is independent,
 ``ops.gpu.partition``), so a mesh runs them on its shards.
+
+``recurrent_step`` (one token, the decoding step): "xla" is ``ops.retention.recurrent_step``; "pallas" the
+decode kernel of ``ops.gpu.decode_step`` (on a CPU through the interpreter); "auto" the kernel on a GPU
+whose JAX has the Triton backend and where the kernel takes the shapes and dtypes, else XLA (one warning
+when the backend is missing). "pallas_tpu" has no decode kernel: it takes XLA. The step may be given a
+``StackedState`` (one layer's view of every layer's state): the kernel then updates the layer inside the
+array in place; XLA updates its slice.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import NamedTuple
 
@@ -29,7 +39,8 @@ import jax
 import jax.numpy as jnp
 
 from retnet_jax.ops import documents, retention, tpu
-from retnet_jax.ops.gpu import common, fused
+from retnet_jax.ops.gpu import common, fused, partition
+from retnet_jax.ops.gpu import decode_step as decode_lib
 from retnet_jax.ops.gpu import plan as plan_lib
 
 __all__ = [
@@ -38,8 +49,10 @@ __all__ = [
     "IMPLEMENTATIONS",
     "Choice",
     "chunkwise",
+    "decode_kernel",
     "fused_chunkwise",
     "kernel_plan",
+    "recurrent_step",
 ]
 
 IMPLEMENTATIONS = ("xla", "pallas", "pallas_tpu", "auto")
@@ -89,7 +102,7 @@ AUTO_DEFAULT: dict[str, Choice] = {
 AUTO_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 # ------------------------------------------------------------------------------------------------------
 
-_warned_missing_backend = False
+_warned_missing_backend = set()
 
 
 def chunkwise(
@@ -196,11 +209,10 @@ def _forced_plan(fn, key_dim, value_dim, size, dtype, backend):
     return plan
 
 
-def _warn_missing_backend(reason: str):
-    global _warned_missing_backend
-    if not _warned_missing_backend:
-        _warned_missing_backend = True
-        warnings.warn(f"chunkwise(implementation='auto'): {reason}; using the XLA form.", stacklevel=4)
+def _warn_missing_backend(reason: str, fn: str = "chunkwise"):
+    if fn not in _warned_missing_backend:
+        _warned_missing_backend.add(fn)
+        warnings.warn(f"{fn}(implementation='auto'): {reason}; using the XLA form.", stacklevel=4)
 
 
 def fused_chunkwise(q, k, v, log_decay, plan, state, normalize, segment_ids=None):
@@ -223,3 +235,107 @@ def fused_chunkwise(q, k, v, log_decay, plan, state, normalize, segment_ids=None
         o = (o.astype(acc) * scale[..., None]).astype(v.dtype)
     final_count = count + length if segment_ids is None else positions[:, -1] + 1
     return o, retention.RetentionState(kv.astype(acc), final_count)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The decoding step.
+
+
+def decode_kernel(
+    implementation: str, key_dim: int, value_dim: int, dtype, state_dtype, backend=None
+) -> bool:
+    """Whether ``recurrent_step`` runs the decode kernel (see the module docstring); a forced "pallas"
+    that cannot run raises a one-line ValueError."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"recurrent_step: unknown implementation {implementation!r}; expected one of {IMPLEMENTATIONS}."
+        )
+    backend = backend or jax.default_backend()
+    if implementation in ("xla", "pallas_tpu"):
+        return False
+    why = decode_lib.unsupported(key_dim, value_dim, dtype, state_dtype)
+    missing = common.triton_unavailable()
+    if implementation == "pallas":
+        where = "recurrent_step: implementation='pallas' cannot run"
+        if backend not in ("gpu", "cpu"):
+            raise ValueError(f"{where} on {backend} (a GPU kernel); use implementation='xla' or 'auto'.")
+        if backend == "gpu" and missing is not None:
+            raise ValueError(
+                f"{where}: {missing}; use jax[cuda] 0.10-0.11, or implementation='xla' or 'auto'."
+            )
+        if why is not None:
+            raise ValueError(f"{where} {why}; use implementation='xla' or 'auto'.")
+        return True
+    if backend != "gpu" or why is not None:
+        return False
+    if missing is not None:
+        _warn_missing_backend(missing, "recurrent_step")
+        return False
+    return True
+
+
+# Axes of the decode kernel's operands for the partitioning rule (b, h kept; the others whole).
+_DECODE_IN = ("b h two bv", "b h k", "b h k", "b h v")
+_DECODE_STATE = {4: "b h k v", 5: "l b h k v"}
+
+
+@functools.cache
+def _decode_call(interpret: bool):
+    """The kernel call as one hashable callable per mode (the partitioning rule is cached by it)."""
+
+    def call(factors, q, k, v, kv, *layer):
+        return tuple(decode_lib.launch(factors, q, k, v, kv, *layer, interpret=interpret))
+
+    return call
+
+
+def recurrent_step(
+    q,
+    k,
+    v,
+    log_decay,
+    state: retention.RetentionState | retention.StackedState,
+    *,
+    normalize: bool = True,
+    reset=None,
+    implementation: str = "xla",
+):
+    """``ops.retention.recurrent_step`` through the implementation named (see the module docstring).
+
+    Args:
+        q, k: [B, H, K]; v: [B, H, V]; log_decay: [H] float32.
+        state: the layer's ``RetentionState``, or a ``StackedState`` (its view in every layer's state:
+            the kernel updates it in place there).
+        normalize, reset: as ``ops.retention.recurrent_step``.
+        implementation: "xla", "pallas", "pallas_tpu" (XLA: no TPU decode kernel) or "auto".
+
+    Returns:
+        (o [B, H, V] in the input dtype, the new state of the kind given). A kernel's state keeps the
+        stored dtype (float32 or bfloat16); XLA's is float32 for a ``RetentionState`` (as
+        ``ops.retention``), stored in the array's dtype for a ``StackedState``.
+    """
+    stacked = isinstance(state, retention.StackedState)
+    layer_state = state.current() if stacked else state
+    retention.check_inputs("recurrent_step", q, k, v, log_decay, layer_state, step=True)
+    if reset is not None and tuple(reset.shape) != (q.shape[0],):
+        raise ValueError(
+            f"recurrent_step: reset must have shape [B] = ({q.shape[0]},), one flag per row; "
+            f"got shape {tuple(reset.shape)}."
+        )
+    if not decode_kernel(implementation, q.shape[-1], v.shape[-1], q.dtype, state.kv.dtype):
+        o, new = retention.recurrent_step(q, k, v, log_decay, layer_state, normalize=normalize, reset=reset)
+        return o, (state.put(new) if stacked else new)
+    interpret = jax.default_backend() == "cpu"
+    reset = None if reset is None else reset.astype(bool)
+    factors = decode_lib.factors(log_decay, state.count, v.shape[-1], normalize=normalize, reset=reset)
+    operands = [factors, q, k, v, state.kv]
+    rules = [*_DECODE_IN, _DECODE_STATE[state.kv.ndim]]
+    if stacked:
+        operands.append(jnp.reshape(jnp.asarray(state.layer, jnp.int32), (1,)))
+        rules.append("one")
+    o, kv = partition.call(_decode_call(interpret), rules, ("b h v", rules[4]), *operands)
+    count = state.count + 1 if reset is None else jnp.where(reset, 1, state.count + 1)
+    count = count.astype(state.count.dtype)
+    if stacked:
+        return o, retention.StackedState(kv, state.layer, count)
+    return o, retention.RetentionState(kv, count)

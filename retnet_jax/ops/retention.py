@@ -52,6 +52,7 @@ from retnet_jax.ops.documents import document_positions
 __all__ = [
     "KERNEL_STATE_NAME",
     "RetentionState",
+    "StackedState",
     "chunkwise",
     "document_positions",
     "forward_flops",
@@ -83,6 +84,31 @@ class RetentionState(NamedTuple):
 
     kv: jax.Array
     count: jax.Array
+
+
+class StackedState(NamedTuple):
+    """One layer's state seen inside the array of every layer's state (a decoding state's), so that a
+    step can update it there in place (``dispatch.recurrent_step``) instead of in a copy of its slice.
+
+    Attributes:
+        kv: [L, B, H, K, V] float32 (or bfloat16, or float64): every layer's S.
+        layer: int32 scalar (traced or not): the layer this view is of.
+        count: [B] int32: tokens seen so far.
+    """
+
+    kv: jax.Array
+    layer: jax.Array
+    count: jax.Array
+
+    def current(self) -> RetentionState:
+        """The layer's own state (its slice of ``kv``)."""
+        kv = jax.lax.dynamic_index_in_dim(self.kv, self.layer, 0, keepdims=False)
+        return RetentionState(kv, self.count)
+
+    def put(self, new: RetentionState) -> StackedState:
+        """The view with the layer's slice replaced by ``new.kv`` (rounded to the storage dtype)."""
+        kv = jax.lax.dynamic_update_index_in_dim(self.kv, new.kv.astype(self.kv.dtype), self.layer, 0)
+        return StackedState(kv, self.layer, new.count)
 
 
 def init_state(batch: int, heads: int, key_dim: int, value_dim: int, dtype=jnp.float32):
