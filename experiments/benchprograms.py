@@ -74,19 +74,28 @@ def jax_train_step(cfg: dict[str, Any], mesh=None):
 
 def decode_model(arch: str, model_name: str, dtype: str):
     """(model, decoder, variables) with random parameters in ``dtype``: ``arch`` retnet, retnet-loop (the
-    one-token step's layer loop not unrolled) or transformer (the baseline matching the preset); a RetNet
-    arch may end in @xla, @pallas or @auto, its retention implementation (default auto)."""
+    one-token step's layer loop not unrolled) or transformer (the baseline matching the preset); an arch
+    may end in @IMPL or @IMPL/PROJ: a RetNet's retention implementation (xla, pallas or auto: the decode
+    kernel or not) and either model's ``projections`` (xla, pallas or auto: the few-row kernel or not);
+    both default to auto."""
     import flax.linen as nn
 
     from retnet_jax.inference.decoding import LMDecoder
     from retnet_jax.models import DecoderLM, RetNetConfig, TransformerConfig
 
     cfg = RetNetConfig.preset(model_name, dtype=dtype, param_dtype=dtype, dropout=0.0)
-    arch, _, implementation = arch.partition("@")
+    arch, _, options = arch.partition("@")
+    implementation, _, projections = options.partition("/")
+    projections = projections or "auto"
     if arch.startswith("retnet"):
-        model = DecoderLM(cfg, implementation=implementation or "auto", unroll_decode=arch == "retnet")
+        model = DecoderLM(
+            cfg,
+            implementation=implementation or "auto",
+            projections=projections,
+            unroll_decode=arch == "retnet",
+        )
     else:
-        model = DecoderLM(TransformerConfig.matching(cfg))
+        model = DecoderLM(TransformerConfig.matching(cfg), projections=projections)
     tokens = jnp.zeros((1, 8), jnp.int32)
     variables = jax.jit(lambda key: nn.unbox(model.init(key, tokens)))(jax.random.key(0))
     return model, LMDecoder(model, "chunkwise"), variables

@@ -30,9 +30,11 @@ ARCHS = flags.DEFINE_list(
 DECODE_IMPLS = flags.DEFINE_list(
     "decode_impls",
     [],
-    "Also time each RetNet arch's decoding rows (the length, batch and state parts) with these retention "
-    "implementations side by side: xla, pallas (the fused decode kernel), auto; rows labelled ARCH@IMPL "
-    "(the arch's own rows run 'auto'). E.g. --decode_impls=xla,pallas.",
+    "Also time each arch's decoding rows (the length, batch and state parts) with these implementations "
+    "side by side: IMPL or IMPL/PROJ, each xla, pallas or auto: a RetNet's retention step (pallas: the "
+    "fused decode kernel) and the projections (pallas: the few-row kernel); rows labelled ARCH@IMPL[/PROJ] "
+    "(the arch's own rows run 'auto'; a Transformer takes only entries with /PROJ). "
+    "E.g. --decode_impls=xla,pallas/xla,pallas/pallas.",
 )
 MODEL = flags.DEFINE_string("model", "paper-1.3b", "Model preset (RetNetConfig.preset); tiny on a CPU.")
 RUN_PANELS = flags.DEFINE_list("panels", list(PANELS), f"Parts, run in this order: {', '.join(PANELS)}.")
@@ -150,12 +152,15 @@ def plan_groups() -> list[dict[str, Any]]:
         groups.append(
             dict(name=arch, arch=arch, flags="default", xla_flags="", tasks=tasks, share=_SHARES[arch])
         )
-    for arch in ARCHS.value:  # the decoding rows again, per retention implementation
-        if not is_retnet(arch):
-            continue
+    for arch in ARCHS.value:  # the decoding rows again, per implementation
         for impl in DECODE_IMPLS.value:
-            if impl not in ("xla", "pallas", "auto"):
-                raise ValueError(f"--decode_impls: unknown {impl!r}; choose from xla, pallas, auto.")
+            parts = impl.split("/")
+            if len(parts) > 2 or any(p not in ("xla", "pallas", "auto") for p in parts):
+                raise ValueError(
+                    f"--decode_impls: unknown {impl!r}; IMPL or IMPL/PROJ, each xla, pallas or auto."
+                )
+            if not is_retnet(arch) and len(parts) == 1:
+                continue  # a Transformer has no retention step to vary
             name = f"{arch}@{impl}"
             tasks = [dict(t, arch=name) for t in groups_tasks(groups, arch) if t["kind"] == "decode"]
             if tasks:

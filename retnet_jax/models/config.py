@@ -204,7 +204,16 @@ class RetNetConfig(ModelConfig):
             raise ValueError(f"Unknown model preset {name!r}; available: {sorted(PRESETS)}.")
         return cls(**{**PRESETS[name], **overrides})
 
-    def mixer(self, *, mode="parallel", chunk_size=64, implementation="auto", return_state=False, name=None):
+    def mixer(
+        self,
+        *,
+        mode="parallel",
+        chunk_size=64,
+        implementation="auto",
+        projections="auto",
+        return_state=False,
+        name=None,
+    ):
         return MultiScaleRetention(
             num_heads=self.num_heads,
             key_dim=self.key_dim,
@@ -221,6 +230,7 @@ class RetNetConfig(ModelConfig):
             mode=mode,
             chunk_size=chunk_size,
             implementation=implementation,
+            projections=projections,
             return_state=return_state,
             name=name,
         )
@@ -314,7 +324,7 @@ class TransformerConfig(ModelConfig):
         """The Transformer matching the RetNet preset ``name`` (e.g. "paper-1.3b"), with field overrides."""
         return cls.matching(RetNetConfig.preset(name), **overrides)
 
-    def mixer(self, *, implementation="auto", name=None, **unused_retention_options):
+    def mixer(self, *, implementation="auto", projections="auto", name=None, **unused_retention_options):
         del unused_retention_options  # one form of attention: mode and chunk size change nothing
         return Attention(
             num_heads=self.num_heads,
@@ -324,6 +334,7 @@ class TransformerConfig(ModelConfig):
             dtype=self.compute_dtype,
             param_dtype=self.params_dtype,
             implementation=implementation,
+            projections=projections,
             name=name,
         )
 

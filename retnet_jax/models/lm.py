@@ -57,6 +57,7 @@ class Block(nn.Module):
     mode: str = "parallel"
     chunk_size: int = 64
     implementation: str = "auto"
+    projections: str = "auto"
     return_state: bool = False
     deterministic: bool = True
 
@@ -70,6 +71,7 @@ class Block(nn.Module):
             mode=self.mode,
             chunk_size=self.chunk_size,
             implementation=self.implementation,
+            projections=self.projections,
             return_state=self.return_state,
             name=cfg.mixer_name,
         )
@@ -88,7 +90,7 @@ class Block(nn.Module):
             cfg.use_bias,
             cfg.compute_dtype,
             cfg.params_dtype,
-            implementation=self.implementation,
+            implementation=self.projections,
             name="ffn",
         )
         x = x + dropout(ffn(norm(name="ffn_norm")(x)))
@@ -109,9 +111,9 @@ class DecoderLM(nn.Module):
         mode: the retention form of full calls: "parallel", "chunkwise" or "recurrent" (attention has one).
         chunk_size: C for the chunkwise form.
         implementation: the mixer's kernel choice: retention's chunkwise form "auto" / "xla" / "pallas"
-            (``ops.dispatch``), attention's "auto" / "cudnn" / "xla" (``nn.attention``). The projections
-            follow it (``ops.products``): other than "xla", a decoding step's few-row products may run
-            the few-row kernel (on a GPU; "pallas" anywhere).
+            (``ops.dispatch``), attention's "auto" / "cudnn" / "xla" (``nn.attention``).
+        projections: how the projections, FFN and untied head multiply (``ops.products``): "xla", "auto"
+            or "pallas" (a decoding step's few rows through the few-row kernel; interpreted on a CPU).
         scan_layers: stack the blocks with nn.scan (one compiled block; parameters get a layer axis).
         remat: what each block keeps for the backward pass (``nn.remat``): "none" (everything; the
             most memory), "full" (nothing: the block's forward reruns), "projections" (the input
@@ -126,6 +128,7 @@ class DecoderLM(nn.Module):
     mode: str = "parallel"
     chunk_size: int = 64
     implementation: str = "auto"
+    projections: str = "auto"
     scan_layers: bool = True
     remat: bool | str = False
     unroll_decode: bool | None = None
@@ -200,6 +203,7 @@ class DecoderLM(nn.Module):
             mode=mode,
             chunk_size=chunk_size,
             implementation=self.implementation,
+            projections=self.projections,
             return_state=return_state and not incoming,
             deterministic=deterministic,
         )
@@ -238,7 +242,7 @@ class DecoderLM(nn.Module):
             norm_eps=cfg.norm_eps,
             dtype=cfg.compute_dtype,
             param_dtype=cfg.params_dtype,
-            implementation=self.implementation,
+            implementation=self.projections,
         )
         if not return_state:
             return logits, None

@@ -54,8 +54,8 @@ class Attention(nn.Module):
         num_heads, head_dim: H and K.
         rotation_base: RoPE base.
         use_bias, dtype, param_dtype: projections' bias, compute and parameter dtypes.
-        implementation: "auto", "cudnn" or "xla" (calls without a cache); the projections take it too
-            (``ops.products``: "cudnn" means "auto" there).
+        implementation: "auto", "cudnn" or "xla" (calls without a cache).
+        projections: how the projections' products run ("auto", "xla", "pallas": ``ops.products``).
     """
 
     num_heads: int
@@ -65,6 +65,7 @@ class Attention(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     implementation: str = "auto"
+    projections: str = "auto"
 
     @nn.compact
     def __call__(self, x, positions, state=None, *, segment_ids=None):
@@ -92,7 +93,7 @@ class Attention(nn.Module):
                 use_bias=self.use_bias,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
-                implementation=self.implementation,
+                implementation=self.projections,
                 name=name,
             )(x)
             return name_projection(nn.with_logical_constraint(y, HEAD_AXES))  # what a remat policy may keep
@@ -118,7 +119,7 @@ class Attention(nn.Module):
             use_bias=self.use_bias,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            implementation=self.implementation,
+            implementation=self.projections,
             name="out_proj",
         )(o)
         return y, (k, v)

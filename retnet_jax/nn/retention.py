@@ -37,7 +37,8 @@ class MultiScaleRetention(nn.Module):
             runs one recurrent step).
         chunk_size: C for the chunkwise form.
         implementation: how the chunkwise form and the one-token step run ("auto", "xla", "pallas":
-            ``ops.dispatch``), and the projections' products (``ops.products``).
+            ``ops.dispatch``).
+        projections: how the projections' products run ("auto", "xla", "pallas": ``ops.products``).
         return_state: compute the state after the call when none came in (the parallel form computes it
             apart; a call with a state always returns the new one).
     """
@@ -57,6 +58,7 @@ class MultiScaleRetention(nn.Module):
     mode: str = "parallel"
     chunk_size: int = 64
     implementation: str = "auto"
+    projections: str = "auto"
     return_state: bool = False
 
     @nn.compact
@@ -87,7 +89,7 @@ class MultiScaleRetention(nn.Module):
                 use_bias=self.use_bias,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
-                implementation=self.implementation,
+                implementation=self.projections,
                 name=name,
             )
             return name_projection(projection(x))  # what a remat policy may keep
@@ -122,7 +124,7 @@ class MultiScaleRetention(nn.Module):
             use_bias=self.use_bias,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            implementation=self.implementation,
+            implementation=self.projections,
             name="out_proj",
         )(o)
         if incoming and not in_place:  # (the kernel reads and writes the state in one call: no order to tie)

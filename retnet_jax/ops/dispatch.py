@@ -22,9 +22,10 @@ device mesh the kernel calls carry a partitioning rule (each batch row and head 
 ``ops.gpu.partition``), so a mesh runs them on its shards.
 
 ``recurrent_step`` (one token, the decoding step): "xla" is ``ops.retention.recurrent_step``; "pallas" the
-decode kernel of ``ops.gpu.decode_step`` (on a CPU through the interpreter); "auto" the kernel on a GPU
-whose JAX has the Triton backend and where the kernel takes the shapes and dtypes, else XLA (one warning
-when the backend is missing). "pallas_tpu" has no decode kernel: it takes XLA. The step may be given a
+decode kernel of ``ops.gpu.decode_step`` (on a CPU through the interpreter); "auto", once the kernel is
+measured faster (``AUTO_DECODE_KERNEL``), the kernel on a GPU whose JAX has the Triton backend and where
+the kernel takes the shapes and dtypes, else XLA (one warning when the backend is missing). "pallas_tpu"
+has no decode kernel: it takes XLA. The step may be given a
 ``StackedState`` (one layer's view of every layer's state): the kernel then updates the layer inside the
 array in place; XLA updates its slice.
 """
@@ -240,6 +241,10 @@ def fused_chunkwise(q, k, v, log_decay, plan, state, normalize, segment_ids=None
 # ------------------------------------------------------------------------------------------------------
 # The decoding step.
 
+# Whether "auto" runs the decode kernel on a GPU: not until it is measured faster than XLA's step
+# (experiments/bench_inference.py --decode_impls=xla,pallas).
+AUTO_DECODE_KERNEL = False
+
 
 def decode_kernel(
     implementation: str, key_dim: int, value_dim: int, dtype, state_dtype, backend=None
@@ -266,7 +271,7 @@ def decode_kernel(
         if why is not None:
             raise ValueError(f"{where} {why}; use implementation='xla' or 'auto'.")
         return True
-    if backend != "gpu" or why is not None:
+    if backend != "gpu" or why is not None or not AUTO_DECODE_KERNEL:
         return False
     if missing is not None:
         _warn_missing_backend(missing, "recurrent_step")

@@ -4,15 +4,15 @@ multiplies a handful of rows by a weight matrix (``ops.gpu.skinny``).
 ``project(x, kernel, in_axes, implementation=)``:
 
 * ``"xla"``: ``jnp.einsum``, any backend, any number of rows.
-* ``"auto"``: on one GPU whose JAX has the Triton backend, calls of at most ``skinny.MAX_ROWS`` rows whose
-  shapes the kernel takes run it; everything else is XLA's. No backend: XLA, with no warning (a product is
+* ``"auto"``: where ``AUTO_KERNEL`` is set (a measurement shows the kernel faster), on one GPU whose JAX
+  has the Triton backend, calls of at most ``skinny.MAX_ROWS`` rows whose shapes the kernel takes run it;
+  everything else is XLA's. No backend: XLA, with no warning (a product is
   never wrong through XLA; ``dispatch.chunkwise`` already warns once about the missing backend). With
   several devices XLA too: the kernel has no partitioning rule, and a sharded weight would be gathered.
 * ``"pallas"``: as "auto", on any backend: on a CPU through the Pallas interpreter (how the tests check it).
   Calls of more rows are matmuls and stay XLA's.
 
-The model's ``implementation`` (``DecoderLM``) reaches here: "pallas_tpu" and attention's "cudnn" mean
-"auto" for the projections.
+The model's ``projections`` (``DecoderLM``) reaches here.
 """
 
 from __future__ import annotations
@@ -27,7 +27,11 @@ from retnet_jax.ops.gpu import common, skinny
 
 __all__ = ["IMPLEMENTATIONS", "dense_dot_general", "project", "uses_kernel"]
 
-IMPLEMENTATIONS = ("xla", "auto", "pallas", "pallas_tpu", "cudnn")
+IMPLEMENTATIONS = ("xla", "auto", "pallas")
+
+# Whether "auto" runs the kernel on a GPU: not until it is measured faster than XLA's products in a
+# decoding step (experiments/bench_inference.py, rows ARCH@IMPL/pallas against ARCH@IMPL/xla).
+AUTO_KERNEL = False
 
 
 def uses_kernel(implementation: str, rows: int, d: int, n: int, dtype) -> bool:
@@ -36,7 +40,7 @@ def uses_kernel(implementation: str, rows: int, d: int, n: int, dtype) -> bool:
         raise ValueError(
             f"project: unknown implementation {implementation!r}; expected one of {IMPLEMENTATIONS}."
         )
-    if implementation == "xla" or rows > skinny.MAX_ROWS:
+    if implementation == "xla" or rows > skinny.MAX_ROWS or (implementation == "auto" and not AUTO_KERNEL):
         return False
     if implementation != "pallas" and (
         jax.default_backend() != "gpu" or jax.device_count() > 1 or common.triton_unavailable()

@@ -170,14 +170,16 @@ def test_tiles_and_what_the_kernel_refuses():
         dispatch.recurrent_step(q, q, v, retention.log_decays(2), state, implementation="triton")
 
 
-def test_auto_choice():
-    """ "auto" takes the kernel on a GPU with the Triton backend where it runs; XLA elsewhere, never an
-    error; "pallas" forced on a TPU names the fix."""
+def test_auto_choice(monkeypatch):
+    """ "auto" takes the kernel on a GPU with the Triton backend where it runs, once it is measured
+    (``AUTO_DECODE_KERNEL``); XLA elsewhere, never an error; "pallas" forced on a TPU names the fix."""
     args = (256, 512, jnp.bfloat16, jnp.float32)
     assert not dispatch.decode_kernel("auto", *args, backend="cpu")
     assert not dispatch.decode_kernel("auto", *args, backend="tpu")
     assert not dispatch.decode_kernel("auto", 24, 512, jnp.bfloat16, jnp.float32, backend="gpu")
     assert not dispatch.decode_kernel("pallas_tpu", *args, backend="gpu")
+    assert not dispatch.decode_kernel("auto", *args, backend="gpu") or dispatch.AUTO_DECODE_KERNEL
+    monkeypatch.setattr(dispatch, "AUTO_DECODE_KERNEL", True)
     assert dispatch.decode_kernel("auto", *args, backend="gpu") == (common.triton_unavailable() is None)
     assert dispatch.decode_kernel("pallas", *args, backend="cpu")
     with pytest.raises(ValueError, match="on tpu"):

@@ -75,9 +75,11 @@ def test_the_kernel_lowers_to_triton():
         assert "__gpu$xla.gpu.triton" in text.as_text()
 
 
-def test_dispatch():
+def test_dispatch(monkeypatch):
     f32 = jnp.float32
     assert not products.uses_kernel("auto", 1, 64, 64, f32)  # CPU: XLA
+    monkeypatch.setattr(products, "AUTO_KERNEL", True)
+    assert not products.uses_kernel("auto", 1, 64, 64, f32)  # still the CPU
     assert not products.uses_kernel("xla", 1, 64, 64, f32)
     assert products.uses_kernel("pallas", 1, 64, 64, f32)
     assert not products.uses_kernel("pallas", 17, 64, 64, f32)  # a matmul: XLA
@@ -91,7 +93,7 @@ def test_a_decoding_step_through_the_kernel_equals_xlas():
     equals the step through XLA's products. (The Transformer's projections are the same modules.)"""
     config = RetNetConfig(vocab_size=64, d_model=64, num_layers=1, num_heads=2, value_dim=128, ffn_dim=128)
     tokens = jnp.array([[3, 9, 27, 17]], jnp.int32)
-    xla, pallas = RetNetLM(config, implementation="xla"), RetNetLM(config, implementation="pallas")
+    xla, pallas = RetNetLM(config, projections="xla"), RetNetLM(config, projections="pallas")
     variables = xla.init(jax.random.PRNGKey(0), tokens)
     _, state = xla.apply(variables, tokens[:, :-1], return_state=True)
     step = tokens[:, -1:]
