@@ -46,7 +46,9 @@ def get_config() -> ml_collections.ConfigDict:
     # "projections" keeps the input projections' outputs (reruns the retention kernel / attention and
     # elementwise work); "mixer" keeps those and the mixer's outputs (reruns only elementwise work). For
     # paper-1.3b at B·T = 16K in bf16: 13 / 18 GB over its 24 layers for projections / mixer, 1.6 GB for full.
-    c.remat = "none"  # "none", "full", "projections" or "mixer"; True / False (older configs) = full / none
+    # "auto" compiles the step under none, mixer, projections, full in turn and takes the first that fits
+    # 90% of the device's memory (training/remat_choice.py; on a CPU: none).
+    c.remat = "none"  # "none", "full", "projections", "mixer" or "auto"; True / False = full / none
     c.scan_layers = True  # one compiled block scanned over the layers
 
     # Data.

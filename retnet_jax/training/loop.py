@@ -92,7 +92,8 @@ def _validate_run_options(config: ml_collections.ConfigDict):
             f"--config.implementation must be one of {choices} for arch={config.arch!r}; "
             f"got {config.implementation!r}."
         )
-    remat_lib.resolve(config.remat, "--config.remat")
+    if config.remat != "auto":  # "auto": the Trainer compiles the policies and picks (training.remat_choice)
+        remat_lib.resolve(config.remat, "--config.remat")
     for name in ("scan_layers", "allow_schedule_change"):
         if not isinstance(config.get(name, False), bool):
             raise ValueError(f"--config.{name} must be True or False; got {config[name]!r}.")
@@ -188,7 +189,7 @@ def _setup(config, mesh, reader: checkpoint_lib.Checkpoints, notes: list[str]) -
                         if imported is not None
                         else model_config(config, model_vocab_size(tokenizer))
                     )
-                    trainer = Trainer(config, architecture, mesh)
+                    trainer = Trainer(config, architecture, mesh, log=_say)
                     train_data = _train_data(config, tokenizer, trainer)
                 if fresh_import:
                     params = reader.restore_params(trainer.abstract_state.params, step=0)
@@ -208,7 +209,7 @@ def _setup(config, mesh, reader: checkpoint_lib.Checkpoints, notes: list[str]) -
             note = vocabulary_note(config, tokenizer)
             notes += [note] if note else []
         if trainer is None:
-            trainer = Trainer(config, model_config(config, model_vocab_size(tokenizer)), mesh)
+            trainer = Trainer(config, model_config(config, model_vocab_size(tokenizer)), mesh, log=_say)
             train_data = _train_data(config, tokenizer, trainer)
         state = trainer.init(config.seed)
         return _Setup(tokenizer, trainer, train_data, state, config_dict, None, None, skipped, notes)

@@ -11,6 +11,7 @@ Everything stateful — data, checkpoints, logs — lives outside the step (``lo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -24,6 +25,7 @@ from flax import struct
 from retnet_jax.models.config import ModelConfig, RetNetConfig, TransformerConfig
 from retnet_jax.models.lm import DecoderLM
 from retnet_jax.training import flops as flops_lib
+from retnet_jax.training import remat_choice
 from retnet_jax.training.optim import make_optimizer
 from retnet_jax.training.sharding import LOGICAL_RULES, batch_sharding, shardings_of
 from retnet_jax.training.tokenizers import Tokenizer
@@ -63,15 +65,16 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelCon
     return retnet if config.arch == "retnet" else TransformerConfig.matching(retnet)
 
 
-def build_model(config: ml_collections.ConfigDict, architecture: ModelConfig) -> DecoderLM:
-    """The LM of ``architecture`` run as the experiment config says (form, chunk size, kernel, remat)."""
+def build_model(config: ml_collections.ConfigDict, architecture: ModelConfig, remat=None) -> DecoderLM:
+    """The LM of ``architecture`` run as the experiment config says (form, chunk size, kernel, remat;
+    ``remat`` given: that policy instead of the config's)."""
     return DecoderLM(
         architecture,
         mode=config.mode,
         chunk_size=config.chunk_size,
         implementation=config.implementation,
         scan_layers=config.scan_layers,
-        remat=config.remat,
+        remat=config.remat if remat is None else remat,
     )
 
 
@@ -111,13 +114,29 @@ class Trainer:
         architecture: the model config (``model_config(config, vocab_size)``, or one read back from a
             checkpoint).
         mesh: the device mesh (``training.sharding.make_mesh``).
+        log: where ``remat = "auto"`` reports its choice.
+
+    Attributes:
+        remat: the remat policy the step runs (the config's, or the one "auto" chose:
+            ``training.remat_choice``); ``remat_peaks``: the peak bytes per device "auto" measured.
     """
 
-    def __init__(self, config: ml_collections.ConfigDict, architecture: ModelConfig, mesh: jax.sharding.Mesh):
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        architecture: ModelConfig,
+        mesh: jax.sharding.Mesh,
+        log: Callable[[str], Any] = print,
+    ):
         self.config = config
         self.mesh = mesh
         self.model_config = architecture
-        self.model = build_model(config, architecture)
+        self.remat, self.remat_peaks = config.remat, {}
+        if config.remat == "auto":
+            self.remat, self.remat_peaks = remat_choice.choose(
+                lambda name: self._peak_with(name), remat_choice.device_limit(mesh), log
+            )
+        self.model = build_model(config, architecture, remat=self.remat)
         self.tx, self.schedule = make_optimizer(config)
         with self.context():
             boxed = jax.eval_shape(self._init_boxed, jax.random.key(0))
@@ -195,6 +214,20 @@ class Trainer:
         chunk = self.config.chunk_size if self.config.mode == "chunkwise" else None
         mixer = cfg.mixer_flops_per_token(self.config.seq_len, chunk)
         return 3 * flops_lib.lm_forward_flops_per_token(self.num_params - lookups, cfg.num_layers, mixer)
+
+    def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+        """A training batch's shapes: inputs, targets and segment ids [B, T] int32, sharded."""
+        shape = (self.config.batch_size, self.config.seq_len)
+        spec = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.batch_sharding)
+        return dict(inputs=spec, targets=spec, segment_ids=spec)
+
+    def _peak_with(self, remat: str) -> int | None:
+        """The peak bytes per device of this run's train step under another remat policy (compiled)."""
+        other = self.config.copy_and_resolve_references()
+        other.remat = remat
+        trainer = Trainer(other, self.model_config, self.mesh)
+        compiled = trainer.lower_train_step(trainer.abstract_state, trainer.abstract_batch()).compile()
+        return remat_choice.peak_bytes(compiled)
 
     # -- the pure functions -----------------------------------------------------------------
 

@@ -172,3 +172,46 @@ def test_cross_entropy_weights_count_only_the_marked_targets():
     log_p = jax.nn.log_softmax(logits)
     expected = -(log_p[0, 1, 2] + log_p[0, 4, 5] + log_p[1, 0, 6]) / 3
     np.testing.assert_allclose(ce, expected, rtol=1e-6)
+
+
+def test_remat_auto_takes_the_first_policy_that_fits(monkeypatch):
+    """remat="auto" compiles the step per policy, fastest first, and takes the first whose peak memory per
+    device fits 90% of the device's limit; a device without a limit (the CPU) gets "none"."""
+    from retnet_jax.training import remat_choice
+
+    config = small_config(remat="auto")
+    mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    architecture = train.model_config(config, 264)
+    lines = []
+    assert train.Trainer(config, architecture, mesh, log=lines.append).remat == "none"  # CPU: no limit
+    assert "no memory limit" in lines[0]
+
+    peaks = {}
+    for name in remat_choice.ORDER:
+        other = small_config(remat=name)
+        trainer = train.Trainer(other, architecture, mesh)
+        compiled = trainer.lower_train_step(trainer.abstract_state, trainer.abstract_batch()).compile()
+        peaks[name] = remat_choice.peak_bytes(compiled)
+    assert peaks["full"] < peaks["none"], peaks  # full remat keeps less than no remat
+    limit = int(peaks["full"] / remat_choice.FRACTION) + 1  # only "full" (or what is as lean) fits
+    monkeypatch.setattr(remat_choice, "device_limit", lambda mesh: limit)
+    trainer = train.Trainer(config, architecture, mesh, log=lines.append)
+    chosen = remat_choice.ORDER.index(trainer.remat)
+    assert trainer.remat_peaks[trainer.remat] <= remat_choice.FRACTION * limit
+    assert all(trainer.remat_peaks[p] > remat_choice.FRACTION * limit for p in remat_choice.ORDER[:chosen])
+    _, metrics = trainer.train_step(trainer.init(0), trainer.global_batch(_batch()))
+    assert np.isfinite(jax.device_get(metrics["loss"]))
+
+
+def test_remat_choice_without_a_fit_falls_back_to_full():
+    from retnet_jax.training import remat_choice
+
+    peaks = dict(none=40, mixer=30, projections=20, full=12)
+    name, seen = remat_choice.choose(peaks.get, 10, log=lambda _: None)
+    assert name == "full" and seen == peaks
+    assert remat_choice.choose(peaks.get, 25, log=lambda _: None)[0] == "projections"
+
+
+def _batch():
+    rng = np.random.default_rng(0)
+    return {k: rng.integers(0, 259, (8, 32)).astype(np.int32) for k in ("inputs", "targets", "segment_ids")}
