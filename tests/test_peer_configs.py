@@ -5,6 +5,9 @@ installed, the last test builds fla's model on the meta device and checks that c
 """
 
 import importlib.util
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -16,6 +19,7 @@ from experiments.peer_configs import (
 )
 from retnet_jax.models.config import RetNetConfig
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # fla 0.6.0's RetNetForCausalLM built on the meta device from fla_retnet_config, parameters counted.
 FLA_COUNTS = {"tiny": 148_928, "paper-1.3b": 1_413_724_160, "paper-2.7b": 2_774_977_024}
 
@@ -55,6 +59,18 @@ def test_fla_params_match_ours(model):
     fla = fla_num_params(fla_retnet_config(RetNetConfig.preset(model)))
     assert fla == FLA_COUNTS[model]
     assert abs(fla / ours_num_params(model) - 1) < 1e-3, (fla, ours_num_params(model))
+
+
+def test_ours_num_params_starts_no_backend():
+    """bench_training's parent calls it while its workers hold the GPU: shapes only, no device backend."""
+    code = (
+        "from jax._src import xla_bridge\n"
+        "from experiments.peer_configs import ours_num_params\n"
+        "assert ours_num_params('tiny') == 148_800\n"
+        "assert not xla_bridge.backends_are_initialized()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_fla_config_refuses_wide_keys():
