@@ -4,8 +4,8 @@ fla's RetNet.
 
     python -m experiments.bench_training --models=paper-1.3b --archs=retnet,transformer   # ~6-8 min, H100
     python -m experiments.bench_training --models=paper-1.3b --archs=torchscale
-    python -m experiments.bench_training --models=paper-1.3b,paper-2.7b --archs=retnet,transformer,fla \
-        --chunk_size=64 --time_budget_s=540 --tag=fla-train          # T 2K/8K/16K, ~9 min
+    python -m experiments.bench_training --models=paper-1.3b --archs=retnet,transformer,fla \
+        --chunk_size=64 --time_budget_s=540 --tag=fla-train-1.3b     # T 2K/8K/16K, ~8 min
     python -m experiments.bench_training --models=paper-2.7b --archs=retnet,transformer --lengths=2048,8192
     python -m experiments.bench_training --models=tiny --lengths=64 --tokens_per_step=256 \
         --steps=3 --in_process                                      # CPU smoke run (under a minute)
