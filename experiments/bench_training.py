@@ -1,8 +1,11 @@
 """Training throughput on one device: tokens/s, MFU and peak memory of a full train step (forward,
-cross-entropy, backward, AdamW with clipping) for RetNet, the Transformer baseline and torchscale's RetNet.
+cross-entropy, backward, AdamW with clipping) for RetNet, the Transformer baseline, torchscale's RetNet and
+fla's RetNet.
 
     python -m experiments.bench_training --models=paper-1.3b --archs=retnet,transformer   # ~6-8 min, H100
     python -m experiments.bench_training --models=paper-1.3b --archs=torchscale
+    python -m experiments.bench_training --models=paper-1.3b --archs=retnet,transformer,fla \
+        --chunk_size=64 --time_budget_s=540 --tag=fla-train-1.3b     # T 2K/8K/16K, ~8 min
     python -m experiments.bench_training --models=paper-2.7b --archs=retnet,transformer --lengths=2048,8192
     python -m experiments.bench_training --models=tiny --lengths=64 --tokens_per_step=256 \
         --steps=3 --in_process                                      # CPU smoke run (under a minute)
@@ -23,6 +26,16 @@ B = max(1, tokens_per_step / T), unless ``--batch_size`` is given. RetNet trains
 ``RetNetDecoder`` (PyTorch, bf16 autocast, float32 master weights, fused AdamW, the same clipping) runs
 at the same D, L, H, value width and vocabulary; its FFN is always a GLU, so for the paper presets (a GELU
 MLP with F = 2D) it gets F' = 2F/3, which matches the parameter count.
+
+fla (flash-linear-attention 0.6.0) trains its ``RetNetForCausalLM`` as a user would: its config from ours by
+``peer_configs.fla_retnet_config`` (the same D, L, H, K = D/H, value width and vocabulary, the GLU width F' as
+for torchscale), its defaults otherwise: chunk mode (C = 64, fixed), fused RMSNorm and norm + swish gate,
+fused SwiGLU, fused cross-entropy on ``labels`` (shifted inside the model). Its architecture differs where
+fla fixes it: RMSNorm (the paper presets: LayerNorm), rotate-half rotation, unnormalized retention, no
+dropout. ``--fla_params`` float32 keeps float32 parameters and AdamW state under bf16 autocast (as ours and
+torchscale); bfloat16 casts the model to bf16 as fla's own throughput script does. The same AdamW and
+clipping, grad checkpointing per block for ``--remat=full``. Both peers' rows give their parameter count
+against ours. fla's Triton kernels need a CUDA GPU: elsewhere, or without torch and fla, its rows are "n/a".
 
 ``--remat`` lists remat policies (``nn.remat``: none, full, projections, mixer; true / false mean full /
 none); each configuration runs once per entry, and the "remat" column names the policy. "XLA temp GB" is
@@ -57,11 +70,20 @@ from absl import app, flags
 from experiments import benchlib as bl
 from experiments import benchprograms as bp
 from experiments import benchreport as br
+from experiments.peer_configs import (
+    FLA_CHUNK,
+    fla_num_params,
+    fla_retnet_config,
+    matched_ffn,
+    ours_num_params,
+)
 from retnet_jax.models.config import RetNetConfig
 from retnet_jax.nn import remat as remat_lib
 from retnet_jax.training import flops as flops_lib
 
-ARCHS = ("retnet", "transformer", "torchscale")
+ARCHS = ("retnet", "transformer", "torchscale", "fla")
+PEERS = ("torchscale", "fla")  # PyTorch models: no document ids, remat none or full only
+PEER_MODULES = {"torchscale": ("torch", "torchscale", "fairscale"), "fla": ("torch", "fla", "transformers")}
 
 _ARCHS = flags.DEFINE_list("archs", list(ARCHS), f"Models to train: {ARCHS}.")
 _MODELS = flags.DEFINE_list("models", ["paper-1.3b", "paper-2.7b"], "Model presets (RetNetConfig.preset).")
@@ -82,6 +104,13 @@ _DROPOUT = flags.DEFINE_float("dropout", 0.0, "Dropout rate (the paper presets s
 _STEPS = flags.DEFINE_integer("steps", 8, "Timed steps per configuration (after 2 warm-up steps).")
 _IN_PROCESS = flags.DEFINE_bool("in_process", False, "Run configurations in this process (CPU smoke).")
 _CONFIG_TIMEOUT_S = flags.DEFINE_float("config_timeout_s", 300.0, "Time limit of one configuration.")
+_FLA_PARAMS = flags.DEFINE_enum(
+    "fla_params",
+    "float32",
+    ["float32", "bfloat16"],
+    "fla's parameter and AdamW state dtype: float32 under bf16 autocast (as ours), or bfloat16 (as fla's own "
+    "throughput script: the model cast to bf16, autocast too).",
+)
 
 flags.FLAGS.set_default("time_budget_s", 480.0)
 
@@ -94,29 +123,24 @@ def configs():
             batch = _BATCH.value or max(1, _TOKENS.value // length)
             for arch in _ARCHS.value:
                 for documents in bl.int_list(",".join(_DOCUMENTS.value)):
-                    if documents and arch == "torchscale":
+                    if documents and arch in PEERS:
                         continue  # no document ids there
                     for remat in policies:
-                        if arch == "torchscale" and remat not in ("none", "full"):
-                            continue  # its checkpoint_activations is all or nothing
+                        if arch in PEERS and remat not in ("none", "full"):
+                            continue  # their checkpointing is all or nothing
                         out.append(
                             dict(
                                 arch=arch,
                                 model=model,
                                 T=length,
                                 B=batch,
-                                chunk=_CHUNK.value,
+                                chunk=FLA_CHUNK if arch == "fla" else _CHUNK.value,
                                 remat=remat,
                                 heads=_HEADS.value if arch == "retnet" else 0,
                                 documents=documents,
                             )
                         )
     return out
-
-
-def matched_ffn(cfg: RetNetConfig) -> int:
-    """torchscale's GLU width with the parameters of the preset's FFN (3·D·F' = 2·D·F for an MLP)."""
-    return cfg.ffn_dim if cfg.ffn_type == "glu" else int(round(2 * cfg.ffn_dim / 3 / 8)) * 8
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -221,16 +245,91 @@ def torchscale_worker(cfg):
     )
 
 
+def fla_worker(cfg):
+    import torch
+    from fla.models import RetNetConfig as FlaConfig
+    from fla.models import RetNetForCausalLM
+
+    if not torch.cuda.is_available():
+        return dict(status="n/a", error="fla's Triton kernels need a CUDA GPU")
+    device = "cuda"
+    ours = RetNetConfig.preset(cfg["model"])
+    d, n = ours.d_model, ours.vocab_size
+    kwargs = fla_retnet_config(ours)
+    with torch.device(device):  # built and initialized on the GPU (fla's init: normal, std 0.02)
+        model = RetNetForCausalLM(FlaConfig(**kwargs))
+    if cfg["fla_params"] == "bfloat16":
+        model = model.to(torch.bfloat16)
+    model.train()
+    if cfg["remat"] == "full":  # each block recomputed in the backward
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(use_reentrant=False))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.98), weight_decay=0.05, fused=True)
+    num_params = sum(p.numel() for p in model.parameters())
+    if num_params != fla_num_params(kwargs):
+        raise RuntimeError(f"fla built {num_params} parameters, fla_num_params says {fla_num_params(kwargs)}")
+    shape = (cfg["B"], cfg["T"])
+    batches = [
+        torch.tensor(bl.random_tokens(2 * i, shape, n), device=device, dtype=torch.long) for i in (0, 1)
+    ]
+
+    def step(i):
+        tokens = batches[i % 2]
+        with torch.autocast(device, dtype=torch.bfloat16):
+            loss = model(input_ids=tokens, labels=tokens).loss  # fused cross-entropy, labels shifted inside
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    start = time.perf_counter()
+    step(0)  # Triton compiles and autotunes here
+    torch.cuda.synchronize()
+    first_s = time.perf_counter() - start
+    step(1)
+    samples = []
+    for i in range(cfg["steps"]):  # CUDA events around each step
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        loss = step(i)
+        end.record()
+        torch.cuda.synchronize()
+        samples.append(begin.elapsed_time(end) / 1e3)
+    mixer = ours.mixer_flops_per_token(cfg["T"], FLA_CHUNK)
+    forward = flops_lib.lm_forward_flops_per_token(num_params - n * d, ours.num_layers, mixer)
+    return dict(
+        num_params=num_params,
+        flops_per_token=3 * forward,
+        compile_s=first_s,
+        timing=bl.Timing(samples).to_dict(),
+        loss=float(loss),
+        memory=dict(bytes=int(torch.cuda.max_memory_allocated())),
+        ffn_dim=kwargs["intermediate_size"],
+        fla_config=kwargs,
+    )
+
+
+WORKERS = {
+    "peaks": peaks_worker,
+    "retnet": jax_worker,
+    "transformer": jax_worker,
+    "torchscale": torchscale_worker,
+    "fla": fla_worker,
+}
+
+
 def run_config(cfg):
-    payload = dict(kind=cfg["arch"], steps=_STEPS.value, dropout=_DROPOUT.value, **cfg)
-    if cfg["arch"] == "torchscale" and not all(
-        importlib.util.find_spec(m) for m in ("torch", "torchscale", "fairscale")
-    ):
-        return dict(status="n/a", error="torch, torchscale or fairscale not installed")
+    arch = cfg["arch"]
+    payload = dict(kind=arch, steps=_STEPS.value, dropout=_DROPOUT.value, fla_params=_FLA_PARAMS.value, **cfg)
+    if arch in PEER_MODULES and not all(importlib.util.find_spec(m) for m in PEER_MODULES[arch]):
+        return dict(status="n/a", error=f"{', '.join(PEER_MODULES[arch])}: not all installed")
     if _IN_PROCESS.value:
-        worker = torchscale_worker if cfg["arch"] == "torchscale" else jax_worker
-        return bl.guarded(lambda: worker(payload))
-    return bl.run_worker("experiments.bench_training", payload, _CONFIG_TIMEOUT_S.value)
+        result = bl.guarded(lambda: WORKERS[arch](payload))
+    else:
+        result = bl.run_worker("experiments.bench_training", payload, _CONFIG_TIMEOUT_S.value)
+    if arch in PEERS and result.get("status") == "ok":
+        result["ours_params"] = ours_num_params(cfg["model"])  # abstract shapes: the GPU stays untouched
+    return result
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -262,6 +361,14 @@ def compare_resets(rows):
             row["resets_slower"] = row["timing"]["median_s"] / plain[key] - 1
 
 
+def _params(row) -> str:
+    """The parameter count; a peer's with its difference to our RetNet's of the same preset."""
+    text = br.fmt_count(row.get("num_params"))
+    if row.get("num_params") and row.get("ours_params"):
+        text += f" ({100 * (row['num_params'] / row['ours_params'] - 1):+.2f}% vs ours)"
+    return text
+
+
 def _peak_bytes(row):
     return row["memory"].get("bytes")
 
@@ -273,7 +380,7 @@ def _temp_bytes(row):
 COLUMNS = [
     ("arch", lambda r: r["arch"]),
     ("model", lambda r: r["model"] + (f" H{r['heads']}" if r.get("heads") else "")),
-    ("params", lambda r: br.fmt_count(r.get("num_params"))),
+    ("params", lambda r: _params(r)),
     ("T", lambda r: str(r["T"])),
     ("B", lambda r: str(r["B"])),
     ("C", lambda r: str(r["chunk"]) if r["arch"] != "transformer" and r["chunk"] else "–"),
@@ -332,14 +439,7 @@ def plot(rows, path):
 
 def main(argv):
     del argv
-    if bl.maybe_run_worker(
-        {
-            "peaks": peaks_worker,
-            "retnet": jax_worker,
-            "transformer": jax_worker,
-            "torchscale": torchscale_worker,
-        }
-    ):
+    if bl.maybe_run_worker(WORKERS):
         return
     budget = bl.Budget()
     if _IN_PROCESS.value:
@@ -380,7 +480,15 @@ def write(report, rows, device, ceilings):
         "(docs: packed documents of geometric lengths, resets at their starts); "
         f"dropout {_DROPOUT.value}; "
         f"{'each configuration in its own process' if not _IN_PROCESS.value else 'all in one process'}. "
-        "torchscale: GLU FFN with F' = 2F/3 for the paper presets (same parameter count), bf16 autocast."
+        "torchscale: GLU FFN with F' = 2F/3 for the paper presets (same parameter count), bf16 autocast. "
+        "fla 0.6.0 RetNetForCausalLM: our D, L, H, K, value width, vocabulary and torchscale's F', its "
+        "defaults otherwise (chunk mode, C=64; fused norms, SwiGLU, cross-entropy; RMSNorm, unnormalized "
+        "retention, no dropout), "
+        + (
+            "float32 parameters and AdamW state under bf16 autocast."
+            if _FLA_PARAMS.value == "float32"
+            else "bf16 parameters and AdamW state (cast as fla's throughput script does), bf16 autocast."
+        )
     )
     sections = [br.ceilings_markdown(device, ceilings), notes, br.markdown_table(rows, COLUMNS)]
     return report.write(

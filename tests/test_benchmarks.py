@@ -28,7 +28,7 @@ SCRIPTS = {
         "--lengths=32",
         "--tokens_per_step=64",
         "--steps=2",
-        "--archs=retnet,torchscale",
+        "--archs=retnet,torchscale,fla",
         "--in_process",
         "--plots=false",
     ],
@@ -99,6 +99,8 @@ def test_training(tmp_path):
     assert rows["retnet"]["tokens_per_s"] > 0 and rows["retnet"]["mfu_measured"] > 0
     # Without PyTorch, torchscale and fairscale installed it is reported, not run.
     assert rows["torchscale"]["status"] in ("n/a", "ok"), rows["torchscale"]
+    # fla's Triton kernels need a CUDA GPU: n/a here, installed or not.
+    assert rows["fla"]["status"] == "n/a", rows["fla"]
 
 
 def test_inference_decode_impls(tmp_path):
