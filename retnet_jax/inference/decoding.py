@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from retnet_jax.models.lm import MODES, DecoderLM, decode_step
+from retnet_jax.models.lm import prefill as stateless_prefill
+from retnet_jax.models.state import KVCache
 
 __all__ = ["Buffers", "Carry", "Decoder", "LMDecoder", "Spec", "as_decoder", "decode", "prefill_and_decode"]
 
@@ -84,11 +86,33 @@ class LMDecoder:
         return state._replace(position=-pads.astype(jnp.int32))
 
     def prefill(self, variables, tokens, state):
+        """The prompt tokens [B, T] from the empty ``init_state`` (left pads in ``state.position``)."""
         if tokens.shape[1] > 1:  # the logits of these tokens are unused: jit drops the head for them
-            _, state = self.model.apply(
-                variables, tokens[:, :-1], state=state, mode=self.prefill_mode, chunk_size=self.chunk_size
-            )
+            if isinstance(state, KVCache):
+                state = self._prefill_cache(variables, tokens[:, :-1], state)
+            else:
+                _, state = self.model.apply(
+                    variables,
+                    tokens[:, :-1],
+                    state=state,
+                    mode=self.prefill_mode,
+                    chunk_size=self.chunk_size,
+                )
         return self.step(variables, tokens[:, -1], state)
+
+    def _prefill_cache(self, variables, prompt, state: KVCache) -> KVCache:
+        """A KV cache's prompt through the model's stateless call (cuDNN's flash attention on a GPU),
+        not through the cached form, which scores every query against all S slots of the empty cache
+        (at T = 8192 on the H200: 390 ms against the stateless call's 49 ms). The rows' left pads are
+        moved behind their prompts first, so every prompt starts at position 0 and slot 0; the model is
+        causal, so the pads after a prompt change nothing, and the cache's position is set to the
+        prompt's end (the pads' slots are unused, and overwritten by the tokens that follow)."""
+        pads = -state.position  # [B]
+        length = prompt.shape[1]
+        index = (jnp.arange(length)[None, :] + pads[:, None]) % length  # [B, T]
+        aligned = jnp.take_along_axis(prompt, index, axis=1)
+        _, cache = stateless_prefill(self.model, variables, aligned, max_length=state.max_length)
+        return cache._replace(position=(length - pads).astype(state.position.dtype))
 
     def step(self, variables, tokens, state):
         return decode_step(self.model, variables, tokens, state)
