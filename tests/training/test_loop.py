@@ -222,7 +222,13 @@ def test_two_processes_train_together(tmp_path):
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    # One device each; the test set-up's other XLA flags (cheaper compilation) kept.
+    flags = os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count=1",
+        "JAX_PLATFORMS": "cpu",
+    }
     workdir = str(tmp_path / "run")
     procs = [
         subprocess.Popen(
