@@ -64,12 +64,21 @@ CONFIGS = {
 BOTH = ["retnet", "transformer"]
 
 
-def _setup(name, batch=BATCH, length=12, seed=0, **run_options):
+def _init(name):
+    # The parameters depend on the config and the key, not on the tokens' shape.
+    return DecoderLM(CONFIGS[name]).init(jax.random.key(1), jnp.zeros((1, 1), jnp.int32))
+
+
+@functools.cache
+def _variables(name):
+    """One initialization per config, shared (read only) by the tests."""
+    return _init(name)
+
+
+def _setup(name, batch=BATCH, length=12, seed=0):
     config = CONFIGS[name]
-    model = DecoderLM(config, **run_options)
     tokens = jax.random.randint(jax.random.key(seed), (batch, length), 0, config.vocab_size)
-    variables = model.init(jax.random.key(1), tokens)
-    return model, variables, tokens
+    return DecoderLM(config), _variables(name), tokens
 
 
 def _empty(model, batch=BATCH):
@@ -272,7 +281,7 @@ def test_dropout_is_active_only_when_asked(name):
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_every_parameter_has_logical_axes(name):
-    assert_logical_axes(jax.eval_shape(lambda: _setup(name)[1]))
+    assert_logical_axes(jax.eval_shape(lambda: _init(name)))
 
 
 @pytest.mark.parametrize("name", BOTH)
