@@ -43,6 +43,12 @@ def small_config(**overrides):
     return config
 
 
+def pytest_collection_modifyitems(config, items):
+    """The slow tests (marked ``slow``) first, in their order: spread over worker processes, the long
+    ones then start early instead of leaving one worker running alone at the end of the suite."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """One full run of ``small_config()``: (workdir, config, final state), shared by several tests."""

@@ -10,6 +10,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # each runs a script in a process of its own
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = ["--repeats=1", "--min_sample_s=0.001", "--matmul_n=128", "--copy_mib=4"]
 SCRIPTS = {

@@ -17,6 +17,7 @@ from tests.training.test_code_corpus import fake_site_packages
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_pipeline(tmp_path):
     site = fake_site_packages(str(tmp_path / "site"), packages=30, modules=4)
     results, reports = tmp_path / "results", tmp_path / "reports"
@@ -188,6 +189,7 @@ def test_call_schedule():
     assert schedule.fits(280, 600, runs[1]) and not schedule.fits(281, 600, runs[1])
 
 
+@pytest.mark.slow
 def test_one_failed_run_keeps_the_others_results(tmp_path):
     """Two runs in one train call: the first raises, the second still trains and writes its results."""
     site = fake_site_packages(str(tmp_path / "site"), packages=30, modules=4)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,6 +27,7 @@ def short_documents(root, seed: int = 0) -> str:
     return root
 
 
+@pytest.mark.slow
 def test_smoke_run(tmp_path):
     corpus = short_documents(str(tmp_path / "corpus"))
     out = tmp_path / "results"

@@ -125,6 +125,7 @@ def test_a_catalog_dataset_without_network_fails_within_seconds(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["transformer", "retnet"])
 def test_trains_end_to_end_telling_the_story(tmp_path, arch):
     """Eval results as they come, the bar's loss labelled as the train loss, "evaluating…" while an

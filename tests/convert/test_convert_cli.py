@@ -108,6 +108,7 @@ def test_cli_converts_a_torchscale_state_dict_and_names_bad_flags(tmp_path):
     assert not (tmp_path / "other").exists()
 
 
+@pytest.mark.slow
 def test_a_converted_workdir_is_served_and_fine_tuned(tmp_path):
     """retnet-generate's loader reads it; retnet-train fine-tunes it from step 0 with a fresh optimizer
     and the imported architecture, and resumes that fine-tuning like any run."""

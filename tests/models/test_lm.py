@@ -64,12 +64,21 @@ CONFIGS = {
 BOTH = ["retnet", "transformer"]
 
 
-def _setup(name, batch=BATCH, length=12, seed=0, **run_options):
+def _init(name):
+    # The parameters depend on the config and the key, not on the tokens' shape.
+    return DecoderLM(CONFIGS[name]).init(jax.random.key(1), jnp.zeros((1, 1), jnp.int32))
+
+
+@functools.cache
+def _variables(name):
+    """One initialization per config, shared (read only) by the tests."""
+    return _init(name)
+
+
+def _setup(name, batch=BATCH, length=12, seed=0):
     config = CONFIGS[name]
-    model = DecoderLM(config, **run_options)
     tokens = jax.random.randint(jax.random.key(seed), (batch, length), 0, config.vocab_size)
-    variables = model.init(jax.random.key(1), tokens)
-    return model, variables, tokens
+    return DecoderLM(config), _variables(name), tokens
 
 
 def _empty(model, batch=BATCH):
@@ -272,7 +281,7 @@ def test_dropout_is_active_only_when_asked(name):
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_every_parameter_has_logical_axes(name):
-    assert_logical_axes(jax.eval_shape(lambda: _setup(name)[1]))
+    assert_logical_axes(jax.eval_shape(lambda: _init(name)))
 
 
 @pytest.mark.parametrize("name", BOTH)
@@ -332,42 +341,51 @@ def test_a_recurrent_state_does_not_grow():
     assert jax.tree.map(jnp.shape, after) == jax.tree.map(jnp.shape, state)
 
 
-@pytest.mark.parametrize("name", BOTH)
-@pytest.mark.parametrize("mode,chunk", [("parallel", 64), ("chunkwise", 4), ("recurrent", 64)])
+# Attention has one form (mode and chunk size change nothing): the Transformer runs once.
+PACKED_CASES = [("retnet", "parallel", 64), ("retnet", "chunkwise", 4), ("retnet", "recurrent", 64)]
+PACKED_CASES += [("transformer", "parallel", 64)]
+
+
+@pytest.mark.parametrize("name,mode,chunk", PACKED_CASES)
 def test_a_packed_row_equals_each_document_alone(name, mode, chunk):
     """With segment ids, every document of a packed row gets the logits (and gradients) it gets alone:
-    documents shorter than a chunk, spanning chunks, one token long, starting at position 0."""
+    documents shorter than a chunk, spanning chunks, one token long, starting at position 0.
+
+    "Alone" is a row of its own that starts with the document, without segment ids: the model is causal
+    (tests/models/test_causal.py), so what follows the document in that row changes nothing of its
+    logits, and all documents run as the rows of one call (one program, not one per length)."""
     model, variables, _ = _setup(name, batch=1, length=8)
     lengths = [[3, 1, 9, 5], [7, 11]]  # two rows of 18 tokens
     tokens = jax.random.randint(jax.random.key(5), (2, 18), 0, CONFIGS[name].vocab_size)
     segment_ids = jnp.asarray([np.repeat(np.arange(len(row)), row) for row in lengths], jnp.int32)
     apply = jax.jit(lambda v, t, s: model.apply(v, t, mode=mode, chunk_size=chunk, segment_ids=s)[0])
     packed = apply(variables, tokens, segment_ids)
-    for b, row in enumerate(lengths):
-        start = 0
-        for n in row:
-            alone, _ = _apply(
-                model, variables, tokens[b : b + 1, start : start + n], mode=mode, chunk_size=chunk
-            )
-            assert relative_error(packed[b, start : start + n], alone[0]) < LOGITS_RTOL, (b, start, n)
-            start += n
+    # Each document at the start of a row of its own, then another document's tokens (not pads).
+    documents = [
+        (b, start, n)
+        for b, row in enumerate(lengths)
+        for start, n in zip(np.cumsum([0, *row[:-1]]), row, strict=True)
+    ]
+    rows = jnp.stack([jnp.roll(tokens[b], -start) for b, start, _ in documents])  # [6, 18]
+    alone = _apply(model, variables, rows, mode=mode, chunk_size=chunk)[0]
+    for (b, start, n), logits in zip(documents, alone, strict=True):
+        assert relative_error(packed[b, start : start + n], logits[:n]) < LOGITS_RTOL, (b, start, n)
     # Without resets the documents see each other: the rule is not vacuous.
     assert relative_error(apply(variables, tokens, jnp.zeros_like(segment_ids)), packed) > 1e-3
 
-    # Gradients: the packed row's loss equals the sum of the documents' own losses.
+    # Gradients: the packed row's loss equals the sum of the documents' own losses (row 0's documents,
+    # each alone, counted over its own positions only).
+    first = [(start, n) for b, start, n in documents if b == 0]
+    own = jnp.asarray([np.arange(18) < n for _, n in first], jnp.float32)  # [4, 18]
+
     def packed_loss(v):
         return jnp.sum(
             model.apply(v, tokens[:1], mode=mode, chunk_size=chunk, segment_ids=segment_ids[:1])[0] ** 2
         )
 
     def alone_loss(v):
-        pieces, start = [], 0
-        for n in lengths[0]:
-            pieces.append(
-                jnp.sum(model.apply(v, tokens[:1, start : start + n], mode=mode, chunk_size=chunk)[0] ** 2)
-            )
-            start += n
-        return sum(pieces)
+        logits = model.apply(v, rows[: len(first)], mode=mode, chunk_size=chunk)[0]
+        return jnp.sum(own[..., None] * logits**2)
 
     g_packed, g_alone = jax.jit(jax.grad(packed_loss))(variables), jax.jit(jax.grad(alone_loss))(variables)
     for a, b in zip(jax.tree.leaves(g_packed), jax.tree.leaves(g_alone), strict=True):
