@@ -75,9 +75,10 @@ def jax_train_step(cfg: dict[str, Any], mesh=None):
 def decode_model(arch: str, model_name: str, dtype: str):
     """(model, decoder, variables) with random parameters in ``dtype``: ``arch`` retnet, retnet-loop (the
     one-token step's layer loop not unrolled) or transformer (the baseline matching the preset); an arch
-    may end in @IMPL or @IMPL/PROJ: a RetNet's retention implementation (xla, pallas or auto: the decode
-    kernel or not) and either model's ``projections`` (xla, pallas or auto: the few-row kernel or not);
-    both default to auto."""
+    may end in @IMPL, @IMPL/PROJ or @IMPL/PROJ/stacked: a RetNet's retention implementation (xla, pallas
+    or auto: the decode kernel or not), either model's ``projections`` (xla, pallas or auto: the few-row
+    kernel or not), both auto by default, and ``stacked``: the loop reads the layer-stacked weights
+    (``LMDecoder(unstack_layers=False)``) instead of per-layer copies."""
     import flax.linen as nn
 
     from retnet_jax.inference.decoding import LMDecoder
@@ -85,7 +86,7 @@ def decode_model(arch: str, model_name: str, dtype: str):
 
     cfg = RetNetConfig.preset(model_name, dtype=dtype, param_dtype=dtype, dropout=0.0)
     arch, _, options = arch.partition("@")
-    implementation, _, projections = options.partition("/")
+    implementation, projections, layout = (options.split("/") + ["", ""])[:3]
     projections = projections or "auto"
     if arch.startswith("retnet"):
         model = DecoderLM(
@@ -98,7 +99,7 @@ def decode_model(arch: str, model_name: str, dtype: str):
         model = DecoderLM(TransformerConfig.matching(cfg), projections=projections)
     tokens = jnp.zeros((1, 8), jnp.int32)
     variables = jax.jit(lambda key: nn.unbox(model.init(key, tokens)))(jax.random.key(0))
-    return model, LMDecoder(model, "chunkwise"), variables
+    return model, LMDecoder(model, "chunkwise", unstack_layers=layout != "stacked"), variables
 
 
 def nbytes(tree) -> int:

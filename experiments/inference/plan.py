@@ -31,10 +31,11 @@ DECODE_IMPLS = flags.DEFINE_list(
     "decode_impls",
     [],
     "Also time each arch's decoding rows (the length, batch and state parts) with these implementations "
-    "side by side: IMPL or IMPL/PROJ, each xla, pallas or auto: a RetNet's retention step (pallas: the "
-    "fused decode kernel) and the projections (pallas: the few-row kernel); rows labelled ARCH@IMPL[/PROJ] "
-    "(the arch's own rows run 'auto'; a Transformer takes only entries with /PROJ). "
-    "E.g. --decode_impls=xla,pallas/xla,pallas/pallas.",
+    "side by side: IMPL, IMPL/PROJ or IMPL/PROJ/stacked, IMPL and PROJ each xla, pallas or auto: a "
+    "RetNet's retention step (pallas: the fused decode kernel) and the projections (pallas: the few-row "
+    "kernel); 'stacked': the loop reads the layer-stacked weights instead of per-layer copies. Rows "
+    "labelled ARCH@ENTRY (the arch's own rows run 'auto'; a Transformer takes only entries with /PROJ). "
+    "E.g. --decode_impls=xla,pallas/xla,pallas/pallas,auto/auto/stacked.",
 )
 MODEL = flags.DEFINE_string("model", "paper-1.3b", "Model preset (RetNetConfig.preset); tiny on a CPU.")
 RUN_PANELS = flags.DEFINE_list("panels", list(PANELS), f"Parts, run in this order: {', '.join(PANELS)}.")
@@ -155,9 +156,19 @@ def plan_groups() -> list[dict[str, Any]]:
     for arch in ARCHS.value:  # the decoding rows again, per implementation
         for impl in DECODE_IMPLS.value:
             parts = impl.split("/")
-            if len(parts) > 2 or any(p not in ("xla", "pallas", "auto") for p in parts):
+            kernels, layout = parts[:2], parts[2:]
+            if (
+                len(parts) > 3
+                or any(p not in ("xla", "pallas", "auto") for p in kernels)
+                or layout
+                not in (
+                    [],
+                    ["stacked"],
+                )
+            ):
                 raise ValueError(
-                    f"--decode_impls: unknown {impl!r}; IMPL or IMPL/PROJ, each xla, pallas or auto."
+                    f"--decode_impls: unknown {impl!r}; IMPL, IMPL/PROJ or IMPL/PROJ/stacked, IMPL and "
+                    "PROJ each xla, pallas or auto."
                 )
             if not is_retnet(arch) and len(parts) == 1:
                 continue  # a Transformer has no retention step to vary

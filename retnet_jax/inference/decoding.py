@@ -24,7 +24,18 @@ from retnet_jax.models.lm import MODES, DecoderLM, decode_step
 from retnet_jax.models.lm import prefill as stateless_prefill
 from retnet_jax.models.state import KVCache
 
-__all__ = ["Buffers", "Carry", "Decoder", "LMDecoder", "Spec", "as_decoder", "decode", "prefill_and_decode"]
+__all__ = [
+    "Buffers",
+    "Carry",
+    "Decoder",
+    "LMDecoder",
+    "Spec",
+    "as_decoder",
+    "decode",
+    "prefill_and_decode",
+    "prepare",
+    "unstack_layers",
+]
 
 
 class Decoder(Protocol):
@@ -42,7 +53,15 @@ class Decoder(Protocol):
         """Consumes tokens [B, T] → (logits [B, N] float32 of the next token, the new state)."""
 
     def step(self, variables, tokens: jax.Array, state) -> tuple[jax.Array, Any]:
-        """Consumes tokens [B] → (logits [B, N] float32 of the next token, the new state)."""
+        """Consumes tokens [B] → (logits [B, N] float32 of the next token, the new state); ``variables``
+        are the model's or what ``prepare`` made of them."""
+
+
+def prepare(decoder: Decoder, variables):
+    """The variables the loop's steps take: ``decoder.prepare(variables)`` where the decoder has one
+    (run once per loop, before it), else the variables as they are."""
+    method = getattr(decoder, "prepare", None)
+    return variables if method is None else method(variables)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,12 +76,19 @@ class LMDecoder:
         state_dtype: what the decoding state is stored in between steps: None for the model's own (a
             RetNet's float32 state, a Transformer's cache in the compute dtype), or "bfloat16" for a
             RetNet state of half the bytes (each step still computes in float32; ``models.state``).
+        unstack_layers: the loop's steps take each layer's weights as arrays of their own (``prepare``
+            copies them out of the layer-stacked parameters of ``scan_layers`` once per loop). A step
+            that takes them from the stack gives each library matmul or kernel a slice of it, which XLA
+            copies: at B = 64 paper-1.3b's compiled step copied all 2.3 GB of its layers' weights every
+            step (H200, jax 0.11.2). The price is a second copy of the layers' weights while the loop
+            runs; False reads the stack.
     """
 
     model: DecoderLM
     prefill_mode: str = "chunkwise"
     chunk_size: int | None = None
     state_dtype: str | None = None
+    unstack_layers: bool = True
 
     def __post_init__(self):
         if self.prefill_mode not in MODES:
@@ -114,8 +140,30 @@ class LMDecoder:
         _, cache = stateless_prefill(self.model, variables, aligned, max_length=state.max_length)
         return cache._replace(position=(length - pads).astype(state.position.dtype))
 
+    def prepare(self, variables):
+        """Each layer's parameters as arrays of their own (``unstack_layers``), else the variables."""
+        if not (self.unstack_layers and self.model.scan_layers):
+            return variables
+        return unstack_layers(variables, self.model.config.num_layers)
+
     def step(self, variables, tokens, state):
-        return decode_step(self.model, variables, tokens, state)
+        model = self.model
+        if model.scan_layers and LAYERS_SCOPE not in variables["params"]:  # prepared: one scope a layer
+            model = model.clone(scan_layers=False)
+        return decode_step(model, variables, tokens, state)
+
+
+LAYERS_SCOPE = "layers"  # the parameters' scope of a DecoderLM's scanned blocks (layer axis first)
+
+
+def unstack_layers(variables, num_layers: int):
+    """A scanned DecoderLM's variables as the same model's without ``scan_layers``: the layer-stacked
+    scope ``layers`` (every leaf [L, ...]) becomes ``layers_0`` … ``layers_{L-1}``."""
+    params = dict(variables["params"])
+    stacked = params.pop(LAYERS_SCOPE)
+    for i in range(num_layers):
+        params[f"{LAYERS_SCOPE}_{i}"] = jax.tree.map(lambda leaf, i=i: leaf[i], stacked)
+    return {**variables, "params": params}
 
 
 def as_decoder(
@@ -204,6 +252,7 @@ def _loop(
 ):
     """Emits tokens until index == limit or every row is done, token i into column i − offset; each
     iteration is one decoder step."""
+    variables = prepare(decoder, variables)  # once, before the loop
 
     def cond(loop):
         carry, _ = loop

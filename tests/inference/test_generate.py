@@ -188,3 +188,17 @@ def test_bad_arguments_raise(lm, kwargs, match):
         generate(model, variables, prompts, **kwargs)
     with pytest.raises(ValueError, match=match):  # checked at the call, before the first block
         stream(model, variables, prompts, **kwargs)
+
+
+def test_the_loop_takes_each_layers_weights_apart(lm, greedy):
+    """LMDecoder's loop runs on each layer's weights copied out of the scanned stack once (``prepare``):
+    the same tokens and log-probabilities as a loop that reads the stack."""
+    model, variables = lm
+    prepared = LMDecoder(model).prepare(variables)["params"]
+    layers = TINY.num_layers
+    assert "layers" not in prepared and sorted(k for k in prepared if k.startswith("layers_")) == [
+        f"layers_{i}" for i in range(layers)
+    ]
+    stacked = _generate((LMDecoder(model, unstack_layers=False), variables))  # generate takes a Decoder
+    np.testing.assert_array_equal(stacked.tokens, greedy.tokens)
+    np.testing.assert_allclose(stacked.logprobs, greedy.logprobs, atol=1e-6)
