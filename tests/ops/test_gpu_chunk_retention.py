@@ -278,7 +278,7 @@ def test_auto_sends_few_rows_to_the_split_kernels():
 
 def test_without_the_triton_backend_auto_warns_once_and_uses_xla(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "jax.experimental.pallas.triton", None)
-    monkeypatch.setattr(dispatch, "_warned_missing_backend", False)
+    monkeypatch.setattr(dispatch, "_warned_missing_backend", set())
     common.triton_unavailable.cache_clear()
     try:
         assert "no Pallas Triton backend" in common.triton_unavailable()
