@@ -150,9 +150,13 @@ def at_position(state, context: int):
 
 
 def decode_program(decoder, steps: int):
-    """f(variables, token [B], state) → (token, state) after ``steps`` greedy steps (a fori_loop)."""
+    """f(variables, token [B], state) → (token, state) after ``steps`` greedy steps (a fori_loop), the
+    variables prepared once before the loop (``decoding.prepare``), as the library's decoding loop does."""
+    from retnet_jax.inference.decoding import prepare
 
     def decode(variables, token, state):
+        variables = prepare(decoder, variables)
+
         def body(_, carry):
             token, state = carry
             logits, state = decoder.step(variables, token, state)

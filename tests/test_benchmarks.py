@@ -241,3 +241,28 @@ def test_a_worker_that_dies_returns_what_it_saved():
     result = bl.run_worker("tests.dying_worker", dict(kind="dies", done=3), timeout_s=300)
     assert result["status"] == "ok" and result["done"] == 3
     assert result["partial"] == "error: worker exited with 3"
+
+
+def test_the_timed_decode_loop_reads_no_slice_of_the_stacked_weights():
+    """The timed decoding loop prepares the variables once before it, as the library's loop does: its
+    compiled body slices no weights out of the layer stack (a kernel's operand slice is a copy on a GPU:
+    all of paper-1.3b's layer weights, every step), unlike the loop that reads the stack."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from experiments import hlostats
+    from experiments.benchprograms import decode_program
+    from retnet_jax.inference.decoding import LMDecoder
+    from retnet_jax.models import DecoderLM, RetNetConfig
+
+    config = RetNetConfig.preset("tiny")
+    model = DecoderLM(config)
+    variables = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+    args = (variables, jnp.zeros((1,), jnp.int32), config.init_state(1, max_length=16))
+    slices = {}
+    for unstack in (True, False):
+        program = decode_program(LMDecoder(model, unstack_layers=unstack), 2)
+        slices[unstack] = hlostats.summarize(jax.jit(program).lower(*args).compile().as_text())["slices"]
+    assert slices[True]["count"] == 0, slices
+    assert slices[False]["count"] >= config.num_layers, slices

@@ -144,7 +144,8 @@ class LMDecoder:
         """Each layer's parameters as arrays of their own (``unstack_layers``), else the variables."""
         if not (self.unstack_layers and self.model.scan_layers):
             return variables
-        return unstack_layers(variables, self.model.config.num_layers)
+        # The barrier keeps XLA from moving the slices back into the loop that takes the copies.
+        return jax.lax.optimization_barrier(unstack_layers(variables, self.model.config.num_layers))
 
     def step(self, variables, tokens, state):
         model = self.model

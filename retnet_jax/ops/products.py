@@ -30,7 +30,10 @@ __all__ = ["IMPLEMENTATIONS", "dense_dot_general", "project", "uses_kernel"]
 IMPLEMENTATIONS = ("xla", "auto", "pallas")
 
 # Whether "auto" runs the kernel on a GPU: not until it is measured faster than XLA's products in a
-# decoding step (experiments/bench_inference.py, rows ARCH@IMPL/pallas against ARCH@IMPL/xla).
+# decoding step (experiments/bench_inference.py, rows ARCH@IMPL/pallas against ARCH@IMPL/xla). The first
+# measurement (H200, 2026-12-01, --tag=decodek) timed a loop that sliced every layer's weights out of the
+# stack each step, which XLA copies for a kernel's operand and not for its own products: paper-1.3b's
+# step was 0.96× XLA's at B1 and 1.03× at B8 while copying 2.3 GB a step. To be measured again.
 AUTO_KERNEL = False
 
 

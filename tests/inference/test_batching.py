@@ -307,3 +307,17 @@ def test_bad_requests_and_arguments_are_named(lm):
         Scheduler(model, variables, rows=0, max_length=MAX_LENGTH, **IDS)
     with pytest.raises(ValueError, match="model must be a DecoderLM"):
         Scheduler(object(), variables, rows=2, **IDS)
+
+
+def test_rows_through_the_decode_kernel_equal_generate_alone():
+    """The rows' decoding steps through the fused decode kernel (interpreted here; what "auto" runs on a
+    GPU), rows at different positions refilled as they free: each request's tokens are generate's alone."""
+    model = DecoderLM(TINY)
+    variables = model.init(jax.random.key(1), jnp.zeros((1, 4), jnp.int32))
+    kernel = (model.clone(implementation="pallas"), variables)
+    requests = [Request(200 + i, prompt, max_new) for i, (prompt, max_new) in enumerate(SHAPES[1:4])]
+    tokens, reasons, _, _ = _serve(kernel, requests, rows=2)
+    for request in requests:
+        _check_ending(request, tokens[request.id], reasons[request.id])
+        alone = _alone((model, variables), request.prompt, request.max_new_tokens)
+        _assert_equals_alone((model, variables), request, tokens[request.id], alone)
