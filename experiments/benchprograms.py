@@ -75,10 +75,12 @@ def jax_train_step(cfg: dict[str, Any], mesh=None):
 def decode_model(arch: str, model_name: str, dtype: str):
     """(model, decoder, variables) with random parameters in ``dtype``: ``arch`` retnet, retnet-loop (the
     one-token step's layer loop not unrolled) or transformer (the baseline matching the preset); an arch
-    may end in @IMPL, @IMPL/PROJ or @IMPL/PROJ/stacked: a RetNet's retention implementation (xla, pallas
+    may end in @IMPL, @IMPL/PROJ or @IMPL/PROJ/LAYOUT: a RetNet's retention implementation (xla, pallas
     or auto: the decode kernel or not), either model's ``projections`` (xla, pallas or auto: the few-row
-    kernel or not), both auto by default, and ``stacked``: the loop reads the layer-stacked weights
-    (``LMDecoder(unstack_layers=False)``) instead of per-layer copies."""
+    kernel or not), both auto by default, and the loop's weights: by default per-layer copies with the
+    mixer's input projections joined into one (``LMDecoder`` as ``generate`` runs it); ``stacked``: the
+    layer-stacked weights (``LMDecoder(unstack_layers=False)``); ``separate``: per-layer copies with the
+    input projections apart (``LMDecoder(fuse_projections=False)``)."""
     import flax.linen as nn
 
     from retnet_jax.inference.decoding import LMDecoder
@@ -99,7 +101,10 @@ def decode_model(arch: str, model_name: str, dtype: str):
         model = DecoderLM(TransformerConfig.matching(cfg), projections=projections)
     tokens = jnp.zeros((1, 8), jnp.int32)
     variables = jax.jit(lambda key: nn.unbox(model.init(key, tokens)))(jax.random.key(0))
-    return model, LMDecoder(model, "chunkwise", unstack_layers=layout != "stacked"), variables
+    decoder = LMDecoder(
+        model, "chunkwise", unstack_layers=layout != "stacked", fuse_projections=layout != "separate"
+    )
+    return model, decoder, variables
 
 
 def nbytes(tree) -> int:

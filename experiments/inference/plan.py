@@ -31,9 +31,11 @@ DECODE_IMPLS = flags.DEFINE_list(
     "decode_impls",
     [],
     "Also time each arch's decoding rows (the length, batch and state parts) with these implementations "
-    "side by side: IMPL, IMPL/PROJ or IMPL/PROJ/stacked, IMPL and PROJ each xla, pallas or auto: a "
+    "side by side: IMPL, IMPL/PROJ or IMPL/PROJ/LAYOUT, IMPL and PROJ each xla, pallas or auto: a "
     "RetNet's retention step (pallas: the fused decode kernel) and the projections (pallas: the few-row "
-    "kernel); 'stacked': the loop reads the layer-stacked weights instead of per-layer copies. Rows "
+    "kernel); LAYOUT 'stacked': the loop reads the layer-stacked weights instead of per-layer copies, "
+    "'separate': per-layer copies with the mixer's input projections apart (the default joins q, k, v, "
+    "g into one product a layer: LMDecoder.fuse_projections). Rows "
     "labelled ARCH@ENTRY (the arch's own rows run 'auto'; a Transformer takes only entries with /PROJ). "
     "E.g. --decode_impls=xla,pallas/xla,pallas/pallas,auto/auto/stacked.",
 )
@@ -160,15 +162,11 @@ def plan_groups() -> list[dict[str, Any]]:
             if (
                 len(parts) > 3
                 or any(p not in ("xla", "pallas", "auto") for p in kernels)
-                or layout
-                not in (
-                    [],
-                    ["stacked"],
-                )
+                or layout not in ([], ["stacked"], ["separate"])
             ):
                 raise ValueError(
-                    f"--decode_impls: unknown {impl!r}; IMPL, IMPL/PROJ or IMPL/PROJ/stacked, IMPL and "
-                    "PROJ each xla, pallas or auto."
+                    f"--decode_impls: unknown {impl!r}; IMPL, IMPL/PROJ or IMPL/PROJ/LAYOUT, IMPL and "
+                    "PROJ each xla, pallas or auto, LAYOUT stacked or separate."
                 )
             if not is_retnet(arch) and len(parts) == 1:
                 continue  # a Transformer has no retention step to vary

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple, Protocol
 import jax
 import jax.numpy as jnp
 
-from retnet_jax.models.lm import MODES, DecoderLM, decode_step
+from retnet_jax.models.lm import MODES, DecoderLM, decode_step, fuse_input_projections
 from retnet_jax.models.lm import prefill as stateless_prefill
 from retnet_jax.models.state import KVCache
 
@@ -82,6 +82,12 @@ class LMDecoder:
             copies: at B = 64 paper-1.3b's compiled step copied all 2.3 GB of its layers' weights every
             step (H200, jax 0.11.2). The price is a second copy of the layers' weights while the loop
             runs; False reads the stack.
+        fuse_projections: where ``prepare`` copies the layers out (``unstack_layers``), each layer's mixer
+            input projections of the same x (a RetNet's q, k, v, g; attention's q, k, v) are joined into
+            one parameter (``models.lm.fuse_input_projections``) and the steps run the model with
+            ``fused_projections``: one product for them a layer, where the separate projections took one
+            each (with the few-row kernel, each is a kernel and a sum of its partials). The copy costs
+            no more memory than the unstacked one. False keeps them apart.
     """
 
     model: DecoderLM
@@ -89,6 +95,7 @@ class LMDecoder:
     chunk_size: int | None = None
     state_dtype: str | None = None
     unstack_layers: bool = True
+    fuse_projections: bool = True
 
     def __post_init__(self):
         if self.prefill_mode not in MODES:
@@ -141,17 +148,29 @@ class LMDecoder:
         return cache._replace(position=(length - pads).astype(state.position.dtype))
 
     def prepare(self, variables):
-        """Each layer's parameters as arrays of their own (``unstack_layers``), else the variables."""
+        """Each layer's parameters as arrays of their own (``unstack_layers``), its mixer's input
+        projections joined (``fuse_projections``), else the variables."""
         if not (self.unstack_layers and self.model.scan_layers):
             return variables
-        # The barrier keeps XLA from moving the slices back into the loop that takes the copies.
-        return jax.lax.optimization_barrier(unstack_layers(variables, self.model.config.num_layers))
+        prepared = unstack_layers(variables, self.model.config.num_layers)
+        if self.fuse_projections and not self.model.fused_projections:
+            prepared = fuse_input_projections(self.model.config, prepared)
+        # The barrier keeps XLA from moving the slices (and joins) back into the loop that takes the copies.
+        return jax.lax.optimization_barrier(prepared)
 
     def step(self, variables, tokens, state):
-        model = self.model
-        if model.scan_layers and LAYERS_SCOPE not in variables["params"]:  # prepared: one scope a layer
+        """One token; ``variables`` as the model's, or ``prepare``'s (the step's model is set to them)."""
+        return decode_step(self._model_of(variables), variables, tokens, state)
+
+    def _model_of(self, variables) -> DecoderLM:
+        """The model that takes ``variables``: ``prepare``'s have a scope a layer and may be fused."""
+        model, params = self.model, variables["params"]
+        if model.scan_layers and LAYERS_SCOPE not in params:  # prepared: one scope a layer
             model = model.clone(scan_layers=False)
-        return decode_step(model, variables, tokens, state)
+            mixer = params[f"{LAYERS_SCOPE}_0"][model.config.mixer_name]
+            if not model.fused_projections and model.config.mixer().FUSED_PROJECTION in mixer:
+                model = model.clone(fused_projections=True)
+        return model
 
 
 LAYERS_SCOPE = "layers"  # the parameters' scope of a DecoderLM's scanned blocks (layer axis first)

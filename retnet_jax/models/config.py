@@ -212,6 +212,7 @@ class RetNetConfig(ModelConfig):
         implementation="auto",
         projections="auto",
         return_state=False,
+        fused_projections=False,
         name=None,
     ):
         return MultiScaleRetention(
@@ -232,6 +233,7 @@ class RetNetConfig(ModelConfig):
             implementation=implementation,
             projections=projections,
             return_state=return_state,
+            fused_projections=fused_projections,
             name=name,
         )
 
@@ -324,7 +326,15 @@ class TransformerConfig(ModelConfig):
         """The Transformer matching the RetNet preset ``name`` (e.g. "paper-1.3b"), with field overrides."""
         return cls.matching(RetNetConfig.preset(name), **overrides)
 
-    def mixer(self, *, implementation="auto", projections="auto", name=None, **unused_retention_options):
+    def mixer(
+        self,
+        *,
+        implementation="auto",
+        projections="auto",
+        fused_projections=False,
+        name=None,
+        **unused_retention_options,
+    ):
         del unused_retention_options  # one form of attention: mode and chunk size change nothing
         return Attention(
             num_heads=self.num_heads,
@@ -335,6 +345,7 @@ class TransformerConfig(ModelConfig):
             param_dtype=self.params_dtype,
             implementation=implementation,
             projections=projections,
+            fused_projections=fused_projections,
             name=name,
         )
 

@@ -33,6 +33,7 @@ from retnet_jax.nn.axes import ACTIVATION_AXES, LAYERS
 from retnet_jax.nn.embedding import embed_tokens, output_logits
 from retnet_jax.nn.feedforward import FeedForward
 from retnet_jax.nn.norms import Norm
+from retnet_jax.nn.projection import fuse_projections
 from retnet_jax.nn.retention import MODES
 from retnet_jax.ops.documents import check_segment_ids, document_positions
 
@@ -44,6 +45,7 @@ __all__ = [
     "TransformerLM",
     "cast_params",
     "decode_step",
+    "fuse_input_projections",
     "prefill",
 ]
 
@@ -58,6 +60,7 @@ class Block(nn.Module):
     chunk_size: int = 64
     implementation: str = "auto"
     projections: str = "auto"
+    fused_projections: bool = False
     return_state: bool = False
     deterministic: bool = True
 
@@ -72,6 +75,7 @@ class Block(nn.Module):
             chunk_size=self.chunk_size,
             implementation=self.implementation,
             projections=self.projections,
+            fused_projections=self.fused_projections,
             return_state=self.return_state,
             name=cfg.mixer_name,
         )
@@ -122,6 +126,12 @@ class DecoderLM(nn.Module):
         unroll_decode: unroll the layer loop of one-token steps with a state (a step does little work per
             layer; unrolled, XLA fuses across layers and runs it as a few large kernels), or None for the
             config's ``unroll_decode`` (measured per mixer).
+
+        fused_projections: each mixer's input projections of the same x (a RetNet's q, k, v, g; attention's
+            q, k, v) as one parameter and one product (``nn.projection.FusedProjection``), with the
+            parameters ``fuse_input_projections`` makes of the separate ones. Checkpoints and training
+            keep them separate; a decoding loop's prepared variables are fused
+            (``inference.decoding.LMDecoder``), and its steps run the model with this set.
     """
 
     config: ModelConfig
@@ -132,6 +142,7 @@ class DecoderLM(nn.Module):
     scan_layers: bool = True
     remat: bool | str = False
     unroll_decode: bool | None = None
+    fused_projections: bool = False
 
     def __post_init__(self):
         remat_lib.resolve(self.remat, f"{type(self).__name__}: remat")
@@ -204,6 +215,7 @@ class DecoderLM(nn.Module):
             chunk_size=chunk_size,
             implementation=self.implementation,
             projections=self.projections,
+            fused_projections=self.fused_projections,
             return_state=return_state and not incoming,
             deterministic=deterministic,
         )
@@ -285,6 +297,23 @@ def decode_step(model: DecoderLM, variables, tokens, state):
     """
     logits, state = model.apply(variables, tokens[:, None], state=state, mode="recurrent")
     return logits[:, 0], state
+
+
+def fuse_input_projections(config: ModelConfig, variables):
+    """The variables of a model without ``fused_projections`` as the same model's with it: in every
+    block (the scanned stack ``layers``, whose leaves carry the layer axis, or ``layers_0`` …), the mixer's
+    input projections become its one fused projection (``nn.projection.fuse_projections``). Everything
+    else is left as it is."""
+    mixer = config.mixer()
+    params = dict(variables["params"])
+    blocks = [scope for scope in params if scope == "layers" or scope.startswith("layers_")]
+    for scope in blocks:
+        block = dict(params[scope])
+        block[config.mixer_name] = fuse_projections(
+            block[config.mixer_name], mixer.INPUT_PROJECTIONS, mixer.FUSED_PROJECTION
+        )
+        params[scope] = block
+    return {**variables, "params": params}
 
 
 def prefill(model: DecoderLM, variables, tokens, *, max_length: int | None = None, mode: str | None = None):

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from retnet_jax.nn.axes import EMBED, HEAD_AXES, HEAD_DIM, HEADS
-from retnet_jax.nn.projection import Projection
+from retnet_jax.nn.projection import FusedProjection, Projection
 from retnet_jax.nn.remat import name_projection, name_token_mixing
 from retnet_jax.ops import rotation
 from retnet_jax.ops.attention import cached_attention, causal_attention
@@ -56,7 +56,13 @@ class Attention(nn.Module):
         use_bias, dtype, param_dtype: projections' bias, compute and parameter dtypes.
         implementation: "auto", "cudnn" or "xla" (calls without a cache).
         projections: how the projections' products run ("auto", "xla", "pallas": ``ops.products``).
+        fused_projections: q, k and v through one ``FusedProjection`` (``qkv_proj``, kernel [D, H, 3K])
+            instead of three ``Projection``s; its parameters are ``fuse_projections``' of the three (a
+            decoding loop's prepared variables); checkpoints keep the three.
     """
+
+    INPUT_PROJECTIONS = ("q_proj", "k_proj", "v_proj")  # of the same x: fusable
+    FUSED_PROJECTION = "qkv_proj"
 
     num_heads: int
     head_dim: int
@@ -66,6 +72,7 @@ class Attention(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     implementation: str = "auto"
     projections: str = "auto"
+    fused_projections: bool = False
 
     @nn.compact
     def __call__(self, x, positions, state=None, *, segment_ids=None):
@@ -84,23 +91,24 @@ class Attention(nn.Module):
         """
         heads, head_dim = self.num_heads, self.head_dim
 
-        def project(name):
-            y = Projection(
-                (heads, head_dim),
-                (EMBED,),
-                (HEADS, HEAD_DIM),
-                init_scale=(2**-0.5) ** 2,  # torchscale's MultiheadAttention: xavier-uniform, gain 2^-1/2
-                use_bias=self.use_bias,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                implementation=self.projections,
-                name=name,
-            )(x)
-            return name_projection(nn.with_logical_constraint(y, HEAD_AXES))  # what a remat policy may keep
-
-        q = rotation.rotate(project("q_proj"), positions, "rotate_half", self.rotation_base)  # [B, T, H, K]
-        k = rotation.rotate(project("k_proj"), positions, "rotate_half", self.rotation_base)  # [B, T, H, K]
-        v = project("v_proj")  # [B, T, H, K]
+        options = dict(
+            in_names=(EMBED,),
+            out_names=(HEADS, HEAD_DIM),
+            init_scale=(2**-0.5) ** 2,  # torchscale's MultiheadAttention: xavier-uniform, gain 2^-1/2
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            implementation=self.projections,
+        )
+        features = (heads, head_dim)
+        if self.fused_projections:
+            outputs = FusedProjection([features] * 3, **options, name=self.FUSED_PROJECTION)(x)
+        else:
+            outputs = [Projection(features, **options, name=name)(x) for name in self.INPUT_PROJECTIONS]
+        # [B, T, H, K] each: what a remat policy may keep
+        q, k, v = (name_projection(nn.with_logical_constraint(y, HEAD_AXES)) for y in outputs)
+        q = rotation.rotate(q, positions, "rotate_half", self.rotation_base)
+        k = rotation.rotate(k, positions, "rotate_half", self.rotation_base)
         if state is None:
             implementation = resolve_implementation(self.implementation, head_dim, self.dtype)
             o = causal_attention(q, k, v, implementation, segment_ids=segment_ids)

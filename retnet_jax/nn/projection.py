@@ -3,15 +3,20 @@
 flax's ``DenseGeneral`` initializes a flattened [in, out] kernel and reshapes it afterwards, which breaks
 logical-axis sharding constraints applied at creation under a mesh. Here the kernel is born
 [*in_axes, *features] (e.g. [D, H, K]), so its names always match its rank.
+
+``FusedProjection`` is several projections of the same x as one kernel (a decoding step's q, k, v, g in
+one product); ``fuse_projections`` makes its parameters from theirs.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import string
 from collections.abc import Callable, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from retnet_jax.nn.axes import partitioned
@@ -72,3 +77,86 @@ class Projection(nn.Module):
             bias = self.param("bias", bias_init, tuple(self.features), self.param_dtype)
             y = y + bias.astype(self.dtype)
         return y
+
+
+class FusedProjection(nn.Module):
+    """Several ``Projection``s of the same x as one kernel and one product: [*in, *lead, W₁ + … + Wₙ].
+
+    Each output's features are (*lead, Wᵢ) with the same leading axes (the heads), and the kernel is
+    their kernels joined along the last axis (``fuse_projections``), so one product makes all outputs
+    and the heads stay an axis of their own: a kernel sharded over the heads stays sharded, and each
+    head's outputs are one contiguous run of Σ Wᵢ columns. A decoding step's few rows read it in one
+    pass (one few-row kernel, one XLA product) where the separate projections took one each.
+
+    Attributes:
+        parts: each output's features, e.g. ((H, K), (H, K), (H, V), (H, V)).
+        in_names, out_names, init_scale, init_mode, init_distribution, use_bias, dtype, param_dtype,
+            implementation: as ``Projection``'s. A fresh kernel's columns of output i are initialized as
+            that output's own ``Projection`` would be (its own fans).
+    """
+
+    parts: Sequence[Sequence[int]]
+    in_names: Sequence[str]
+    out_names: Sequence[str]
+    init_scale: float = 1.0
+    init_mode: str = "fan_avg"
+    init_distribution: str = "uniform"
+    use_bias: bool = False
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    implementation: str = "xla"
+
+    @nn.compact
+    def __call__(self, x):
+        """x [..., *in] → the outputs [..., *lead, Wᵢ], one per part, in the compute dtype."""
+        lead = tuple(self.parts[0][:-1])
+        if any(tuple(part[:-1]) != lead for part in self.parts):
+            raise ValueError(f"FusedProjection: parts must share their leading axes; got {self.parts}.")
+        widths = [part[-1] for part in self.parts]
+        n_in = len(self.in_names)
+        in_shape = x.shape[x.ndim - n_in :]
+
+        def init(key, shape, dtype):
+            # Each part as its own Projection initializes it: fans over the part's own features.
+            in_axes = tuple(range(n_in))
+            out_axes = tuple(range(n_in, n_in + len(lead) + 1))
+            scaling = nn.initializers.variance_scaling(
+                self.init_scale, self.init_mode, self.init_distribution, in_axis=in_axes, out_axis=out_axes
+            )
+            keys = jax.random.split(key, len(widths))
+            blocks = [scaling(k, (*shape[:-1], w), dtype) for k, w in zip(keys, widths, strict=True)]
+            return jnp.concatenate(blocks, axis=-1)
+
+        shape = (*in_shape, *lead, sum(widths))
+        kernel_init = partitioned(init, *self.in_names, *self.out_names)
+        kernel = self.param("kernel", kernel_init, shape, self.param_dtype)
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        y = products.project(x, kernel, n_in, implementation=self.implementation)  # [..., *lead, ΣW]
+        if self.use_bias:
+            bias_init = partitioned(nn.initializers.zeros, *self.out_names)
+            bias = self.param("bias", bias_init, (*lead, sum(widths)), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return tuple(jnp.split(y, list(itertools.accumulate(widths))[:-1], axis=-1))
+
+
+def fuse_projections(params, names: Sequence[str], fused: str):
+    """A module's parameters with its ``Projection``s ``names`` (same x, same leading output axes) as the
+    one ``FusedProjection`` ``fused`` in their place: kernels (and biases) joined along the last axis,
+    in the order of ``names``. Leaves may carry leading axes of their own (a scanned stack's layers).
+
+    Args:
+        params: the module's parameter dict (e.g. one layer's ``retention`` scope).
+        names: the projections' scopes, in the ``FusedProjection``'s order of parts.
+        fused: the fused projection's scope.
+    """
+    missing = [name for name in names if name not in params]
+    if missing:
+        raise ValueError(f"fuse_projections: no projection {missing} among {sorted(params)}.")
+    parts = [nn.unbox(params[name]) for name in names]
+    joined = {
+        leaf: jnp.concatenate([part[leaf] for part in parts], axis=-1)
+        for leaf in ("kernel", "bias")
+        if leaf in parts[0]
+    }
+    rest = {key: value for key, value in params.items() if key not in names}
+    return {**rest, fused: joined}

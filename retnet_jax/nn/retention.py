@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from retnet_jax.nn.axes import EMBED, HEAD_DIM, HEADS
 from retnet_jax.nn.norms import HeadNorm
-from retnet_jax.nn.projection import Projection
+from retnet_jax.nn.projection import FusedProjection, Projection
 from retnet_jax.nn.remat import name_projection, name_token_mixing
 from retnet_jax.ops import dispatch, retention, rotation
 
@@ -41,7 +41,14 @@ class MultiScaleRetention(nn.Module):
         projections: how the projections' products run ("auto", "xla", "pallas": ``ops.products``).
         return_state: compute the state after the call when none came in (the parallel form computes it
             apart; a call with a state always returns the new one).
+        fused_projections: q, k, v and g through one ``FusedProjection`` (``qkvg_proj``, kernel
+            [D, H, 2K + 2V]: each head's q, k, v, g columns side by side) instead of four ``Projection``s:
+            one product per call. The parameters are ``fuse_projections``' of the four (a decoding loop's
+            prepared variables: ``inference.decoding.LMDecoder``); checkpoints keep the four.
     """
+
+    INPUT_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "g_proj")  # of the same x: fusable
+    FUSED_PROJECTION = "qkvg_proj"
 
     num_heads: int
     key_dim: int
@@ -60,6 +67,7 @@ class MultiScaleRetention(nn.Module):
     implementation: str = "auto"
     projections: str = "auto"
     return_state: bool = False
+    fused_projections: bool = False
 
     @nn.compact
     def __call__(self, x, positions, state: retention.RetentionState | None = None, *, segment_ids=None):
@@ -80,24 +88,26 @@ class MultiScaleRetention(nn.Module):
         """
         heads, key_dim, value_dim = self.num_heads, self.key_dim, self.value_dim
 
-        def project(features, name):
-            projection = Projection(
-                features,
-                (EMBED,),
-                (HEADS, HEAD_DIM),
-                init_scale=(2**-2.5) ** 2,  # torchscale: xavier-uniform, gain 2^-2.5
-                use_bias=self.use_bias,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                implementation=self.projections,
-                name=name,
-            )
-            return name_projection(projection(x))  # what a remat policy may keep
-
-        q = project((heads, key_dim), "q_proj")  # [B, T, H, K]
-        k = project((heads, key_dim), "k_proj") * key_dim**-0.5  # [B, T, H, K]
-        v = project((heads, value_dim), "v_proj")  # [B, T, H, V]
-        g = project((heads, value_dim), "g_proj")  # [B, T, H, V]
+        features = [(heads, key_dim), (heads, key_dim), (heads, value_dim), (heads, value_dim)]
+        options = dict(
+            in_names=(EMBED,),
+            out_names=(HEADS, HEAD_DIM),
+            init_scale=(2**-2.5) ** 2,  # torchscale: xavier-uniform, gain 2^-2.5
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            implementation=self.projections,
+        )
+        if self.fused_projections:
+            outputs = FusedProjection(features, **options, name=self.FUSED_PROJECTION)(x)
+        else:
+            outputs = [
+                Projection(part, **options, name=name)(x)
+                for part, name in zip(features, self.INPUT_PROJECTIONS, strict=True)
+            ]
+        # q, k [B, T, H, K]; v, g [B, T, H, V]: what a remat policy may keep
+        q, k, v, g = (name_projection(y) for y in outputs)
+        k = k * key_dim**-0.5
 
         if state is not None:
             k = jnp.where((positions >= 0)[..., None, None], k, 0)  # pads never enter the state

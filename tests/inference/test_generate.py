@@ -191,8 +191,9 @@ def test_bad_arguments_raise(lm, kwargs, match):
 
 
 def test_the_loop_takes_each_layers_weights_apart(lm, greedy):
-    """LMDecoder's loop runs on each layer's weights copied out of the scanned stack once (``prepare``):
-    the same tokens and log-probabilities as a loop that reads the stack."""
+    """LMDecoder's loop runs on each layer's weights copied out of the scanned stack once (``prepare``),
+    its q, k, v, g joined into one projection: the same tokens and log-probabilities as a loop that reads
+    the stack (and the four projections)."""
     model, variables = lm
     prepared = LMDecoder(model).prepare(variables)["params"]
     layers = TINY.num_layers
