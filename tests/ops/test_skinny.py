@@ -70,20 +70,20 @@ def _norm_inputs(kind, rows, d, n, dtype, seed=0):
 
 
 @pytest.mark.parametrize(
-    "kind, rows, dtype",
+    "kind, rows, d, dtype",
     [
-        ("rmsnorm", 1, jnp.float32),
-        ("rmsnorm", 3, jnp.bfloat16),
-        ("rmsnorm", 16, jnp.float32),
-        ("layernorm", 1, jnp.bfloat16),
-        ("layernorm", 3, jnp.float32),
-        ("layernorm", 16, jnp.bfloat16),
+        ("rmsnorm", 1, 256, jnp.float32),
+        ("rmsnorm", 3, 256, jnp.bfloat16),
+        ("rmsnorm", 16, 1024, jnp.float32),
+        ("layernorm", 1, 256, jnp.bfloat16),
+        ("layernorm", 3, 256, jnp.float32),
+        ("layernorm", 16, 1024, jnp.bfloat16),
     ],
 )
-def test_norm_prologue_equals_xlas_norm_then_the_product(kind, rows, dtype):
-    """The statistics run over all of D though each program multiplies one slice of it (D = 256 in 4
-    steps of 64, split over programs)."""
-    x, w, scale, bias = _norm_inputs(kind, rows, 256, 128, dtype)
+def test_norm_prologue_equals_xlas_norm_then_the_product(kind, rows, d, dtype):
+    """The statistics run over all of D though each program multiplies one slice of it (one row: D in 4
+    steps of 64 over 4 programs), in steps of up to 8192 / R elements (16 rows of 1024: 2 steps)."""
+    x, w, scale, bias = _norm_inputs(kind, rows, d, 128, dtype)
     y = skinny.matmul(x, w, norm=kind, scale=scale, bias=bias, eps=1e-5, interpret=True)
     normed = norms.normalize(x, kind, 1e-5, scale, bias, dtype)  # the norm layer's output
     ref = np.asarray(normed, np.float64) @ np.asarray(w, np.float64)

@@ -14,7 +14,16 @@ D·N). S is the smallest divisor of D / BD that gives the grid ``PROGRAMS`` prog
 few columns is still read by every SM, but no more than keeps the partials within 1/16 of W's bytes. W is
 read once, a [BD, BN] tile at a time along its rows (contiguous BN-element runs).
 
-The backward pass is XLA's (``jax.custom_vjp``): a few-row product's gradients are ordinary matmuls.
+With a norm prologue (``matmul(norm=...)``: RMSNorm with a scale, LayerNorm with a scale and a bias) the
+kernel multiplies normalize(x) instead of x, so that a decoding step's block norm is no kernel of its own
+(XLA makes ~3 of each: two reductions and the normalization). Each program first computes the rows'
+statistics over all of D in float32 (x is a few rows, read from L2 by every program after the first; the
+LayerNorm's variance is that of the centred rows, as ``ops.norms``), then normalizes each [R, BD] slice it
+loads, applies the affine in float32 and casts to W's dtype before the product: ``ops.norms.normalize``'s
+numerics, up to the order of the statistics' float32 sums.
+
+The backward pass is XLA's (``jax.custom_vjp``): a few-row product's gradients are ordinary matmuls; with
+a prologue, XLA's norm (recomputed from the few rows) and its vjp come before them.
 """
 
 from __future__ import annotations
@@ -78,21 +87,36 @@ class Prologue(NamedTuple):
     eps: float
 
 
-def _statistics(x_ref, prologue: Prologue, block_d: int):
-    """(mean, 1 / sqrt(var + eps)) of every row over all of D, [R, 1] float32 each (mean 0 for RMSNorm).
+# Elements of x a program loads per step of its statistics loop: few steps (one for a row of D ≤ 8192), in
+# registers that a [16, 512] float32 tile fits.
+STATISTICS_ELEMENTS = 8192
 
-    Every program reads all of x for them: x is a few rows (at most 16 × D), read from L2 after the first.
+
+def _statistics_block(rows: int, d: int, block_d: int) -> int:
+    """The statistics loop's width: BD doubled while it divides D and [rows, width] fits
+    ``STATISTICS_ELEMENTS`` (a power of two, as Triton's tiles must be)."""
+    width = block_d
+    while d % (2 * width) == 0 and 2 * width * rows <= STATISTICS_ELEMENTS:
+        width *= 2
+    return width
+
+
+def _statistics(x_ref, prologue: Prologue, block: int):
+    """(mean, 1 / sqrt(var + eps)) of every row over all of D, [R, 1] float32 each (mean 0 for RMSNorm),
+    in steps of ``block`` columns.
+
+    Every program computes them for itself: x is a few rows (at most 16 × D), read from L2 after the first.
     """
     width = x_ref.shape[1]
 
     def chunk(i):
-        return x_ref[:, pl.ds(pl.multiple_of(i * block_d, block_d), block_d)].astype(jnp.float32)
+        return x_ref[:, pl.ds(pl.multiple_of(i * block, block), block)].astype(jnp.float32)
 
     def total(term):
         def step(i, acc):
             return acc + jnp.sum(term(chunk(i)), axis=1, keepdims=True)
 
-        return jax.lax.fori_loop(0, width // block_d, step, jnp.zeros((x_ref.shape[0], 1), jnp.float32))
+        return jax.lax.fori_loop(0, width // block, step, jnp.zeros((x_ref.shape[0], 1), jnp.float32))
 
     mean = 0.0
     if prologue.kind == "layernorm":  # centred before squaring, as ops.norms.layer_normalize
@@ -101,11 +125,13 @@ def _statistics(x_ref, prologue: Prologue, block_d: int):
     return mean, jax.lax.rsqrt(square + prologue.eps)
 
 
-def _kernel(x_ref, w_ref, *refs, block_d: int, steps: int, precision, prologue: Prologue | None):
+def _kernel(
+    x_ref, w_ref, *refs, block_d: int, steps: int, precision, prologue: Prologue | None, block_s: int
+):
     *affine, o_ref = refs  # the norm's scale (and bias) [1, D], or nothing
     s = pl.program_id(1)
     if prologue is not None:
-        mean, inverse = _statistics(x_ref, prologue, block_d)
+        mean, inverse = _statistics(x_ref, prologue, block_s)
 
     def step(i, acc):
         d = pl.multiple_of((s * steps + i) * block_d, block_d)
@@ -137,6 +163,7 @@ def _forward(x, w, affine, prologue, tiles: Plan, interpret: bool):
         steps=steps,
         precision=common.precision_of(w.dtype),
         prologue=prologue,
+        block_s=_statistics_block(padded_rows, d, tiles.block_d),
     )
     affine = [a.reshape(1, d) for a in affine]  # [1, D]: a reshape, no copy
     partials = common.launch(
