@@ -68,7 +68,10 @@ class Block(nn.Module):
     def __call__(self, carry, positions, segment_ids=None):
         x, state, layer = carry
         cfg = self.config
-        norm = functools.partial(Norm, cfg.norm, cfg.norm_eps, cfg.compute_dtype, cfg.params_dtype)
+        # Where the projections run the few-row kernel, the norms are left to its prologue (``Norm.defer``).
+        norm = functools.partial(
+            Norm, cfg.norm, cfg.norm_eps, cfg.compute_dtype, cfg.params_dtype, defer=self.projections
+        )
         dropout = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
         mixer = cfg.mixer(
             mode=self.mode,

@@ -79,7 +79,8 @@ class Attention(nn.Module):
         """Attention over the call, or over the cache and the call.
 
         Args:
-            x: [B, T, D].
+            x: [B, T, D], or its block norm not yet computed (``ops.norms.Normed``, which only the
+                projections read; a decoding step through the few-row kernel).
             positions: [B or 1, T] absolute positions of the call's tokens (negative: left pads, attended
                 by no one).
             state: this layer's cache (k, v [B, H, S, K], position [B]) from ``KVCache.layer``, or None.

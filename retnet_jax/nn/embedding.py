@@ -11,7 +11,9 @@ import jax.numpy as jnp
 
 from retnet_jax.nn.axes import ACTIVATION_AXES, EMBED, VOCAB, partitioned
 from retnet_jax.nn.norms import Norm
+from retnet_jax.nn.projection import Projection
 from retnet_jax.ops import products
+from retnet_jax.ops.norms import Normed
 
 
 def embed_tokens(
@@ -62,17 +64,31 @@ def output_logits(
     implementation: str = "xla",
 ):
     """Final norm and head: x [B, T, D] → logits [B, T, N] float32 (``tied``: the embedding transposed).
-    ``implementation``: how an untied head's product runs (``ops.products``)."""
-    x = Norm(norm, norm_eps, dtype, param_dtype, name="final_norm")(x)
+    ``implementation``: how an untied head's product runs (``ops.products``; where it runs the few-row
+    kernel, the final norm runs in the kernel's prologue)."""
+    defer = "xla" if tied else implementation
+    x = Norm(norm, norm_eps, dtype, param_dtype, defer=defer, name="final_norm")(x)
+    init = nn.initializers.normal(x.shape[-1] ** -0.5)
     if tied:
         logits = embed.attend(x)
+    elif isinstance(x, Normed):  # the same parameter as the Dense below, as a Projection that takes the norm
+        logits = Projection(
+            (vocab_size,),
+            (EMBED,),
+            (VOCAB,),
+            dtype=dtype,
+            param_dtype=param_dtype,
+            kernel_init=init,
+            implementation=implementation,
+            name="head",
+        )(x)
     else:
         logits = nn.Dense(
             vocab_size,
             use_bias=False,
             dtype=dtype,
             param_dtype=param_dtype,
-            kernel_init=partitioned(nn.initializers.normal(x.shape[-1] ** -0.5), EMBED, VOCAB),
+            kernel_init=partitioned(init, EMBED, VOCAB),
             dot_general=products.dense_dot_general(implementation),
             name="head",
         )(x)

@@ -10,8 +10,10 @@ import jax
 import jax.numpy as jnp
 
 from retnet_jax.nn.axes import BATCH, EMBED, LENGTH, MLP, partitioned
+from retnet_jax.nn.projection import Projection
 from retnet_jax.nn.remat import name_projection
 from retnet_jax.ops import products
+from retnet_jax.ops.norms import Normed
 
 ACTIVATIONS = {"swish": jax.nn.swish, "gelu": jax.nn.gelu}
 FFN_TYPES = ("glu", "mlp")
@@ -40,6 +42,8 @@ class FeedForward(nn.Module):
 
     @nn.compact
     def __call__(self, x):
+        """x [B, T, D], or the block norm of it not yet computed (``ops.norms.Normed``) → [B, T, D]."""
+
         def dense(features, names, name):
             return nn.Dense(
                 features,
@@ -52,9 +56,24 @@ class FeedForward(nn.Module):
                 name=name,
             )
 
-        hidden = name_projection(dense(self.ffn_dim, (EMBED, MLP), "fc1")(x))  # [B, T, F]
+        def first(name):  # fc1 and gate
+            if isinstance(x, Normed):  # the same parameters, as a Projection that takes the norm
+                return Projection(
+                    (self.ffn_dim,),
+                    (EMBED,),
+                    (MLP,),
+                    use_bias=self.use_bias,
+                    dtype=self.dtype,
+                    param_dtype=self.param_dtype,
+                    kernel_init=TORCH_LINEAR_INIT,
+                    implementation=self.implementation,
+                    name=name,
+                )
+            return dense(self.ffn_dim, (EMBED, MLP), name)
+
+        hidden = name_projection(first("fc1")(x))  # [B, T, F]
         hidden = ACTIVATIONS[self.activation](hidden.astype(jnp.promote_types(hidden.dtype, jnp.float32)))
         if self.ffn_type == "glu":
-            hidden = hidden * name_projection(dense(self.ffn_dim, (EMBED, MLP), "gate")(x))
+            hidden = hidden * name_projection(first("gate")(x))
         hidden = nn.with_logical_constraint(hidden.astype(self.dtype), (BATCH, LENGTH, MLP))
         return dense(x.shape[-1], (MLP, EMBED), "fc2")(hidden)

@@ -1,48 +1,50 @@
-"""Normalization layers, computed in float32 whatever the compute dtype."""
+"""Normalization layers, computed in float32 whatever the compute dtype (the maths: ``ops.norms``)."""
 
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from retnet_jax.nn.axes import EMBED, HEAD_DIM, partitioned
+from retnet_jax.ops import products
+from retnet_jax.ops.norms import KINDS, Normed, layer_normalize, rms_normalize
 
-NORMS = ("rmsnorm", "layernorm")  # of Norm
+NORMS = KINDS  # of Norm
 HEAD_NORMS = ("rms", "layernorm", "rms_weight")  # of HeadNorm
 
-
-def rms_normalize(x, eps: float):
-    """x / sqrt(mean(x², last axis) + eps), in float32 (float64 for float64 x)."""
-    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
-
-
-def layer_normalize(x, eps: float):
-    """(x − mean) / sqrt(var + eps) over the last axis, in float32 (float64 for float64 x)."""
-    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    centred = x - jnp.mean(x, axis=-1, keepdims=True)
-    return centred * jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True) + eps)
+__all__ = ["HEAD_NORMS", "NORMS", "HeadNorm", "Norm", "Normed", "layer_normalize", "rms_normalize"]
 
 
 class Norm(nn.Module):
-    """The block / final norm over D: RMSNorm with weight (torchscale v2) or LayerNorm (paper)."""
+    """The block / final norm over D: RMSNorm with weight (torchscale v2) or LayerNorm (paper).
+
+    Attributes:
+        kind: "rmsnorm" or "layernorm"; eps: its epsilon.
+        dtype: the output's dtype; param_dtype: the scale's and bias's.
+        defer: the implementation of the products that take the output (``ops.products``). Where they may
+            run the few-row kernel (a decoding step's few rows), the norm returns itself not yet computed
+            (``ops.norms.Normed``) for the kernel's prologue to compute; the layers that take it
+            (``Projection``, ``FeedForward``) materialize it where they do not. "xla" (the default):
+            always the computed array.
+    """
 
     kind: str = "rmsnorm"
     eps: float = 1e-6
     dtype: jnp.dtype = jnp.float32  # output dtype
     param_dtype: jnp.dtype = jnp.float32
+    defer: str = "xla"
 
     @nn.compact
-    def __call__(self, x):  # [..., D]
+    def __call__(self, x):  # [..., D] → [..., D] in dtype, or a Normed of that shape
         width = x.shape[-1]
         scale = self.param("scale", partitioned(nn.initializers.ones, EMBED), (width,), self.param_dtype)
-        if self.kind == "rmsnorm":
-            y = rms_normalize(x, self.eps) * scale
-        else:
+        bias = None
+        if self.kind != "rmsnorm":
             bias = self.param("bias", partitioned(nn.initializers.zeros, EMBED), (width,), self.param_dtype)
-            y = layer_normalize(x, self.eps) * scale + bias
-        return y.astype(self.dtype)
+        normed = Normed(x, scale, bias, self.kind, self.eps, self.dtype)
+        if self.defer != "xla" and products.defers_norm(self.defer, normed):
+            return normed
+        return normed.materialize()
 
 
 class HeadNorm(nn.Module):

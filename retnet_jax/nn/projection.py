@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from retnet_jax.nn.axes import partitioned
 from retnet_jax.ops import products
+from retnet_jax.ops.norms import Normed
 
 
 class Projection(nn.Module):
@@ -33,6 +34,9 @@ class Projection(nn.Module):
             all contracted axes (fan in) and all output axes (fan out), as for the flat matrix.
         implementation: how the product runs (``ops.products``): "xla", or "auto" / "pallas" for the
             few-row kernel in calls of a decoding step's few rows.
+
+    The input may be a block norm not yet computed (``ops.norms.Normed``, from ``Norm(defer=...)``): the
+    kernel's prologue computes it where the kernel runs; elsewhere it is materialized first.
     """
 
     features: Sequence[int]
@@ -62,8 +66,14 @@ class Projection(nn.Module):
             (*in_shape, *self.features),
             self.param_dtype,
         )
+        n = math.prod(self.features)
+        if isinstance(x, Normed):  # the block norm, left to the kernel's prologue if this call runs it
+            if n_in == 1 and products.fuses_norm(self.implementation, x, n, self.dtype):
+                y = products.project(x, kernel.astype(self.dtype), 1, implementation=self.implementation)
+                return self._bias(y)
+            x = x.materialize()
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-        rows, d, n = math.prod(x.shape[: x.ndim - n_in]), math.prod(in_shape), math.prod(self.features)
+        rows, d = math.prod(x.shape[: x.ndim - n_in]), math.prod(in_shape)
         if products.uses_kernel(self.implementation, rows, d, n, x.dtype):
             y = products.project(x, kernel, n_in, implementation=self.implementation)
         else:
@@ -72,6 +82,9 @@ class Projection(nn.Module):
             contracted = letters[x.ndim - n_in : x.ndim]
             produced = letters[x.ndim : x.ndim + n_out]
             y = jnp.einsum(f"{batch}{contracted},{contracted}{produced}->{batch}{produced}", x, kernel)
+        return self._bias(y)
+
+    def _bias(self, y):
         if self.use_bias:
             bias_init = partitioned(nn.initializers.zeros, *self.out_names)
             bias = self.param("bias", bias_init, tuple(self.features), self.param_dtype)

@@ -74,7 +74,8 @@ class MultiScaleRetention(nn.Module):
         """Retention over the call, continuing ``state`` if given.
 
         Args:
-            x: [B, T, D].
+            x: [B, T, D], or its block norm not yet computed (``ops.norms.Normed``, which only the
+                projections read; a decoding step through the few-row kernel).
             positions: [B or 1, T] int absolute positions of the call's tokens; negative = left pads.
             state: this layer's ``RetentionState`` (kv [B, H, K, V], count [B] = positions[:, 0]), or its
                 ``StackedState`` (its view in every layer's state, a decoding state's), or None (the call

@@ -13,6 +13,11 @@ multiplies a handful of rows by a weight matrix (``ops.gpu.skinny``).
   Calls of more rows are matmuls and stay XLA's.
 
 The model's ``projections`` (``DecoderLM``) reaches here.
+
+A projection's input may be a block norm not yet computed (``ops.norms.Normed``): where the kernel runs, its
+prologue normalizes the rows (``skinny.matmul(norm=...)``) and no separate norm runs; elsewhere the norm is
+materialized first, exactly as the norm layer computes it. ``defers_norm`` says where a norm may be left
+to the kernel (a decoding step's few rows), ``fuses_norm`` where one projection takes it.
 """
 
 from __future__ import annotations
@@ -24,8 +29,9 @@ import jax
 import jax.numpy as jnp
 
 from retnet_jax.ops.gpu import common, skinny
+from retnet_jax.ops.norms import Normed
 
-__all__ = ["IMPLEMENTATIONS", "dense_dot_general", "project", "uses_kernel"]
+__all__ = ["IMPLEMENTATIONS", "defers_norm", "dense_dot_general", "fuses_norm", "project", "uses_kernel"]
 
 IMPLEMENTATIONS = ("xla", "auto", "pallas")
 
@@ -52,16 +58,49 @@ def uses_kernel(implementation: str, rows: int, d: int, n: int, dtype) -> bool:
     return not isinstance(skinny.plan(rows, d, n, dtype), str)
 
 
+def _norm_dtypes_taken(normed: Normed) -> bool:
+    """Whether the kernel's prologue computes this norm as ``ops.norms.normalize`` does: inputs and
+    parameters of dtypes the kernel takes, so that the statistics and affine are float32 there too."""
+    arrays = (normed.x, normed.scale) + (() if normed.bias is None else (normed.bias,))
+    return all(jnp.dtype(a.dtype) in common.DTYPES for a in arrays)
+
+
+def defers_norm(implementation: str, normed: Normed) -> bool:
+    """Whether a norm of these rows may be left to the projections that take it: they may run the kernel
+    (at most ``skinny.MAX_ROWS`` rows through it; whether a given projection does also depends on its N,
+    ``fuses_norm``), and its prologue computes the norm in float32 as XLA would."""
+    rows, d = math.prod(normed.shape[:-1]), normed.shape[-1]
+    # N = 16: the widths the kernel takes are multiples of 16, so this asks about everything but N.
+    return uses_kernel(implementation, rows, d, 16, normed.dtype) and _norm_dtypes_taken(normed)
+
+
+def fuses_norm(implementation: str, normed: Normed, n: int, dtype) -> bool:
+    """Whether ``project(normed, kernel, 1, ...)`` with a kernel [D, N] of ``dtype`` (its N outputs
+    flattened) runs the norm inside the kernel; else it materializes the norm first."""
+    rows, d = math.prod(normed.shape[:-1]), normed.shape[-1]
+    return (
+        jnp.dtype(dtype) == jnp.dtype(normed.dtype)
+        and uses_kernel(implementation, rows, d, n, dtype)
+        and _norm_dtypes_taken(normed)
+    )
+
+
 def project(x, kernel, in_axes: int = 1, *, implementation: str = "xla"):
     """x [..., *in] contracted with kernel [*in, *out] → [..., *out], in x's dtype.
 
     Args:
-        x: the inputs; their last ``in_axes`` axes are contracted.
+        x: the inputs; their last ``in_axes`` axes are contracted. Or a norm of them not yet computed
+            (``ops.norms.Normed``, one contracted axis): computed in the kernel's prologue where the kernel
+            runs, else materialized first.
         kernel: the weights, [*in, *out], in x's dtype.
         in_axes: how many leading axes of ``kernel`` are contracted.
         implementation: see the module docstring.
     """
     n_in, n_out = in_axes, kernel.ndim - in_axes
+    if isinstance(x, Normed):
+        if n_in == 1 and fuses_norm(implementation, x, math.prod(kernel.shape[1:]), kernel.dtype):
+            return _normed_product(x, kernel)
+        x = x.materialize()
     batch_shape = x.shape[: x.ndim - n_in]
     rows = math.prod(batch_shape)
     d, n = math.prod(kernel.shape[:n_in]), math.prod(kernel.shape[n_in:])
@@ -91,3 +130,19 @@ def dense_dot_general(implementation: str):
         )
 
     return dot_general
+
+
+def _normed_product(normed: Normed, kernel):
+    """normalize(x) [..., D] @ kernel [D, *out] through the kernel's norm prologue."""
+    batch_shape, d = normed.shape[:-1], normed.shape[-1]
+    rows, n = math.prod(batch_shape), math.prod(kernel.shape[1:])
+    y = skinny.matmul(
+        normed.x.reshape(rows, d),
+        kernel.reshape(d, n),
+        norm=normed.kind,
+        scale=normed.scale,
+        bias=normed.bias,
+        eps=normed.eps,
+        interpret=jax.default_backend() != "gpu",
+    )
+    return y.reshape(*batch_shape, *kernel.shape[1:])

@@ -1,8 +1,11 @@
-"""The few-row product kernel (``ops.gpu.skinny``) and its dispatch (``ops.products``), on the CPU.
+"""The few-row product kernel (``ops.gpu.skinny``), its norm prologue, and its dispatch (``ops.products``),
+on the CPU.
 
 Tolerances: float32 against a float64 product 1e-6 relative to the largest output (float32 accumulation of
 up to 3456 terms); bfloat16 4e-3 (the output's rounding, 2^-8, against the float64 product of the same
-rounded inputs).
+rounded inputs). With the norm prologue the same, against the float64 product of XLA's norm (cast to the
+compute dtype as the norm layer does): the kernel's statistics differ from XLA's only in the order of a
+float32 sum.
 """
 
 import jax
@@ -10,8 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from retnet_jax.inference.generate import generate
 from retnet_jax.models import RetNetConfig, RetNetLM
-from retnet_jax.ops import products
+from retnet_jax.ops import norms, products
 from retnet_jax.ops.gpu import skinny
 
 TOLERANCE = {jnp.float32: 1e-6, jnp.bfloat16: 4e-3}
@@ -54,6 +58,72 @@ def test_gradients_are_xlas():
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
+def _norm_inputs(kind, rows, d, n, dtype, seed=0):
+    """x with a mean far from 0 (LayerNorm must centre it), scale ≈ 1, bias ≈ 0 in float32 (the parameters'
+    dtype), w in the compute dtype."""
+    x, w = _inputs(rows, d, n, dtype, seed)
+    x = (3 * x.astype(jnp.float32) + 5).astype(dtype)
+    ks, kb = jax.random.split(jax.random.PRNGKey(seed + 100))
+    scale = 1 + 0.2 * jax.random.normal(ks, (d,), jnp.float32)
+    bias = 0.2 * jax.random.normal(kb, (d,), jnp.float32) if kind == "layernorm" else None
+    return x, w, scale, bias
+
+
+@pytest.mark.parametrize(
+    "kind, rows, d, dtype",
+    [
+        ("rmsnorm", 1, 256, jnp.float32),
+        ("rmsnorm", 3, 256, jnp.bfloat16),
+        ("rmsnorm", 16, 1024, jnp.float32),
+        ("layernorm", 1, 256, jnp.bfloat16),
+        ("layernorm", 3, 256, jnp.float32),
+        ("layernorm", 16, 1024, jnp.bfloat16),
+    ],
+)
+def test_norm_prologue_equals_xlas_norm_then_the_product(kind, rows, d, dtype):
+    """The statistics run over all of D though each program multiplies one slice of it (one row: D in 4
+    steps of 64 over 4 programs), in steps of up to 8192 / R elements (16 rows of 1024: 2 steps)."""
+    x, w, scale, bias = _norm_inputs(kind, rows, d, 128, dtype)
+    y = skinny.matmul(x, w, norm=kind, scale=scale, bias=bias, eps=1e-5, interpret=True)
+    normed = norms.normalize(x, kind, 1e-5, scale, bias, dtype)  # the norm layer's output
+    ref = np.asarray(normed, np.float64) @ np.asarray(w, np.float64)
+    assert y.shape == (rows, 128) and y.dtype == dtype
+    assert np.abs(np.asarray(y, np.float64) - ref).max() <= TOLERANCE[dtype] * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("kind", norms.KINDS)
+def test_norm_prologue_gradients_are_xlas(kind):
+    x, w, scale, bias = _norm_inputs(kind, 2, 128, 64, jnp.float32, seed=1)
+    cotangent = jax.random.normal(jax.random.PRNGKey(2), (2, 64))
+
+    def loss(product):
+        return lambda x, w, scale, bias: jnp.sum(product(x, w, scale, bias) * cotangent)
+
+    def ours(x, w, scale, bias):
+        return skinny.matmul(x, w, norm=kind, scale=scale, bias=bias, eps=1e-5, interpret=True)
+
+    def xlas(x, w, scale, bias):
+        return jnp.dot(norms.normalize(x, kind, 1e-5, scale, bias, w.dtype), w, precision="highest")
+
+    args = (0, 1, 2) if bias is None else (0, 1, 2, 3)
+    got = jax.grad(loss(ours), args)(x, w, scale, bias)
+    want = jax.grad(loss(xlas), args)(x, w, scale, bias)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
+
+
+def test_norm_prologue_refusals():
+    x, w, scale, _ = _norm_inputs("rmsnorm", 1, 64, 64, jnp.float32)
+    with pytest.raises(ValueError, match="norm='layernorm' takes a scale and a bias"):
+        skinny.matmul(x, w, norm="layernorm", scale=scale, interpret=True)
+    with pytest.raises(ValueError, match="norm='rmsnorm' takes a scale of shape"):
+        skinny.matmul(x, w, norm="rmsnorm", scale=scale, bias=scale, interpret=True)
+    with pytest.raises(ValueError, match="norm must be one of"):
+        skinny.matmul(x, w, norm="groupnorm", scale=scale, interpret=True)
+    with pytest.raises(ValueError, match="bfloat16, float16 or float32; got float64"):
+        skinny.matmul(x, w, norm="rmsnorm", scale=np.ones(64), interpret=True)
+
+
 def test_plans_and_refusals():
     """The grid reaches PROGRAMS where the slices allow it; the partials stay within W / 16; shapes the kernel
     does not take are refused with the reason."""
@@ -69,10 +139,18 @@ def test_plans_and_refusals():
 
 
 def test_the_kernel_lowers_to_triton():
+    """Without and with each norm prologue (bfloat16 x, float32 norm parameters, as a decoding step)."""
     x, w = jnp.zeros((1, 2048), jnp.bfloat16), jnp.zeros((2048, 4096), jnp.bfloat16)
-    for rows in (1, 8):
-        text = jax.jit(skinny.matmul).trace(x[:1].repeat(rows, 0), w).lower(lowering_platforms=("cuda",))
-        assert "__gpu$xla.gpu.triton" in text.as_text()
+    ones = jnp.ones((2048,), jnp.float32)
+    products_ = {
+        None: skinny.matmul,
+        "rmsnorm": lambda x, w: skinny.matmul(x, w, norm="rmsnorm", scale=ones),
+        "layernorm": lambda x, w: skinny.matmul(x, w, norm="layernorm", scale=ones, bias=ones),
+    }
+    for product in products_.values():
+        for rows in (1, 8):
+            text = jax.jit(product).trace(x[:1].repeat(rows, 0), w).lower(lowering_platforms=("cuda",))
+            assert "__gpu$xla.gpu.triton" in text.as_text()
 
 
 def test_dispatch(monkeypatch):
@@ -88,17 +166,83 @@ def test_dispatch(monkeypatch):
         products.uses_kernel("fast", 1, 64, 64, f32)
 
 
+def _norms_outside_kernels(program) -> tuple[int, int]:
+    """(rsqrt ops outside kernels, kernels with an rsqrt inside) of a jaxpr, sub-jaxprs included (a
+    scanned block counted once). Every norm takes one rsqrt: a norm outside the kernels is one there."""
+    counts = [0, 0]
+
+    def walk(jaxpr, inside):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "rsqrt" and not inside:
+                counts[0] += 1
+            if eqn.primitive.name == "pallas_call" and "rsqrt" in str(eqn.params["jaxpr"]):
+                counts[1] += 1
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, list | tuple) else [param]:
+                    if isinstance(sub, jax.extend.core.ClosedJaxpr | jax.extend.core.Jaxpr):
+                        walk(getattr(sub, "jaxpr", sub), inside or eqn.primitive.name == "pallas_call")
+
+    walk(program.jaxpr, False)
+    return tuple(counts)
+
+
+def _step_program(model, variables, step, state):
+    return jax.make_jaxpr(lambda v: model.apply(v, step, state=state, mode="recurrent"))(variables)
+
+
 def test_a_decoding_step_through_the_kernel_equals_xlas():
     """One RetNet decoding step with every projection (and the untied head) through the few-row kernel
-    equals the step through XLA's products. (The Transformer's projections are the same modules.)"""
+    equals the step through XLA's products. (The Transformer's projections are the same modules.) Both
+    block norms and the final norm (RMSNorm here) run in the prologues of the kernels that take them:
+    outside the kernels only retention's head norm remains."""
     config = RetNetConfig(vocab_size=64, d_model=64, num_layers=1, num_heads=2, value_dim=128, ffn_dim=128)
     tokens = jnp.array([[3, 9, 27, 17]], jnp.int32)
     xla, pallas = RetNetLM(config, projections="xla"), RetNetLM(config, projections="pallas")
-    variables = xla.init(jax.random.PRNGKey(0), tokens)
-    _, state = xla.apply(variables, tokens[:, :-1], return_state=True)
+    variables = jax.jit(xla.init)(jax.random.PRNGKey(0), tokens)
+    _, state = jax.jit(lambda v, t: xla.apply(v, t, return_state=True))(variables, tokens[:, :-1])
     step = tokens[:, -1:]
-    ours, _ = pallas.apply(variables, step, state=state, mode="recurrent")
-    theirs, _ = xla.apply(variables, step, state=state, mode="recurrent")
+    run = lambda model: jax.jit(lambda v, s: model.apply(v, step, state=s, mode="recurrent"))
+    ours, _ = run(pallas)(variables, state)
+    theirs, _ = run(xla)(variables, state)
     np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
-    program = str(jax.make_jaxpr(lambda v: pallas.apply(v, step, state=state, mode="recurrent"))(variables))
-    assert program.count("pallas_call") >= 8  # q, k, v, g, out, fc1, fc2, head
+    program = _step_program(pallas, variables, step, state)
+    assert str(program).count("pallas_call") >= 8  # q, k, v, g, out, fc1, fc2, head
+    assert _norms_outside_kernels(_step_program(xla, variables, step, state)) == (4, 0)
+    outside, fused = _norms_outside_kernels(program)
+    assert outside == 1 and fused >= 3  # the head norm; q/k/v/g, fc1/gate and the head take the norms
+
+
+def test_generation_through_the_fused_norms_equals_xlas():
+    """Greedy generation of a paper-style model (LayerNorm with bias, GELU MLP, biases; every parameter
+    perturbed, so that the norms' scales and biases are not 1 and 0) with the projections through the
+    kernel (its prefill and its steps) gives XLA's tokens and log-probabilities; its decoding step runs
+    no block norm outside the kernels. Its parameters initialized through the kernel are XLA's, names
+    included (the layers that take a norm's deferred output create the same parameters)."""
+    config = RetNetConfig(
+        vocab_size=64,
+        d_model=64,
+        num_layers=1,
+        num_heads=2,
+        value_dim=128,
+        ffn_dim=128,
+        norm="layernorm",
+        ffn_type="mlp",
+        activation="gelu",
+        use_bias=True,
+    )
+    xla, pallas = RetNetLM(config, projections="xla"), RetNetLM(config, projections="pallas")
+    one_token = jnp.zeros((1, 1), jnp.int32)
+    variables = jax.jit(xla.init)(jax.random.PRNGKey(0), one_token)
+    through_kernel = jax.jit(pallas.init)(jax.random.PRNGKey(0), one_token)
+    assert jax.tree.structure(through_kernel) == jax.tree.structure(variables)  # partition names included
+    for a, b in zip(jax.tree.leaves(through_kernel), jax.tree.leaves(variables), strict=True):
+        np.testing.assert_array_equal(a, b)
+    variables = jax.tree.map(lambda p: p + 0.1 * jnp.cos(jnp.arange(p.size).reshape(p.shape)), variables)
+    run = dict(max_new_tokens=4, bos_id=1, pad_id=0, return_logprobs=True)
+    ours = generate(pallas, variables, [[3, 9, 27]], **run)
+    theirs = generate(xla, variables, [[3, 9, 27]], **run)
+    np.testing.assert_array_equal(ours.tokens, theirs.tokens)
+    np.testing.assert_allclose(ours.logprobs, theirs.logprobs, rtol=1e-5, atol=1e-5)
+    _, state = jax.jit(lambda v, t: xla.apply(v, t, return_state=True))(variables, ours.tokens[:, :-1])
+    program = _step_program(pallas, variables, ours.tokens[:, -1:], state)
+    assert _norms_outside_kernels(program)[0] == 1  # retention's head norm

@@ -14,7 +14,16 @@ D·N). S is the smallest divisor of D / BD that gives the grid ``PROGRAMS`` prog
 few columns is still read by every SM, but no more than keeps the partials within 1/16 of W's bytes. W is
 read once, a [BD, BN] tile at a time along its rows (contiguous BN-element runs).
 
-The backward pass is XLA's (``jax.custom_vjp``): a few-row product's gradients are ordinary matmuls.
+With a norm prologue (``matmul(norm=...)``: RMSNorm with a scale, LayerNorm with a scale and a bias) the
+kernel multiplies normalize(x) instead of x, so that a decoding step's block norm is no kernel of its own
+(XLA makes ~3 of each: two reductions and the normalization). Each program first computes the rows'
+statistics over all of D in float32 (x is a few rows, read from L2 by every program after the first; the
+LayerNorm's variance is that of the centred rows, as ``ops.norms``), then normalizes each [R, BD] slice it
+loads, applies the affine in float32 and casts to W's dtype before the product: ``ops.norms.normalize``'s
+numerics, up to the order of the statistics' float32 sums.
+
+The backward pass is XLA's (``jax.custom_vjp``): a few-row product's gradients are ordinary matmuls; with
+a prologue, XLA's norm (recomputed from the few rows) and its vjp come before them.
 """
 
 from __future__ import annotations
@@ -26,9 +35,10 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from retnet_jax.ops import norms
 from retnet_jax.ops.gpu import common
 
-__all__ = ["MAX_ROWS", "PROGRAMS", "Plan", "matmul", "plan"]
+__all__ = ["MAX_ROWS", "PROGRAMS", "Plan", "Prologue", "matmul", "plan"]
 
 MAX_ROWS = 16  # rows the kernel takes: Triton's smallest product is 16 rows; more rows are a matmul
 PROGRAMS = 2 * 132  # programs wanted per call: two per SM of an H100 / H200
@@ -70,13 +80,69 @@ def plan(rows: int, d: int, n: int, dtype) -> Plan | str:
     return Plan(block_d, block_n, splits)
 
 
-def _kernel(x_ref, w_ref, o_ref, *, block_d: int, steps: int, precision):
+class Prologue(NamedTuple):
+    """The norm the kernel applies to x's rows before multiplying them (``ops.norms.normalize``)."""
+
+    kind: str  # "rmsnorm" (a scale) or "layernorm" (a scale and a bias)
+    eps: float
+
+
+# Elements of x a program loads per step of its statistics loop: few steps (one for a row of D ≤ 8192), in
+# registers that a [16, 512] float32 tile fits.
+STATISTICS_ELEMENTS = 8192
+
+
+def _statistics_block(rows: int, d: int, block_d: int) -> int:
+    """The statistics loop's width: BD doubled while it divides D and [rows, width] fits
+    ``STATISTICS_ELEMENTS`` (a power of two, as Triton's tiles must be)."""
+    width = block_d
+    while d % (2 * width) == 0 and 2 * width * rows <= STATISTICS_ELEMENTS:
+        width *= 2
+    return width
+
+
+def _statistics(x_ref, prologue: Prologue, block: int):
+    """(mean, 1 / sqrt(var + eps)) of every row over all of D, [R, 1] float32 each (mean 0 for RMSNorm),
+    in steps of ``block`` columns.
+
+    Every program computes them for itself: x is a few rows (at most 16 × D), read from L2 after the first.
+    """
+    width = x_ref.shape[1]
+
+    def chunk(i):
+        return x_ref[:, pl.ds(pl.multiple_of(i * block, block), block)].astype(jnp.float32)
+
+    def total(term):
+        def step(i, acc):
+            return acc + jnp.sum(term(chunk(i)), axis=1, keepdims=True)
+
+        return jax.lax.fori_loop(0, width // block, step, jnp.zeros((x_ref.shape[0], 1), jnp.float32))
+
+    mean = 0.0
+    if prologue.kind == "layernorm":  # centred before squaring, as ops.norms.layer_normalize
+        mean = total(lambda rows: rows) / width
+    square = total(lambda rows: jnp.square(rows - mean)) / width
+    return mean, jax.lax.rsqrt(square + prologue.eps)
+
+
+def _kernel(
+    x_ref, w_ref, *refs, block_d: int, steps: int, precision, prologue: Prologue | None, block_s: int
+):
+    *affine, o_ref = refs  # the norm's scale (and bias) [1, D], or nothing
     s = pl.program_id(1)
+    if prologue is not None:
+        mean, inverse = _statistics(x_ref, prologue, block_s)
 
     def step(i, acc):
         d = pl.multiple_of((s * steps + i) * block_d, block_d)
         rows = x_ref[:, pl.ds(d, block_d)]  # [R, BD]
         weights = w_ref[pl.ds(d, block_d), :]  # [BD, BN]
+        if prologue is not None:  # the norm's numerics: float32, cast to the compute dtype at the end
+            normed = (rows.astype(jnp.float32) - mean) * inverse
+            normed = normed * affine[0][:, pl.ds(d, block_d)].astype(jnp.float32)
+            if prologue.kind == "layernorm":
+                normed = normed + affine[1][:, pl.ds(d, block_d)].astype(jnp.float32)
+            rows = normed.astype(weights.dtype)
         if rows.shape[0] == 1:  # one row: no product to pad to 16 rows
             column = jnp.transpose(rows).astype(jnp.float32)  # [BD, 1]
             return acc + jnp.sum(column * weights.astype(jnp.float32), axis=0, keepdims=True)
@@ -85,68 +151,141 @@ def _kernel(x_ref, w_ref, o_ref, *, block_d: int, steps: int, precision):
     o_ref[...] = jax.lax.fori_loop(0, steps, step, jnp.zeros(o_ref.shape, jnp.float32))
 
 
-def _forward(x, w, tiles: Plan, interpret: bool):
+def _forward(x, w, affine, prologue, tiles: Plan, interpret: bool):
     rows, d = x.shape
     n = w.shape[1]
     padded_rows = _padded_rows(rows)
-    padded = jnp.pad(x, ((0, padded_rows - rows), (0, 0)))  # [R, D]
+    padded = jnp.pad(x, ((0, padded_rows - rows), (0, 0)))  # [R, D]; padded rows normalize to finite values
     steps = d // tiles.block_d // tiles.splits
     kernel = functools.partial(
-        _kernel, block_d=tiles.block_d, steps=steps, precision=common.precision_of(x.dtype)
+        _kernel,
+        block_d=tiles.block_d,
+        steps=steps,
+        precision=common.precision_of(w.dtype),
+        prologue=prologue,
+        block_s=_statistics_block(padded_rows, d, tiles.block_d),
     )
+    affine = [a.reshape(1, d) for a in affine]  # [1, D]: a reshape, no copy
     partials = common.launch(
         kernel,
         (n // tiles.block_n, tiles.splits),
         [
             pl.BlockSpec((padded_rows, d), lambda c, s: (0, 0)),
             pl.BlockSpec((d, tiles.block_n), lambda c, s: (0, c)),
-        ],
+        ]
+        + [pl.BlockSpec((1, d), lambda c, s: (0, 0)) for _ in affine],
         jax.ShapeDtypeStruct((tiles.splits, padded_rows, n), jnp.float32),
         pl.BlockSpec((None, padded_rows, tiles.block_n), lambda c, s: (s, 0, c)),
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
         interpret=interpret,
-    )(padded, w)
-    return partials.sum(0)[:rows].astype(x.dtype)
+    )(padded, w, *affine)
+    return partials.sum(0)[:rows].astype(w.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _matmul(x, w, tiles, interpret):
-    return _forward(x, w, tiles, interpret)
-
-
-def _matmul_fwd(x, w, tiles, interpret):
-    return _forward(x, w, tiles, interpret), (x, w)
-
-
-def _matmul_bwd(tiles, interpret, residuals, dy):
-    del tiles, interpret
-    x, w = residuals
+def _product_gradients(x, w, dy):
+    """(dx, dw) of x [M, D] @ w [D, N]: ordinary matmuls."""
     dx = jnp.einsum("MN,DN->MD", dy, w, preferred_element_type=jnp.float32).astype(x.dtype)
     dw = jnp.einsum("MD,MN->DN", x, dy, preferred_element_type=jnp.float32).astype(w.dtype)
     return dx, dw
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _matmul(x, w, tiles, interpret):
+    return _forward(x, w, (), None, tiles, interpret)
+
+
+def _matmul_fwd(x, w, tiles, interpret):
+    return _forward(x, w, (), None, tiles, interpret), (x, w)
+
+
+def _matmul_bwd(tiles, interpret, residuals, dy):
+    del tiles, interpret
+    return _product_gradients(*residuals, dy)
+
+
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
-def matmul(x, w, *, tiles: Plan | None = None, interpret: bool = False):
-    """x [M, D] @ w [D, N] → [M, N] in x's dtype, float32 accumulation, for M ≤ ``MAX_ROWS``.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _normed_matmul(x, w, affine, prologue, tiles, interpret):
+    return _forward(x, w, affine, prologue, tiles, interpret)
+
+
+def _normed_matmul_fwd(x, w, affine, prologue, tiles, interpret):
+    return _forward(x, w, affine, prologue, tiles, interpret), (x, w, affine)
+
+
+def _normed_matmul_bwd(prologue, tiles, interpret, residuals, dy):
+    """XLA's norm (recomputed from x: a few rows) and its vjp, composed with the product's gradients."""
+    del tiles, interpret
+    x, w, affine = residuals
+
+    def norm(x, affine):
+        return norms.normalize(x, prologue.kind, prologue.eps, *affine, dtype=w.dtype)
+
+    normed, norm_vjp = jax.vjp(norm, x, affine)
+    d_normed, dw = _product_gradients(normed, w, dy)
+    dx, d_affine = norm_vjp(d_normed)
+    return dx, dw, d_affine
+
+
+_normed_matmul.defvjp(_normed_matmul_fwd, _normed_matmul_bwd)
+
+
+def matmul(
+    x,
+    w,
+    *,
+    norm: str | None = None,
+    scale=None,
+    bias=None,
+    eps: float = 1e-6,
+    tiles: Plan | None = None,
+    interpret: bool = False,
+):
+    """x [M, D] @ w [D, N] → [M, N] in w's dtype, float32 accumulation, for M ≤ ``MAX_ROWS``; with
+    ``norm``, normalize(x) @ w (``ops.norms.normalize``, cast to w's dtype), the norm computed in the kernel.
 
     Args:
-        x: [M, D] rows; w: [D, N] in x's dtype.
-        tiles: the kernel's plan (default ``plan(M, D, N, dtype)``).
+        x: [M, D] rows, in w's dtype (without ``norm``) or any dtype the kernel takes (with it).
+        w: [D, N].
+        norm: None, "rmsnorm" (with ``scale``) or "layernorm" (with ``scale`` and ``bias``).
+        scale, bias: [D] the norm's parameters; eps: its epsilon.
+        tiles: the kernel's plan (default ``plan(M, D, N, w.dtype)``).
         interpret: run the kernel through the Pallas interpreter (any backend; for tests).
 
     Raises:
-        ValueError: shapes or dtypes the kernel does not take (``plan`` says which).
+        ValueError: shapes or dtypes the kernel does not take (``plan`` says which), or a norm's
+            parameters that do not match its kind.
     """
-    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0] or x.dtype != w.dtype:
+    same_dtype = norm is not None or x.dtype == w.dtype
+    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0] or not same_dtype:
         raise ValueError(
             f"skinny.matmul: expected x [M, D] and w [D, N] of one dtype; got x {x.shape} {x.dtype}, "
             f"w {w.shape} {w.dtype}."
         )
-    tiles = tiles or plan(x.shape[0], x.shape[1], w.shape[1], x.dtype)
+    tiles = tiles or plan(x.shape[0], x.shape[1], w.shape[1], w.dtype)
     if isinstance(tiles, str):
         raise ValueError(f"skinny.matmul cannot run {tiles}; use XLA's product.")
-    return _matmul(x, w, tiles, interpret)
+    if norm is None:
+        return _matmul(x, w, tiles, interpret)
+    affine = _check_norm(norm, x, scale, bias)
+    return _normed_matmul(x, w, affine, Prologue(norm, float(eps)), tiles, interpret)
+
+
+def _check_norm(norm: str, x, scale, bias) -> tuple:
+    """The norm's parameters as the kernel takes them: (scale,) or (scale, bias)."""
+    if norm not in norms.KINDS:
+        raise ValueError(f"skinny.matmul: norm must be one of {norms.KINDS} or None; got {norm!r}.")
+    affine = (scale,) if norm == "rmsnorm" else (scale, bias)
+    wanted = "a scale" if norm == "rmsnorm" else "a scale and a bias"
+    if (norm == "rmsnorm") != (bias is None) or any(a is None or a.shape != x.shape[1:] for a in affine):
+        raise ValueError(f"skinny.matmul: norm={norm!r} takes {wanted} of shape {x.shape[1:]}.")
+    for array in (x, *affine):
+        if jnp.dtype(array.dtype) not in common.DTYPES:
+            raise ValueError(
+                f"skinny.matmul: the norm's input and parameters must be bfloat16, float16 or float32; got "
+                f"{jnp.dtype(array.dtype).name}. Normalize with XLA (ops.norms.normalize) first."
+            )
+    return affine
