@@ -143,8 +143,9 @@ class FusedProjection(nn.Module):
         shape = (*in_shape, *lead, sum(widths))
         kernel_init = partitioned(init, *self.in_names, *self.out_names)
         kernel = self.param("kernel", kernel_init, shape, self.param_dtype)
-        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-        y = products.project(x, kernel, n_in, implementation=self.implementation)  # [..., *lead, ΣW]
+        if not isinstance(x, Normed):  # a block norm not yet computed: ``project`` fuses or computes it
+            x = x.astype(self.dtype)
+        y = products.project(x, kernel.astype(self.dtype), n_in, implementation=self.implementation)
         if self.use_bias:
             bias_init = partitioned(nn.initializers.zeros, *self.out_names)
             bias = self.param("bias", bias_init, (*lead, sum(widths)), self.param_dtype)
