@@ -8,6 +8,8 @@ compute dtype as the norm layer does): the kernel's statistics differ from XLA's
 float32 sum.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -136,6 +138,91 @@ def test_plans_and_refusals():
     assert "dtype" in skinny.plan(1, 64, 64, jnp.float64)
     with pytest.raises(ValueError, match="skinny.matmul cannot run"):
         skinny.matmul(*_inputs(1, 100, 64, jnp.float32))
+
+
+def _outside_kernels(program) -> list:
+    """The equations of a jaxpr outside its kernels, sub-jaxprs (custom_vjp's) included."""
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            found.append(eqn)
+            if eqn.primitive.name == "pallas_call":
+                continue
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, list | tuple) else [param]:
+                    if isinstance(sub, jax.extend.core.ClosedJaxpr | jax.extend.core.Jaxpr):
+                        walk(getattr(sub, "jaxpr", sub))
+
+    walk(program.jaxpr)
+    return found
+
+
+@pytest.mark.parametrize(
+    "kind, rows, d, n, dtype",
+    [
+        (None, 1, 256, 128, jnp.float32),
+        (None, 3, 128, 96, jnp.bfloat16),
+        (None, 16, 512, 64, jnp.bfloat16),
+        ("rmsnorm", 1, 256, 128, jnp.bfloat16),
+        ("layernorm", 3, 256, 64, jnp.float32),
+        ("layernorm", 16, 1024, 32, jnp.bfloat16),
+    ],
+)
+def test_one_slice_writes_the_output_itself(kind, rows, d, n, dtype):
+    """S = 1: the kernel writes the output in w's dtype (no float32 partials, no sum afterwards) and equals
+    the float64 product, with and without the norm prologue (16 rows of 1024: 2 statistics steps)."""
+    tiles = skinny.Plan(block_d=64, block_n=32, splits=1)
+    if kind is None:
+        x, w = _inputs(rows, d, n, dtype)
+        scale = bias = None
+        product = lambda x, w: skinny.matmul(x, w, tiles=tiles, interpret=True)  # noqa: E731
+        ref = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+    else:
+        x, w, scale, bias = _norm_inputs(kind, rows, d, n, dtype)
+        product = lambda x, w: skinny.matmul(  # noqa: E731
+            x, w, norm=kind, scale=scale, bias=bias, eps=1e-5, tiles=tiles, interpret=True
+        )
+        normed = norms.normalize(x, kind, 1e-5, scale, bias, dtype)
+        ref = np.asarray(normed, np.float64) @ np.asarray(w, np.float64)
+    y = product(x, w)
+    assert y.shape == (rows, n) and y.dtype == dtype
+    assert np.abs(np.asarray(y, np.float64) - ref).max() <= TOLERANCE[dtype] * np.abs(ref).max()
+    eqns = _outside_kernels(jax.make_jaxpr(product)(x, w))
+    (kernel,) = [e for e in eqns if e.primitive.name == "pallas_call"]
+    assert kernel.outvars[0].aval.dtype == dtype and kernel.outvars[0].aval.ndim == 2
+    assert not [e for e in eqns if e.primitive.name.startswith("reduce")]
+    split = skinny.Plan(block_d=64, block_n=32, splits=2)  # the same product summed from 2 partials
+    eqns = _outside_kernels(
+        jax.make_jaxpr(lambda x, w: skinny.matmul(x, w, tiles=split, interpret=True))(x, w)
+    )
+    assert [e for e in eqns if e.primitive.name == "reduce_sum"]
+
+
+def test_explicit_plans_are_checked():
+    """Every candidate is accepted and listed once, plan's first; plans that do not fit are refused with
+    the reason, before anything runs."""
+    rows, d, n = 1, 2048, 12288
+    listed = skinny.candidates(rows, d, n, jnp.bfloat16)
+    assert listed[0] == skinny.plan(rows, d, n, jnp.bfloat16) and len(set(listed)) == len(listed)
+    assert 12 <= len(listed) <= skinny.MAX_CANDIDATES
+    assert all(skinny.check(p, rows, d, n, jnp.bfloat16) is None for p in listed)
+    assert any(p.splits == 1 and p.block_n == 16 for p in listed)
+    assert skinny.candidates(1, 100, 64, jnp.bfloat16) == []
+    x, w = _inputs(1, 256, 128, jnp.float32)
+    refused = {
+        "block_d = 48 (a power of two": skinny.Plan(48, 64, 1),
+        "block_n = 8 (a power of two of at least 16)": skinny.Plan(64, 8, 1),
+        "must divide D = 256 and N = 128": skinny.Plan(512, 64, 1),
+        "splits = 3 must divide D / block_d = 4": skinny.Plan(64, 64, 3),
+        "num_warps = 3": skinny.Plan(64, 64, 1, num_warps=3),
+        "exceed": skinny.Plan(256, 128, 1, num_stages=4),
+    }
+    for reason, tiles in refused.items():
+        with pytest.raises(ValueError, match=f"does not fit .* {re.escape(reason)}"):
+            skinny.matmul(x, w, tiles=tiles, interpret=True)
+    with pytest.raises(ValueError, match="17 rows"):
+        skinny.matmul(*_inputs(17, 64, 64, jnp.float32), tiles=skinny.Plan(64, 64, 1), interpret=True)
 
 
 def test_the_kernel_lowers_to_triton():

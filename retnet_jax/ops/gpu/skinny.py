@@ -10,9 +10,13 @@ Here program (n, s) of a grid (N / BN, S) takes the n-th BN columns of W and the
 its D rows, walks the slice in BD-row steps (a [R, BD] × [BD, BN] product each, float32 accumulation; the
 rows padded to R = 16, Triton's smallest product, or for one row a broadcast product summed over BD) and
 writes a float32 partial [R, BN]; the S partials are summed afterwards (S·R·N floats, small against W's
-D·N). S is the smallest divisor of D / BD that gives the grid ``PROGRAMS`` programs, so that a matrix of
-few columns is still read by every SM, but no more than keeps the partials within 1/16 of W's bytes. W is
-read once, a [BD, BN] tile at a time along its rows (contiguous BN-element runs).
+D·N), by XLA: one more kernel. With S = 1 there is nothing to sum: each program writes its [R, BN] tile of
+the output in W's dtype, and the call is one kernel (two with rows padded to 16: the padding and the slice
+back). ``plan`` picks S as the smallest divisor of D / BD that gives the grid ``PROGRAMS`` programs, so
+that a matrix of few columns is still read by every SM, but no more than keeps the partials within 1/16 of
+W's bytes; ``candidates`` lists other plans worth measuring (S = 1 with narrower or wider tiles, other warp
+and stage counts), and ``matmul(tiles=...)`` runs any plan ``check`` accepts. W is read once, a [BD, BN]
+tile at a time along its rows (contiguous BN-element runs).
 
 With a norm prologue (``matmul(norm=...)``: RMSNorm with a scale, LayerNorm with a scale and a bias) the
 kernel multiplies normalize(x) instead of x, so that a decoding step's block norm is no kernel of its own
@@ -38,10 +42,21 @@ from jax.experimental import pallas as pl
 from retnet_jax.ops import norms
 from retnet_jax.ops.gpu import common
 
-__all__ = ["MAX_ROWS", "PROGRAMS", "Plan", "Prologue", "matmul", "plan"]
+__all__ = [
+    "MAX_CANDIDATES",
+    "MAX_ROWS",
+    "PROGRAMS",
+    "Plan",
+    "Prologue",
+    "candidates",
+    "check",
+    "matmul",
+    "plan",
+]
 
 MAX_ROWS = 16  # rows the kernel takes: Triton's smallest product is 16 rows; more rows are a matmul
 PROGRAMS = 2 * 132  # programs wanted per call: two per SM of an H100 / H200
+MAX_CANDIDATES = 24  # plans ``candidates`` lists per shape: a sweep of every shape stays a few minutes
 
 
 def _padded_rows(rows: int) -> int:
@@ -78,6 +93,63 @@ def plan(rows: int, d: int, n: int, dtype) -> Plan | str:
     divisors = [s for s in range(1, steps + 1) if steps % s == 0 and s <= most]
     splits = next((s for s in divisors if columns * s >= PROGRAMS), divisors[-1])
     return Plan(block_d, block_n, splits)
+
+
+def _power_of_two(value: int) -> bool:
+    return value >= 1 and value & (value - 1) == 0
+
+
+def check(tiles: Plan, rows: int, d: int, n: int, dtype) -> str | None:
+    """Why the kernel cannot run x [rows, d] @ w [d, n] with ``tiles``, or None when it can.
+
+    BD and BN are powers of two of at least 16 (Triton's tiles) that divide D and N, S divides D / BD,
+    the warps are a power of two up to 32, and ``num_stages`` buffers of a step's tiles ([BD, BN] of W
+    and [R, BD] of x) fit an H100's shared memory (``common.SHARED_MEMORY_BYTES``).
+    """
+    default = plan(rows, d, n, dtype)
+    if isinstance(default, str):  # rows, dtype or widths the kernel never takes
+        return default
+    for name, value in (("block_d", tiles.block_d), ("block_n", tiles.block_n)):
+        if not (_power_of_two(value) and value >= 16):
+            return f"{name} = {value} (a power of two of at least 16)"
+    if d % tiles.block_d or n % tiles.block_n:
+        return f"block_d = {tiles.block_d}, block_n = {tiles.block_n} must divide D = {d} and N = {n}"
+    if tiles.splits < 1 or (d // tiles.block_d) % tiles.splits:
+        return f"splits = {tiles.splits} must divide D / block_d = {d // tiles.block_d}"
+    if not (_power_of_two(tiles.num_warps) and tiles.num_warps <= 32) or tiles.num_stages < 1:
+        return (
+            f"num_warps = {tiles.num_warps} (1 to 32, a power of two), num_stages = {tiles.num_stages} (≥ 1)"
+        )
+    step = tiles.block_d * (tiles.block_n + _padded_rows(rows)) * jnp.dtype(dtype).itemsize
+    if tiles.num_stages * step > common.SHARED_MEMORY_BYTES:
+        return (
+            f"{tiles.num_stages} stages of {step} bytes exceed {common.SHARED_MEMORY_BYTES} bytes of shared "
+            "memory (fewer stages or smaller tiles)"
+        )
+    return None
+
+
+def candidates(rows: int, d: int, n: int, dtype) -> list[Plan]:
+    """Plans worth measuring for x [rows, d] @ w [d, n], ``plan``'s first, at most ``MAX_CANDIDATES``;
+    empty where the kernel does not take the shape.
+
+    * S = 1 (no partials to sum afterwards) with BN in {16, 32, 64, 128} and BD in {64, 128, 256}: the
+      fewer columns per program, the more programs read W; the longer the step, the fewer loop steps;
+    * ``plan``'s tiles and S with 4 or 8 warps and 2, 3 or 4 stages;
+    * the widest S = 1 tiles with 8 warps, and a middle one with 2 and 4 stages.
+
+    Each is one ``check`` accepts; duplicates are listed once.
+    """
+    default = plan(rows, d, n, dtype)
+    if isinstance(default, str):
+        return []
+    listed = [default]
+    listed += [Plan(bd, bn, 1) for bn in (16, 32, 64, 128) for bd in (64, 128, 256)]
+    listed += [default._replace(num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3, 4)]
+    listed += [Plan(bd, bn, 1, num_warps=8) for bn in (64, 128) for bd in (128, 256)]
+    listed += [Plan(128, 64, 1, num_stages=s) for s in (2, 4)]
+    unique = list(dict.fromkeys(p for p in listed if check(p, rows, d, n, dtype) is None))
+    return unique[:MAX_CANDIDATES]
 
 
 class Prologue(NamedTuple):
@@ -148,7 +220,8 @@ def _kernel(
             return acc + jnp.sum(column * weights.astype(jnp.float32), axis=0, keepdims=True)
         return acc + common.dot(rows, weights, (1, 0), precision)
 
-    o_ref[...] = jax.lax.fori_loop(0, steps, step, jnp.zeros(o_ref.shape, jnp.float32))
+    # [R, BN]: a float32 partial (S > 1), or the output in W's dtype (S = 1)
+    o_ref[...] = jax.lax.fori_loop(0, steps, step, jnp.zeros(o_ref.shape, jnp.float32)).astype(o_ref.dtype)
 
 
 def _forward(x, w, affine, prologue, tiles: Plan, interpret: bool):
@@ -166,7 +239,13 @@ def _forward(x, w, affine, prologue, tiles: Plan, interpret: bool):
         block_s=_statistics_block(padded_rows, d, tiles.block_d),
     )
     affine = [a.reshape(1, d) for a in affine]  # [1, D]: a reshape, no copy
-    partials = common.launch(
+    if tiles.splits == 1:  # the output itself, in W's dtype: nothing to sum afterwards
+        out_shape = jax.ShapeDtypeStruct((padded_rows, n), w.dtype)
+        out_spec = pl.BlockSpec((padded_rows, tiles.block_n), lambda c, s: (0, c))
+    else:  # [S, R, N] float32 partials
+        out_shape = jax.ShapeDtypeStruct((tiles.splits, padded_rows, n), jnp.float32)
+        out_spec = pl.BlockSpec((None, padded_rows, tiles.block_n), lambda c, s: (s, 0, c))
+    out = common.launch(
         kernel,
         (n // tiles.block_n, tiles.splits),
         [
@@ -174,13 +253,15 @@ def _forward(x, w, affine, prologue, tiles: Plan, interpret: bool):
             pl.BlockSpec((d, tiles.block_n), lambda c, s: (0, c)),
         ]
         + [pl.BlockSpec((1, d), lambda c, s: (0, 0)) for _ in affine],
-        jax.ShapeDtypeStruct((tiles.splits, padded_rows, n), jnp.float32),
-        pl.BlockSpec((None, padded_rows, tiles.block_n), lambda c, s: (s, 0, c)),
+        out_shape,
+        out_spec,
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
         interpret=interpret,
     )(padded, w, *affine)
-    return partials.sum(0)[:rows].astype(w.dtype)
+    if tiles.splits == 1:
+        return out if padded_rows == rows else out[:rows]
+    return out.sum(0)[:rows].astype(w.dtype)
 
 
 def _product_gradients(x, w, dy):
@@ -252,12 +333,12 @@ def matmul(
         w: [D, N].
         norm: None, "rmsnorm" (with ``scale``) or "layernorm" (with ``scale`` and ``bias``).
         scale, bias: [D] the norm's parameters; eps: its epsilon.
-        tiles: the kernel's plan (default ``plan(M, D, N, w.dtype)``).
+        tiles: the kernel's plan (default ``plan(M, D, N, w.dtype)``); any that ``check`` accepts.
         interpret: run the kernel through the Pallas interpreter (any backend; for tests).
 
     Raises:
-        ValueError: shapes or dtypes the kernel does not take (``plan`` says which), or a norm's
-            parameters that do not match its kind.
+        ValueError: shapes or dtypes the kernel does not take (``plan`` says which), ``tiles`` that do
+            not fit the shape (``check`` says why), or a norm's parameters that do not match its kind.
     """
     same_dtype = norm is not None or x.dtype == w.dtype
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0] or not same_dtype:
@@ -265,9 +346,19 @@ def matmul(
             f"skinny.matmul: expected x [M, D] and w [D, N] of one dtype; got x {x.shape} {x.dtype}, "
             f"w {w.shape} {w.dtype}."
         )
-    tiles = tiles or plan(x.shape[0], x.shape[1], w.shape[1], w.dtype)
-    if isinstance(tiles, str):
-        raise ValueError(f"skinny.matmul cannot run {tiles}; use XLA's product.")
+    shape = (x.shape[0], x.shape[1], w.shape[1], w.dtype)
+    if tiles is None:
+        tiles = plan(*shape)
+        if isinstance(tiles, str):
+            raise ValueError(f"skinny.matmul cannot run {tiles}; use XLA's product.")
+    else:
+        tiles = Plan(*tiles)
+        reason = check(tiles, *shape)
+        if reason is not None:
+            raise ValueError(
+                f"skinny.matmul: the plan {tiles} does not fit x {x.shape} @ w {w.shape}: {reason}. "
+                "Leave tiles=None for plan()'s, or pick one of candidates()."
+            )
     if norm is None:
         return _matmul(x, w, tiles, interpret)
     affine = _check_norm(norm, x, scale, bias)
