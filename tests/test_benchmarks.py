@@ -58,6 +58,13 @@ SCRIPTS = {
         "--output_lengths=2,10",
         "--plots=false",
     ],
+    "bench_products": [
+        "--shapes=qkvg:64x256",
+        "--rows=1",
+        "--max_plans=1",
+        "--norm_shape=qkvg",
+        "--plots=false",
+    ],
     "bench_scaling": ["--smoke", "--plots=false"],  # 8 fake CPU devices: every study, a tiny model
     "profile_steps": [
         "--model=tiny",
@@ -266,3 +273,16 @@ def test_the_timed_decode_loop_reads_no_slice_of_the_stacked_weights():
         slices[unstack] = hlostats.summarize(jax.jit(program).lower(*args).compile().as_text())["slices"]
     assert slices[True]["count"] == 0, slices
     assert slices[False]["count"] >= config.num_layers, slices
+
+
+def test_products(tmp_path):
+    """XLA's product, the kernel's default plan and a candidate (interpreted), and the LayerNorm prologue
+    against XLA's norm, all equal to the float32 product to bf16 rounding; the summary names a best plan."""
+    results, text = run("bench_products", tmp_path)
+    rows = results["rows"]
+    assert [r["status"] for r in rows] == ["ok"] * len(rows), rows
+    assert all(r["error"] < 2e-2 for r in rows)
+    kernels = [r for r in rows if r["impl"] == "kernel" and not r.get("norm")]
+    assert len(kernels) == 2 and kernels[0]["default"] and kernels[0]["plan"] != kernels[1]["plan"]
+    assert {r["impl"] for r in rows if r.get("norm")} == {"xla", "kernel"}
+    assert results["best"][0]["best_plan"] is not None and "## Best plan per shape and rows" in text
