@@ -402,6 +402,7 @@ def plot(best, shape_list, path: str) -> None:
             points = [(b["rows"], b[key]) for b in here if b[key]]
             if points:
                 ax.plot(*zip(*points, strict=True), marker="o", label=name)
+        ax.set_xticks(sorted({b["rows"] for b in here}))
         ax.set_title(f"{shape['name']} {shape['d']}×{shape['n']}")
         ax.set_xlabel("rows M")
         ax.set_ylabel("µs per product")
