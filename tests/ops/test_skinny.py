@@ -5,7 +5,8 @@ Tolerances: float32 against a float64 product 1e-6 relative to the largest outpu
 up to 3456 terms); bfloat16 4e-3 (the output's rounding, 2^-8, against the float64 product of the same
 rounded inputs). With the norm prologue the same, against the float64 product of XLA's norm (cast to the
 compute dtype as the norm layer does): the kernel's statistics differ from XLA's only in the order of a
-float32 sum.
+float32 sum. With an epilogue (bias, activation, residual) the same, against XLA's float32 product followed by
+the same epilogue (``skinny.epilogue``) and one cast.
 """
 
 import re
