@@ -21,6 +21,7 @@ form, each able to return the state, so a prompt prefilled in any form continues
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -35,6 +36,7 @@ from retnet_jax.nn.feedforward import FeedForward
 from retnet_jax.nn.norms import Norm
 from retnet_jax.nn.projection import fuse_projections
 from retnet_jax.nn.retention import MODES
+from retnet_jax.ops import products
 from retnet_jax.ops.documents import check_segment_ids, document_positions
 
 __all__ = [
@@ -83,13 +85,21 @@ class Block(nn.Module):
             name=cfg.mixer_name,
         )
         view = None if state is None else state.layer(layer)
-        y, new = mixer(norm(name=f"{cfg.mixer_name}_norm")(x), positions, view, segment_ids=segment_ids)
-        y = remat_lib.name_mixer_output(y)  # the FFN norm's backward needs x + y: "mixer" keeps y
+        # Without dropout, where the projections run the few-row kernel (a decoding step), each residual
+        # add is the epilogue of the sublayer's last product (its output projection, fc2): no kernel of
+        # its own. Elsewhere (training, prefill) the block adds, as below.
+        rows, width = math.prod(x.shape[:-1]), x.shape[-1]
+        joined = self.deterministic and products.uses_kernel(self.projections, rows, width, width, x.dtype)
+        residual = x if joined else None
+        mixer_norm = norm(name=f"{cfg.mixer_name}_norm")(x)
+        y, new = mixer(mixer_norm, positions, view, segment_ids=segment_ids, residual=residual)
+        if not joined:
+            y = remat_lib.name_mixer_output(y)  # the FFN norm's backward needs x + y: "mixer" keeps y
         if state is not None:
             state, new = state.write(layer, new, positions), None
         elif not self.return_state:
             new = None
-        x = x + dropout(y)
+        x = y if joined else x + dropout(y)
         ffn = FeedForward(
             cfg.ffn_dim,
             cfg.ffn_type,
@@ -100,7 +110,8 @@ class Block(nn.Module):
             implementation=self.projections,
             name="ffn",
         )
-        x = x + dropout(ffn(norm(name="ffn_norm")(x)))
+        ffn_norm = norm(name="ffn_norm")(x)
+        x = ffn(ffn_norm, residual=x) if joined else x + dropout(ffn(ffn_norm))
         return (nn.with_logical_constraint(x, ACTIVATION_AXES), state, layer + 1), new
 
 

@@ -75,7 +75,7 @@ class Attention(nn.Module):
     fused_projections: bool = False
 
     @nn.compact
-    def __call__(self, x, positions, state=None, *, segment_ids=None):
+    def __call__(self, x, positions, state=None, *, segment_ids=None, residual=None):
         """Attention over the call, or over the cache and the call.
 
         Args:
@@ -86,6 +86,8 @@ class Attention(nn.Module):
             state: this layer's cache (k, v [B, H, S, K], position [B]) from ``KVCache.layer``, or None.
             segment_ids: [B, T] document ids of packed rows, or None: no query attends across a document
                 start (``positions`` restart there too). Calls without a cache only.
+            residual: [B, T, D] or None: returned y is residual + the layer's output, added in the output
+                projection's epilogue where it runs the few-row kernel (the block's residual stream).
 
         Returns:
             (y [B, T, D], the call's (k, v) [B, T, H, K] for the cache to append).
@@ -130,5 +132,5 @@ class Attention(nn.Module):
             param_dtype=self.param_dtype,
             implementation=self.projections,
             name="out_proj",
-        )(o)
+        )(o, residual=residual)
         return y, (k, v)

@@ -1,12 +1,15 @@
 """The feed-forward sublayer: a GLU fc2(act(fc1 x) ⊙ gate x), or the paper's MLP fc2(act(fc1 x)).
 
 The activation runs in float32. Init follows torch's nn.Linear default, U(±1/sqrt(fan_in)), as torchscale.
+
+Where the first layer runs the few-row kernel (a decoding step), the layers are ``Projection``s with the
+same parameters, so that the kernel's epilogue takes fc1's bias and activation and fc2's bias and the
+block's residual (``residual=``): no XLA kernel between the products.
 """
 
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from retnet_jax.nn.axes import BATCH, EMBED, LENGTH, MLP, partitioned
@@ -15,7 +18,7 @@ from retnet_jax.nn.remat import name_projection
 from retnet_jax.ops import products
 from retnet_jax.ops.norms import Normed
 
-ACTIVATIONS = {"swish": jax.nn.swish, "gelu": jax.nn.gelu}
+ACTIVATIONS = products.ACTIVATIONS  # "swish", "gelu" (tanh-approximated): the kernel's epilogue's too
 FFN_TYPES = ("glu", "mlp")
 TORCH_LINEAR_INIT = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
@@ -41,8 +44,11 @@ class FeedForward(nn.Module):
     implementation: str = "xla"
 
     @nn.compact
-    def __call__(self, x):
-        """x [B, T, D], or the block norm of it not yet computed (``ops.norms.Normed``) → [B, T, D]."""
+    def __call__(self, x, residual=None):
+        """x [B, T, D], or the block norm of it not yet computed (``ops.norms.Normed``) → [B, T, D];
+        residual + that where ``residual`` [B, T, D] is given (in fc2's epilogue where the kernel runs)."""
+        if products.runs_kernel(self.implementation, x, self.ffn_dim, self.dtype):
+            return self._through_kernel(x, residual)
 
         def dense(features, names, name):
             return nn.Dense(
@@ -76,4 +82,28 @@ class FeedForward(nn.Module):
         if self.ffn_type == "glu":
             hidden = hidden * name_projection(first("gate")(x))
         hidden = nn.with_logical_constraint(hidden.astype(self.dtype), (BATCH, LENGTH, MLP))
-        return dense(x.shape[-1], (MLP, EMBED), "fc2")(hidden)
+        y = dense(x.shape[-1], (MLP, EMBED), "fc2")(hidden)
+        return y if residual is None else residual + y
+
+    def _through_kernel(self, x, residual):
+        """The FFN through the few-row kernel: fc1's bias and activation, fc2's bias and the residual in
+        the epilogues (float32, one cast each); the parameters are the ``Dense`` layers'."""
+
+        def projection(features, in_name, out_name, name):
+            return Projection(
+                (features,),
+                (in_name,),
+                (out_name,),
+                use_bias=self.use_bias,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                kernel_init=TORCH_LINEAR_INIT,
+                implementation=self.implementation,
+                name=name,
+            )
+
+        hidden = projection(self.ffn_dim, EMBED, MLP, "fc1")(x, activation=self.activation)  # [B, T, F]
+        if self.ffn_type == "glu":
+            hidden = hidden * projection(self.ffn_dim, EMBED, MLP, "gate")(x)
+        hidden = nn.with_logical_constraint(hidden, (BATCH, LENGTH, MLP))
+        return projection(x.shape[-1], MLP, EMBED, "fc2")(hidden, residual=residual)

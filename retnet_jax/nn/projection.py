@@ -36,7 +36,8 @@ class Projection(nn.Module):
             few-row kernel in calls of a decoding step's few rows.
 
     The input may be a block norm not yet computed (``ops.norms.Normed``, from ``Norm(defer=...)``): the
-    kernel's prologue computes it where the kernel runs; elsewhere it is materialized first.
+    kernel's prologue computes it where the kernel runs; elsewhere it is materialized first. A call may
+    also take the activation and the residual that follow the product (``__call__``).
     """
 
     features: Sequence[int]
@@ -52,7 +53,17 @@ class Projection(nn.Module):
     implementation: str = "xla"
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, *, activation: str | None = None, residual=None):
+        """x [..., *in] → act(x W + b) + residual [..., *features] in the compute dtype.
+
+        Args:
+            x: [..., *in], or a block norm of it not yet computed (``ops.norms.Normed``).
+            activation: a key of ``ops.products.ACTIVATIONS`` or None, applied in float32 after the bias.
+            residual: [..., *features] or None, added last.
+
+        Where the call runs the few-row kernel, the bias, activation and residual are its epilogue (on the
+        float32 accumulator, one cast); elsewhere XLA adds the bias in the compute dtype as without them.
+        """
         n_in, n_out = len(self.in_names), len(self.features)
         in_shape = x.shape[x.ndim - n_in :]
         in_axes = tuple(range(n_in))
@@ -69,26 +80,43 @@ class Projection(nn.Module):
         n = math.prod(self.features)
         if isinstance(x, Normed):  # the block norm, left to the kernel's prologue if this call runs it
             if n_in == 1 and products.fuses_norm(self.implementation, x, n, self.dtype):
-                y = products.project(x, kernel.astype(self.dtype), 1, implementation=self.implementation)
-                return self._bias(y)
+                return self._through_kernel(x, kernel.astype(self.dtype), n_in, activation, residual)
             x = x.materialize()
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         rows, d = math.prod(x.shape[: x.ndim - n_in]), math.prod(in_shape)
         if products.uses_kernel(self.implementation, rows, d, n, x.dtype):
-            y = products.project(x, kernel, n_in, implementation=self.implementation)
-        else:
-            letters = string.ascii_lowercase
-            batch = letters[: x.ndim - n_in]
-            contracted = letters[x.ndim - n_in : x.ndim]
-            produced = letters[x.ndim : x.ndim + n_out]
-            y = jnp.einsum(f"{batch}{contracted},{contracted}{produced}->{batch}{produced}", x, kernel)
-        return self._bias(y)
+            return self._through_kernel(x, kernel, n_in, activation, residual)
+        letters = string.ascii_lowercase
+        batch = letters[: x.ndim - n_in]
+        contracted = letters[x.ndim - n_in : x.ndim]
+        produced = letters[x.ndim : x.ndim + n_out]
+        y = jnp.einsum(f"{batch}{contracted},{contracted}{produced}->{batch}{produced}", x, kernel)
+        y = self._bias(y)
+        if activation is not None:  # as the FFN applies it: in float32, then the compute dtype
+            y = products.ACTIVATIONS[activation](y.astype(jnp.promote_types(y.dtype, jnp.float32)))
+            y = y.astype(self.dtype)
+        return y if residual is None else residual + y
+
+    def _through_kernel(self, x, kernel, n_in: int, activation, residual):
+        """The few-row kernel with the bias, activation and residual in its epilogue (float32, one cast)."""
+        bias = self._bias_param() if self.use_bias else None
+        return products.project(
+            x,
+            kernel,
+            n_in,
+            implementation=self.implementation,
+            bias=bias,
+            activation=activation,
+            residual=residual,
+        )
+
+    def _bias_param(self):
+        bias_init = partitioned(nn.initializers.zeros, *self.out_names)
+        return self.param("bias", bias_init, tuple(self.features), self.param_dtype)
 
     def _bias(self, y):
         if self.use_bias:
-            bias_init = partitioned(nn.initializers.zeros, *self.out_names)
-            bias = self.param("bias", bias_init, tuple(self.features), self.param_dtype)
-            y = y + bias.astype(self.dtype)
+            y = y + self._bias_param().astype(self.dtype)
         return y
 
 
@@ -145,10 +173,17 @@ class FusedProjection(nn.Module):
         kernel = self.param("kernel", kernel_init, shape, self.param_dtype)
         if not isinstance(x, Normed):  # a block norm not yet computed: ``project`` fuses or computes it
             x = x.astype(self.dtype)
-        y = products.project(x, kernel.astype(self.dtype), n_in, implementation=self.implementation)
+        bias = None
         if self.use_bias:
             bias_init = partitioned(nn.initializers.zeros, *self.out_names)
             bias = self.param("bias", bias_init, (*lead, sum(widths)), self.param_dtype)
+        # The bias in the few-row kernel's epilogue where it runs; else added by XLA as without it.
+        n = math.prod(shape[n_in:])
+        fused = bias is not None and products.runs_kernel(self.implementation, x, n, self.dtype)
+        kernel = kernel.astype(self.dtype)
+        implementation = self.implementation
+        y = products.project(x, kernel, n_in, implementation=implementation, bias=bias if fused else None)
+        if bias is not None and not fused:
             y = y + bias.astype(self.dtype)
         return tuple(jnp.split(y, list(itertools.accumulate(widths))[:-1], axis=-1))
 

@@ -70,7 +70,9 @@ class MultiScaleRetention(nn.Module):
     fused_projections: bool = False
 
     @nn.compact
-    def __call__(self, x, positions, state: retention.RetentionState | None = None, *, segment_ids=None):
+    def __call__(
+        self, x, positions, state: retention.RetentionState | None = None, *, segment_ids=None, residual=None
+    ):
         """Retention over the call, continuing ``state`` if given.
 
         Args:
@@ -82,6 +84,8 @@ class MultiScaleRetention(nn.Module):
                 starts at position 0).
             segment_ids: [B, T] document ids of packed rows, or None (``ops.retention``): the state is
                 emptied at every document start; ``positions`` then restart there too.
+            residual: [B, T, D] or None: returned y is residual + the layer's output, added in the output
+                projection's epilogue where it runs the few-row kernel (the block's residual stream).
 
         Returns:
             (y [B, T, D] in the compute dtype, the new state of the kind given: None when none came in
@@ -137,7 +141,7 @@ class MultiScaleRetention(nn.Module):
             param_dtype=self.param_dtype,
             implementation=self.projections,
             name="out_proj",
-        )(o)
+        )(o, residual=residual)
         if incoming and not in_place:  # (the kernel reads and writes the state in one call: no order to tie)
             state = _after(state, y)
             if stack is not None:

@@ -18,6 +18,11 @@ A projection's input may be a block norm not yet computed (``ops.norms.Normed``)
 prologue normalizes the rows (``skinny.matmul(norm=...)``) and no separate norm runs; elsewhere the norm is
 materialized first, exactly as the norm layer computes it. ``defers_norm`` says where a norm may be left
 to the kernel (a decoding step's few rows), ``fuses_norm`` where one projection takes it.
+
+A projection may also take what follows its product, act(x W + b) + r (``project(bias=, activation=,
+residual=)``): in the kernel's epilogue where it runs (float32 on the accumulator, one cast), else by XLA
+after its product, in float32 too. The model hands them over only where the kernel runs: its bias, an FFN's
+activation, and in a call without dropout a block's residual stream (``nn.projection.Projection``).
 """
 
 from __future__ import annotations
@@ -31,7 +36,18 @@ import jax.numpy as jnp
 from retnet_jax.ops.gpu import common, skinny
 from retnet_jax.ops.norms import Normed
 
-__all__ = ["IMPLEMENTATIONS", "defers_norm", "dense_dot_general", "fuses_norm", "project", "uses_kernel"]
+__all__ = [
+    "ACTIVATIONS",
+    "IMPLEMENTATIONS",
+    "defers_norm",
+    "dense_dot_general",
+    "fuses_norm",
+    "project",
+    "runs_kernel",
+    "uses_kernel",
+]
+
+ACTIVATIONS = skinny.ACTIVATIONS  # the FFN's activations: one table for the model and the kernel
 
 IMPLEMENTATIONS = ("xla", "auto", "pallas")
 
@@ -85,8 +101,26 @@ def fuses_norm(implementation: str, normed: Normed, n: int, dtype) -> bool:
     )
 
 
-def project(x, kernel, in_axes: int = 1, *, implementation: str = "xla"):
-    """x [..., *in] contracted with kernel [*in, *out] → [..., *out], in x's dtype.
+def runs_kernel(implementation: str, x, n: int, dtype) -> bool:
+    """Whether ``project(x, w)`` with w [D, n] of ``dtype`` (x an array cast to ``dtype``, or a block norm
+    not yet computed) runs the few-row kernel: what a layer asks before it hands the kernel an epilogue."""
+    if isinstance(x, Normed) and fuses_norm(implementation, x, n, dtype):
+        return True
+    return uses_kernel(implementation, math.prod(x.shape[:-1]), x.shape[-1], n, dtype)
+
+
+def project(
+    x,
+    kernel,
+    in_axes: int = 1,
+    *,
+    implementation: str = "xla",
+    bias=None,
+    activation: str | None = None,
+    residual=None,
+):
+    """x [..., *in] contracted with kernel [*in, *out] → [..., *out], in x's dtype; with an epilogue,
+    act(x · kernel + bias) + residual computed in float32 and cast once.
 
     Args:
         x: the inputs; their last ``in_axes`` axes are contracted. Or a norm of them not yet computed
@@ -95,24 +129,26 @@ def project(x, kernel, in_axes: int = 1, *, implementation: str = "xla"):
         kernel: the weights, [*in, *out], in x's dtype.
         in_axes: how many leading axes of ``kernel`` are contracted.
         implementation: see the module docstring.
+        bias: [*out] or None; activation: a key of ``ACTIVATIONS`` or None; residual: [..., *out] or None.
     """
     n_in, n_out = in_axes, kernel.ndim - in_axes
+    finish = dict(bias=bias, activation=activation, residual=residual)
     if isinstance(x, Normed):
         if n_in == 1 and fuses_norm(implementation, x, math.prod(kernel.shape[1:]), kernel.dtype):
-            return _normed_product(x, kernel)
+            return _kernel_product(x, kernel, 1, **finish)
         x = x.materialize()
-    batch_shape = x.shape[: x.ndim - n_in]
-    rows = math.prod(batch_shape)
+    rows = math.prod(x.shape[: x.ndim - n_in])
     d, n = math.prod(kernel.shape[:n_in]), math.prod(kernel.shape[n_in:])
     if uses_kernel(implementation, rows, d, n, x.dtype):
-        interpret = jax.default_backend() != "gpu"
-        y = skinny.matmul(x.reshape(rows, d), kernel.reshape(d, n), interpret=interpret)
-        return y.reshape(*batch_shape, *kernel.shape[n_in:])
+        return _kernel_product(x, kernel, n_in, **finish)
     letters = string.ascii_lowercase
     batch = letters[: x.ndim - n_in]
     contracted = letters[x.ndim - n_in : x.ndim]
     produced = letters[x.ndim : x.ndim + n_out]
-    return jnp.einsum(f"{batch}{contracted},{contracted}{produced}->{batch}{produced}", x, kernel)
+    y = jnp.einsum(f"{batch}{contracted},{contracted}{produced}->{batch}{produced}", x, kernel)
+    if bias is None and activation is None and residual is None:
+        return y
+    return skinny.epilogue(y.astype(jnp.float32), bias, activation, residual).astype(y.dtype)
 
 
 def dense_dot_general(implementation: str):
@@ -132,17 +168,22 @@ def dense_dot_general(implementation: str):
     return dot_general
 
 
-def _normed_product(normed: Normed, kernel):
-    """normalize(x) [..., D] @ kernel [D, *out] through the kernel's norm prologue."""
-    batch_shape, d = normed.shape[:-1], normed.shape[-1]
-    rows, n = math.prod(batch_shape), math.prod(kernel.shape[1:])
+def _kernel_product(x, kernel, n_in: int, *, bias, activation, residual):
+    """x [..., *in] (or normalize(x) through the kernel's prologue, n_in = 1) @ kernel [*in, *out], and the
+    epilogue, through the few-row kernel."""
+    batch_shape, out_shape = x.shape[: x.ndim - n_in], kernel.shape[n_in:]
+    rows, d, n = math.prod(batch_shape), math.prod(kernel.shape[:n_in]), math.prod(out_shape)
+    prologue = {}
+    if isinstance(x, Normed):
+        prologue = dict(norm=x.kind, scale=x.scale, bias=x.bias, eps=x.eps)
+        x = x.x
     y = skinny.matmul(
-        normed.x.reshape(rows, d),
+        x.reshape(rows, d),
         kernel.reshape(d, n),
-        norm=normed.kind,
-        scale=normed.scale,
-        bias=normed.bias,
-        eps=normed.eps,
+        **prologue,
+        output_bias=None if bias is None else bias.reshape(n),
+        activation=activation,
+        residual=None if residual is None else residual.reshape(rows, n),
         interpret=jax.default_backend() != "gpu",
     )
-    return y.reshape(*batch_shape, *kernel.shape[1:])
+    return y.reshape(*batch_shape, *out_shape)

@@ -6,7 +6,10 @@ attention's q, k, v) joined into one parameter, run through one product a layer.
 * one prepared step makes one input product a layer instead of four (three for attention): counted as
   ``pallas_call``s with the kernel and as ``dot_general``s with XLA's products, in its jaxpr;
 * ``fuse_input_projections`` is exact on the scanned stack too, and a model built with
-  ``fused_projections`` initializes the joined kernel in the same shape.
+  ``fused_projections`` initializes the joined kernel in the same shape;
+* with the few-row kernel, a RetNet's and a Transformer's prepared loop emits XLA's tokens and
+  log-probabilities, and its steps leave the biases, the FFN's activation and the blocks' residual adds
+  to the kernels' epilogues: outside the kernels no add makes a [B, 1, D] value.
 """
 
 import flax.linen as nn
@@ -20,6 +23,7 @@ from retnet_jax.inference.generate import generate
 from retnet_jax.models import DecoderLM, RetNetConfig, TransformerConfig
 from retnet_jax.models.lm import fuse_input_projections
 from retnet_jax.nn.projection import fuse_projections
+from retnet_jax.ops.gpu import skinny
 from retnet_jax.training.tokenizers import ByteTokenizer
 
 TINY = RetNetConfig.preset("tiny")
@@ -145,3 +149,60 @@ def test_joining_the_scanned_stack_is_exact_and_a_joined_model_initializes_it(lm
 def test_joining_missing_projections_is_named():
     with pytest.raises(ValueError, match=r"no projection \['g_proj'\]"):
         fuse_projections({"q_proj": {"kernel": jnp.zeros((4, 2, 2))}}, ("q_proj", "g_proj"), "qg_proj")
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_generate_through_the_kernel_equals_xlas(lms, name):
+    """The prepared loop with every projection through the few-row kernel (interpreted), its biases,
+    activation and residual adds in the kernels' epilogues, gives the greedy tokens of XLA's products and
+    their log-probabilities (float32: the epilogue's sums in another order, 1e-5)."""
+    model, variables = lms[name]
+    results = [
+        generate(LMDecoder(model.clone(projections=p)), variables, PROMPTS, max_new_tokens=NEW,
+                 return_logprobs=True, **IDS)
+        for p in ("pallas", "xla")
+    ]  # fmt: skip
+    np.testing.assert_array_equal(results[0].tokens, results[1].tokens)
+    np.testing.assert_allclose(results[0].logprobs, results[1].logprobs, rtol=1e-5, atol=1e-5)
+
+
+def _stream_adds_outside_kernels(jaxpr, width: int) -> int:
+    """``add`` equations outside the kernels whose result is a float [1, 1, width] or [1, width] (a bias or
+    residual add of a batch-1 step's stream), nested jaxprs included, kernels' bodies not."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            continue
+        aval = eqn.outvars[0].aval
+        is_float = jnp.issubdtype(getattr(aval, "dtype", jnp.int32), jnp.floating)
+        total += eqn.primitive.name == "add" and is_float and aval.shape in ((1, 1, width), (1, width))
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    total += _stream_adds_outside_kernels(inner, width)
+    return total
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_a_steps_residual_adds_are_epilogues(lms, name, monkeypatch):
+    """With plans of one slice (S = 1: the kernel writes the output and applies the epilogue), a prepared
+    step makes no [B, 1, D] add outside the kernels: the out_proj's and fc2's biases and both residual
+    adds of every block are in their kernels' epilogues. XLA's step has them (4 a layer with biases)."""
+    planned = skinny.plan
+
+    def one_slice(*shape):
+        tiles = planned(*shape)
+        return tiles if isinstance(tiles, str) else tiles._replace(splits=1)
+
+    monkeypatch.setattr(skinny, "plan", one_slice)
+    model, variables = lms[name]
+    config = model.config
+    state = config.init_state(1, max_length=MAX_LENGTH)
+    tokens = jnp.zeros((1,), jnp.int32)
+    adds = {}
+    for projections in ("pallas", "xla"):
+        decoder = LMDecoder(model.clone(projections=projections))
+        program = jax.make_jaxpr(decoder.step)(decoder.prepare(variables), tokens, state)
+        adds[projections] = _stream_adds_outside_kernels(program.jaxpr, config.d_model)
+    assert adds == {"pallas": 0, "xla": 4 * config.num_layers}, adds

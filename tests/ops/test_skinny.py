@@ -5,7 +5,8 @@ Tolerances: float32 against a float64 product 1e-6 relative to the largest outpu
 up to 3456 terms); bfloat16 4e-3 (the output's rounding, 2^-8, against the float64 product of the same
 rounded inputs). With the norm prologue the same, against the float64 product of XLA's norm (cast to the
 compute dtype as the norm layer does): the kernel's statistics differ from XLA's only in the order of a
-float32 sum.
+float32 sum. With an epilogue (bias, activation, residual) the same, against XLA's float32 product followed by
+the same epilogue (``skinny.epilogue``) and one cast.
 """
 
 import re
@@ -226,7 +227,8 @@ def test_explicit_plans_are_checked():
 
 
 def test_the_kernel_lowers_to_triton():
-    """Without and with each norm prologue (bfloat16 x, float32 norm parameters, as a decoding step)."""
+    """Without and with each norm prologue (bfloat16 x, float32 norm parameters, as a decoding step), and
+    with each epilogue at S = 1 (float32 bias, bfloat16 residual)."""
     x, w = jnp.zeros((1, 2048), jnp.bfloat16), jnp.zeros((2048, 4096), jnp.bfloat16)
     ones = jnp.ones((2048,), jnp.float32)
     products_ = {
@@ -237,6 +239,19 @@ def test_the_kernel_lowers_to_triton():
     for product in products_.values():
         for rows in (1, 8):
             text = jax.jit(product).trace(x[:1].repeat(rows, 0), w).lower(lowering_platforms=("cuda",))
+            assert "__gpu$xla.gpu.triton" in text.as_text()
+    bias = jnp.zeros((4096,), jnp.float32)
+    for activation in skinny.ACTIVATIONS:
+        for rows in (1, 8):
+            residual = jnp.zeros((rows, 4096), jnp.bfloat16)
+
+            def finished(x, w, activation=activation, residual=residual):
+                return skinny.matmul(
+                    x, w, norm="layernorm", scale=ones, bias=ones, output_bias=bias, activation=activation,
+                    residual=residual, tiles=skinny.Plan(64, 128, 1),
+                )  # fmt: skip
+
+            text = jax.jit(finished).trace(x[:1].repeat(rows, 0), w).lower(lowering_platforms=("cuda",))
             assert "__gpu$xla.gpu.triton" in text.as_text()
 
 
@@ -333,3 +348,108 @@ def test_generation_through_the_fused_norms_equals_xlas():
     _, state = jax.jit(lambda v, t: xla.apply(v, t, return_state=True))(variables, ours.tokens[:, :-1])
     program = _step_program(pallas, variables, ours.tokens[:, -1:], state)
     assert _norms_outside_kernels(program)[0] == 1  # retention's head norm
+
+
+def _epilogue_inputs(rows, n, dtype, bias, residual, seed=3):
+    kb, kr = jax.random.split(jax.random.PRNGKey(seed))
+    b = jax.random.normal(kb, (n,), jnp.float32) if bias else None  # a float32 parameter
+    r = jax.random.normal(kr, (rows, n), jnp.float32).astype(dtype) if residual else None  # the stream's
+    return b, r
+
+
+def _xla_epilogue(x, w, norm, scale, norm_bias, b, activation, r):
+    """XLA's norm (as the norm layer), float32 product, the same epilogue, one cast."""
+    if norm is not None:
+        x = norms.normalize(x, norm, 1e-5, scale, norm_bias, w.dtype)
+    acc = jnp.dot(x, w, precision="highest", preferred_element_type=jnp.float32)
+    return skinny.epilogue(acc, b, activation, r).astype(w.dtype)
+
+
+EPILOGUES = [(True, None, False), (True, "gelu", False), (False, "swish", True), (True, "gelu", True)]
+
+
+@pytest.mark.parametrize(
+    "rows, splits, norm, dtype, finish",
+    [
+        (1, 1, None, jnp.float32, EPILOGUES[0]),
+        (1, 1, "layernorm", jnp.float32, EPILOGUES[3]),
+        (3, 1, "rmsnorm", jnp.bfloat16, EPILOGUES[2]),
+        (1, 2, None, jnp.bfloat16, EPILOGUES[1]),
+        (3, 2, "layernorm", jnp.float32, EPILOGUES[3]),
+        (16, 1, None, jnp.float32, EPILOGUES[2]),
+    ],
+)
+def test_epilogue_equals_xlas(rows, splits, norm, dtype, finish):
+    """act(x W + b) + r (after the norm prologue where there is one) equals XLA's float32 product and the
+    same epilogue. S = 1: applied in the kernel (nothing but the residual's padding to 16 rows outside it);
+    S = 2: by XLA after the sum of the partials."""
+    d, n = 256, 64
+    has_bias, activation, has_residual = finish
+    if norm is None:
+        (x, w), scale, norm_bias = _inputs(rows, d, n, dtype), None, None
+    else:
+        x, w, scale, norm_bias = _norm_inputs(norm, rows, d, n, dtype)
+    b, r = _epilogue_inputs(rows, n, dtype, has_bias, has_residual)
+    tiles = skinny.Plan(block_d=64, block_n=32, splits=splits)
+
+    def product(x, w, b, r):
+        return skinny.matmul(
+            x, w, norm=norm, scale=scale, bias=norm_bias, eps=1e-5, output_bias=b, activation=activation,
+            residual=r, tiles=tiles, interpret=True,
+        )  # fmt: skip
+
+    y = product(x, w, b, r)
+    want = _xla_epilogue(x, w, norm, scale, norm_bias, b, activation, r)
+    assert y.shape == (rows, n) and y.dtype == dtype
+    scale_of = np.abs(np.asarray(want, np.float64)).max()
+    assert (
+        np.abs(np.asarray(y, np.float64) - np.asarray(want, np.float64)).max() <= TOLERANCE[dtype] * scale_of
+    )
+    outside = {e.primitive.name for e in _outside_kernels(jax.make_jaxpr(product)(x, w, b, r))}
+    epilogue_ops = {"add", "tanh", "logistic"} & outside
+    assert not epilogue_ops if splits == 1 else epilogue_ops
+
+
+@pytest.mark.parametrize("norm, activation", [(None, "swish"), ("layernorm", "gelu")])
+def test_epilogue_gradients_are_xlas(norm, activation):
+    """Through x, w, the norm's parameters, the bias and the residual, at S = 1 and the default plan."""
+    rows, d, n = 2, 128, 64
+    if norm is None:
+        (x, w), scale, norm_bias = _inputs(rows, d, n, jnp.float32, seed=1), None, None
+    else:
+        x, w, scale, norm_bias = _norm_inputs(norm, rows, d, n, jnp.float32, seed=1)
+    b, r = _epilogue_inputs(rows, n, jnp.float32, True, True)
+    cotangent = jax.random.normal(jax.random.PRNGKey(2), (rows, n))
+
+    def ours(tiles):
+        def product(x, w, scale, norm_bias, b, r):
+            return skinny.matmul(
+                x, w, norm=norm, scale=scale, bias=norm_bias, eps=1e-5, output_bias=b,
+                activation=activation, residual=r, tiles=tiles, interpret=True,
+            )  # fmt: skip
+
+        return product
+
+    def xlas(x, w, scale, norm_bias, b, r):
+        return _xla_epilogue(x, w, norm, scale, norm_bias, b, activation, r)
+
+    args = (x, w, scale, norm_bias, b, r)
+    wrt = tuple(i for i, a in enumerate(args) if a is not None)
+
+    def grads(product):
+        return jax.grad(lambda *a: jnp.sum(product(*a) * cotangent), wrt)(*args)
+
+    want = grads(xlas)
+    for tiles in (skinny.Plan(64, 32, 1), None):
+        for a, b_ in zip(grads(ours(tiles)), want, strict=True):
+            np.testing.assert_allclose(a, b_, rtol=1e-5, atol=1e-5 * np.abs(b_).max())
+
+
+def test_epilogue_refusals():
+    x, w = _inputs(2, 64, 32, jnp.float32)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        skinny.matmul(x, w, activation="relu", interpret=True)
+    with pytest.raises(ValueError, match=r"residual must be \[2, 32\]"):
+        skinny.matmul(x, w, residual=jnp.zeros((1, 32)), interpret=True)
+    with pytest.raises(ValueError, match=r"output_bias must be \[32\] in bfloat16, float16 or float32"):
+        skinny.matmul(x, w, output_bias=np.zeros(32), interpret=True)

@@ -26,8 +26,15 @@ LayerNorm's variance is that of the centred rows, as ``ops.norms``), then normal
 loads, applies the affine in float32 and casts to W's dtype before the product: ``ops.norms.normalize``'s
 numerics, up to the order of the statistics' float32 sums.
 
+With an epilogue (``matmul(output_bias=, activation=, residual=)``) the output is act(x W + b) + r, computed
+in float32 on the accumulator before the one cast to W's dtype: an FFN's first layer (its bias and GELU or
+swish) or a block's last product (its bias and the residual stream) is then no XLA kernel of its own after
+the product (XLA cannot fuse anything into a kernel's output). With S = 1 the kernel applies it; with
+S > 1 XLA applies the same function after the sum of the partials, in the one fusion that sums them.
+
 The backward pass is XLA's (``jax.custom_vjp``): a few-row product's gradients are ordinary matmuls; with
-a prologue, XLA's norm (recomputed from the few rows) and its vjp come before them.
+a prologue, XLA's norm (recomputed from the few rows) and its vjp come before them; with an epilogue, its
+vjp (the product recomputed by XLA where the activation needs it) after them.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from retnet_jax.ops import norms
 from retnet_jax.ops.gpu import common
 
 __all__ = [
+    "ACTIVATIONS",
     "MAX_CANDIDATES",
     "MAX_ROWS",
     "PROGRAMS",
@@ -50,6 +58,7 @@ __all__ = [
     "Prologue",
     "candidates",
     "check",
+    "epilogue",
     "matmul",
     "plan",
 ]
@@ -57,6 +66,10 @@ __all__ = [
 MAX_ROWS = 16  # rows the kernel takes: Triton's smallest product is 16 rows; more rows are a matmul
 PROGRAMS = 2 * 132  # programs wanted per call: two per SM of an H100 / H200
 MAX_CANDIDATES = 24  # plans ``candidates`` lists per shape: a sweep of every shape stays a few minutes
+
+# The FFN's activations, as the model computes them (``nn.feedforward`` takes this table): GELU in its tanh
+# approximation (``jax.nn.gelu``'s default) and swish = SiLU.
+ACTIVATIONS = {"swish": jax.nn.swish, "gelu": jax.nn.gelu}
 
 
 def _padded_rows(rows: int) -> int:
@@ -197,10 +210,47 @@ def _statistics(x_ref, prologue: Prologue, block: int):
     return mean, jax.lax.rsqrt(square + prologue.eps)
 
 
+class Epilogue(NamedTuple):
+    """What the kernel applies to its float32 accumulator before the cast (``epilogue``)."""
+
+    bias: bool  # + b [N]
+    activation: str | None  # a key of ACTIVATIONS, or None
+    residual: bool  # + r [M, N], after the activation
+
+
+def epilogue(acc, bias=None, activation: str | None = None, residual=None):
+    """act(acc + bias) + residual in float32: what the kernel does to its accumulator before the cast.
+
+    Args:
+        acc: [M, N] float32, x W.
+        bias: [N] or [1, N] (any float dtype) or None.
+        activation: a key of ``ACTIVATIONS`` or None.
+        residual: [M, N] (any float dtype) or None.
+    """
+    if bias is not None:
+        acc = acc + bias.astype(jnp.float32)
+    if activation is not None:
+        acc = ACTIVATIONS[activation](acc)
+    if residual is not None:
+        acc = acc + residual.astype(jnp.float32)
+    return acc
+
+
 def _kernel(
-    x_ref, w_ref, *refs, block_d: int, steps: int, precision, prologue: Prologue | None, block_s: int
+    x_ref,
+    w_ref,
+    *refs,
+    block_d: int,
+    steps: int,
+    precision,
+    prologue: Prologue | None,
+    block_s: int,
+    finish: Epilogue | None,
 ):
-    *affine, o_ref = refs  # the norm's scale (and bias) [1, D], or nothing
+    # the norm's scale (and bias) [1, D] or nothing; the epilogue's bias [1, BN] and residual [R, BN] or not
+    o_ref = refs[-1]
+    affine = refs[: 0 if prologue is None else len(prologue_parameters(prologue.kind))]
+    finishing = list(refs[len(affine) : -1])
     s = pl.program_id(1)
     if prologue is not None:
         mean, inverse = _statistics(x_ref, prologue, block_s)
@@ -220,16 +270,30 @@ def _kernel(
             return acc + jnp.sum(column * weights.astype(jnp.float32), axis=0, keepdims=True)
         return acc + common.dot(rows, weights, (1, 0), precision)
 
-    # [R, BN]: a float32 partial (S > 1), or the output in W's dtype (S = 1)
-    o_ref[...] = jax.lax.fori_loop(0, steps, step, jnp.zeros(o_ref.shape, jnp.float32)).astype(o_ref.dtype)
+    # [R, BN]: a float32 partial (S > 1), or the output in W's dtype (S = 1, the epilogue applied first)
+    acc = jax.lax.fori_loop(0, steps, step, jnp.zeros(o_ref.shape, jnp.float32))
+    if finish is not None:
+        bias = finishing.pop(0)[...] if finish.bias else None
+        residual = finishing.pop(0)[...] if finish.residual else None
+        acc = epilogue(acc, bias, finish.activation, residual)
+    o_ref[...] = acc.astype(o_ref.dtype)
 
 
-def _forward(x, w, affine, prologue, tiles: Plan, interpret: bool):
+def prologue_parameters(kind: str) -> tuple[str, ...]:
+    """The norm's parameters, in the order the kernel takes them."""
+    return ("scale",) if kind == "rmsnorm" else ("scale", "bias")
+
+
+def _forward(x, w, affine, bias, residual, prologue, activation, tiles: Plan, interpret: bool):
     rows, d = x.shape
     n = w.shape[1]
     padded_rows = _padded_rows(rows)
     padded = jnp.pad(x, ((0, padded_rows - rows), (0, 0)))  # [R, D]; padded rows normalize to finite values
     steps = d // tiles.block_d // tiles.splits
+    finish = None
+    if bias is not None or activation is not None or residual is not None:
+        finish = Epilogue(bias is not None, activation, residual is not None)
+    in_kernel = finish if tiles.splits == 1 else None  # S > 1: XLA applies it after the sum
     kernel = functools.partial(
         _kernel,
         block_d=tiles.block_d,
@@ -237,8 +301,16 @@ def _forward(x, w, affine, prologue, tiles: Plan, interpret: bool):
         precision=common.precision_of(w.dtype),
         prologue=prologue,
         block_s=_statistics_block(padded_rows, d, tiles.block_d),
+        finish=in_kernel,
     )
     affine = [a.reshape(1, d) for a in affine]  # [1, D]: a reshape, no copy
+    finishing, finishing_specs = [], []
+    if in_kernel is not None and bias is not None:
+        finishing.append(bias.reshape(1, n))
+        finishing_specs.append(pl.BlockSpec((1, tiles.block_n), lambda c, s: (0, c)))
+    if in_kernel is not None and residual is not None:
+        finishing.append(jnp.pad(residual, ((0, padded_rows - rows), (0, 0))))  # [R, N]
+        finishing_specs.append(pl.BlockSpec((padded_rows, tiles.block_n), lambda c, s: (0, c)))
     if tiles.splits == 1:  # the output itself, in W's dtype: nothing to sum afterwards
         out_shape = jax.ShapeDtypeStruct((padded_rows, n), w.dtype)
         out_spec = pl.BlockSpec((padded_rows, tiles.block_n), lambda c, s: (0, c))
@@ -252,16 +324,20 @@ def _forward(x, w, affine, prologue, tiles: Plan, interpret: bool):
             pl.BlockSpec((padded_rows, d), lambda c, s: (0, 0)),
             pl.BlockSpec((d, tiles.block_n), lambda c, s: (0, c)),
         ]
-        + [pl.BlockSpec((1, d), lambda c, s: (0, 0)) for _ in affine],
+        + [pl.BlockSpec((1, d), lambda c, s: (0, 0)) for _ in affine]
+        + finishing_specs,
         out_shape,
         out_spec,
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
         interpret=interpret,
-    )(padded, w, *affine)
+    )(padded, w, *affine, *finishing)
     if tiles.splits == 1:
         return out if padded_rows == rows else out[:rows]
-    return out.sum(0)[:rows].astype(w.dtype)
+    acc = out.sum(0)[:rows]
+    if finish is not None:
+        acc = epilogue(acc, bias, activation, residual)
+    return acc.astype(w.dtype)
 
 
 def _product_gradients(x, w, dy):
@@ -271,47 +347,42 @@ def _product_gradients(x, w, dy):
     return dx, dw
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _matmul(x, w, tiles, interpret):
-    return _forward(x, w, (), None, tiles, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _product(x, w, affine, bias, residual, prologue, activation, tiles, interpret):
+    return _forward(x, w, affine, bias, residual, prologue, activation, tiles, interpret)
 
 
-def _matmul_fwd(x, w, tiles, interpret):
-    return _forward(x, w, (), None, tiles, interpret), (x, w)
+def _product_fwd(x, w, affine, bias, residual, prologue, activation, tiles, interpret):
+    y = _forward(x, w, affine, bias, residual, prologue, activation, tiles, interpret)
+    return y, (x, w, affine, bias, residual)
 
 
-def _matmul_bwd(tiles, interpret, residuals, dy):
+def _product_bwd(prologue, activation, tiles, interpret, residuals, dy):
+    """XLA's: the norm's vjp (recomputed from x: a few rows), the product's gradients, the epilogue's vjp."""
     del tiles, interpret
-    return _product_gradients(*residuals, dy)
-
-
-_matmul.defvjp(_matmul_fwd, _matmul_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _normed_matmul(x, w, affine, prologue, tiles, interpret):
-    return _forward(x, w, affine, prologue, tiles, interpret)
-
-
-def _normed_matmul_fwd(x, w, affine, prologue, tiles, interpret):
-    return _forward(x, w, affine, prologue, tiles, interpret), (x, w, affine)
-
-
-def _normed_matmul_bwd(prologue, tiles, interpret, residuals, dy):
-    """XLA's norm (recomputed from x: a few rows) and its vjp, composed with the product's gradients."""
-    del tiles, interpret
-    x, w, affine = residuals
+    x, w, affine, bias, residual = residuals
 
     def norm(x, affine):
+        if prologue is None:
+            return x
         return norms.normalize(x, prologue.kind, prologue.eps, *affine, dtype=w.dtype)
 
     normed, norm_vjp = jax.vjp(norm, x, affine)
+    d_bias = d_residual = None
+    if bias is not None or activation is not None or residual is not None:
+        acc = jnp.einsum("MD,DN->MN", normed, w, preferred_element_type=jnp.float32)
+
+        def finish(acc, bias, residual):
+            return epilogue(acc, bias, activation, residual).astype(w.dtype)
+
+        _, finish_vjp = jax.vjp(finish, acc, bias, residual)
+        dy, d_bias, d_residual = finish_vjp(dy)  # dy: float32 now, the accumulator's cotangent
     d_normed, dw = _product_gradients(normed, w, dy)
     dx, d_affine = norm_vjp(d_normed)
-    return dx, dw, d_affine
+    return dx, dw, d_affine, d_bias, d_residual
 
 
-_normed_matmul.defvjp(_normed_matmul_fwd, _normed_matmul_bwd)
+_product.defvjp(_product_fwd, _product_bwd)
 
 
 def matmul(
@@ -322,23 +393,33 @@ def matmul(
     scale=None,
     bias=None,
     eps: float = 1e-6,
+    output_bias=None,
+    activation: str | None = None,
+    residual=None,
     tiles: Plan | None = None,
     interpret: bool = False,
 ):
     """x [M, D] @ w [D, N] → [M, N] in w's dtype, float32 accumulation, for M ≤ ``MAX_ROWS``; with
-    ``norm``, normalize(x) @ w (``ops.norms.normalize``, cast to w's dtype), the norm computed in the kernel.
+    ``norm``, normalize(x) @ w (``ops.norms.normalize``, cast to w's dtype), the norm computed in the kernel;
+    with an epilogue, act(· + output_bias) + residual on the float32 accumulator before the cast
+    (``epilogue``).
 
     Args:
         x: [M, D] rows, in w's dtype (without ``norm``) or any dtype the kernel takes (with it).
         w: [D, N].
         norm: None, "rmsnorm" (with ``scale``) or "layernorm" (with ``scale`` and ``bias``).
         scale, bias: [D] the norm's parameters; eps: its epsilon.
+        output_bias: [N] added to the product (any float dtype the kernel takes), or None.
+        activation: applied after the bias: a key of ``ACTIVATIONS`` ("gelu": tanh-approximated, as
+            ``jax.nn.gelu``; "swish") or None.
+        residual: [M, N] added after the activation (any float dtype the kernel takes), or None.
         tiles: the kernel's plan (default ``plan(M, D, N, w.dtype)``); any that ``check`` accepts.
         interpret: run the kernel through the Pallas interpreter (any backend; for tests).
 
     Raises:
         ValueError: shapes or dtypes the kernel does not take (``plan`` says which), ``tiles`` that do
-            not fit the shape (``check`` says why), or a norm's parameters that do not match its kind.
+            not fit the shape (``check`` says why), a norm's parameters that do not match its kind, or
+            an epilogue's of the wrong shape, dtype or name.
     """
     same_dtype = norm is not None or x.dtype == w.dtype
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0] or not same_dtype:
@@ -359,17 +440,33 @@ def matmul(
                 f"skinny.matmul: the plan {tiles} does not fit x {x.shape} @ w {w.shape}: {reason}. "
                 "Leave tiles=None for plan()'s, or pick one of candidates()."
             )
-    if norm is None:
-        return _matmul(x, w, tiles, interpret)
-    affine = _check_norm(norm, x, scale, bias)
-    return _normed_matmul(x, w, affine, Prologue(norm, float(eps)), tiles, interpret)
+    _check_epilogue(x.shape[0], w.shape[1], output_bias, activation, residual)
+    affine, prologue = (), None
+    if norm is not None:
+        affine, prologue = _check_norm(norm, x, scale, bias), Prologue(norm, float(eps))
+    return _product(x, w, affine, output_bias, residual, prologue, activation, tiles, interpret)
+
+
+def _check_epilogue(rows: int, n: int, bias, activation, residual):
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(
+            f"skinny.matmul: activation must be one of {tuple(ACTIVATIONS)} or None; got {activation!r}."
+        )
+    for name, array, shape in (("output_bias", bias, (n,)), ("residual", residual, (rows, n))):
+        if array is None:
+            continue
+        if array.shape != shape or jnp.dtype(array.dtype) not in common.DTYPES:
+            raise ValueError(
+                f"skinny.matmul: {name} must be {list(shape)} in bfloat16, float16 or float32; got "
+                f"{array.shape} {jnp.dtype(array.dtype).name}."
+            )
 
 
 def _check_norm(norm: str, x, scale, bias) -> tuple:
     """The norm's parameters as the kernel takes them: (scale,) or (scale, bias)."""
     if norm not in norms.KINDS:
         raise ValueError(f"skinny.matmul: norm must be one of {norms.KINDS} or None; got {norm!r}.")
-    affine = (scale,) if norm == "rmsnorm" else (scale, bias)
+    affine = (scale,) if norm == "rmsnorm" else (scale, bias)  # prologue_parameters(norm)'s order
     wanted = "a scale" if norm == "rmsnorm" else "a scale and a bias"
     if (norm == "rmsnorm") != (bias is None) or any(a is None or a.shape != x.shape[1:] for a in affine):
         raise ValueError(f"skinny.matmul: norm={norm!r} takes {wanted} of shape {x.shape[1:]}.")
