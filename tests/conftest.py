@@ -2,10 +2,13 @@
 
 * 8 fake CPU devices for the sharding tests.
 * Test programs are tiny, so XLA's compile time dominates the suite: compile with the CPU backend's
-  cheaper optimization level (results are the same functions; only code quality changes).
+  cheaper optimization level (results are the same functions; only code quality changes), and keep what
+  is compiled in a cache that the run's processes share.
 """
 
 import os
+import shutil
+import tempfile
 
 # Appended to whatever the environment sets, so the 8 fake devices are there in any case.
 os.environ["XLA_FLAGS"] = " ".join(
@@ -16,6 +19,16 @@ os.environ["XLA_FLAGS"] = " ".join(
     ]
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# One XLA compilation cache for the whole run, shared by the worker processes and the scripts the tests
+# start (they inherit the environment): the tests compile the same tiny programs many times over. A run
+# makes its own (removed at its end), so no run reads another's programs.
+_CACHE_CREATED = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _CACHE_CREATED = tempfile.mkdtemp(prefix="retnet-jax-tests-xla-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_CREATED
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
 import pytest  # noqa: E402
@@ -58,3 +71,8 @@ def trained(tmp_path_factory):
     config = small_config()
     state = loop.train_and_evaluate(config, workdir)
     return workdir, config, state
+
+
+def pytest_unconfigure(config):
+    if _CACHE_CREATED is not None:  # the process that made the run's cache (the controller, or -n 0)
+        shutil.rmtree(_CACHE_CREATED, ignore_errors=True)
