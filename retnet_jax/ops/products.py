@@ -4,9 +4,9 @@ multiplies a handful of rows by a weight matrix (``ops.gpu.skinny``).
 ``project(x, kernel, in_axes, implementation=)``:
 
 * ``"xla"``: ``jnp.einsum``, any backend, any number of rows.
-* ``"auto"``: where ``AUTO_KERNEL`` is set (a measurement shows the kernel faster), on one GPU whose JAX
-  has the Triton backend, calls of at most ``skinny.MAX_ROWS`` rows whose shapes the kernel takes run it;
-  everything else is XLA's. No backend: XLA, with no warning (a product is
+* ``"auto"``: on one GPU whose JAX has the Triton backend, where a measurement shows the kernel faster:
+  calls of at most ``AUTO_MAX_ROWS`` rows with weights of at most ``AUTO_MAX_WEIGHT_BYTES`` whose shapes
+  the kernel takes run it; everything else is XLA's. No backend: XLA, with no warning (a product is
   never wrong through XLA; ``dispatch.chunkwise`` already warns once about the missing backend). With
   several devices XLA too: the kernel has no partitioning rule, and a sharded weight would be gathered.
 * ``"pallas"``: as "auto", on any backend: on a CPU through the Pallas interpreter (how the tests check it).
@@ -51,12 +51,17 @@ ACTIVATIONS = skinny.ACTIVATIONS  # the FFN's activations: one table for the mod
 
 IMPLEMENTATIONS = ("xla", "auto", "pallas")
 
-# Whether "auto" runs the kernel on a GPU: not until it is measured faster than XLA's products in a
-# decoding step (experiments/bench_inference.py, rows ARCH@IMPL/pallas against ARCH@IMPL/xla). The first
-# measurement (H200, 2026-12-01, --tag=decodek) timed a loop that sliced every layer's weights out of the
-# stack each step, which XLA copies for a kernel's operand and not for its own products: paper-1.3b's
-# step was 0.96× XLA's at B1 and 1.03× at B8 while copying 2.3 GB a step. To be measured again.
-AUTO_KERNEL = False
+# Where "auto" runs the kernel on a GPU: calls of at most AUTO_MAX_ROWS rows (0: never) and weights of at
+# most AUTO_MAX_WEIGHT_BYTES. Measured on the H200 (jax 0.11.2, paper-1.3b, context 8192, prepared loop,
+# bench_inference_H200_2026-12-02_decodek2.md): with the kernel a decoding step took 1.368 ms at B = 1
+# against 2.767 with XLA's products (both with the decode-step kernel), 2.161 against 1.779 at B = 8, and
+# 5.145 against 5.142 at B = 64. The untied head (2048 × 50304, 206 MB) is the one product XLA reads
+# faster at one row: 57.6 µs against 52.0 in the same profiles (profile_steps_H200_2026-12-02_
+# decode-kernels2.md), and 67.3 / 55.8 (best plan) against 51.3 alone (bench_products_H200_2026-12-02_
+# plans.md); every layer's product (≤ 50 MB) is faster through the kernel at one row. Batches 2–7 are not
+# measured and stay XLA's.
+AUTO_MAX_ROWS = 1
+AUTO_MAX_WEIGHT_BYTES = 128 << 20
 
 
 def uses_kernel(implementation: str, rows: int, d: int, n: int, dtype) -> bool:
@@ -65,7 +70,11 @@ def uses_kernel(implementation: str, rows: int, d: int, n: int, dtype) -> bool:
         raise ValueError(
             f"project: unknown implementation {implementation!r}; expected one of {IMPLEMENTATIONS}."
         )
-    if implementation == "xla" or rows > skinny.MAX_ROWS or (implementation == "auto" and not AUTO_KERNEL):
+    if implementation == "xla" or rows > skinny.MAX_ROWS:
+        return False
+    if implementation == "auto" and (
+        rows > AUTO_MAX_ROWS or d * n * jnp.dtype(dtype).itemsize > AUTO_MAX_WEIGHT_BYTES
+    ):
         return False
     if implementation != "pallas" and (
         jax.default_backend() != "gpu" or jax.device_count() > 1 or common.triton_unavailable()

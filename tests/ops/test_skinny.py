@@ -258,8 +258,14 @@ def test_the_kernel_lowers_to_triton():
 def test_dispatch(monkeypatch):
     f32 = jnp.float32
     assert not products.uses_kernel("auto", 1, 64, 64, f32)  # CPU: XLA
-    monkeypatch.setattr(products, "AUTO_KERNEL", True)
-    assert not products.uses_kernel("auto", 1, 64, 64, f32)  # still the CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # the rule as on one GPU
+    monkeypatch.setattr(jax, "device_count", lambda: 1)
+    monkeypatch.setattr(products.common, "triton_unavailable", lambda: None)
+    assert products.uses_kernel("auto", 1, 64, 64, f32)
+    assert not products.uses_kernel("auto", 2, 64, 64, f32)  # measured slower at B = 8: XLA
+    assert not products.uses_kernel("auto", 1, 2048, 50304, f32)  # a weight > AUTO_MAX_WEIGHT_BYTES: XLA
+    monkeypatch.setattr(products, "AUTO_MAX_ROWS", 0)
+    assert not products.uses_kernel("auto", 1, 64, 64, f32)
     assert not products.uses_kernel("xla", 1, 64, 64, f32)
     assert products.uses_kernel("pallas", 1, 64, 64, f32)
     assert not products.uses_kernel("pallas", 17, 64, 64, f32)  # a matmul: XLA
