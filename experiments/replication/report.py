@@ -14,6 +14,7 @@ import glob
 import json
 import math
 import os
+import re
 from typing import Any
 
 from experiments.replication import recipe, schedule
@@ -496,6 +497,24 @@ def device_name(found: dict[str, Any]) -> str:
     return "unknown"
 
 
+def recorded_commands(found: dict[str, Any]) -> str:
+    """The commands that made the results in this report, as each result recorded its own."""
+    rows = [
+        (name, run["command"])
+        for name, run in [
+            ("calibration", found["calibrate"]),
+            *((f"train {arch} {size}", run) for (arch, size), run in sorted(found["train"].items())),
+            *((f"mqar {arch} {size}", run) for (arch, size), run in sorted(found["mqar"].items())),
+        ]
+        if run and run.get("command")
+    ]
+    if not rows:
+        return ""
+    # the output folder was the device call's own: written as the commands above write it
+    lines = [f"| {name} | `{re.sub(r'--out_dir=[^ ]+', '--out_dir=$OUT', cmd)}` |" for name, cmd in rows]
+    return "\n".join(["The results above were made by:", "", "| result | command |", "|---|---|", *lines])
+
+
 def write_report(results_dir: str, report_dir: str, date: str) -> str:
     """Writes the markdown report and its plots; returns the markdown's path."""
     found = load_results(results_dir)
@@ -526,6 +545,7 @@ def write_report(results_dir: str, report_dir: str, date: str) -> str:
         "writes under `$OUT` into `experiments/results/replication/`, then run the report:\n\n```bash\n"
         + COMMANDS
         + "\n```",
+        recorded_commands(found),
     ]
     text = "\n\n".join(s for s in sections if s) + "\n"
     with open(stem + ".md", "w") as f:
