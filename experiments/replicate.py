@@ -23,14 +23,16 @@ counted the same 99M tokens in 49 s there, on all 16 cores), before any run's cl
 while training instead would need 2–3M tokens/s at size s (112–142 MFLOP a token at 40% of 790 TFLOP/s)
 from grain workers that make about 0.4M a CPU-second each. Each result records its call's ``startup``.
 
+Every run trains on the same tokens whatever its size (``--tokens``, default ``recipe.STUDY_TOKENS``:
+100M, what the largest size's slower architecture trains in one call), as the paper compares its sizes.
+``--tokens=0`` gives each size its own budget instead: what its slower architecture trains in
+``--train_seconds`` / 1.1 (``schedule.MARGIN``) at the speed ``--part=calibrate`` measured (20 s a
+configuration); a size's runs then train on the budget that its first finished run recorded, and a run that
+a deadline stops (``truncated``) sets no budget (its speed, if lower, replaces the calibration's).
 Calibration and runs step through one loop (``replication/loop.py``: the next batch sent to the device
-while a step runs, metrics read on the host a log point late, no wait in the step path);
-``--part=calibrate`` times it for 20 s a configuration, and a size's token budget is what the slower
-architecture trains at that speed in ``--train_seconds`` / 1.1 (``schedule.MARGIN``). A run that a
-deadline nevertheless stops (``truncated``) sets no budget, and its measured speed, if lower, replaces
-the calibration's in the next budget of its size. A size's runs always train on the budget that its first
-finished run recorded. Each calibration and run records its loop's ``host`` time (making and sending
-batches, dispatching steps, waiting for metrics) and its tokens/s over the run (``loop.speed``).
+while a step runs, metrics read on the host a log point late, no wait in the step path); each records its
+loop's ``host`` time (making and sending batches, dispatching steps, waiting for metrics) and its tokens/s
+over the run (``loop.speed``).
 
 Several runs in one train call (``--arch=retnet,transformer``) run one after another in the call's
 ``--time_limit_s``; a run that raises is recorded as failed and the next one still runs; before each
@@ -40,28 +42,24 @@ the calibrated speed, measurements, with a 10% margin) and otherwise leaves it o
 
 Device schedule (one H200; GPU time in blocks of 30 minutes, a machine's start of ~2 minutes included;
 one command at most 10 minutes; each command below is one call with ``--out_dir=$OUT``; minutes from
-``--part=plan`` with the H200's step times of the first calibration (751K / 1.01M tokens/s at s), 43 s
-of start-up a call (a later call on the same machine reuses the tokens: ~2 s), 40 s of measurements a
-run):
+``--part=plan`` with the calibration of 2026-12-02 (s 685K, m 384K, l 272K tokens/s for the slower
+architecture), 54 s of start-up a call (a later call on the same machine reuses the tokens: ~2 s), 40 s
+of measurements a run; 100M tokens a run):
 
 | block | command | expected minutes |
 |---|---|---|
 | done | ``--part=corpus`` | 1.3 (measured) |
-| 1 | ``--part=calibrate --size=s,m,l`` | ~4.5 (6 × (compile + 20 s timed) + start-up) |
-| 1 | ``--part=train --arch=retnet --size=s`` | ~6.2 (273 s training) |
-| 1 | ``--part=train --arch=transformer --size=s`` | ~4.4 (204 s training) |
-| 1 | ``--part=mqar --mqar_size=s,m`` | ~5 (not measured) |
-| 2 | ``--part=train --arch=retnet --size=m`` | ~6.2 |
-| 2 | ``--part=train --arch=transformer --size=m`` | ~5.1 |
-| 2 | ``--part=train --arch=retnet --size=l`` | ~6.2 |
-| 3 | ``--part=train --arch=transformer --size=l`` | ~5.4 |
+| done | ``--part=calibrate --size=s,m,l`` | 4.7 (measured) |
+| 1 | ``--part=train --arch=retnet,transformer --size=s`` | ~7.2 |
+| 1 | ``--part=train --arch=retnet --size=m`` | ~6.2 |
+| 1 | ``--part=train --arch=transformer --size=m`` | ~5.2 |
+| 1 | ``--part=train --arch=retnet --size=l`` | ~8.0 |
+| 2 | ``--part=train --arch=transformer --size=l`` | ~7.1 |
+| 2 | ``--part=mqar --mqar_size=s,m`` | ~5 (not measured) |
 | – | ``--part=report`` (no GPU) | |
 
-Between commands: copy ``$OUT/*.json`` into experiments/results/replication/ (calibrate.json sets the
-budgets; a size's first finished train result sets the second's). After calibrate, run
-``--part=plan --size=s,m,l`` (no GPU; it plans for calibrate.json's device) and check the minutes
-above. At ``--train_seconds=300`` two runs of a size do not fit one call (~10.4 min at s); with
-``--train_seconds=230`` the two s runs would (~8.6 min, 157M instead of 205M tokens). MQAR writes each
+Between commands: copy ``$OUT/*.json`` into experiments/results/replication/. ``--part=plan
+--size=s,m,l`` (no GPU; it plans for calibrate.json's device) prints the minutes above. MQAR writes each
 architecture and size as it finishes; if the command reaches its limit, rerun the missing size alone
 (``--mqar_size=m``).
 """
@@ -109,7 +107,10 @@ _VALIDATION_FRACTION = flags.DEFINE_float(
 _VOCAB_SIZE = flags.DEFINE_integer("vocab_size", 8192, "Entries of the byte-level BPE (smoke: 300).")
 _TOKENIZER = flags.DEFINE_string("tokenizer", "", "A tokenizer.json (default: RESULTS_DIR/tokenizer.json).")
 _TOKENS = flags.DEFINE_integer(
-    "tokens", 0, "Training tokens of a run (0: from calibrate.json or the estimate)."
+    "tokens",
+    recipe.STUDY_TOKENS,
+    "Training tokens of every run, whatever its size (0: each size what its slower architecture trains in "
+    "--train_seconds, from calibrate.json or the estimate).",
 )
 _TRAIN_SECONDS = flags.DEFINE_float(
     "train_seconds", 300.0, "Training time a size's token budget is sized for."
@@ -354,25 +355,12 @@ def _measured_speeds(size_name: str) -> dict[str, float]:
 
 
 def budget(size_name: str, vocab_size: int, options: lm.Options) -> dict[str, Any]:
-    """The steps and tokens of a size's runs, the same for both architectures (recipe.token_budget), with
-    each architecture's expected tokens/s and training seconds."""
+    """The steps and tokens of a size's runs, the same for both architectures: ``--tokens`` (the study's, for
+    every size), or with ``--tokens=0`` what the slower one trains in ``--train_seconds``
+    (recipe.token_budget); with each architecture's expected tokens/s and training seconds."""
     size = recipe.LM_SIZES[size_name]
     params = lm.non_embedding_params(size, vocab_size, options)
     corpus_tokens = _corpus_tokens(options)
-    if _TOKENS.value or size.fixed_steps:
-        steps = max(1, _TOKENS.value // size.step_tokens) if _TOKENS.value else size.fixed_steps
-        tokens = steps * size.step_tokens
-        basis = "--tokens" if _TOKENS.value else "the size's fixed steps"
-        return dict(
-            steps=steps,
-            tokens=tokens,
-            tokens_per_param=tokens / params,
-            epochs=tokens / corpus_tokens if corpus_tokens else None,
-            limited_by=basis,
-            basis=basis,
-            speeds={},
-            expected_train_s={},
-        )
     runs = _calibration(size_name)
     if runs:
         speeds = {a: runs[a]["tokens_per_s"] for a in recipe.ARCHS}
@@ -389,18 +377,32 @@ def budget(size_name: str, vocab_size: int, options: lm.Options) -> dict[str, An
     if slower:  # a run's whole training is the longer measurement: the budget must fit its speed
         speeds.update(slower)
         basis = f"measured by an earlier run of the size: {min(speeds.values()):,.0f} tokens/s (not {basis})"
-    result = recipe.token_budget(
-        params=params,
-        step_tokens=size.step_tokens,
-        tokens_per_second=min(speeds.values()),
-        train_seconds=_TRAIN_SECONDS.value,
-        tokens_per_param=_TOKENS_PER_PARAM.value,
-        corpus_tokens=corpus_tokens,
-        margin=schedule.MARGIN,
-    )
+    if size.fixed_steps or _TOKENS.value:
+        steps = size.fixed_steps or max(1, _TOKENS.value // size.step_tokens)
+        tokens = steps * size.step_tokens
+        limited_by = "the size's fixed steps" if size.fixed_steps else "the study's tokens (--tokens)"
+        result = dict(
+            steps=steps,
+            tokens=tokens,
+            tokens_per_param=tokens / params,
+            epochs=tokens / corpus_tokens if corpus_tokens else None,
+            limited_by=limited_by,
+        )
+        basis = f"{limited_by}; speeds: {basis}"
+    else:
+        result = recipe.token_budget(
+            params=params,
+            step_tokens=size.step_tokens,
+            tokens_per_second=min(speeds.values()),
+            train_seconds=_TRAIN_SECONDS.value,
+            tokens_per_param=_TOKENS_PER_PARAM.value,
+            corpus_tokens=corpus_tokens,
+            margin=schedule.MARGIN,
+        )
+        basis += f"; {_TRAIN_SECONDS.value:g} s / margin {schedule.MARGIN:g}"
     return dict(
         **result,
-        basis=basis + f"; {_TRAIN_SECONDS.value:g} s / margin {schedule.MARGIN:g}",
+        basis=basis,
         train_seconds=_TRAIN_SECONDS.value,
         max_epochs=recipe.MAX_EPOCHS,
         speeds=speeds,

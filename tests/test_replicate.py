@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from experiments.replication import recipe
 from tests.training.test_code_corpus import fake_site_packages
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -253,9 +254,22 @@ def test_plan_keeps_a_recorded_budget(tmp_path):
         "--size=s,m,l",
         f"--results_dir={results}",
     ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    lines = {line.split(":")[0]: line for line in proc.stdout.splitlines() if line.startswith("size ")}
+
+    def plan(*flags):
+        proc = subprocess.run([*cmd, *flags], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        return {line.split(":")[0]: line for line in proc.stdout.splitlines() if line.startswith("size ")}
+
+    # By default every size trains on the study's tokens, whatever a size's earlier runs recorded; the
+    # speeds still come from them (l's truncated run: 100,000 tokens/s).
+    lines = plan()
+    steps = recipe.STUDY_TOKENS // 65536
+    for size in ("s", "m", "l"):
+        assert lines[f"size {size}"].startswith(f"size {size}: {steps} steps"), lines[f"size {size}"]
+        assert "the study's tokens" in lines[f"size {size}"]
+    assert "measured by an earlier run of the size: 100,000 tokens/s" in lines["size l"]
+
+    lines = plan("--tokens=0")  # each size its own budget
     # s: 20 tokens per parameter would be 28 passes over 10M tokens; the cap is 4 (40M tokens).
     assert "(limited by epochs)" in lines["size s"] and "4.00 epochs" in lines["size s"]
     assert (

@@ -99,6 +99,14 @@ LM_SIZES = {
     ),
 }
 
+# Training tokens of every language-model run, whatever its size, as in the paper's comparison across sizes
+# (all on the same tokens): 1526 steps of 64 × 1024. What the largest size's slower architecture trains in
+# one device call of 10 minutes on an H200 (l's RetNet at the 271,738 tokens/s that --part=calibrate
+# measured on 2026-12-02: ~368 s, ~480 s with start-up, set-up and measurements; schedule's 10% margin
+# included, 517 s of the call's 560). ``--tokens=0`` gives each size instead what its slower architecture
+# trains in ``--train_seconds``.
+STUDY_TOKENS = 1526 * 64 * 1024
+
 MAX_EPOCHS = 4  # passes over the training split a run may make (see the module docstring)
 WARMUP_FRACTION = 0.05
 END_LR_FACTOR = 0.1

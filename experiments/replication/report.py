@@ -253,7 +253,12 @@ def runs_section(train: dict, corpus: dict | None) -> str:
             "token on the held-out packages."
         )
     budget_line = (
-        "Token budget of a size (the same for both architectures): what the slower one trains in the "
+        "Tokens: every run trains on the same number of tokens whatever its size (*limited by* "
+        "`the study's tokens`), as the paper compares its sizes: what the largest size trains in one device "
+        "call. The smaller sizes could train longer; at equal tokens the larger models are the less trained "
+        "per parameter."
+        if all("--tokens" in str(run["budget"].get("limited_by", "")) for run in train.values())
+        else "Token budget of a size (the same for both architectures): what the slower one trains in the "
         f"training time a device call leaves, capped at 20 tokens per non-embedding parameter and at "
         f"{recipe.MAX_EPOCHS} epochs of the training split; *limited by* names the cap that bound. A size "
         "limited by time trains on fewer than 20 tokens per parameter: its losses are those of a short, "
