@@ -58,6 +58,7 @@ SCRIPTS = {
         "--output_lengths=2,10",
         "--plots=false",
     ],
+    "bench_backends": ["--matmuls=64", "--attention=1x128x2x64", "--plots=false"],
     "bench_products": [
         "--shapes=qkvg:64x256",
         "--rows=1",
@@ -286,3 +287,22 @@ def test_products(tmp_path):
     assert len(kernels) == 2 and kernels[0]["default"] and kernels[0]["plan"] != kernels[1]["plan"]
     assert {r["impl"] for r in rows if r.get("norm")} == {"xla", "kernel"}
     assert results["best"][0]["best_plan"] is not None and "## Best plan per shape and rows" in text
+
+
+def test_backends(tmp_path):
+    """On a CPU: XLA's matmul and attention and the Pallas-Triton ones (interpreted) run and equal the
+    float32 reference to bf16 rounding; every Mosaic GPU row says why it did not run."""
+    results, text = run("bench_backends", tmp_path)
+    rows = results["rows"]
+    ran = [r for r in rows if r["status"] == "ok"]
+    assert {(r["kind"], r["backend"]) for r in ran} == {
+        ("matmul", "xla"),
+        ("matmul", "pallas-triton"),
+        ("attention", "xla"),
+        ("attention", "pallas-triton"),
+    }
+    assert all(r["err"] < 1e-2 for r in ran), ran
+    assert {r.get("pass_") for r in ran if r["kind"] == "attention"} == {"forward", "forward + backward"}
+    mosaic = [r for r in rows if r["backend"] == "pallas-mosaic"]
+    assert mosaic and all(r["status"] == "n/a" and r["error"] for r in mosaic)
+    assert "## Best of each backend" in text and "## What did not run" in text
