@@ -20,9 +20,10 @@ from typing import Any, NamedTuple, Protocol
 import jax
 import jax.numpy as jnp
 
-from retnet_jax.models.lm import MODES, DecoderLM, decode_step, fuse_input_projections
+from retnet_jax.models.lm import MODES, DecoderLM, decode_step, fuse_input_projections, transpose_projections
 from retnet_jax.models.lm import prefill as stateless_prefill
 from retnet_jax.models.state import KVCache
+from retnet_jax.ops import products
 
 __all__ = [
     "Buffers",
@@ -88,6 +89,15 @@ class LMDecoder:
             ``fused_projections``: one product for them a layer, where the separate projections took one
             each (with the few-row kernel, each is a kernel and a sum of its partials). The copy costs
             no more memory than the unstacked one. False keeps them apart.
+        transpose_kernels: where ``prepare`` copies the layers out, each layer's projection kernels are
+            stored transposed, [N, D] with D contiguous (``models.lm.transpose_projections``): the
+            few-row kernel then reads whole rows of Wᵀ (``ops.gpu.skinny_nd``) and makes each product in
+            one kernel at any N, bias, activation and residual included, where [D, N] at one row splits D
+            and leaves XLA a sum of float32 partials and the epilogue (two more kernels a product). XLA's
+            products take the transposed kernels too (at more rows than the kernel takes). None (the
+            default): on where the model's ``projections`` may run the kernel
+            (``ops.products.may_use_kernel``: "pallas", or "auto" on a GPU where the kernel is chosen);
+            the copy costs no more memory than the unstacked one.
     """
 
     model: DecoderLM
@@ -96,6 +106,7 @@ class LMDecoder:
     state_dtype: str | None = None
     unstack_layers: bool = True
     fuse_projections: bool = True
+    transpose_kernels: bool | None = None
 
     def __post_init__(self):
         if self.prefill_mode not in MODES:
@@ -147,14 +158,24 @@ class LMDecoder:
         _, cache = stateless_prefill(self.model, variables, aligned, max_length=state.max_length)
         return cache._replace(position=(length - pads).astype(state.position.dtype))
 
+    @property
+    def transposes_kernels(self) -> bool:
+        """Whether ``prepare`` stores the layers' kernels transposed (``transpose_kernels`` resolved)."""
+        if self.transpose_kernels is None:
+            return products.may_use_kernel(self.model.projections)
+        return self.transpose_kernels
+
     def prepare(self, variables):
         """Each layer's parameters as arrays of their own (``unstack_layers``), its mixer's input
-        projections joined (``fuse_projections``), else the variables."""
+        projections joined (``fuse_projections``), its kernels transposed (``transpose_kernels``), else
+        the variables."""
         if not (self.unstack_layers and self.model.scan_layers):
             return variables
         prepared = unstack_layers(variables, self.model.config.num_layers)
         if self.fuse_projections and not self.model.fused_projections:
             prepared = fuse_input_projections(self.model.config, prepared)
+        if self.transposes_kernels:
+            prepared = transpose_projections(self.model.config, prepared)
         # The barrier keeps XLA from moving the slices (and joins) back into the loop that takes the copies.
         return jax.lax.optimization_barrier(prepared)
 
