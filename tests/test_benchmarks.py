@@ -115,7 +115,8 @@ def test_training(tmp_path):
 
 
 def test_inference_decode_impls(tmp_path):
-    """--decode_impls times the RetNet decoding rows once per retention implementation, labelled."""
+    """--decode_impls times the RetNet decoding rows once per retention implementation and weights' layout
+    (here XLA's products on kernels stored [N, D], and on [D, N] kernels apart), labelled."""
     cmd = [
         sys.executable,
         "-m",
@@ -128,7 +129,7 @@ def test_inference_decode_impls(tmp_path):
         "--batches=1",
         "--batch_context=32",
         "--decode_steps=2",
-        "--decode_impls=xla,pallas",
+        "--decode_impls=xla,pallas,xla/xla/nd,xla/xla/separate+dn",
         "--hlo=false",
         "--plots=false",
         "--in_process",
@@ -139,7 +140,8 @@ def test_inference_decode_impls(tmp_path):
     with open(os.path.join(tmp_path, stem + ".json")) as f:
         rows = json.load(f)["rows"]
     ran = {(r["arch"], r["status"]) for r in rows if r["kind"] == "decode"}
-    assert ran == {("retnet", "ok"), ("retnet@xla", "ok"), ("retnet@pallas", "ok")}, ran
+    labels = ("retnet", "retnet@xla", "retnet@pallas", "retnet@xla/xla/nd", "retnet@xla/xla/separate+dn")
+    assert ran == {(label, "ok") for label in labels}, ran
 
 
 def test_inference(tmp_path):
