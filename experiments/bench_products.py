@@ -1,5 +1,6 @@
-"""Few-row products alone: XLA's product against the few-row kernel (``ops.gpu.skinny``) with its default
-plan and each of its candidate plans, at the shapes of one decoding step, bf16.
+"""Few-row products alone: XLA's product against the few-row kernel with its default plan and each of its
+candidate plans, on W stored [D, N] (``ops.gpu.skinny``) and stored transposed [N, D]
+(``ops.gpu.skinny_nd``, a decoding loop's prepared weights), at the shapes of one decoding step, bf16.
 
     # paper-1.3b's decoding products at 1, 8 and 16 rows, every candidate plan, the LayerNorm prologue on
     # q/k/v/g (one call, < 8 minutes on an H200; rows 1 first, the budget skips what does not fit):
@@ -7,7 +8,7 @@ plan and each of its candidate plans, at the shapes of one decoding step, bf16.
         --min_sample_s=0.01 --time_budget_s=420 --tag=plans
     # Plans of one's own beside the default (BDxBNxSxWARPSxSTAGES), one shape:
     python -m experiments.bench_products --shapes=out:4096x2048 --rows=1 --max_plans=0 \\
-        --extra_plans=128x32x1x4x3,256x16x1x8x2 --tag=out-more
+        --extra_plans=128x32x1x4x3,256x16x1x8x2 --extra_nd_plans=512x8x4x4,256x16x8x3 --tag=out-more
     # CPU smoke run (the kernels interpreted; a few seconds):
     python -m experiments.bench_products --shapes=qkvg:64x256,out:128x64 --rows=1,3 --max_plans=3 \\
         --norm_shape=qkvg --repeats=2
@@ -19,12 +20,16 @@ Shapes (``--model``, a RetNet preset): ``qkvg`` [D, 2·D + 2·value_dim] (q, k, 
 
 * ``xla``: ``jnp.einsum("MD,DN->MN")`` in the compute dtype; ``xla→f32``: the same cast to float32 after
   (as the model's head does to its logits);
-* ``kernel``: ``skinny.matmul`` with ``skinny.plan``'s plan (what the model runs), then each of
-  ``skinny.candidates`` (at most ``--max_plans``) and ``--extra_plans`` that fit the shape.
+* ``kernel``: ``skinny.matmul`` with ``skinny.plan``'s plan (what the model runs on [D, N]), then each of
+  ``skinny.candidates`` (at most ``--max_plans``) and ``--extra_plans`` that fit the shape;
+* ``kernel-nd``: ``skinny_nd.matmul`` on copies of the same W stored [N, D] (transposed before timing),
+  with ``skinny_nd.plan``'s plan (what the prepared decoding loop runs), each of ``skinny_nd.candidates``
+  (at most ``--max_plans``) and ``--extra_nd_plans`` (``--nd=false``: none).
 
 On ``--norm_shape`` (LayerNorm, as paper-1.3b's block norm before q/k/v/g): XLA's norm then its product
 (``ops.norms.normalize``, x in the compute dtype, scale and bias float32) against the kernel with the
-norm in its prologue, with the default plan and with the fastest plain plan of that shape and rows.
+norm in its prologue, with the default plan and with the fastest plain plan of that shape and rows, for
+each layout.
 
 Timing (``benchlib``: compilation apart, warm-up, medians of ``--repeats`` samples): one jitted program
 multiplies L different x by L different copies of W (``--target_mib`` of weights in all, at least two
@@ -36,7 +41,7 @@ bandwidth measured in the same run / W's bytes (1.0: W read at the copy rate; th
 Programs of one shape and rows are compiled ``--compile_threads`` at a time (lowered one by one).
 
 "One decoding step's products" sums each shape's time × its count in a step (layers × per layer; the
-head once): XLA's (the head's with the float32 cast), the default plans', the best plans'.
+head once): XLA's (the head's with the float32 cast), the default plans', the best plans', per layout.
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ from experiments import benchlib as bl
 from experiments import benchreport as br
 from retnet_jax.models import RetNetConfig
 from retnet_jax.ops import norms
-from retnet_jax.ops.gpu import skinny
+from retnet_jax.ops.gpu import skinny, skinny_nd
 
 MODEL = flags.DEFINE_string("model", "paper-1.3b", "RetNet preset whose decoding products are measured.")
 SHAPES = flags.DEFINE_string("shapes", "", "name:DxN,... measured instead of the model's (counted once).")
@@ -62,6 +67,10 @@ ROWS = flags.DEFINE_string("rows", "1,8,16", "Rows M of x (a decoding step's bat
 DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Compute dtype of x and W.")
 MAX_PLANS = flags.DEFINE_integer("max_plans", skinny.MAX_CANDIDATES, "Candidate plans per shape (0: none).")
 EXTRA_PLANS = flags.DEFINE_string("extra_plans", "", "More plans, BDxBNxSxWARPSxSTAGES,... (where they fit).")
+ND = flags.DEFINE_bool("nd", True, "Also the kernel on W stored transposed [N, D] (kernel-nd rows).")
+EXTRA_ND_PLANS = flags.DEFINE_string(
+    "extra_nd_plans", "", "More [N, D] plans, BDxBNxWARPSxSTAGES,... (where they fit)."
+)
 NORM_SHAPE = flags.DEFINE_string("norm_shape", "qkvg", "Shape of the LayerNorm prologue rows ('': none).")
 TARGET_MIB = flags.DEFINE_integer("target_mib", 256, "MiB of weight copies one timed program reads (GPU).")
 COPIES = flags.DEFINE_integer("copies", 0, "Copies L of W per program (0: from --target_mib; 2 on a CPU).")
@@ -71,17 +80,29 @@ ERROR_LIMIT = 2e-2  # bf16 outputs of sums of thousands of terms: ~4e-3 relative
 NORM_EPS = 1e-5
 
 
-def plan_label(tiles: skinny.Plan) -> str:
-    return f"{tiles.block_d}x{tiles.block_n} S{tiles.splits} w{tiles.num_warps} s{tiles.num_stages}"
+KERNELS = {"kernel": skinny, "kernel-nd": skinny_nd}  # the rows' impl → the kernel's module
 
 
-def parse_plans(text: str) -> list[skinny.Plan]:
-    plans = []
+def plan_label(tiles) -> str:
+    """BDxBN S w s ([D, N] plans) or BDxBN w s ([N, D] plans: no splits)."""
+    splits = f" S{tiles.splits}" if isinstance(tiles, skinny.Plan) else ""
+    return f"{tiles.block_d}x{tiles.block_n}{splits} w{tiles.num_warps} s{tiles.num_stages}"
+
+
+def plan_of(cfg):
+    """The row's plan as its kernel's ``Plan``, or None."""
+    return KERNELS[cfg["impl"]].Plan(*cfg["plan"]) if cfg.get("plan") else None
+
+
+def parse_plans(text: str, module=skinny, name: str = "--extra_plans") -> list:
+    plans, fields = [], len(module.Plan._fields)
+    example = "128x32x1x4x3" if module is skinny else "512x8x4x3"
     for item in bl.str_list(text):
         numbers = [int(v) for v in item.split("x")]
-        if len(numbers) != 5:
-            raise ValueError(f"--extra_plans: {item!r} is not BDxBNxSxWARPSxSTAGES (e.g. 128x32x1x4x3).")
-        plans.append(skinny.Plan(*numbers))
+        if len(numbers) != fields:
+            spelled = "BDxBNxSxWARPSxSTAGES" if module is skinny else "BDxBNxWARPSxSTAGES"
+            raise ValueError(f"{name}: {item!r} is not {spelled} (e.g. {example}).")
+        plans.append(module.Plan(*numbers))
     return plans
 
 
@@ -117,15 +138,15 @@ def copies_of(shape, dtype) -> int:
 
 
 def product_of(cfg, interpret: bool):
-    """The measured product: (x, w, *affine) → y."""
-    tiles = skinny.Plan(*cfg["plan"]) if cfg.get("plan") else None
+    """The measured product: (x, w, *affine) → y (w stored [N, D] for ``kernel-nd``)."""
+    tiles = plan_of(cfg)
     impl, norm = cfg["impl"], cfg.get("norm")
-    if impl == "kernel" and norm:
-        return lambda x, w, scale, bias: skinny.matmul(
+    if impl in KERNELS and norm:
+        return lambda x, w, scale, bias: KERNELS[impl].matmul(
             x, w, norm=norm, scale=scale, bias=bias, eps=NORM_EPS, tiles=tiles, interpret=interpret
         )
-    if impl == "kernel":
-        return lambda x, w: skinny.matmul(x, w, tiles=tiles, interpret=interpret)
+    if impl in KERNELS:
+        return lambda x, w: KERNELS[impl].matmul(x, w, tiles=tiles, interpret=interpret)
     cast = impl == "xla→f32"
 
     def xla(x, w, *affine):
@@ -153,6 +174,13 @@ class Inputs:
     def __init__(self, dtype):
         self.dtype = dtype
         self.weights: dict[str, list] = {}
+
+    def transposed(self, shape) -> list:
+        """The weight copies of ``shape`` stored [N, D] (made once, before any timing)."""
+        name = shape["name"] + "ᵀ"
+        if name not in self.weights:
+            self.weights[name] = [jnp.transpose(w).copy() for w in self.weights[shape["name"]]]
+        return self.weights[name]
 
     def get(self, shape, rows: int, norm: bool):
         copies = copies_of(shape, self.dtype)
@@ -182,6 +210,10 @@ def run_group(cfgs, inputs, interpret: bool, budget: bl.Budget) -> list[dict[str
     first = cfgs[0]
     xs, ws, affine = inputs.get(first["shape"], first["rows"], bool(first.get("norm")))
     ref = jax.jit(reference, static_argnums=3)(xs[0], ws[0], affine, first.get("norm"))
+
+    def weights(cfg):  # the same copies of W, stored [N, D] for the kernel that reads them so
+        return inputs.transposed(first["shape"]) if cfg["impl"] == "kernel-nd" else ws
+
     lowered = {}
     for i, cfg in enumerate(cfgs):
         if cfg.get("status"):
@@ -190,7 +222,8 @@ def run_group(cfgs, inputs, interpret: bool, budget: bl.Budget) -> list[dict[str
         def lower(cfg=cfg):
             start = time.perf_counter()
             program = program_of(product_of(cfg, interpret))
-            return dict(lowered=jax.jit(program).lower(xs, ws, affine), lower_s=time.perf_counter() - start)
+            lowered = jax.jit(program).lower(xs, weights(cfg), affine)
+            return dict(lowered=lowered, lower_s=time.perf_counter() - start)
 
         result = bl.guarded(lower)
         if result["status"] == "ok":
@@ -220,18 +253,20 @@ def run_group(cfgs, inputs, interpret: bool, budget: bl.Budget) -> list[dict[str
             continue
         print(f"{cfg['shape']['name']} M{cfg['rows']} {label(cfg)} ...", flush=True)
 
-        def measure(fn=item["fn"], lower_s=lowered[i]["lower_s"], compile_s=item["compile_s"]):
-            error = bl.rel_error(fn(xs, ws, affine)[0], ref)
-            timing = bl.time_calls(lambda: fn(xs, ws, affine))
+        w = weights(cfg)
+
+        def measure(fn=item["fn"], lower_s=lowered[i]["lower_s"], compile_s=item["compile_s"], w=w):
+            error = bl.rel_error(fn(xs, w, affine)[0], ref)
+            timing = bl.time_calls(lambda: fn(xs, w, affine))
             compile_s = lower_s + compile_s
-            return dict(copies=len(ws), timing=timing.to_dict(), error=error, compile_s=compile_s)
+            return dict(copies=len(w), timing=timing.to_dict(), error=error, compile_s=compile_s)
 
         cfgs[i] = {**cfg, **bl.guarded(measure)}
     return cfgs
 
 
 def label(cfg) -> str:
-    text = cfg["impl"] if not cfg.get("plan") else f"kernel {plan_label(skinny.Plan(*cfg['plan']))}"
+    text = cfg["impl"] if not cfg.get("plan") else f"{cfg['impl']} {plan_label(plan_of(cfg))}"
     text += " (default)" if cfg.get("default") else ""
     return f"{cfg['norm']} + {text}" if cfg.get("norm") else text
 
@@ -248,25 +283,34 @@ def derive(row, ceilings, dtype) -> None:
     )
 
 
+def kernel_configs(impl: str, shape, rows: int, dtype) -> list[dict[str, Any]]:
+    """One layout's kernel rows: the default plan, candidates, extra plans (or why none)."""
+    module = KERNELS[impl]
+    base = dict(shape=shape, rows=rows, impl=impl)
+    reason = module.plan(rows, shape["d"], shape["n"], dtype)
+    if isinstance(reason, str):
+        return [dict(base, status="n/a", error=reason)]
+    listed = module.candidates(rows, shape["d"], shape["n"], dtype)[: 1 + MAX_PLANS.value]
+    extra = EXTRA_PLANS if impl == "kernel" else EXTRA_ND_PLANS
+    for tiles in parse_plans(extra.value, module, f"--{extra.name}"):
+        if module.check(tiles, rows, shape["d"], shape["n"], dtype) is None and tiles not in listed:
+            listed.append(tiles)
+    return [dict(base, plan=list(p), default=i == 0) for i, p in enumerate(listed)]
+
+
 def plain_configs(shape, rows: int, dtype) -> list[dict[str, Any]]:
     base = dict(shape=shape, rows=rows)
     cfgs = [dict(base, impl="xla"), dict(base, impl="xla→f32")]
-    reason = skinny.plan(rows, shape["d"], shape["n"], dtype)
-    if isinstance(reason, str):
-        return cfgs + [dict(base, impl="kernel", status="n/a", error=reason)]
-    listed = skinny.candidates(rows, shape["d"], shape["n"], dtype)[: 1 + MAX_PLANS.value]
-    for tiles in parse_plans(EXTRA_PLANS.value):
-        if skinny.check(tiles, rows, shape["d"], shape["n"], dtype) is None and tiles not in listed:
-            listed.append(tiles)
-    return cfgs + [dict(base, impl="kernel", plan=list(p), default=i == 0) for i, p in enumerate(listed)]
+    cfgs += kernel_configs("kernel", shape, rows, dtype)
+    return cfgs + (kernel_configs("kernel-nd", shape, rows, dtype) if ND.value else [])
 
 
-def best_kernel(rows_done, norm=None):
-    """The fastest kernel row whose output checked out, or None."""
+def best_kernel(rows_done, norm=None, impl="kernel"):
+    """The fastest row of kernel ``impl`` whose output checked out, or None."""
     good = [
         r
         for r in rows_done
-        if r["impl"] == "kernel"
+        if r["impl"] == impl
         and r.get("status") == "ok"
         and r.get("norm") == norm
         and r["error"] < ERROR_LIMIT
@@ -276,14 +320,16 @@ def best_kernel(rows_done, norm=None):
 
 def norm_configs(shape, rows: int, plain) -> list[dict[str, Any]]:
     base = dict(shape=shape, rows=rows, norm="layernorm")
-    default = next((r for r in plain if r.get("default")), None)
-    if default is None:
-        return []
-    cfgs = [dict(base, impl="xla"), dict(base, impl="kernel", plan=default["plan"], default=True)]
-    best = best_kernel(plain)
-    if best is not None and best["plan"] != default["plan"]:
-        cfgs.append(dict(base, impl="kernel", plan=best["plan"]))
-    return cfgs
+    cfgs = [dict(base, impl="xla")]
+    for impl in KERNELS:
+        default = next((r for r in plain if r.get("default") and r["impl"] == impl), None)
+        if default is None:
+            continue
+        cfgs.append(dict(base, impl=impl, plan=default["plan"], default=True))
+        best = best_kernel(plain, impl=impl)
+        if best is not None and best["plan"] != default["plan"]:
+            cfgs.append(dict(base, impl=impl, plan=best["plan"]))
+    return cfgs if len(cfgs) > 1 else []
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -298,26 +344,27 @@ def summaries(rows, shape_list) -> tuple[list[dict], list[dict]]:
     """(best plan per shape and rows, one decoding step's products per rows)."""
     best, step = [], []
     for m in dict.fromkeys(r["rows"] for r in rows):
-        totals = dict(xla=0.0, default=0.0, best=0.0, bytes=0, complete=True)
+        totals = dict(xla=0.0, default=0.0, best=0.0, nd_default=0.0, nd_best=0.0, bytes=0, complete=True)
         for shape in shape_list:
             here = [r for r in rows if r["rows"] == m and r["shape"] is shape and not r.get("norm")]
-            times = {r["impl"]: r.get("us") for r in here if r["impl"] != "kernel"}
-            default = next((r for r in here if r.get("default")), None)
-            fastest = best_kernel(here)
-            entry = dict(
-                shape=shape,
-                rows=m,
-                xla=times.get("xla"),
-                xla_f32=times.get("xla→f32"),
-                default=default.get("us") if default else None,
-                default_plan=default and default.get("plan"),
-                best=fastest and fastest["us"],
-                best_plan=fastest and fastest["plan"],
-                best_x_floor=fastest and fastest["x_floor"],
-            )
+            times = {r["impl"]: r.get("us") for r in here if r["impl"] not in KERNELS}
+            entry = dict(shape=shape, rows=m, xla=times.get("xla"), xla_f32=times.get("xla→f32"))
+            for impl, prefix in (("kernel", ""), ("kernel-nd", "nd_")):
+                default = next((r for r in here if r.get("default") and r["impl"] == impl), None)
+                fastest = best_kernel(here, impl=impl)
+                entry.update(
+                    {
+                        f"{prefix}default": default.get("us") if default else None,
+                        f"{prefix}default_plan": default and default.get("plan"),
+                        f"{prefix}best": fastest and fastest["us"],
+                        f"{prefix}best_plan": fastest and fastest["plan"],
+                        f"{prefix}best_x_floor": fastest and fastest["x_floor"],
+                    }
+                )
             best.append(entry)
             xla = entry["xla_f32"] if shape["name"] == "head" else entry["xla"]
-            for key, value in (("xla", xla), ("default", entry["default"]), ("best", entry["best"])):
+            keys = ("default", "best") + (("nd_default", "nd_best") if ND.value else ())
+            for key, value in (("xla", xla), *((k, entry[k]) for k in keys)):
                 if value is None:
                     totals["complete"] = False
                 else:
@@ -331,8 +378,11 @@ def write(report, rows, device, ceilings, shape_list, dtype) -> str:
     best, step = summaries(rows, shape_list)
     itemsize = jnp.dtype(dtype).itemsize
 
-    def plan_cell(plan):
-        return plan_label(skinny.Plan(*plan)) if plan else "–"
+    def plan_cell(plan, module=skinny):
+        return plan_label(module.Plan(*plan)) if plan else "–"
+
+    def nd_plan_cell(plan):
+        return plan_cell(plan, skinny_nd)
 
     def size(row):
         return f"{row['shape']['d']}×{row['shape']['n']}"
@@ -352,7 +402,19 @@ def write(report, rows, device, ceilings, shape_list, dtype) -> str:
             ("best × floor", lambda r: br.fmt(r["best_x_floor"], spec=".2f")),
             ("default / xla", lambda r: _ratio(r["default"], r["xla"])),
             ("best / xla", lambda r: _ratio(r["best"], r["xla"])),
-        ],
+        ]
+        + (
+            [
+                ("[N, D] default plan", lambda r: nd_plan_cell(r["nd_default_plan"])),
+                ("[N, D] default µs", lambda r: br.fmt(r["nd_default"])),
+                ("[N, D] best plan", lambda r: nd_plan_cell(r["nd_best_plan"])),
+                ("[N, D] best µs", lambda r: br.fmt(r["nd_best"])),
+                ("[N, D] best × floor", lambda r: br.fmt(r["nd_best_x_floor"], spec=".2f")),
+                ("[N, D] best / xla", lambda r: _ratio(r["nd_best"], r["xla"])),
+            ]
+            if ND.value
+            else []
+        ),
     )
     sections = [br.ceilings_markdown(device, ceilings), "## Best plan per shape and rows", best_table]
     if not SHAPES.value:
@@ -369,8 +431,18 @@ def write(report, rows, device, ceilings, shape_list, dtype) -> str:
                 ("xla × floor", lambda r: _ratio(r["xla"], floor(r))),
                 ("default × floor", lambda r: _ratio(r["default"], floor(r))),
                 ("best × floor", lambda r: _ratio(r["best"], floor(r))),
-                ("complete", lambda r: "yes" if r["complete"] else "no (a shape missing)"),
-            ],
+            ]
+            + (
+                [
+                    ("[N, D] default µs", lambda r: br.fmt(r["nd_default"] or None)),
+                    ("[N, D] best µs", lambda r: br.fmt(r["nd_best"] or None)),
+                    ("[N, D] default × floor", lambda r: _ratio(r["nd_default"], floor(r))),
+                    ("[N, D] best × floor", lambda r: _ratio(r["nd_best"], floor(r))),
+                ]
+                if ND.value
+                else []
+            )
+            + [("complete", lambda r: "yes" if r["complete"] else "no (a shape missing)")],
         )
         sections += [f"## One decoding step's products ({MODEL.value}, products only)", step_table]
     normed = [r for r in rows if r.get("norm")]
@@ -398,8 +470,15 @@ def plot(best, shape_list, path: str) -> None:
     fig, axes = br.figure(1, len(shape_list))
     for ax, shape in zip(axes[0], shape_list, strict=True):
         here = [b for b in best if b["shape"] is shape]
-        for key, name in (("xla", "XLA"), ("default", "kernel, default plan"), ("best", "kernel, best plan")):
-            points = [(b["rows"], b[key]) for b in here if b[key]]
+        lines = (
+            ("xla", "XLA"),
+            ("default", "kernel [D, N], default plan"),
+            ("best", "kernel [D, N], best plan"),
+            ("nd_default", "kernel [N, D], default plan"),
+            ("nd_best", "kernel [N, D], best plan"),
+        )
+        for key, name in lines:
+            points = [(b["rows"], b[key]) for b in here if b.get(key)]
             if points:
                 ax.plot(*zip(*points, strict=True), marker="o", label=name)
         ax.set_xticks(sorted({b["rows"] for b in here}))

@@ -78,9 +78,12 @@ def decode_model(arch: str, model_name: str, dtype: str):
     may end in @IMPL, @IMPL/PROJ or @IMPL/PROJ/LAYOUT: a RetNet's retention implementation (xla, pallas
     or auto: the decode kernel or not), either model's ``projections`` (xla, pallas or auto: the few-row
     kernel or not), both auto by default, and the loop's weights: by default per-layer copies with the
-    mixer's input projections joined into one (``LMDecoder`` as ``generate`` runs it); ``stacked``: the
-    layer-stacked weights (``LMDecoder(unstack_layers=False)``); ``separate``: per-layer copies with the
-    input projections apart (``LMDecoder(fuse_projections=False)``)."""
+    mixer's input projections joined into one and the kernels stored transposed where the projections
+    may run the few-row kernel (``LMDecoder`` as ``generate`` runs it); LAYOUT is one or more of these
+    joined by "+": ``stacked``: the layer-stacked weights (``LMDecoder(unstack_layers=False)``);
+    ``separate``: per-layer copies with the input projections apart (``LMDecoder(fuse_projections=False)``);
+    ``dn``: the copies' kernels kept [D, N], ``nd``: stored [N, D] whatever the projections
+    (``LMDecoder(transpose_kernels=False / True)``)."""
     import flax.linen as nn
 
     from retnet_jax.inference.decoding import LMDecoder
@@ -101,8 +104,14 @@ def decode_model(arch: str, model_name: str, dtype: str):
         model = DecoderLM(TransformerConfig.matching(cfg), projections=projections)
     tokens = jnp.zeros((1, 8), jnp.int32)
     variables = jax.jit(lambda key: nn.unbox(model.init(key, tokens)))(jax.random.key(0))
+    layout = set(layout.split("+")) if layout else set()
+    transpose = True if "nd" in layout else False if "dn" in layout else None
     decoder = LMDecoder(
-        model, "chunkwise", unstack_layers=layout != "stacked", fuse_projections=layout != "separate"
+        model,
+        "chunkwise",
+        unstack_layers="stacked" not in layout,
+        fuse_projections="separate" not in layout,
+        transpose_kernels=transpose,
     )
     return model, decoder, variables
 
@@ -160,7 +169,7 @@ def decode_program(decoder, steps: int):
     from retnet_jax.inference.decoding import prepare
 
     def decode(variables, token, state):
-        variables = prepare(decoder, variables)
+        variables = prepare(decoder, variables, token.shape[0])
 
         def body(_, carry):
             token, state = carry

@@ -116,7 +116,8 @@ def test_training(tmp_path):
 
 
 def test_inference_decode_impls(tmp_path):
-    """--decode_impls times the RetNet decoding rows once per retention implementation, labelled."""
+    """--decode_impls times the RetNet decoding rows once per retention implementation and weights' layout
+    (here XLA's products on kernels stored [N, D], and on [D, N] kernels apart), labelled."""
     cmd = [
         sys.executable,
         "-m",
@@ -129,7 +130,7 @@ def test_inference_decode_impls(tmp_path):
         "--batches=1",
         "--batch_context=32",
         "--decode_steps=2",
-        "--decode_impls=xla,pallas",
+        "--decode_impls=xla,pallas,xla/xla/nd,xla/xla/separate+dn",
         "--hlo=false",
         "--plots=false",
         "--in_process",
@@ -140,7 +141,8 @@ def test_inference_decode_impls(tmp_path):
     with open(os.path.join(tmp_path, stem + ".json")) as f:
         rows = json.load(f)["rows"]
     ran = {(r["arch"], r["status"]) for r in rows if r["kind"] == "decode"}
-    assert ran == {("retnet", "ok"), ("retnet@xla", "ok"), ("retnet@pallas", "ok")}, ran
+    labels = ("retnet", "retnet@xla", "retnet@pallas", "retnet@xla/xla/nd", "retnet@xla/xla/separate+dn")
+    assert ran == {(label, "ok") for label in labels}, ran
 
 
 def test_inference(tmp_path):
@@ -277,16 +279,21 @@ def test_the_timed_decode_loop_reads_no_slice_of_the_stacked_weights():
 
 
 def test_products(tmp_path):
-    """XLA's product, the kernel's default plan and a candidate (interpreted), and the LayerNorm prologue
-    against XLA's norm, all equal to the float32 product to bf16 rounding; the summary names a best plan."""
+    """XLA's product, the kernel's default plan and a candidate (interpreted) on W [D, N] and on W stored
+    [N, D], and the LayerNorm prologue against XLA's norm, all equal to the float32 product to bf16
+    rounding; the summary names a best plan for each layout."""
     results, text = run("bench_products", tmp_path)
     rows = results["rows"]
     assert [r["status"] for r in rows] == ["ok"] * len(rows), rows
     assert all(r["error"] < 2e-2 for r in rows)
     kernels = [r for r in rows if r["impl"] == "kernel" and not r.get("norm")]
     assert len(kernels) == 2 and kernels[0]["default"] and kernels[0]["plan"] != kernels[1]["plan"]
-    assert {r["impl"] for r in rows if r.get("norm")} == {"xla", "kernel"}
-    assert results["best"][0]["best_plan"] is not None and "## Best plan per shape and rows" in text
+    nd = [r for r in rows if r["impl"] == "kernel-nd" and not r.get("norm")]  # the [N, D] layout's rows
+    assert len(nd) == 2 and nd[0]["default"] and nd[0]["plan"] != nd[1]["plan"] and len(nd[0]["plan"]) == 4
+    assert {r["impl"] for r in rows if r.get("norm")} == {"xla", "kernel", "kernel-nd"}
+    best = results["best"][0]
+    assert best["best_plan"] is not None and best["nd_best_plan"] is not None
+    assert "## Best plan per shape and rows" in text and "[N, D] best µs" in text
 
 
 def test_backends(tmp_path):

@@ -33,11 +33,13 @@ DECODE_IMPLS = flags.DEFINE_list(
     "Also time each arch's decoding rows (the length, batch and state parts) with these implementations "
     "side by side: IMPL, IMPL/PROJ or IMPL/PROJ/LAYOUT, IMPL and PROJ each xla, pallas or auto: a "
     "RetNet's retention step (pallas: the fused decode kernel) and the projections (pallas: the few-row "
-    "kernel); LAYOUT 'stacked': the loop reads the layer-stacked weights instead of per-layer copies, "
-    "'separate': per-layer copies with the mixer's input projections apart (the default joins q, k, v, "
-    "g into one product a layer: LMDecoder.fuse_projections). Rows "
+    "kernel); LAYOUT one or more of these joined by '+': 'stacked': the loop reads the layer-stacked "
+    "weights instead of per-layer copies, 'separate': per-layer copies with the mixer's input projections "
+    "apart (the default joins q, k, v, g into one product a layer: LMDecoder.fuse_projections), 'dn': the "
+    "copies' kernels kept [D, N], 'nd': stored transposed [N, D] (LMDecoder.transpose_kernels; the default "
+    "transposes them where PROJ may run the few-row kernel). Rows "
     "labelled ARCH@ENTRY (the arch's own rows run 'auto'; a Transformer takes only entries with /PROJ). "
-    "E.g. --decode_impls=xla,pallas/xla,pallas/pallas,auto/auto/stacked.",
+    "E.g. --decode_impls=xla,pallas/xla,pallas/pallas,pallas/pallas/dn,auto/auto/stacked.",
 )
 MODEL = flags.DEFINE_string("model", "paper-1.3b", "Model preset (RetNetConfig.preset); tiny on a CPU.")
 RUN_PANELS = flags.DEFINE_list("panels", list(PANELS), f"Parts, run in this order: {', '.join(PANELS)}.")
@@ -65,6 +67,9 @@ HLO = flags.DEFINE_bool("hlo", True, "Write the compiled decoding programs' HLO 
 
 flags.FLAGS.set_default("repeats", 5)
 flags.FLAGS.set_default("time_budget_s", 480.0)
+
+
+LAYOUTS = ("stacked", "separate", "dn", "nd")  # the loop's weights (--decode_impls' LAYOUT)
 
 
 def is_retnet(arch: str) -> bool:
@@ -159,14 +164,18 @@ def plan_groups() -> list[dict[str, Any]]:
         for impl in DECODE_IMPLS.value:
             parts = impl.split("/")
             kernels, layout = parts[:2], parts[2:]
+            options = layout[0].split("+") if layout else []
             if (
                 len(parts) > 3
                 or any(p not in ("xla", "pallas", "auto") for p in kernels)
-                or layout not in ([], ["stacked"], ["separate"])
+                or any(o not in LAYOUTS for o in options)
+                or len(set(options)) < len(options)
+                or {"dn", "nd"} <= set(options)
             ):
                 raise ValueError(
                     f"--decode_impls: unknown {impl!r}; IMPL, IMPL/PROJ or IMPL/PROJ/LAYOUT, IMPL and "
-                    "PROJ each xla, pallas or auto, LAYOUT stacked or separate."
+                    f"PROJ each xla, pallas or auto, LAYOUT one or more of {', '.join(LAYOUTS)} joined by "
+                    "'+' (dn or nd, not both)."
                 )
             if not is_retnet(arch) and len(parts) == 1:
                 continue  # a Transformer has no retention step to vary

@@ -220,7 +220,7 @@ def _decode(decoder, width, pad_id, variables, rows: _Rows, base_key, exit_free)
     Returns (rows, tokens [R, width] (row b's new tokens in its first columns, pad_id after), steps).
     """
     batch = rows.token.shape[0]
-    variables = decoding.prepare(decoder, variables)  # once, before the loop
+    variables = decoding.prepare(decoder, variables, batch)  # once, before the loop
 
     def cond(loop):
         step, rows, _ = loop

@@ -20,9 +20,10 @@ from typing import Any, NamedTuple, Protocol
 import jax
 import jax.numpy as jnp
 
-from retnet_jax.models.lm import MODES, DecoderLM, decode_step, fuse_input_projections
+from retnet_jax.models.lm import MODES, DecoderLM, decode_step, fuse_input_projections, transpose_projections
 from retnet_jax.models.lm import prefill as stateless_prefill
 from retnet_jax.models.state import KVCache
+from retnet_jax.ops import products
 
 __all__ = [
     "Buffers",
@@ -57,11 +58,12 @@ class Decoder(Protocol):
         are the model's or what ``prepare`` made of them."""
 
 
-def prepare(decoder: Decoder, variables):
-    """The variables the loop's steps take: ``decoder.prepare(variables)`` where the decoder has one
-    (run once per loop, before it), else the variables as they are."""
+def prepare(decoder: Decoder, variables, rows: int | None = None):
+    """The variables the loop's steps take: ``decoder.prepare(variables, rows)`` where the decoder has one
+    (run once per loop, before it; ``rows``: the loop's batch, None if unknown), else the variables as
+    they are."""
     method = getattr(decoder, "prepare", None)
-    return variables if method is None else method(variables)
+    return variables if method is None else method(variables, rows)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +90,16 @@ class LMDecoder:
             ``fused_projections``: one product for them a layer, where the separate projections took one
             each (with the few-row kernel, each is a kernel and a sum of its partials). The copy costs
             no more memory than the unstacked one. False keeps them apart.
+        transpose_kernels: where ``prepare`` copies the layers out, each layer's projection kernels are
+            stored transposed, [N, D] with D contiguous (``models.lm.transpose_projections``): the
+            few-row kernel then reads whole rows of Wᵀ (``ops.gpu.skinny_nd``) and makes each product in
+            one kernel at any N, bias, activation and residual included, where [D, N] at one row splits D
+            and leaves XLA a sum of float32 partials and the epilogue (two more kernels a product). XLA's
+            products take the transposed kernels too (at more rows than the kernel takes). None (the
+            default): on where the model's ``projections`` run the kernel at the loop's batch
+            (``ops.products.kernel_rows``: "pallas" up to 16 rows, "auto" on one GPU up to the rows it
+            was measured faster at; with the batch unknown, wherever they may run it);
+            the copy costs no more memory than the unstacked one.
     """
 
     model: DecoderLM
@@ -96,6 +108,7 @@ class LMDecoder:
     state_dtype: str | None = None
     unstack_layers: bool = True
     fuse_projections: bool = True
+    transpose_kernels: bool | None = None
 
     def __post_init__(self):
         if self.prefill_mode not in MODES:
@@ -147,14 +160,30 @@ class LMDecoder:
         _, cache = stateless_prefill(self.model, variables, aligned, max_length=state.max_length)
         return cache._replace(position=(length - pads).astype(state.position.dtype))
 
-    def prepare(self, variables):
+    @property
+    def transposes_kernels(self) -> bool:
+        """Whether ``prepare`` stores the layers' kernels transposed for a loop of unknown batch."""
+        return self.transposes_for(None)
+
+    def transposes_for(self, rows: int | None) -> bool:
+        """Whether ``prepare`` stores the layers' kernels transposed for a loop of ``rows`` rows
+        (``transpose_kernels`` resolved)."""
+        if self.transpose_kernels is None:
+            most = products.kernel_rows(self.model.projections)
+            return most > 0 and (rows is None or rows <= most)
+        return self.transpose_kernels
+
+    def prepare(self, variables, rows: int | None = None):
         """Each layer's parameters as arrays of their own (``unstack_layers``), its mixer's input
-        projections joined (``fuse_projections``), else the variables."""
+        projections joined (``fuse_projections``), its kernels transposed (``transpose_kernels``), else
+        the variables."""
         if not (self.unstack_layers and self.model.scan_layers):
             return variables
         prepared = unstack_layers(variables, self.model.config.num_layers)
         if self.fuse_projections and not self.model.fused_projections:
             prepared = fuse_input_projections(self.model.config, prepared)
+        if self.transposes_for(rows):
+            prepared = transpose_projections(self.model.config, prepared)
         # The barrier keeps XLA from moving the slices (and joins) back into the loop that takes the copies.
         return jax.lax.optimization_barrier(prepared)
 
@@ -272,7 +301,7 @@ def _loop(
 ):
     """Emits tokens until index == limit or every row is done, token i into column i − offset; each
     iteration is one decoder step."""
-    variables = prepare(decoder, variables)  # once, before the loop
+    variables = prepare(decoder, variables, carry.token.shape[0])  # once, before the loop
 
     def cond(loop):
         carry, _ = loop

@@ -34,7 +34,7 @@ from retnet_jax.nn.axes import ACTIVATION_AXES, LAYERS
 from retnet_jax.nn.embedding import embed_tokens, output_logits
 from retnet_jax.nn.feedforward import FeedForward
 from retnet_jax.nn.norms import Norm
-from retnet_jax.nn.projection import fuse_projections
+from retnet_jax.nn.projection import fuse_projections, transpose_kernel
 from retnet_jax.nn.retention import MODES
 from retnet_jax.ops import products
 from retnet_jax.ops.documents import check_segment_ids, document_positions
@@ -49,6 +49,7 @@ __all__ = [
     "decode_step",
     "fuse_input_projections",
     "prefill",
+    "transpose_projections",
 ]
 
 
@@ -326,6 +327,40 @@ def fuse_input_projections(config: ModelConfig, variables):
         block[config.mixer_name] = fuse_projections(
             block[config.mixer_name], mixer.INPUT_PROJECTIONS, mixer.FUSED_PROJECTION
         )
+        params[scope] = block
+    return {**variables, "params": params}
+
+
+OUTPUT_PROJECTION = "out_proj"  # every mixer's output projection, [H, V] (or [H, K]) → D
+FFN_PROJECTIONS = ("fc1", "gate", "fc2")  # the FFN's (gate with a GLU only), [D] → F and [F] → D
+
+
+def transpose_projections(config: ModelConfig, variables):
+    """The variables with every block's projection kernels stored transposed (``nn.projection.
+    transpose_kernel``: ``kernel_transposed`` [*out, *in] in place of ``kernel`` [*in, *out]), as the
+    few-row kernel reads them best at a decoding step's rows (``ops.gpu.skinny_nd``); the same model
+    takes them (its projections use the transposed kernel where they find one). For a decoding loop's
+    copy of the weights only: the model's parameters, its training and its checkpoints keep ``kernel``.
+
+    Blocks are the scanned stack ``layers`` (leaves [L, ...]) or ``layers_0`` …; the mixer's input
+    projections (separate or joined) and the FFN's contract their one input axis, the mixer's
+    ``out_proj`` all of its axes but the last (D). Embedding, norms and head are left as they are.
+    """
+    mixer = config.mixer()
+    inputs = (*mixer.INPUT_PROJECTIONS, mixer.FUSED_PROJECTION)
+    params = dict(variables["params"])
+    for scope in [scope for scope in params if scope == "layers" or scope.startswith("layers_")]:
+        lead = 1 if scope == "layers" else 0
+        block = dict(params[scope])
+        for sublayer, names in ((config.mixer_name, (*inputs, OUTPUT_PROJECTION)), ("ffn", FFN_PROJECTIONS)):
+            layer = dict(block[sublayer])
+            for name in names:
+                if name not in layer or "kernel" not in layer[name]:
+                    continue
+                rank = nn.unbox(layer[name]["kernel"]).ndim - lead
+                in_axes = rank - 1 if name == OUTPUT_PROJECTION else 1
+                layer[name] = transpose_kernel(layer[name], in_axes, lead)
+            block[sublayer] = layer
         params[scope] = block
     return {**variables, "params": params}
 

@@ -4,7 +4,9 @@ The activation runs in float32. Init follows torch's nn.Linear default, U(±1/sq
 
 Where the first layer runs the few-row kernel (a decoding step), the layers are ``Projection``s with the
 same parameters, so that the kernel's epilogue takes fc1's bias and activation and fc2's bias and the
-block's residual (``residual=``): no XLA kernel between the products.
+block's residual (``residual=``): no XLA kernel between the products. A decoding loop's prepared
+variables, whose kernels are stored transposed (``nn.projection.TRANSPOSED_KERNEL``), take that path too,
+whatever the rows (``Projection`` contracts them with XLA where the kernel does not run).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from retnet_jax.nn.axes import BATCH, EMBED, LENGTH, MLP, partitioned
-from retnet_jax.nn.projection import Projection
+from retnet_jax.nn.projection import Projection, holds_transposed
 from retnet_jax.nn.remat import name_projection
 from retnet_jax.ops import products
 from retnet_jax.ops.norms import Normed
@@ -47,7 +49,9 @@ class FeedForward(nn.Module):
     def __call__(self, x, residual=None):
         """x [B, T, D], or the block norm of it not yet computed (``ops.norms.Normed``) → [B, T, D];
         residual + that where ``residual`` [B, T, D] is given (in fc2's epilogue where the kernel runs)."""
-        if products.runs_kernel(self.implementation, x, self.ffn_dim, self.dtype):
+        # Kernels stored transposed (a decoding loop's prepared variables) are Projections' only.
+        kernel = products.runs_kernel(self.implementation, x, self.ffn_dim, self.dtype)
+        if kernel or holds_transposed(self, "fc1"):
             return self._through_kernel(x, residual)
 
         def dense(features, names, name):
@@ -87,7 +91,9 @@ class FeedForward(nn.Module):
 
     def _through_kernel(self, x, residual):
         """The FFN through the few-row kernel: fc1's bias and activation, fc2's bias and the residual in
-        the epilogues (float32, one cast each); the parameters are the ``Dense`` layers'."""
+        the epilogues (float32, one cast each); the parameters are the ``Dense`` layers' (or the same
+        stored transposed). Where the kernel does not run, each ``Projection`` computes what ``Dense``
+        does: the bias in the compute dtype, the activation in float32."""
 
         def projection(features, in_name, out_name, name):
             return Projection(

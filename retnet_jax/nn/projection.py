@@ -6,13 +6,19 @@ logical-axis sharding constraints applied at creation under a mesh. Here the ker
 
 ``FusedProjection`` is several projections of the same x as one kernel (a decoding step's q, k, v, g in
 one product); ``fuse_projections`` makes its parameters from theirs.
+
+A decoding loop may hand either one its kernel stored transposed, [*features, *in] (outputs first: Wᵀ
+[N, D] once flattened), as the parameter ``kernel_transposed`` (``TRANSPOSED_KERNEL``) in place of
+``kernel``: ``transpose_kernel`` makes it, and only ``inference.decoding.LMDecoder.prepare`` does (the
+few-row kernel then reads Wᵀ along D, ``ops.gpu.skinny_nd``). A module whose scope holds it uses it; XLA's
+product contracts its trailing axes. Nothing creates it: ``init`` makes ``kernel``, and training and
+checkpoints see only that.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-import string
 from collections.abc import Callable, Sequence
 
 import flax.linen as nn
@@ -22,6 +28,8 @@ import jax.numpy as jnp
 from retnet_jax.nn.axes import partitioned
 from retnet_jax.ops import products
 from retnet_jax.ops.norms import Normed
+
+TRANSPOSED_KERNEL = "kernel_transposed"  # a projection's kernel as [*features, *in] (decoding loops only)
 
 
 class Projection(nn.Module):
@@ -64,40 +72,41 @@ class Projection(nn.Module):
         Where the call runs the few-row kernel, the bias, activation and residual are its epilogue (on the
         float32 accumulator, one cast); elsewhere XLA adds the bias in the compute dtype as without them.
         """
-        n_in, n_out = len(self.in_names), len(self.features)
+        n_in = len(self.in_names)
         in_shape = x.shape[x.ndim - n_in :]
         in_axes = tuple(range(n_in))
-        out_axes = tuple(range(n_in, n_in + n_out))
-        init = self.kernel_init or nn.initializers.variance_scaling(
-            self.init_scale, self.init_mode, self.init_distribution, in_axis=in_axes, out_axis=out_axes
-        )
-        kernel = self.param(
-            "kernel",
-            partitioned(init, *self.in_names, *self.out_names),
-            (*in_shape, *self.features),
-            self.param_dtype,
-        )
+        out_axes = tuple(range(n_in, n_in + len(self.features)))
+        transposed = self.has_variable("params", TRANSPOSED_KERNEL)
+        if transposed:  # a decoding loop's prepared kernel, [*features, *in]
+            kernel = _transposed_kernel(self, (*self.features, *in_shape))
+        else:
+            init = self.kernel_init or nn.initializers.variance_scaling(
+                self.init_scale, self.init_mode, self.init_distribution, in_axis=in_axes, out_axis=out_axes
+            )
+            kernel = self.param(
+                "kernel",
+                partitioned(init, *self.in_names, *self.out_names),
+                (*in_shape, *self.features),
+                self.param_dtype,
+            )
         n = math.prod(self.features)
+        layout = dict(transposed=transposed)
         if isinstance(x, Normed):  # the block norm, left to the kernel's prologue if this call runs it
-            if n_in == 1 and products.fuses_norm(self.implementation, x, n, self.dtype):
-                return self._through_kernel(x, kernel.astype(self.dtype), n_in, activation, residual)
+            if n_in == 1 and products.fuses_norm(self.implementation, x, n, self.dtype, **layout):
+                kernel = kernel.astype(self.dtype)
+                return self._through_kernel(x, kernel, n_in, activation, residual, transposed)
             x = x.materialize()
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         rows, d = math.prod(x.shape[: x.ndim - n_in]), math.prod(in_shape)
-        if products.uses_kernel(self.implementation, rows, d, n, x.dtype):
-            return self._through_kernel(x, kernel, n_in, activation, residual)
-        letters = string.ascii_lowercase
-        batch = letters[: x.ndim - n_in]
-        contracted = letters[x.ndim - n_in : x.ndim]
-        produced = letters[x.ndim : x.ndim + n_out]
-        y = jnp.einsum(f"{batch}{contracted},{contracted}{produced}->{batch}{produced}", x, kernel)
-        y = self._bias(y)
+        if products.uses_kernel(self.implementation, rows, d, n, x.dtype, **layout):
+            return self._through_kernel(x, kernel, n_in, activation, residual, transposed)
+        y = self._bias(products.contract(x, kernel, n_in, **layout))
         if activation is not None:  # as the FFN applies it: in float32, then the compute dtype
             y = products.ACTIVATIONS[activation](y.astype(jnp.promote_types(y.dtype, jnp.float32)))
             y = y.astype(self.dtype)
         return y if residual is None else residual + y
 
-    def _through_kernel(self, x, kernel, n_in: int, activation, residual):
+    def _through_kernel(self, x, kernel, n_in: int, activation, residual, transposed: bool):
         """The few-row kernel with the bias, activation and residual in its epilogue (float32, one cast)."""
         bias = self._bias_param() if self.use_bias else None
         return products.project(
@@ -108,6 +117,7 @@ class Projection(nn.Module):
             bias=bias,
             activation=activation,
             residual=residual,
+            transposed=transposed,
         )
 
     def _bias_param(self):
@@ -169,8 +179,12 @@ class FusedProjection(nn.Module):
             return jnp.concatenate(blocks, axis=-1)
 
         shape = (*in_shape, *lead, sum(widths))
-        kernel_init = partitioned(init, *self.in_names, *self.out_names)
-        kernel = self.param("kernel", kernel_init, shape, self.param_dtype)
+        transposed = self.has_variable("params", TRANSPOSED_KERNEL)
+        if transposed:  # a decoding loop's prepared kernel, [*lead, ΣWᵢ, *in]
+            kernel = _transposed_kernel(self, (*lead, sum(widths), *in_shape))
+        else:
+            kernel_init = partitioned(init, *self.in_names, *self.out_names)
+            kernel = self.param("kernel", kernel_init, shape, self.param_dtype)
         if not isinstance(x, Normed):  # a block norm not yet computed: ``project`` fuses or computes it
             x = x.astype(self.dtype)
         bias = None
@@ -179,10 +193,13 @@ class FusedProjection(nn.Module):
             bias = self.param("bias", bias_init, (*lead, sum(widths)), self.param_dtype)
         # The bias in the few-row kernel's epilogue where it runs; else added by XLA as without it.
         n = math.prod(shape[n_in:])
-        fused = bias is not None and products.runs_kernel(self.implementation, x, n, self.dtype)
+        layout = dict(transposed=transposed)
+        fused = bias is not None and products.runs_kernel(self.implementation, x, n, self.dtype, **layout)
         kernel = kernel.astype(self.dtype)
         implementation = self.implementation
-        y = products.project(x, kernel, n_in, implementation=implementation, bias=bias if fused else None)
+        y = products.project(
+            x, kernel, n_in, implementation=implementation, bias=bias if fused else None, **layout
+        )
         if bias is not None and not fused:
             y = y + bias.astype(self.dtype)
         return tuple(jnp.split(y, list(itertools.accumulate(widths))[:-1], axis=-1))
@@ -209,3 +226,43 @@ def fuse_projections(params, names: Sequence[str], fused: str):
     }
     rest = {key: value for key, value in params.items() if key not in names}
     return {**rest, fused: joined}
+
+
+def _transposed_kernel(module: nn.Module, shape: tuple[int, ...]):
+    """The module's ``kernel_transposed``, checked against the [*out, *in] its input and features give."""
+    kernel = nn.unbox(module.get_variable("params", TRANSPOSED_KERNEL))
+    if kernel.shape != shape:
+        raise ValueError(
+            f"{type(module).__name__} {module.name}: {TRANSPOSED_KERNEL} has shape {kernel.shape}; its input "
+            f"and features make it {shape} ([*features, *in])."
+        )
+    return kernel
+
+
+def holds_transposed(module: nn.Module, name: str) -> bool:
+    """Whether ``module``'s child projection ``name`` has its kernel stored transposed (a decoding loop's
+    prepared variables)."""
+    child = module.variables.get("params", {}).get(name, {})
+    return TRANSPOSED_KERNEL in child
+
+
+def transpose_kernel(params, in_axes: int, lead: int = 0):
+    """A projection's parameters with its kernel stored transposed: ``kernel`` [*lead, *in, *out] becomes
+    ``kernel_transposed`` [*lead, *out, *in] (contiguous along the contracted axes); the bias stays.
+
+    Args:
+        params: one ``Projection``'s or ``FusedProjection``'s parameters ({"kernel", maybe "bias"}).
+        in_axes: how many axes the projection contracts (``len(in_names)``).
+        lead: leading axes of the leaves that are not the kernel's (a scanned stack's layers).
+    """
+    params = dict(params)
+    if "kernel" not in params:
+        raise ValueError(f"transpose_kernel: no kernel among {sorted(params)}.")
+    kernel = nn.unbox(params.pop("kernel"))
+    if not 1 <= in_axes < kernel.ndim - lead:
+        raise ValueError(
+            f"transpose_kernel: in_axes = {in_axes} for a kernel of shape {kernel.shape} with {lead} "
+            "leading axes (it needs at least one axis out)."
+        )
+    order = [*range(lead), *range(lead + in_axes, kernel.ndim), *range(lead, lead + in_axes)]
+    return {**params, TRANSPOSED_KERNEL: jnp.transpose(kernel, order)}

@@ -19,6 +19,11 @@ prologue normalizes the rows (``skinny.matmul(norm=...)``) and no separate norm 
 materialized first, exactly as the norm layer computes it. ``defers_norm`` says where a norm may be left
 to the kernel (a decoding step's few rows), ``fuses_norm`` where one projection takes it.
 
+A projection's kernel may be stored transposed, [*out, *in] instead of [*in, *out] (``transposed=True``; a
+decoding loop's prepared weights, ``inference.decoding.LMDecoder``): the kernel is then
+``ops.gpu.skinny_nd``'s, which reads Wᵀ [N, D] along D and needs no split of D at one row (one kernel per
+product, no partials to sum), and XLA's product contracts the trailing axes ("...D,ND->...N").
+
 A projection may also take what follows its product, act(x W + b) + r (``project(bias=, activation=,
 residual=)``): in the kernel's epilogue where it runs (float32 on the accumulator, one cast), else by XLA
 after its product, in float32 too. The model hands them over only where the kernel runs: its bias, an FFN's
@@ -33,15 +38,18 @@ import string
 import jax
 import jax.numpy as jnp
 
-from retnet_jax.ops.gpu import common, skinny
+from retnet_jax.ops.gpu import common, skinny, skinny_nd
 from retnet_jax.ops.norms import Normed
 
 __all__ = [
     "ACTIVATIONS",
     "IMPLEMENTATIONS",
+    "contract",
     "defers_norm",
     "dense_dot_general",
     "fuses_norm",
+    "kernel_rows",
+    "may_use_kernel",
     "project",
     "runs_kernel",
     "uses_kernel",
@@ -64,23 +72,39 @@ AUTO_MAX_ROWS = 1
 AUTO_MAX_WEIGHT_BYTES = 128 << 20
 
 
-def uses_kernel(implementation: str, rows: int, d: int, n: int, dtype) -> bool:
-    """Whether ``project`` runs the few-row kernel for x [rows, d] @ w [d, n]."""
+def may_use_kernel(implementation: str) -> bool:
+    """Whether ``implementation`` runs the few-row kernel on this backend for some shapes (a decoding
+    step's few rows): "pallas" anywhere, "auto" on one GPU with Triton (for the rows and weights that
+    ``AUTO_MAX_ROWS`` and ``AUTO_MAX_WEIGHT_BYTES`` allow)."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"project: unknown implementation {implementation!r}; expected one of {IMPLEMENTATIONS}."
         )
-    if implementation == "xla" or rows > skinny.MAX_ROWS:
+    if implementation == "xla" or (implementation == "auto" and AUTO_MAX_ROWS < 1):
+        return False
+    return implementation == "pallas" or not (
+        jax.default_backend() != "gpu" or jax.device_count() > 1 or common.triton_unavailable()
+    )
+
+
+def kernel_rows(implementation: str) -> int:
+    """The most rows a call may have and still run the few-row kernel under ``implementation`` on this
+    backend (0: none)."""
+    if not may_use_kernel(implementation):
+        return 0
+    return min(AUTO_MAX_ROWS, skinny.MAX_ROWS) if implementation == "auto" else skinny.MAX_ROWS
+
+
+def uses_kernel(implementation: str, rows: int, d: int, n: int, dtype, *, transposed: bool = False) -> bool:
+    """Whether ``project`` runs the few-row kernel for x [rows, d] @ w [d, n] (``transposed``: w stored
+    [n, d], ``skinny_nd``'s)."""
+    if not may_use_kernel(implementation) or rows > skinny.MAX_ROWS:
         return False
     if implementation == "auto" and (
         rows > AUTO_MAX_ROWS or d * n * jnp.dtype(dtype).itemsize > AUTO_MAX_WEIGHT_BYTES
     ):
         return False
-    if implementation != "pallas" and (
-        jax.default_backend() != "gpu" or jax.device_count() > 1 or common.triton_unavailable()
-    ):
-        return False
-    return not isinstance(skinny.plan(rows, d, n, dtype), str)
+    return not isinstance((skinny_nd if transposed else skinny).plan(rows, d, n, dtype), str)
 
 
 def _norm_dtypes_taken(normed: Normed) -> bool:
@@ -99,23 +123,37 @@ def defers_norm(implementation: str, normed: Normed) -> bool:
     return uses_kernel(implementation, rows, d, 16, normed.dtype) and _norm_dtypes_taken(normed)
 
 
-def fuses_norm(implementation: str, normed: Normed, n: int, dtype) -> bool:
+def fuses_norm(implementation: str, normed: Normed, n: int, dtype, *, transposed: bool = False) -> bool:
     """Whether ``project(normed, kernel, 1, ...)`` with a kernel [D, N] of ``dtype`` (its N outputs
-    flattened) runs the norm inside the kernel; else it materializes the norm first."""
+    flattened; [N, D] if ``transposed``) runs the norm inside the kernel; else it materializes the norm
+    first."""
     rows, d = math.prod(normed.shape[:-1]), normed.shape[-1]
     return (
         jnp.dtype(dtype) == jnp.dtype(normed.dtype)
-        and uses_kernel(implementation, rows, d, n, dtype)
+        and uses_kernel(implementation, rows, d, n, dtype, transposed=transposed)
         and _norm_dtypes_taken(normed)
     )
 
 
-def runs_kernel(implementation: str, x, n: int, dtype) -> bool:
-    """Whether ``project(x, w)`` with w [D, n] of ``dtype`` (x an array cast to ``dtype``, or a block norm
-    not yet computed) runs the few-row kernel: what a layer asks before it hands the kernel an epilogue."""
-    if isinstance(x, Normed) and fuses_norm(implementation, x, n, dtype):
+def runs_kernel(implementation: str, x, n: int, dtype, *, transposed: bool = False) -> bool:
+    """Whether ``project(x, w)`` with w [D, n] (or [n, D], ``transposed``) of ``dtype`` (x an array cast to
+    ``dtype``, or a block norm not yet computed) runs the few-row kernel: what a layer asks before it
+    hands the kernel an epilogue."""
+    if isinstance(x, Normed) and fuses_norm(implementation, x, n, dtype, transposed=transposed):
         return True
-    return uses_kernel(implementation, math.prod(x.shape[:-1]), x.shape[-1], n, dtype)
+    rows = math.prod(x.shape[:-1])
+    return uses_kernel(implementation, rows, x.shape[-1], n, dtype, transposed=transposed)
+
+
+def contract(x, kernel, in_axes: int = 1, *, transposed: bool = False):
+    """XLA's product: x [..., *in] with kernel [*in, *out] (or [*out, *in], ``transposed``) → [..., *out]."""
+    n_in, n_out = in_axes, kernel.ndim - in_axes
+    letters = string.ascii_lowercase
+    batch = letters[: x.ndim - n_in]
+    contracted = letters[x.ndim - n_in : x.ndim]
+    produced = letters[x.ndim : x.ndim + n_out]
+    weights = produced + contracted if transposed else contracted + produced
+    return jnp.einsum(f"{batch}{contracted},{weights}->{batch}{produced}", x, kernel)
 
 
 def project(
@@ -127,6 +165,7 @@ def project(
     bias=None,
     activation: str | None = None,
     residual=None,
+    transposed: bool = False,
 ):
     """x [..., *in] contracted with kernel [*in, *out] → [..., *out], in x's dtype; with an epilogue,
     act(x · kernel + bias) + residual computed in float32 and cast once.
@@ -135,26 +174,27 @@ def project(
         x: the inputs; their last ``in_axes`` axes are contracted. Or a norm of them not yet computed
             (``ops.norms.Normed``, one contracted axis): computed in the kernel's prologue where the kernel
             runs, else materialized first.
-        kernel: the weights, [*in, *out], in x's dtype.
-        in_axes: how many leading axes of ``kernel`` are contracted.
+        kernel: the weights, [*in, *out], or [*out, *in] where ``transposed`` (``skinny_nd``'s kernel), in
+            x's dtype.
+        in_axes: how many axes of ``kernel`` are contracted (its leading ones; its trailing ones if
+            ``transposed``).
         implementation: see the module docstring.
         bias: [*out] or None; activation: a key of ``ACTIVATIONS`` or None; residual: [..., *out] or None.
+        transposed: the kernel's layout.
     """
-    n_in, n_out = in_axes, kernel.ndim - in_axes
-    finish = dict(bias=bias, activation=activation, residual=residual)
+    n_in = in_axes
+    out_shape = kernel.shape[: kernel.ndim - n_in] if transposed else kernel.shape[n_in:]
+    in_shape = kernel.shape[kernel.ndim - n_in :] if transposed else kernel.shape[:n_in]
+    d, n = math.prod(in_shape), math.prod(out_shape)
+    finish = dict(bias=bias, activation=activation, residual=residual, transposed=transposed)
     if isinstance(x, Normed):
-        if n_in == 1 and fuses_norm(implementation, x, math.prod(kernel.shape[1:]), kernel.dtype):
+        if n_in == 1 and fuses_norm(implementation, x, n, kernel.dtype, transposed=transposed):
             return _kernel_product(x, kernel, 1, **finish)
         x = x.materialize()
     rows = math.prod(x.shape[: x.ndim - n_in])
-    d, n = math.prod(kernel.shape[:n_in]), math.prod(kernel.shape[n_in:])
-    if uses_kernel(implementation, rows, d, n, x.dtype):
+    if uses_kernel(implementation, rows, d, n, x.dtype, transposed=transposed):
         return _kernel_product(x, kernel, n_in, **finish)
-    letters = string.ascii_lowercase
-    batch = letters[: x.ndim - n_in]
-    contracted = letters[x.ndim - n_in : x.ndim]
-    produced = letters[x.ndim : x.ndim + n_out]
-    y = jnp.einsum(f"{batch}{contracted},{contracted}{produced}->{batch}{produced}", x, kernel)
+    y = contract(x, kernel, n_in, transposed=transposed)
     if bias is None and activation is None and residual is None:
         return y
     return skinny.epilogue(y.astype(jnp.float32), bias, activation, residual).astype(y.dtype)
@@ -177,18 +217,21 @@ def dense_dot_general(implementation: str):
     return dot_general
 
 
-def _kernel_product(x, kernel, n_in: int, *, bias, activation, residual):
-    """x [..., *in] (or normalize(x) through the kernel's prologue, n_in = 1) @ kernel [*in, *out], and the
-    epilogue, through the few-row kernel."""
-    batch_shape, out_shape = x.shape[: x.ndim - n_in], kernel.shape[n_in:]
-    rows, d, n = math.prod(batch_shape), math.prod(kernel.shape[:n_in]), math.prod(out_shape)
+def _kernel_product(x, kernel, n_in: int, *, bias, activation, residual, transposed: bool):
+    """x [..., *in] (or normalize(x) through the kernel's prologue, n_in = 1) @ kernel [*in, *out] (or
+    [*out, *in], ``transposed``), and the epilogue, through the few-row kernel."""
+    batch_shape = x.shape[: x.ndim - n_in]
+    out_shape = kernel.shape[: kernel.ndim - n_in] if transposed else kernel.shape[n_in:]
+    rows, n = math.prod(batch_shape), math.prod(out_shape)
+    d = kernel.size // n
     prologue = {}
     if isinstance(x, Normed):
         prologue = dict(norm=x.kind, scale=x.scale, bias=x.bias, eps=x.eps)
         x = x.x
-    y = skinny.matmul(
+    product = skinny_nd.matmul if transposed else skinny.matmul
+    y = product(
         x.reshape(rows, d),
-        kernel.reshape(d, n),
+        kernel.reshape((n, d) if transposed else (d, n)),
         **prologue,
         output_bias=None if bias is None else bias.reshape(n),
         activation=activation,

@@ -188,7 +188,8 @@ def _stream_adds_outside_kernels(jaxpr, width: int) -> int:
 def test_a_steps_residual_adds_are_epilogues(lms, name, monkeypatch):
     """With plans of one slice (S = 1: the kernel writes the output and applies the epilogue), a prepared
     step makes no [B, 1, D] add outside the kernels: the out_proj's and fc2's biases and both residual
-    adds of every block are in their kernels' epilogues. XLA's step has them (4 a layer with biases)."""
+    adds of every block are in their kernels' epilogues; so with kernels stored [N, D] (always one
+    slice). XLA's step has them (4 a layer with biases)."""
     planned = skinny.plan
 
     def one_slice(*shape):
@@ -201,8 +202,9 @@ def test_a_steps_residual_adds_are_epilogues(lms, name, monkeypatch):
     state = config.init_state(1, max_length=MAX_LENGTH)
     tokens = jnp.zeros((1,), jnp.int32)
     adds = {}
-    for projections in ("pallas", "xla"):
-        decoder = LMDecoder(model.clone(projections=projections))
+    for projections, transpose in (("pallas", False), ("pallas", True), ("xla", False)):
+        decoder = LMDecoder(model.clone(projections=projections), transpose_kernels=transpose)
         program = jax.make_jaxpr(decoder.step)(decoder.prepare(variables), tokens, state)
-        adds[projections] = _stream_adds_outside_kernels(program.jaxpr, config.d_model)
-    assert adds == {"pallas": 0, "xla": 4 * config.num_layers}, adds
+        adds[projections, transpose] = _stream_adds_outside_kernels(program.jaxpr, config.d_model)
+    want = {("pallas", False): 0, ("pallas", True): 0, ("xla", False): 4 * config.num_layers}
+    assert adds == want, adds
