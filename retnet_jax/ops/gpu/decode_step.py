@@ -268,9 +268,11 @@ def _joined_kernel(*refs, key_dim: int, rotation_kind: str, splits: int | None, 
         to the compute dtype (the product's output as XLA would hand it over)."""
         if splits is None:
             return x_ref[index].astype(f32)
-        total = x_ref[0, index]
-        for s in range(1, splits):  # S is small (a few slices of D): unrolled
-            total = total + x_ref[s, index]
+        # S is small (a few slices of D): unrolled. (An array index: the interpreter takes no Python int
+        # beside a strided slice.)
+        total = x_ref[jnp.int32(0), index]
+        for s in range(1, splits):
+            total = total + x_ref[jnp.int32(s), index]
         return total.astype(dtype).astype(f32)
 
     (a, stride), (b, _) = _halves(key_dim, rotation_kind)
