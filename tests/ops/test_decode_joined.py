@@ -22,10 +22,10 @@ from tests.helpers import relative_error
 # Relative error (Frobenius) of the kernel's step against XLA's on the same inputs and state.
 # float32: the two differ in the order of float32 sums and where k's scale is applied (measured ~1e-7).
 # bf16 inputs: XLA rounds k·K^-1/2 and the rotated q and k to bf16 (2^-9 relative per element) before its
-# step, the kernel keeps them in float32; o is rounded to bf16 once more on the way out (measured ~2e-3).
-# The state: γS dominates the update, so the rounded k moves it less (measured ~1e-4). A bf16 state: both
-# round a float32 update to bf16, which can differ by one unit where the updates differ in their last bit.
-O_RTOL = {"float32": 1e-5, "bfloat16": 1e-2}
+# step, the kernel keeps them in float32, and o is rounded to bf16 on the way out (measured <= 2.5e-3);
+# γS dominates the new state, so the rounded k moves it less (measured <= 5e-4). A bf16 state: the
+# kernel's is rounded to bf16 once, XLA's RetentionState is float32 (2^-9 per element, measured ~2e-3).
+O_RTOL = {"float32": 1e-5, "bfloat16": 6e-3}
 STATE_RTOL = {("float32", "float32"): 1e-5, ("bfloat16", "float32"): 2e-3}
 BF16_STATE_RTOL = 4e-3
 
