@@ -358,12 +358,22 @@ def recurrent_step(
 # The decoding step from a layer's joined projection.
 
 
+# Whether "auto" takes the joined projection into the decode kernel where the decode kernel runs. It does
+# the decode kernel's work plus loads of a few hundred values per program, and removes the three XLA
+# kernels between the product and the step (~4 µs a layer at paper-1.3b B1 on the H200, 2026-12-02
+# profile); not yet measured on its own (experiments/profile_steps.py --targets=decode).
+AUTO_JOINED_KERNEL = True
+
+
 def joined_kernel(
     implementation: str, key_dim: int, value_dim: int, dtype, state_dtype, rotation_kind: str, backend=None
 ) -> bool:
     """Whether ``joined_step`` runs the kernel: where ``decode_kernel`` says the decode kernel runs and the
-    kernel applies the rotation itself. A forced "pallas" that cannot run raises a one-line ValueError."""
+    kernel applies the rotation itself ("auto": also ``AUTO_JOINED_KERNEL``). A forced "pallas" that
+    cannot run raises a one-line ValueError."""
     if not decode_kernel(implementation, key_dim, value_dim, dtype, state_dtype, backend):
+        return False
+    if implementation == "auto" and not AUTO_JOINED_KERNEL:
         return False
     why = decode_lib.joined_unsupported(key_dim, value_dim, dtype, state_dtype, rotation_kind)
     if why is not None and implementation == "pallas":

@@ -15,6 +15,7 @@ from retnet_jax.inference.decoding import LMDecoder
 from retnet_jax.inference.generate import generate
 from retnet_jax.models import DecoderLM, RetNetConfig
 from retnet_jax.ops import dispatch, retention, rotation
+from retnet_jax.ops.gpu import common
 from retnet_jax.ops.gpu import decode_step as decode_lib
 from retnet_jax.training.tokenizers import ByteTokenizer
 from tests.helpers import relative_error
@@ -151,7 +152,7 @@ def test_joined_step_updates_one_layer_of_a_stack(state_dtype):
     np.testing.assert_array_equal(new.count, count + 1)
 
 
-def test_what_the_joined_kernel_refuses():
+def test_what_the_joined_kernel_refuses(monkeypatch):
     assert decode_lib.joined_unsupported(256, 512, jnp.bfloat16, jnp.float32, "interleaved") is None
     assert decode_lib.joined_unsupported(256, 432, jnp.bfloat16, jnp.bfloat16, "rotate_half") is None
     assert "rotation 'xpos'" in decode_lib.joined_unsupported(16, 32, jnp.float32, jnp.float32, "xpos")
@@ -160,6 +161,11 @@ def test_what_the_joined_kernel_refuses():
     assert dispatch.joined_kernel("pallas", *args, "rotate_half", backend="cpu")
     assert not dispatch.joined_kernel("auto", *args, "interleaved", backend="cpu")
     assert not dispatch.joined_kernel("xla", *args, "interleaved", backend="gpu")
+    monkeypatch.setattr(dispatch, "AUTO_DECODE_KERNEL", True)
+    for flag in (True, False):  # "auto" on a GPU: where the decode kernel runs, if AUTO_JOINED_KERNEL
+        monkeypatch.setattr(dispatch, "AUTO_JOINED_KERNEL", flag)
+        expected = flag and common.triton_unavailable() is None
+        assert dispatch.joined_kernel("auto", *args, "interleaved", backend="gpu") == expected
     with pytest.raises(ValueError, match="cannot run with rotation 'xpos'"):
         dispatch.joined_kernel("pallas", *args, "xpos", backend="cpu")
     state = retention.init_state(2, 2, 16, 32)
