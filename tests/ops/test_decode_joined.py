@@ -293,13 +293,16 @@ def test_a_prepared_step_hands_the_product_to_the_kernel(tiny, monkeypatch):
     assert any(set(chain) - RESHAPES for chain in chains), chains
 
 
-@pytest.mark.parametrize("rot", ["interleaved", "rotate_half"])
-def test_prepared_loop_through_the_joined_kernel_equals_xlas(tiny, rot):
+@pytest.mark.parametrize(
+    ("rot", "projections"), [("interleaved", "auto"), ("rotate_half", "auto"), ("interleaved", "pallas")]
+)
+def test_prepared_loop_through_the_joined_kernel_equals_xlas(tiny, rot, projections):
     """Greedy tokens and log-probabilities of the prepared loop with the decode kernel (interpreted)
-    equal XLA's loop (float32, the same function up to the order of sums: 1e-5), prompts of different
-    lengths (left pads)."""
+    equal XLA's step's loop (float32, the same function up to the order of sums: 1e-5), prompts of
+    different lengths (left pads); with XLA's products and with the few-row kernel (its norm prologue:
+    the joined product then comes out of a kernel)."""
     model, variables = tiny
-    model = model.clone(config=model.config.replace(rotation=rot))
+    model = model.clone(config=model.config.replace(rotation=rot), projections=projections)
     prompts = [[], [10, 20, 30, 40, 50]]
     results = [
         generate(LMDecoder(model.clone(implementation=impl)), variables, prompts, max_new_tokens=4,
