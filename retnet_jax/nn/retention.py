@@ -44,7 +44,9 @@ class MultiScaleRetention(nn.Module):
         fused_projections: q, k, v and g through one ``FusedProjection`` (``qkvg_proj``, kernel
             [D, H, 2K + 2V]: each head's q, k, v, g columns side by side) instead of four ``Projection``s:
             one product per call. The parameters are ``fuse_projections``' of the four (a decoding loop's
-            prepared variables: ``inference.decoding.LMDecoder``); checkpoints keep the four.
+            prepared variables: ``inference.decoding.LMDecoder``); checkpoints keep the four. A one-token
+            step through the decode kernel hands the kernel the joined output as it is, to split, scale
+            and rotate q and k itself (``dispatch.joined_step``).
     """
 
     INPUT_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "g_proj")  # of the same x: fusable

@@ -377,7 +377,7 @@ def joined_kernel(
         return False
     why = decode_lib.joined_unsupported(key_dim, value_dim, dtype, state_dtype, rotation_kind)
     if why is not None and implementation == "pallas":
-        raise ValueError(f"recurrent_step: implementation='pallas' cannot run {why}; use 'xla' or 'auto'.")
+        raise ValueError(f"joined_step: implementation='pallas' cannot run {why}; use 'xla' or 'auto'.")
     return why is None
 
 
@@ -389,22 +389,9 @@ def _joined_call(interpret: bool, key_dim: int, rotation_kind: str, dtype):
     """The joined kernel's call as one hashable callable per configuration (see ``_decode_call``)."""
 
     def call(factors, *operands):
-        if rotation_kind == "none":
-            angles, (joined, kv, *layer) = None, operands
-        else:
-            angles, joined, kv, *layer = operands
-        out = decode_lib.launch_joined(
-            factors,
-            angles,
-            joined,
-            kv,
-            *layer,
-            key_dim=key_dim,
-            rotation_kind=rotation_kind,
-            dtype=dtype,
-            interpret=interpret,
-        )
-        return tuple(out)
+        angles, operands = (None, operands) if rotation_kind == "none" else (operands[0], operands[1:])
+        options = dict(key_dim=key_dim, rotation_kind=rotation_kind, dtype=dtype, interpret=interpret)
+        return tuple(decode_lib.launch_joined(factors, angles, *operands, **options))
 
     return call
 
