@@ -44,7 +44,9 @@ class MultiScaleRetention(nn.Module):
         fused_projections: q, k, v and g through one ``FusedProjection`` (``qkvg_proj``, kernel
             [D, H, 2K + 2V]: each head's q, k, v, g columns side by side) instead of four ``Projection``s:
             one product per call. The parameters are ``fuse_projections``' of the four (a decoding loop's
-            prepared variables: ``inference.decoding.LMDecoder``); checkpoints keep the four.
+            prepared variables: ``inference.decoding.LMDecoder``); checkpoints keep the four. A one-token
+            step through the decode kernel hands the kernel the joined output as it is, to split, scale
+            and rotate q and k itself (``dispatch.joined_step``).
     """
 
     INPUT_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "g_proj")  # of the same x: fusable
@@ -103,31 +105,49 @@ class MultiScaleRetention(nn.Module):
             param_dtype=self.param_dtype,
             implementation=self.projections,
         )
-        if self.fused_projections:
-            outputs = FusedProjection(features, **options, name=self.FUSED_PROJECTION)(x)
-        else:
-            outputs = [
-                Projection(part, **options, name=name)(x)
-                for part, name in zip(features, self.INPUT_PROJECTIONS, strict=True)
-            ]
-        # q, k [B, T, H, K]; v, g [B, T, H, V]: what a remat policy may keep
-        q, k, v, g = (name_projection(y) for y in outputs)
-        k = k * key_dim**-0.5
-
-        if state is not None:
-            k = jnp.where((positions >= 0)[..., None, None], k, 0)  # pads never enter the state
-        if self.rotation != "none":
-            q = rotation.rotate(q, positions, self.rotation, self.rotation_base)
-            k = rotation.rotate(k, positions, self.rotation, self.rotation_base)
-
-        incoming = state is not None
         stack = state if isinstance(state, retention.StackedState) else None
         # A one-token step through the decode kernel updates the layer inside every layer's array; any
         # other call works on the layer's slice and writes it back at the end.
-        in_place = stack is not None and self._kernel_step(q, v, stack)
-        if stack is not None and not in_place:
-            state = stack.current()
-        o, state = self._retention(q, k, v, state, segment_ids)  # [B, T, H, V]
+        in_place = stack is not None and self._kernel_step(x.shape[1], stack)
+        incoming = state is not None
+        if in_place and self._joined_step(stack):
+            # The kernel takes the joined product as it is: it splits, scales, masks and rotates q and k
+            # itself, where XLA would run three kernels between the product and the step.
+            width = 2 * key_dim + 2 * value_dim
+            (joined,) = FusedProjection([(heads, width)], **options, name=self.FUSED_PROJECTION)(x)
+            o, state = dispatch.joined_step(
+                jnp.squeeze(joined, 1),  # [B, H, 2K + 2V]
+                retention.log_decays(heads, self.decay),
+                stack,
+                key_dim=key_dim,
+                value_dim=value_dim,
+                rotation_kind=self.rotation,
+                rotation_base=self.rotation_base,
+                normalize=self.normalize,
+                implementation=self.implementation,
+                dtype=self.dtype,
+            )
+            o, g = o[:, None], joined[..., 2 * key_dim + value_dim :]  # [B, 1, H, V] each
+        else:
+            if self.fused_projections:
+                outputs = FusedProjection(features, **options, name=self.FUSED_PROJECTION)(x)
+            else:
+                outputs = [
+                    Projection(part, **options, name=name)(x)
+                    for part, name in zip(features, self.INPUT_PROJECTIONS, strict=True)
+                ]
+            # q, k [B, T, H, K]; v, g [B, T, H, V]: what a remat policy may keep
+            q, k, v, g = (name_projection(y) for y in outputs)
+            k = k * key_dim**-0.5
+
+            if incoming:
+                k = jnp.where((positions >= 0)[..., None, None], k, 0)  # pads never enter the state
+            if self.rotation != "none":
+                q = rotation.rotate(q, positions, self.rotation, self.rotation_base)
+                k = rotation.rotate(k, positions, self.rotation, self.rotation_base)
+            if stack is not None and not in_place:
+                state = stack.current()
+            o, state = self._retention(q, k, v, state, segment_ids)  # [B, T, H, V]
         o = name_token_mixing(o)
         o = HeadNorm(self.head_norm, self.head_norm_eps, self.param_dtype, name="head_norm")(o)
         o = (jax.nn.swish(g.astype(o.dtype)) * o).astype(self.dtype)
@@ -148,15 +168,25 @@ class MultiScaleRetention(nn.Module):
                 state = stack.put(state)
         return y, state
 
-    def _one_step(self, q, state) -> bool:
-        return self.mode == "recurrent" and q.shape[1] == 1 and state is not None
+    def _one_step(self, length: int, state) -> bool:
+        return self.mode == "recurrent" and length == 1 and state is not None
 
-    def _kernel_step(self, q, v, state) -> bool:
-        """Whether this call is one token through the decode kernel (``dispatch.decode_kernel``)."""
-        if not self._one_step(q, state):
+    def _kernel_step(self, length: int, state) -> bool:
+        """Whether this call of ``length`` tokens is one through the decode kernel
+        (``dispatch.decode_kernel``)."""
+        if not self._one_step(length, state):
             return False
-        dims = (q.shape[-1], v.shape[-1], q.dtype, state.kv.dtype)
+        dims = (self.key_dim, self.value_dim, jnp.dtype(self.dtype), state.kv.dtype)
         return dispatch.decode_kernel(self.implementation, *dims)
+
+    def _joined_step(self, state) -> bool:
+        """Whether a kernel step takes the joined projection as it is (``dispatch.joined_kernel``): with
+        ``fused_projections``, where the kernel applies the rotation, not while initializing (the joined
+        kernel is then made part by part, with each part's fans)."""
+        if not self.fused_projections or self.is_initializing():
+            return False
+        dims = (self.key_dim, self.value_dim, jnp.dtype(self.dtype), state.kv.dtype, self.rotation)
+        return dispatch.joined_kernel(self.implementation, *dims)
 
     def _retention(self, q, k, v, state, segment_ids):
         log_decay = retention.log_decays(self.num_heads, self.decay)
@@ -164,7 +194,7 @@ class MultiScaleRetention(nn.Module):
         docs = {} if segment_ids is None else {"segment_ids": segment_ids}
         wants_state = self.return_state or state is not None
         if self.mode == "recurrent":
-            if self._one_step(q, state):
+            if self._one_step(q.shape[1], state):
                 impl = self.implementation
                 o, state = dispatch.recurrent_step(
                     q[:, 0], k[:, 0], v[:, 0], log_decay, state, normalize=norm, implementation=impl

@@ -28,6 +28,11 @@ the kernel takes the shapes and dtypes, else XLA (one warning when the backend i
 has no decode kernel: it takes XLA. The step may be given a
 ``StackedState`` (one layer's view of every layer's state): the kernel then updates the layer inside the
 array in place; XLA updates its slice.
+
+``joined_step`` is the same step from a layer's joined q/k/v/g projection, unscaled and unrotated: where
+``joined_kernel`` says the kernel runs (as ``decode_kernel``, and the kernel applies the layer's rotation)
+the kernel splits, scales, masks and rotates q and k itself (``ops.gpu.decode_step.joined_step``);
+elsewhere XLA does, then ``recurrent_step``.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from retnet_jax.ops import documents, retention, tpu
+from retnet_jax.ops import documents, retention, rotation, tpu
 from retnet_jax.ops.gpu import common, fused, partition
 from retnet_jax.ops.gpu import decode_step as decode_lib
 from retnet_jax.ops.gpu import plan as plan_lib
@@ -52,6 +57,8 @@ __all__ = [
     "chunkwise",
     "decode_kernel",
     "fused_chunkwise",
+    "joined_kernel",
+    "joined_step",
     "kernel_plan",
     "recurrent_step",
 ]
@@ -345,3 +352,156 @@ def recurrent_step(
     if stacked:
         return o, retention.StackedState(kv, state.layer, count)
     return o, retention.RetentionState(kv, count)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The decoding step from a layer's joined projection.
+
+
+# Whether "auto" takes the joined projection into the decode kernel where the decode kernel runs. It does
+# the decode kernel's work plus loads of a few hundred values per program, and removes the three XLA
+# kernels between the product and the step (~4 µs a layer at paper-1.3b B1 on the H200, 2026-12-02
+# profile); not yet measured on its own (experiments/profile_steps.py --targets=decode).
+AUTO_JOINED_KERNEL = True
+
+
+def joined_kernel(
+    implementation: str, key_dim: int, value_dim: int, dtype, state_dtype, rotation_kind: str, backend=None
+) -> bool:
+    """Whether ``joined_step`` runs the kernel: where ``decode_kernel`` says the decode kernel runs and the
+    kernel applies the rotation itself ("auto": also ``AUTO_JOINED_KERNEL``). A forced "pallas" that
+    cannot run raises a one-line ValueError."""
+    if not decode_kernel(implementation, key_dim, value_dim, dtype, state_dtype, backend):
+        return False
+    if implementation == "auto" and not AUTO_JOINED_KERNEL:
+        return False
+    why = decode_lib.joined_unsupported(key_dim, value_dim, dtype, state_dtype, rotation_kind)
+    if why is not None and implementation == "pallas":
+        raise ValueError(f"joined_step: implementation='pallas' cannot run {why}; use 'xla' or 'auto'.")
+    return why is None
+
+
+_JOINED_IN = {3: "b h w", 4: "s b h w"}
+
+
+@functools.cache
+def _joined_call(interpret: bool, key_dim: int, rotation_kind: str, dtype):
+    """The joined kernel's call as one hashable callable per configuration (see ``_decode_call``)."""
+
+    def call(factors, *operands):
+        angles, operands = (None, operands) if rotation_kind == "none" else (operands[0], operands[1:])
+        options = dict(key_dim=key_dim, rotation_kind=rotation_kind, dtype=dtype, interpret=interpret)
+        return tuple(decode_lib.launch_joined(factors, angles, *operands, **options))
+
+    return call
+
+
+def _check_joined(joined, key_dim: int, value_dim: int, log_decay, state, dtype):
+    width = 2 * key_dim + 2 * value_dim
+    kv = state.kv
+    lead = kv.shape[-4:-2]  # (B, H)
+    expected = (*lead, width)
+    if joined.ndim not in (3, 4) or tuple(joined.shape[-3:]) != expected:
+        raise ValueError(
+            f"joined_step: joined must have shape [B, H, 2K + 2V] = {expected} (or [S, B, H, 2K + 2V] "
+            f"float32 partials) for the state's kv {tuple(kv.shape)}; got {tuple(joined.shape)}."
+        )
+    if joined.ndim == 4 and jnp.dtype(joined.dtype) != jnp.dtype(jnp.float32):
+        raise ValueError(f"joined_step: partials [S, B, H, 2K + 2V] must be float32; got {joined.dtype}.")
+    shapes = [jax.ShapeDtypeStruct((*lead, size), dtype) for size in (key_dim, key_dim, value_dim)]
+    layer_state = state.current() if isinstance(state, retention.StackedState) else state
+    retention.check_inputs("joined_step", *shapes, log_decay, layer_state, step=True)
+
+
+def joined_step(
+    joined,
+    log_decay,
+    state: retention.RetentionState | retention.StackedState,
+    *,
+    key_dim: int,
+    value_dim: int,
+    rotation_kind: str = "interleaved",
+    rotation_base: float = 10000.0,
+    normalize: bool = True,
+    reset=None,
+    implementation: str = "xla",
+    dtype=None,
+):
+    """One token of retention from a layer's joined projection (see the module docstring).
+
+    Computes, with n the row's position (the state's count; 0 where ``reset``):
+
+        q, k, v, g = split(joined);   k = K^-1/2 k, 0 for a pad (n < 0);
+        q, k = rotate(q, n), rotate(k, n);   recurrent_step(q, k, v, ...)
+
+    Args:
+        joined: [B, H, 2K + 2V], each head's q | k | v | g as the product made them, in the compute dtype;
+            or the product's float32 partials [S, B, H, 2K + 2V] (summed, then rounded to ``dtype``).
+        log_decay: [H] float32. state: as ``recurrent_step``'s.
+        key_dim, value_dim: K and V. rotation_kind: "interleaved", "rotate_half" or "none"; rotation_base:
+            its base.
+        normalize, reset, implementation: as ``recurrent_step``'s.
+        dtype: the compute dtype (o's); default ``joined``'s.
+
+    Returns:
+        (o [B, H, V] in ``dtype``, the new state of the kind given, as ``recurrent_step``'s). g is
+        ``joined[..., 2K + V:]`` (summed over S for partials).
+    """
+    dtype = jnp.dtype(dtype or joined.dtype)
+    stacked = isinstance(state, retention.StackedState)
+    _check_joined(joined, key_dim, value_dim, log_decay, state, dtype)
+    if reset is not None and tuple(reset.shape) != (joined.shape[-3],):
+        raise ValueError(
+            f"joined_step: reset must have shape [B] = ({joined.shape[-3]},), one flag per row; "
+            f"got shape {tuple(reset.shape)}."
+        )
+    reset = None if reset is None else reset.astype(bool)
+    dims = (key_dim, value_dim, dtype, state.kv.dtype, rotation_kind)
+    if not joined_kernel(implementation, *dims):
+        return _joined_step_xla(
+            joined, log_decay, state, key_dim, value_dim, rotation_kind, rotation_base, normalize, reset,
+            implementation, dtype,
+        )  # fmt: skip
+    interpret = jax.default_backend() == "cpu"
+    factors = decode_lib.joined_factors(
+        log_decay, state.count, key_dim, value_dim, normalize=normalize, reset=reset
+    )
+    positions = decode_lib.positions_of(state.count, reset)
+    angles = decode_lib.rotation_factors(positions, key_dim, rotation_kind, rotation_base)
+    operands, rules = [factors], ["b h three bv"]
+    if angles is not None:
+        operands.append(angles)
+        rules.append("b two half")
+    operands += [joined, state.kv]
+    rules += [_JOINED_IN[joined.ndim], _DECODE_STATE[state.kv.ndim]]
+    if stacked:
+        operands.append(jnp.reshape(jnp.asarray(state.layer, jnp.int32), (1,)))
+        rules.append("one")
+    call = _joined_call(interpret, key_dim, rotation_kind, dtype)
+    o, kv = partition.call(call, rules, ("b h v", _DECODE_STATE[state.kv.ndim]), *operands)
+    count = state.count + 1 if reset is None else jnp.where(reset, 1, state.count + 1)
+    count = count.astype(state.count.dtype)
+    if stacked:
+        return o, retention.StackedState(kv, state.layer, count)
+    return o, retention.RetentionState(kv, count)
+
+
+def _joined_step_xla(
+    joined, log_decay, state, key_dim, value_dim, rotation_kind, rotation_base, normalize, reset,
+    implementation, dtype,
+):  # fmt: skip
+    """``joined_step`` as XLA ops before ``recurrent_step`` (the layer's own order: scale, mask, rotate)."""
+    if joined.ndim == 4:
+        joined = joined.sum(0)
+    joined = joined.astype(dtype)
+    q = joined[..., :key_dim]
+    k = joined[..., key_dim : 2 * key_dim] * key_dim**-0.5
+    v = joined[..., 2 * key_dim : 2 * key_dim + value_dim]
+    positions = decode_lib.positions_of(state.count, reset)[:, None]  # [B, T = 1]
+    k = jnp.where((positions >= 0)[..., None], k, 0)
+    if rotation_kind != "none":
+        q = rotation.rotate(q[:, None], positions, rotation_kind, rotation_base)[:, 0]
+        k = rotation.rotate(k[:, None], positions, rotation_kind, rotation_base)[:, 0]
+    return recurrent_step(
+        q, k, v, log_decay, state, normalize=normalize, reset=reset, implementation=implementation
+    )

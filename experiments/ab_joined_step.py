@@ -1,0 +1,78 @@
+"""The decode kernel's step from the joined projection against the same loop without it, in one process.
+
+Where ``dispatch.joined_kernel`` says so, a prepared decoding step hands each layer's joined q/k/v/g
+product to the decode kernel, which splits, scales and rotates q and k itself; told no, XLA does that
+between the product and the kernel (three kernels a layer). This script compiles the same greedy decoding loop
+(``benchprograms.decode_program``: 64 steps a call, per-layer weights with q, k, v, g joined, as
+``generate`` runs it) both ways, for each batch and projection implementation, times them beside each
+other, and compares their results after one call from the same state (tokens agreeing, the state's
+relative error: bf16 steps that round k and the rotated q and k differently).
+
+    python -m experiments.ab_joined_step --batches=1,8,64 --projections=auto,pallas
+
+prints a markdown table (ms per step, the joined step's ratio to the other). On a CPU it runs the tiny
+preset through the interpreted kernel (a smoke test of the script only).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from experiments import benchlib as bl
+from experiments import benchprograms as bp
+from retnet_jax.ops import dispatch
+
+MODEL = flags.DEFINE_string("model", "paper-1.3b", "Model preset (tiny on a CPU).")
+BATCHES = flags.DEFINE_string("batches", "1,8,64", "Batches.")
+CONTEXT = flags.DEFINE_integer(
+    "context", 8192, "The state's position (the step's work does not depend on it)."
+)
+STEPS = flags.DEFINE_integer("decode_steps", 64, "Greedy steps per timed call.")
+PROJECTIONS = flags.DEFINE_list("projections", ["auto", "pallas"], "The projections' implementations.")
+
+
+def _run(batch: int, projections: str, joined: bool, gpu: bool):
+    """(median ms per step, the tokens and state after one call) of the loop with the flag set so."""
+    # The layer asks dispatch.joined_kernel when the step is traced: one program per setting.
+    choose = dispatch.joined_kernel if joined else (lambda *args, **kwargs: False)
+    model_name = MODEL.value if gpu else "tiny"
+    dtype = "bfloat16" if gpu else "float32"
+    impl = "auto" if gpu else "pallas"  # "pallas" on a CPU: the interpreted kernels
+    model, decoder, variables = bp.decode_model(f"retnet@{impl}/{projections}", model_name, dtype)
+    state = bp.decode_state(model, batch, CONTEXT.value, extra_slots=STEPS.value)
+    token = jnp.zeros((batch,), jnp.int32)
+    steps = STEPS.value if gpu else 2
+    original, dispatch.joined_kernel = dispatch.joined_kernel, choose
+    try:
+        compiled, _, _ = bl.compile_timed(bp.decode_program(decoder, steps), variables, token, state)
+    finally:
+        dispatch.joined_kernel = original
+    result = jax.block_until_ready(compiled(variables, token, state))
+    timing = bl.time_calls(lambda: compiled(variables, token, state), repeats=5 if gpu else 1)
+    return float(np.median(timing.samples)) * 1e3 / steps, result
+
+
+def main(argv):
+    del argv
+    gpu = jax.default_backend() == "gpu"
+    model = MODEL.value if gpu else "tiny"
+    print(f"Device: {jax.devices()[0].device_kind}, jax {jax.__version__}; model {model}\n")
+    print("| projections | B | joined ms/step | split ms/step | ratio | tokens agree | state rel err |")
+    print("|---|---|---|---|---|---|---|")
+    for projections in PROJECTIONS.value:
+        for batch in bl.int_list(BATCHES.value):
+            ms_joined, (tokens_joined, state_joined) = _run(batch, projections, True, gpu)
+            ms_split, (tokens_split, state_split) = _run(batch, projections, False, gpu)
+            agree = float(np.mean(np.asarray(tokens_joined) == np.asarray(tokens_split)))
+            error = bl.rel_error(state_joined.kv.astype(jnp.float32), state_split.kv.astype(jnp.float32))
+            print(
+                f"| {projections} | {batch} | {ms_joined:.3f} | {ms_split:.3f} | {ms_joined / ms_split:.3f} "
+                f"| {agree:.2f} | {error:.1e} |"
+            )
+
+
+if __name__ == "__main__":
+    app.run(main)
