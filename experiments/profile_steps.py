@@ -49,7 +49,7 @@ _TOP = flags.DEFINE_integer("top", 12, "Kernels listed per program.")
 KINDS = (
     ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "matmul", "dot")),
     ("attention (cuDNN)", ("cudnn", "fmha", "flash")),
-    ("Pallas / Triton", ("triton", "_kernel", "pallas")),
+    ("Pallas / Triton", ("triton", "_kernel", "pallas")),  # a Pallas kernel is named by its function
     ("copy / memset", ("memcpy", "memset", "copy")),
 )
 

@@ -126,7 +126,7 @@ def _kernel(factors_ref, q_ref, k_ref, v_ref, kv_ref, o_ref, out_ref, *, layer_r
         out_ref[layer] = state.astype(out_ref.dtype)
 
 
-def _with_layer(factors_ref, layer_ref, *refs):
+def _kernel_with_layer(factors_ref, layer_ref, *refs):
     _kernel(factors_ref, *refs, layer_ref=layer_ref)
 
 
@@ -150,7 +150,7 @@ def launch(factors, q, k, v, kv, layer=None, *, interpret: bool = False):
     else:  # every layer of the tile's columns is in the block; the kernel indexes its layer
         layers = kv.shape[0]
         state = pl.BlockSpec((layers, None, None, key_dim, block_v), lambda t, h, b: (0, b, h, 0, t))
-        body, extra, extra_specs = _with_layer, (layer,), [pl.BlockSpec((1,), lambda t, h, b: (0,))]
+        body, extra, extra_specs = _kernel_with_layer, (layer,), [pl.BlockSpec((1,), lambda t, h, b: (0,))]
     params = {} if interpret else dict(compiler_params=common.compiler_params(NUM_WARPS, 1))
     aliased = 1 + len(extra) + 3  # the state's operand index (factors, [layer], q, k, v, kv)
     return pl.pallas_call(
