@@ -46,10 +46,11 @@ def _run(batch: int, projections: str, joined: bool, gpu: bool):
     token = jnp.zeros((batch,), jnp.int32)
     steps = STEPS.value if gpu else 2
     original, dispatch.joined_kernel = dispatch.joined_kernel, choose
+    switch, dispatch.AUTO_JOINED_KERNEL = dispatch.AUTO_JOINED_KERNEL, True  # "auto" measured either way
     try:
         compiled, _, _ = bl.compile_timed(bp.decode_program(decoder, steps), variables, token, state)
     finally:
-        dispatch.joined_kernel = original
+        dispatch.joined_kernel, dispatch.AUTO_JOINED_KERNEL = original, switch
     result = jax.block_until_ready(compiled(variables, token, state))
     timing = bl.time_calls(lambda: compiled(variables, token, state), repeats=5 if gpu else 1)
     return float(np.median(timing.samples)) * 1e3 / steps, result

@@ -361,8 +361,9 @@ def recurrent_step(
 # Whether "auto" takes the joined projection into the decode kernel where the decode kernel runs. It does
 # the decode kernel's work plus loads of a few hundred values per program, and removes the three XLA
 # kernels between the product and the step (~4 µs a layer at paper-1.3b B1 on the H200, 2026-12-02
-# profile); not yet measured on its own (experiments/profile_steps.py --targets=decode).
-AUTO_JOINED_KERNEL = True
+# profile). Off until measured on its own (experiments/ab_joined_step.py, the same loop with and without
+# it; experiments/profile_steps.py --targets=decode).
+AUTO_JOINED_KERNEL = False
 
 
 def joined_kernel(
