@@ -428,23 +428,31 @@ def matmul(
             f"w {w.shape} {w.dtype}."
         )
     shape = (x.shape[0], x.shape[1], w.shape[1], w.dtype)
-    if tiles is None:
-        tiles = plan(*shape)
-        if isinstance(tiles, str):
-            raise ValueError(f"skinny.matmul cannot run {tiles}; use XLA's product.")
-    else:
-        tiles = Plan(*tiles)
-        reason = check(tiles, *shape)
-        if reason is not None:
-            raise ValueError(
-                f"skinny.matmul: the plan {tiles} does not fit x {x.shape} @ w {w.shape}: {reason}. "
-                "Leave tiles=None for plan()'s, or pick one of candidates()."
-            )
+    tiles = resolve_plan("skinny.matmul", tiles, shape, plan, check, Plan, f"x {x.shape} @ w {w.shape}")
     _check_epilogue(x.shape[0], w.shape[1], output_bias, activation, residual)
     affine, prologue = (), None
     if norm is not None:
         affine, prologue = _check_norm(norm, x, scale, bias), Prologue(norm, float(eps))
     return _product(x, w, affine, output_bias, residual, prologue, activation, tiles, interpret)
+
+
+def resolve_plan(name: str, tiles, shape: tuple, plan_of, check_of, plan_type, operands: str):
+    """The plan a product runs: ``plan_of(*shape)`` where ``tiles`` is None, else ``tiles`` as
+    ``plan_type`` once ``check_of`` accepts it; a ValueError naming the product (``name``, ``operands``)
+    and the fix otherwise. (One rule for both weight layouts: ``skinny`` and ``skinny_nd``.)"""
+    if tiles is None:
+        tiles = plan_of(*shape)
+        if isinstance(tiles, str):
+            raise ValueError(f"{name} cannot run {tiles}; use XLA's product.")
+        return tiles
+    tiles = plan_type(*tiles)
+    reason = check_of(tiles, *shape)
+    if reason is not None:
+        raise ValueError(
+            f"{name}: the plan {tiles} does not fit {operands}: {reason}. "
+            "Leave tiles=None for plan()'s, or pick one of candidates()."
+        )
+    return tiles
 
 
 def _check_epilogue(rows: int, n: int, bias, activation, residual):

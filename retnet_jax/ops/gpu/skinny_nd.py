@@ -297,18 +297,8 @@ def matmul(
             f"w {w.shape} {w.dtype}."
         )
     shape = (x.shape[0], x.shape[1], w.shape[0], w.dtype)
-    if tiles is None:
-        tiles = plan(*shape)
-        if isinstance(tiles, str):
-            raise ValueError(f"skinny_nd.matmul cannot run {tiles}; use XLA's product.")
-    else:
-        tiles = Plan(*tiles)
-        reason = check(tiles, *shape)
-        if reason is not None:
-            raise ValueError(
-                f"skinny_nd.matmul: the plan {tiles} does not fit x {x.shape} @ w {w.shape}ᵀ: {reason}. "
-                "Leave tiles=None for plan()'s, or pick one of candidates()."
-            )
+    operands = f"x {x.shape} @ w {w.shape}ᵀ"
+    tiles = skinny.resolve_plan("skinny_nd.matmul", tiles, shape, plan, check, Plan, operands)
     _check_epilogue(x.shape[0], w.shape[0], output_bias, activation, residual)
     affine, prologue = (), None
     if norm is not None:
