@@ -98,11 +98,18 @@ def kernel_rows(implementation: str) -> int:
 def uses_kernel(implementation: str, rows: int, d: int, n: int, dtype, *, transposed: bool = False) -> bool:
     """Whether ``project`` runs the few-row kernel for x [rows, d] @ w [d, n] (``transposed``: w stored
     [n, d], ``skinny_nd``'s)."""
-    if not may_use_kernel(implementation) or rows > skinny.MAX_ROWS:
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"project: unknown implementation {implementation!r}; expected one of {IMPLEMENTATIONS}."
+        )
+    # The shape's rules first: a call they rule out never asks for the backend (which starts it).
+    if rows > skinny.MAX_ROWS or implementation == "xla":
         return False
     if implementation == "auto" and (
         rows > AUTO_MAX_ROWS or d * n * jnp.dtype(dtype).itemsize > AUTO_MAX_WEIGHT_BYTES
     ):
+        return False
+    if not may_use_kernel(implementation):
         return False
     return not isinstance((skinny_nd if transposed else skinny).plan(rows, d, n, dtype), str)
 
