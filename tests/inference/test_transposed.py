@@ -52,8 +52,10 @@ def lms():
     return {name: _model(config) for name, config in CONFIGS.items()}
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
-@pytest.mark.parametrize("projections", ["pallas", "xla"])
+# XLA's products on transposed kernels once (the projections' code is the architectures' common part)
+@pytest.mark.parametrize(
+    ("name", "projections"), [("retnet", "pallas"), ("transformer", "pallas"), ("retnet", "xla")]
+)
 def test_generate_with_transposed_kernels_equals_without(lms, name, projections):
     model, variables = lms[name]
     model = model.clone(projections=projections)
@@ -67,7 +69,7 @@ def test_generate_with_transposed_kernels_equals_without(lms, name, projections)
     np.testing.assert_allclose(results[0].logprobs, results[1].logprobs, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", ["retnet"])  # the Transformer's projections are the same modules
 def test_a_bfloat16_step_with_transposed_kernels_equals_without(name):
     config = CONFIGS[name].replace(dtype="bfloat16", param_dtype="bfloat16")
     model, variables = _model(config)
