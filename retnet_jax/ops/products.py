@@ -72,14 +72,18 @@ AUTO_MAX_ROWS = 1
 AUTO_MAX_WEIGHT_BYTES = 128 << 20
 
 
-def may_use_kernel(implementation: str) -> bool:
-    """Whether ``implementation`` runs the few-row kernel on this backend for some shapes (a decoding
-    step's few rows): "pallas" anywhere, "auto" on one GPU with Triton (for the rows and weights that
-    ``AUTO_MAX_ROWS`` and ``AUTO_MAX_WEIGHT_BYTES`` allow)."""
+def _check_implementation(implementation: str):
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"project: unknown implementation {implementation!r}; expected one of {IMPLEMENTATIONS}."
         )
+
+
+def may_use_kernel(implementation: str) -> bool:
+    """Whether ``implementation`` runs the few-row kernel on this backend for some shapes (a decoding
+    step's few rows): "pallas" anywhere, "auto" on one GPU with Triton (for the rows and weights that
+    ``AUTO_MAX_ROWS`` and ``AUTO_MAX_WEIGHT_BYTES`` allow)."""
+    _check_implementation(implementation)
     if implementation == "xla" or (implementation == "auto" and AUTO_MAX_ROWS < 1):
         return False
     return implementation == "pallas" or not (
@@ -98,10 +102,7 @@ def kernel_rows(implementation: str) -> int:
 def uses_kernel(implementation: str, rows: int, d: int, n: int, dtype, *, transposed: bool = False) -> bool:
     """Whether ``project`` runs the few-row kernel for x [rows, d] @ w [d, n] (``transposed``: w stored
     [n, d], ``skinny_nd``'s)."""
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(
-            f"project: unknown implementation {implementation!r}; expected one of {IMPLEMENTATIONS}."
-        )
+    _check_implementation(implementation)
     # The shape's rules first: a call they rule out never asks for the backend (which starts it).
     if rows > skinny.MAX_ROWS or implementation == "xla":
         return False
