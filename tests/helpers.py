@@ -2,6 +2,7 @@
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 # Normwise relative error ‖a − b‖ / ‖b‖ allowed between two forms of the same function.
@@ -33,3 +34,22 @@ def assert_logical_axes(variables):
     assert boxed and all(isinstance(x, nn.Partitioned) for x in boxed)
     for x in boxed:
         assert len(x.names) == len(x.value.shape), x
+
+
+def random_variables(model, seed: int, scale: float = 0.1):
+    """The model's unboxed variables with every parameter random (a zero bias would hide a misplaced one):
+    its initialization (key ``seed``) plus N(0, scale²) noise (keys from ``seed + 1``), in one compiled
+    program (run eagerly, each operation would compile apart)."""
+
+    @jax.jit
+    def make(init_key, noise_key):
+        variables = nn.unbox(model.init(init_key, jnp.zeros((1, 4), jnp.int32)))
+        leaves, tree = jax.tree.flatten(variables)
+        keys = jax.random.split(noise_key, len(leaves))
+        noisy = [
+            (x + scale * jax.random.normal(k, x.shape)).astype(x.dtype)
+            for x, k in zip(leaves, keys, strict=True)
+        ]
+        return jax.tree.unflatten(tree, noisy)
+
+    return make(jax.random.key(seed), jax.random.key(seed + 1))

@@ -268,7 +268,7 @@ def test_the_timed_decode_loop_reads_no_slice_of_the_stacked_weights():
 
     config = RetNetConfig.preset("tiny")
     model = DecoderLM(config)
-    variables = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+    variables = nn.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
     args = (variables, jnp.zeros((1,), jnp.int32), config.init_state(1, max_length=16))
     slices = {}
     for unstack in (True, False):

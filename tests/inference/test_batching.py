@@ -50,7 +50,7 @@ SETTINGS = [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.8, 5, 1.0), (1.3, 0, 0.8)]
 @pytest.fixture(scope="module", params=list(CONFIGS))
 def lm(request):
     model = DecoderLM(CONFIGS[request.param])
-    return model, model.init(jax.random.key(1), jnp.zeros((1, 4), jnp.int32))
+    return model, jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 4), jnp.int32))
 
 
 def _alone(lm, prompt, max_new, stops=()):
@@ -313,7 +313,7 @@ def test_rows_through_the_decode_kernel_equal_generate_alone():
     """The rows' decoding steps through the fused decode kernel (interpreted here; what "auto" runs on a
     GPU), rows at different positions refilled as they free: each request's tokens are generate's alone."""
     model = DecoderLM(TINY)
-    variables = model.init(jax.random.key(1), jnp.zeros((1, 4), jnp.int32))
+    variables = jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 4), jnp.int32))
     kernel = (model.clone(implementation="pallas"), variables)
     requests = [Request(200 + i, prompt, max_new) for i, (prompt, max_new) in enumerate(SHAPES[1:4])]
     tokens, reasons, _, _ = _serve(kernel, requests, rows=2)

@@ -32,7 +32,7 @@ SAMPLING = dict(temperature=1.0, top_p=0.9)
 
 def _lm(name):
     model = DecoderLM(CONFIGS[name])
-    return model, model.init(jax.random.key(1), jnp.zeros((1, 4), jnp.int32))
+    return model, jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 4), jnp.int32))
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ from retnet_jax.models.lm import fuse_input_projections
 from retnet_jax.nn.projection import fuse_projections
 from retnet_jax.ops.gpu import skinny
 from retnet_jax.training.tokenizers import ByteTokenizer
+from tests.helpers import random_variables
 
 TINY = RetNetConfig.preset("tiny")
 CONFIGS = {"retnet": TINY, "transformer": TransformerConfig.matching(TINY)}
@@ -44,13 +45,7 @@ def lms():
     out = {}
     for name, config in CONFIGS.items():
         model = DecoderLM(config.replace(use_bias=True), projections="xla")
-        variables = jax.jit(lambda key, model=model: nn.unbox(model.init(key, jnp.zeros((1, 4), jnp.int32))))(
-            jax.random.key(1)
-        )
-        leaves, tree = jax.tree.flatten(variables)
-        keys = jax.random.split(jax.random.key(2), len(leaves))
-        noise = [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
-        out[name] = model, jax.tree.unflatten(tree, noise)
+        out[name] = model, random_variables(model, 1)
     return out
 
 

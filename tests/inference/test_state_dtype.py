@@ -27,7 +27,7 @@ BF16_STATE_MIN_ERROR = 1e-4
 @pytest.fixture(scope="module")
 def lm():
     model = DecoderLM(TINY)
-    return model, model.init(jax.random.key(1), jnp.zeros((1, 4), jnp.int32))
+    return model, jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 4), jnp.int32))
 
 
 def _teacher_forced(lm, state_dtype):

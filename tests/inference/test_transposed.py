@@ -23,6 +23,7 @@ from retnet_jax.models import DecoderLM, RetNetConfig, TransformerConfig
 from retnet_jax.nn.projection import TRANSPOSED_KERNEL
 from retnet_jax.ops import products
 from retnet_jax.training.tokenizers import ByteTokenizer
+from tests.helpers import random_variables
 
 TINY = RetNetConfig.preset("tiny").replace(use_bias=True)
 CONFIGS = {"retnet": TINY, "transformer": TransformerConfig.matching(TINY)}
@@ -36,15 +37,7 @@ BF16_TOLERANCE = 2**-5
 def _model(config, projections="pallas", seed=1):
     """The model and its variables, every parameter random (zero biases would hide a misplaced one)."""
     model = DecoderLM(config, projections=projections)
-    variables = jax.jit(lambda key: nn.unbox(model.init(key, jnp.zeros((1, 4), jnp.int32))))(
-        jax.random.key(seed)
-    )
-    leaves, tree = jax.tree.flatten(variables)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    noise = [
-        (x + 0.1 * jax.random.normal(k, x.shape)).astype(x.dtype) for x, k in zip(leaves, keys, strict=True)
-    ]
-    return model, jax.tree.unflatten(tree, noise)
+    return model, random_variables(model, seed)
 
 
 @pytest.fixture(scope="module")

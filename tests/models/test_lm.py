@@ -66,7 +66,7 @@ BOTH = ["retnet", "transformer"]
 
 def _init(name):
     # The parameters depend on the config and the key, not on the tokens' shape.
-    return DecoderLM(CONFIGS[name]).init(jax.random.key(1), jnp.zeros((1, 1), jnp.int32))
+    return jax.jit(DecoderLM(CONFIGS[name]).init)(jax.random.key(1), jnp.zeros((1, 1), jnp.int32))
 
 
 @functools.cache
@@ -232,12 +232,12 @@ def test_scan_remat_and_unrolling_do_not_change_the_function(name):
     layers = params.pop("layers")
     for i in range(model.config.num_layers):
         params[f"layers_{i}"] = jax.tree.map(lambda a, i=i: a[i], layers)
-    full, _ = model.apply(variables, tokens)
+    full, _ = jax.jit(model.apply)(variables, tokens)
     for loop in (
         DecoderLM(model.config, scan_layers=False),
         DecoderLM(model.config, scan_layers=False, remat=True),
     ):
-        assert relative_error(loop.apply({"params": params}, tokens)[0], full) < 1e-6
+        assert relative_error(jax.jit(loop.apply)({"params": params}, tokens)[0], full) < 1e-6
 
     # The one-token step unrolled or looped over the layers.
     _, state = _apply(model, variables, tokens, _empty(model))
@@ -254,7 +254,7 @@ def test_bf16_compute_keeps_params_in_float32(name):
     config = CONFIGS[name].replace(dtype="bfloat16")
     model = DecoderLM(config)
     tokens = jax.random.randint(jax.random.key(0), (2, 20), 0, config.vocab_size)
-    variables = model.init(jax.random.key(1), tokens)
+    variables = jax.jit(model.init)(jax.random.key(1), tokens)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nn.unbox(variables)))
     state = config.init_state(2, max_length=MAX_LENGTH)
     logits, state = _apply(model, variables, tokens, state, mode="chunkwise", chunk_size=8)
@@ -262,7 +262,7 @@ def test_bf16_compute_keeps_params_in_float32(name):
     # The recurrent state is float32 whatever the compute dtype; a KV cache holds the compute dtype.
     expected = jnp.float32 if name == "retnet" else jnp.bfloat16
     assert all(a.dtype == expected for a in _arrays(state))
-    reference, _ = DecoderLM(CONFIGS[name]).apply(variables, tokens)
+    reference, _ = jax.jit(DecoderLM(CONFIGS[name]).apply)(variables, tokens)
     # bf16 activations through 2 blocks: measured ≈ 1e-2 normwise against float32.
     assert relative_error(logits, reference) < 5e-2
 
@@ -271,11 +271,12 @@ def test_bf16_compute_keeps_params_in_float32(name):
 def test_dropout_is_active_only_when_asked(name):
     model = DecoderLM(CONFIGS[name].replace(dropout=0.5))
     tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, RETNET.vocab_size)
-    variables = model.init(jax.random.key(1), tokens)
-    a, _ = model.apply(variables, tokens)
-    b, _ = model.apply(variables, tokens)
+    variables = jax.jit(model.init)(jax.random.key(1), tokens)
+    apply = jax.jit(model.apply, static_argnames="deterministic")
+    a, _ = apply(variables, tokens)
+    b, _ = apply(variables, tokens)
     np.testing.assert_array_equal(a, b)
-    c, _ = model.apply(variables, tokens, deterministic=False, rngs={"dropout": jax.random.key(3)})
+    c, _ = apply(variables, tokens, deterministic=False, rngs={"dropout": jax.random.key(3)})
     assert float(jnp.max(jnp.abs(c - a))) > 1e-3
 
 

@@ -36,7 +36,7 @@ def _loss(model):
 
 
 def _variables(config):
-    return DecoderLM(config).init(jax.random.key(1), TOKENS)
+    return jax.jit(DecoderLM(config).init)(jax.random.key(1), TOKENS)
 
 
 def _backward_program(config, remat, tokens=TOKENS, **run_options):

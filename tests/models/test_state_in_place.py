@@ -29,7 +29,7 @@ def _compiled_text(fn, *args) -> str:
 @pytest.fixture(scope="module")
 def variables():
     model = DecoderLM(TINY)
-    return model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+    return jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
 
 
 @pytest.mark.parametrize("unroll", [True, False])

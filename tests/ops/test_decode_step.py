@@ -200,8 +200,8 @@ def test_model_decoding_through_the_kernel_equals_xla(state_dtype):
     config = RetNetConfig.preset("tiny")
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (2, 5)), jnp.int32)
     prefill_model = RetNetLM(config, mode="chunkwise", chunk_size=4, implementation="xla")
-    variables = prefill_model.init(jax.random.key(0), tokens)
-    _, prompt_state = prefill_model.apply(
+    variables = jax.jit(prefill_model.init)(jax.random.key(0), tokens)
+    _, prompt_state = jax.jit(prefill_model.apply)(
         variables, tokens, state=config.init_state(2, state_dtype=state_dtype)
     )
     results = {}

@@ -171,7 +171,7 @@ def test_model_with_pallas_retention_equals_xla():
     config = RetNetConfig.preset("tiny")
     tokens = jax.random.randint(jax.random.key(0), (2, 40), 0, config.vocab_size)
     model = RetNetLM(config, mode="chunkwise", chunk_size=16)
-    variables = model.init(jax.random.key(1), tokens)
+    variables = jax.jit(model.init)(jax.random.key(1), tokens)
     logits = {}
     for impl in ("xla", "pallas"):  # ("auto" is XLA off the GPU: test_auto_follows_the_table)
         model = RetNetLM(config, mode="chunkwise", chunk_size=16, implementation=impl)
@@ -307,7 +307,7 @@ def test_what_the_kernels_cannot_run_is_an_error():
     assert "chunk_size = 12" in plan_lib.make(16, 16, 12, jnp.float32)
     with pytest.raises(ValueError, match="unknown implementation 'cuda'"):
         model = RetNetLM(RetNetConfig.preset("tiny"), mode="chunkwise", implementation="cuda")
-        model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+        jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
     # Any chunk size runs: the kernels take the nearest power of two in [16, 128].
     assert [dispatch.kernel_chunk(c) for c in (1, 16, 24, 64, 512)] == [16, 16, 16, 64, 128]
     o, _ = retention.chunkwise(q, q, q, log_decay, chunk_size=5, implementation="pallas")
