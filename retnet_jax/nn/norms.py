@@ -48,24 +48,43 @@ class Norm(nn.Module):
 
 
 class HeadNorm(nn.Module):
-    """Per-head norm over V of the retention output [B, T, H, V], in float32 (returned in float32).
+    """Per-head norm over V of the retention output [B, T, H, V], in float32 (returned in float32); with a
+    gate, retention's swish(g) ⊙ norm, in ``dtype``.
 
     "rms": RMSNorm without weight (torchscale v2); "layernorm": LayerNorm without affine (paper's
     GroupNorm); "rms_weight": RMSNorm with a weight [V] shared by the heads (fla).
+
+    Attributes:
+        kind, eps, param_dtype: the norm and its weight's dtype.
+        dtype: the gated output's dtype (the compute dtype).
+        defer: the implementation of the output projection that takes the gated output
+            (``ops.products``), which contracts [H, V]. Where it may run the few-row kernel, the gated
+            norm is returned not yet computed (``ops.norms.Normed`` with the gate) for the kernel's
+            prologue; the projection materializes it where it does not. "xla" (the default): always the
+            computed array.
     """
 
     kind: str = "rms"
     eps: float = 1e-6
     param_dtype: jnp.dtype = jnp.float32
+    dtype: jnp.dtype = jnp.float32
+    defer: str = "xla"
 
     @nn.compact
-    def __call__(self, o):  # [B, T, H, V]
-        if self.kind == "layernorm":
-            return layer_normalize(o, self.eps)
-        y = rms_normalize(o, self.eps)
+    def __call__(self, o, gate=None):
+        """o [B, T, H, V] → the norm [B, T, H, V] in float32; with ``gate`` [B, T, H, V], swish(gate) ⊙ the
+        norm in ``dtype`` (or a ``Normed`` of it: ``defer``)."""
+        scale = None
         if self.kind == "rms_weight":
-            width = o.shape[-1]
-            y = y * self.param(
-                "scale", partitioned(nn.initializers.ones, HEAD_DIM), (width,), self.param_dtype
-            )
-        return y
+            init = partitioned(nn.initializers.ones, HEAD_DIM)
+            scale = self.param("scale", init, (o.shape[-1],), self.param_dtype)
+        if gate is None:
+            if self.kind == "layernorm":
+                return layer_normalize(o, self.eps)
+            y = rms_normalize(o, self.eps)
+            return y if scale is None else y * scale
+        kind = "layernorm" if self.kind == "layernorm" else "rmsnorm"
+        normed = Normed(o, scale, None, kind, self.eps, self.dtype, gate=gate)
+        if self.defer != "xla" and products.defers_norm(self.defer, normed, in_axes=2):
+            return normed
+        return normed.materialize()

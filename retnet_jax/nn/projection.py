@@ -43,7 +43,8 @@ class Projection(nn.Module):
         implementation: how the product runs (``ops.products``): "xla", or "auto" / "pallas" for the
             few-row kernel in calls of a decoding step's few rows.
 
-    The input may be a block norm not yet computed (``ops.norms.Normed``, from ``Norm(defer=...)``): the
+    The input may be a norm not yet computed (``ops.norms.Normed``, from ``Norm(defer=...)`` or, gated,
+    from ``HeadNorm(defer=...)``, normalized over its last axis): the
     kernel's prologue computes it where the kernel runs; elsewhere it is materialized first. A call may
     also take the activation and the residual that follow the product (``__call__``).
     """
@@ -65,7 +66,7 @@ class Projection(nn.Module):
         """x [..., *in] → act(x W + b) + residual [..., *features] in the compute dtype.
 
         Args:
-            x: [..., *in], or a block norm of it not yet computed (``ops.norms.Normed``).
+            x: [..., *in], or a norm of it not yet computed (``ops.norms.Normed``).
             activation: a key of ``ops.products.ACTIVATIONS`` or None, applied in float32 after the bias.
             residual: [..., *features] or None, added last.
 
@@ -91,8 +92,8 @@ class Projection(nn.Module):
             )
         n = math.prod(self.features)
         layout = dict(transposed=transposed)
-        if isinstance(x, Normed):  # the block norm, left to the kernel's prologue if this call runs it
-            if n_in == 1 and products.fuses_norm(self.implementation, x, n, self.dtype, **layout):
+        if isinstance(x, Normed):  # a (block or head) norm: left to the kernel's prologue if it runs
+            if products.fuses_norm(self.implementation, x, n, self.dtype, in_axes=n_in, **layout):
                 kernel = kernel.astype(self.dtype)
                 return self._through_kernel(x, kernel, n_in, activation, residual, transposed)
             x = x.materialize()

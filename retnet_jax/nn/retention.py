@@ -11,7 +11,6 @@ the kernel choice, ``rotation``). It is the RetNet's token mixer, called as ever
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from retnet_jax.nn.axes import EMBED, HEAD_DIM, HEADS
@@ -149,8 +148,17 @@ class MultiScaleRetention(nn.Module):
                 state = stack.current()
             o, state = self._retention(q, k, v, state, segment_ids)  # [B, T, H, V]
         o = name_token_mixing(o)
-        o = HeadNorm(self.head_norm, self.head_norm_eps, self.param_dtype, name="head_norm")(o)
-        o = (jax.nn.swish(g.astype(o.dtype)) * o).astype(self.dtype)
+        # swish(g) ⊙ HeadNorm(o) in the compute dtype; left to the output projection's kernel where it
+        # runs one (a decoding step's few rows), so that no XLA kernel runs between the step and it.
+        head_norm = HeadNorm(
+            self.head_norm,
+            self.head_norm_eps,
+            self.param_dtype,
+            dtype=self.dtype,
+            defer=self.projections,
+            name="head_norm",
+        )
+        o = head_norm(o, g)
         y = Projection(
             (x.shape[-1],),
             (HEADS, HEAD_DIM),

@@ -17,7 +17,9 @@ The model's ``projections`` (``DecoderLM``) reaches here.
 A projection's input may be a block norm not yet computed (``ops.norms.Normed``): where the kernel runs, its
 prologue normalizes the rows (``skinny.matmul(norm=...)``) and no separate norm runs; elsewhere the norm is
 materialized first, exactly as the norm layer computes it. ``defers_norm`` says where a norm may be left
-to the kernel (a decoding step's few rows), ``fuses_norm`` where one projection takes it.
+to the kernel (a decoding step's few rows), ``fuses_norm`` where one projection takes it. Retention's head
+norm and gate are one too (``Normed(gate=...)`` over [..., H, V], normalized over V): its output
+projection, which contracts [H, V], computes them in the prologue (``skinny.matmul(group=V, gate=...)``).
 
 A projection's kernel may be stored transposed, [*out, *in] instead of [*in, *out] (``transposed=True``; a
 decoding loop's prepared weights, ``inference.decoding.LMDecoder``): the kernel is then
@@ -115,31 +117,41 @@ def uses_kernel(implementation: str, rows: int, d: int, n: int, dtype, *, transp
     return not isinstance((skinny_nd if transposed else skinny).plan(rows, d, n, dtype), str)
 
 
-def _norm_dtypes_taken(normed: Normed) -> bool:
-    """Whether the kernel's prologue computes this norm as ``ops.norms.normalize`` does: inputs and
-    parameters of dtypes the kernel takes, so that the statistics and affine are float32 there too."""
-    arrays = (normed.x, normed.scale) + (() if normed.bias is None else (normed.bias,))
-    return all(jnp.dtype(a.dtype) in common.DTYPES for a in arrays)
+def _prologue_taken(normed: Normed, d: int) -> bool:
+    """Whether the kernel's prologue computes this norm as ``ops.norms.normalize`` does: inputs, parameters
+    and gate of dtypes the kernel takes, so that the statistics and affine are float32 there too, and
+    groups (its last axis) of a multiple of 16 columns within the d contracted."""
+    arrays = (normed.x, normed.scale, normed.bias, normed.gate)
+    group = normed.shape[-1]
+    taken = all(jnp.dtype(a.dtype) in common.DTYPES for a in arrays if a is not None)
+    return taken and group % 16 == 0 and d % group == 0
 
 
-def defers_norm(implementation: str, normed: Normed) -> bool:
-    """Whether a norm of these rows may be left to the projections that take it: they may run the kernel
-    (at most ``skinny.MAX_ROWS`` rows through it; whether a given projection does also depends on its N,
-    ``fuses_norm``), and its prologue computes the norm in float32 as XLA would."""
-    rows, d = math.prod(normed.shape[:-1]), normed.shape[-1]
+def _rows_and_width(normed: Normed, in_axes: int) -> tuple[int, int]:
+    return math.prod(normed.shape[: normed.ndim - in_axes]), math.prod(normed.shape[normed.ndim - in_axes :])
+
+
+def defers_norm(implementation: str, normed: Normed, *, in_axes: int = 1) -> bool:
+    """Whether a norm of these rows may be left to the projections that take it (contracting its last
+    ``in_axes`` axes): they may run the kernel (at most ``skinny.MAX_ROWS`` rows through it; whether a
+    given projection does also depends on its N, ``fuses_norm``), and its prologue computes the norm in
+    float32 as XLA would."""
+    rows, d = _rows_and_width(normed, in_axes)
     # N = 16: the widths the kernel takes are multiples of 16, so this asks about everything but N.
-    return uses_kernel(implementation, rows, d, 16, normed.dtype) and _norm_dtypes_taken(normed)
+    return uses_kernel(implementation, rows, d, 16, normed.dtype) and _prologue_taken(normed, d)
 
 
-def fuses_norm(implementation: str, normed: Normed, n: int, dtype, *, transposed: bool = False) -> bool:
-    """Whether ``project(normed, kernel, 1, ...)`` with a kernel [D, N] of ``dtype`` (its N outputs
-    flattened; [N, D] if ``transposed``) runs the norm inside the kernel; else it materializes the norm
-    first."""
-    rows, d = math.prod(normed.shape[:-1]), normed.shape[-1]
+def fuses_norm(
+    implementation: str, normed: Normed, n: int, dtype, *, in_axes: int = 1, transposed: bool = False
+) -> bool:
+    """Whether ``project(normed, kernel, in_axes, ...)`` with a kernel [*in, *out] of ``dtype`` (its N
+    outputs flattened; [*out, *in] if ``transposed``) runs the norm inside the kernel; else it
+    materializes the norm first."""
+    rows, d = _rows_and_width(normed, in_axes)
     return (
         jnp.dtype(dtype) == jnp.dtype(normed.dtype)
         and uses_kernel(implementation, rows, d, n, dtype, transposed=transposed)
-        and _norm_dtypes_taken(normed)
+        and _prologue_taken(normed, d)
     )
 
 
@@ -180,8 +192,8 @@ def project(
 
     Args:
         x: the inputs; their last ``in_axes`` axes are contracted. Or a norm of them not yet computed
-            (``ops.norms.Normed``, one contracted axis): computed in the kernel's prologue where the kernel
-            runs, else materialized first.
+            (``ops.norms.Normed``, normalized over its last axis): computed in the kernel's prologue where
+            the kernel runs, else materialized first.
         kernel: the weights, [*in, *out], or [*out, *in] where ``transposed`` (``skinny_nd``'s kernel), in
             x's dtype.
         in_axes: how many axes of ``kernel`` are contracted (its leading ones; its trailing ones if
@@ -196,8 +208,8 @@ def project(
     d, n = math.prod(in_shape), math.prod(out_shape)
     finish = dict(bias=bias, activation=activation, residual=residual, transposed=transposed)
     if isinstance(x, Normed):
-        if n_in == 1 and fuses_norm(implementation, x, n, kernel.dtype, transposed=transposed):
-            return _kernel_product(x, kernel, 1, **finish)
+        if fuses_norm(implementation, x, n, kernel.dtype, in_axes=n_in, transposed=transposed):
+            return _kernel_product(x, kernel, n_in, **finish)
         x = x.materialize()
     rows = math.prod(x.shape[: x.ndim - n_in])
     if uses_kernel(implementation, rows, d, n, x.dtype, transposed=transposed):
@@ -226,15 +238,16 @@ def dense_dot_general(implementation: str):
 
 
 def _kernel_product(x, kernel, n_in: int, *, bias, activation, residual, transposed: bool):
-    """x [..., *in] (or normalize(x) through the kernel's prologue, n_in = 1) @ kernel [*in, *out] (or
-    [*out, *in], ``transposed``), and the epilogue, through the few-row kernel."""
+    """x [..., *in] (or normalize(x) through the kernel's prologue) @ kernel [*in, *out] (or [*out, *in],
+    ``transposed``), and the epilogue, through the few-row kernel."""
     batch_shape = x.shape[: x.ndim - n_in]
     out_shape = kernel.shape[: kernel.ndim - n_in] if transposed else kernel.shape[n_in:]
     rows, n = math.prod(batch_shape), math.prod(out_shape)
     d = kernel.size // n
     prologue = {}
-    if isinstance(x, Normed):
-        prologue = dict(norm=x.kind, scale=x.scale, bias=x.bias, eps=x.eps)
+    if isinstance(x, Normed):  # normalized over its last axis: groups of that many columns
+        gate = None if x.gate is None else x.gate.reshape(rows, d)
+        prologue = dict(norm=x.kind, scale=x.scale, bias=x.bias, eps=x.eps, gate=gate, group=x.shape[-1])
         x = x.x
     product = skinny_nd.matmul if transposed else skinny.matmul
     y = product(

@@ -26,6 +26,13 @@ LayerNorm's variance is that of the centred rows, as ``ops.norms``), then normal
 loads, applies the affine in float32 and casts to W's dtype before the product: ``ops.norms.normalize``'s
 numerics, up to the order of the statistics' float32 sums.
 
+The norm may also run over groups of columns and be gated (``matmul(group=, gate=)``): retention's head
+norm (over each head's V columns, a scale [V] shared by the heads or none) times swish(g), in front of its
+output projection, so that a decoding step runs no XLA kernel between the decode-step kernel and that
+product. Each BD step then lies in one group (BD divides it); a program computes a group's statistics
+before its first step in that group (over the group's columns, from L2), normalizes and scales each slice,
+multiplies it by swish of the gate's slice (float32) and casts.
+
 With an epilogue (``matmul(output_bias=, activation=, residual=)``) the output is act(x W + b) + r, computed
 in float32 on the accumulator before the one cast to W's dtype: an FFN's first layer (its bias and GELU or
 swish) or a block's last product (its bias and the residual stream) is then no XLA kernel of its own after
@@ -40,6 +47,7 @@ vjp (the product recomputed by XLA where the activation needs it) after them.
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -168,8 +176,10 @@ def candidates(rows: int, d: int, n: int, dtype) -> list[Plan]:
 class Prologue(NamedTuple):
     """The norm the kernel applies to x's rows before multiplying them (``ops.norms.normalize``)."""
 
-    kind: str  # "rmsnorm" (a scale) or "layernorm" (a scale and a bias)
+    kind: str  # "rmsnorm" or "layernorm"
     eps: float
+    group: int  # the columns each norm runs over: D (a block norm) or V (retention's per-head norm)
+    operands: tuple[str, ...]  # which of "scale" [group], "bias" [group], "gate" [M, D] it takes, in order
 
 
 # Elements of x a program loads per step of its statistics loop: few steps (one for a row of D ≤ 8192), in
@@ -186,16 +196,16 @@ def _statistics_block(rows: int, d: int, block_d: int) -> int:
     return width
 
 
-def _statistics(x_ref, prologue: Prologue, block: int):
-    """(mean, 1 / sqrt(var + eps)) of every row over all of D, [R, 1] float32 each (mean 0 for RMSNorm),
-    in steps of ``block`` columns.
+def _statistics(x_ref, prologue: Prologue, block: int, start=0):
+    """(mean, 1 / sqrt(var + eps)) of every row over the group of columns [start, start + group), [R, 1]
+    float32 each (mean 0 for RMSNorm), in steps of ``block`` columns.
 
     Every program computes them for itself: x is a few rows (at most 16 × D), read from L2 after the first.
     """
-    width = x_ref.shape[1]
+    width = prologue.group
 
     def chunk(i):
-        return x_ref[:, pl.ds(pl.multiple_of(i * block, block), block)].astype(jnp.float32)
+        return x_ref[:, pl.ds(pl.multiple_of(start + i * block, block), block)].astype(jnp.float32)
 
     def total(term):
         def step(i, acc):
@@ -236,6 +246,63 @@ def epilogue(acc, bias=None, activation: str | None = None, residual=None):
     return acc
 
 
+def prologue_loop(
+    x_ref,
+    operands,
+    prologue: Prologue | None,
+    *,
+    first,
+    steps: int,
+    block_d: int,
+    block_s: int,
+    dtype,
+    body,
+    init,
+):
+    """``body(d, acc, rows)`` over the BD-column steps first, …, first + steps − 1 of x (d: the step's first
+    column), acc carried from ``init``; rows: x's [R, BD] slice there, through the prologue if any
+    (normalized, scaled, shifted and gated in float32, cast to ``dtype``). (Both weight layouts' loop.)
+
+    A group's statistics are computed once per run of steps inside it: ``math.gcd(steps, group / BD)``
+    steps, which never straddle two groups (a program's first step is a multiple of ``steps``).
+    """
+
+    def columns(k):
+        return pl.multiple_of((first + k) * block_d, block_d)
+
+    if prologue is None:
+        return jax.lax.fori_loop(
+            0, steps, lambda k, acc: body(columns(k), acc, x_ref[:, pl.ds(columns(k), block_d)]), init
+        )
+    named = dict(zip(prologue.operands, operands, strict=True))
+    per_group = prologue.group // block_d
+    inner = math.gcd(steps, per_group)
+
+    def within_group(j, acc):
+        start = 0
+        if per_group * block_d != x_ref.shape[1]:  # several groups: the one holding step j · inner
+            start = pl.multiple_of(jax.lax.div(first + j * inner, per_group) * prologue.group, prologue.group)
+        mean, inverse = _statistics(x_ref, prologue, block_s, start)
+
+        def step(i, acc):
+            d = columns(j * inner + i)
+            rows = (x_ref[:, pl.ds(d, block_d)].astype(jnp.float32) - mean) * inverse
+            offset = pl.multiple_of(d - start, block_d)  # in the group: the scale's and bias's column
+            if "scale" in named:
+                rows = rows * named["scale"][:, pl.ds(offset, block_d)].astype(jnp.float32)
+            if "bias" in named:
+                rows = rows + named["bias"][:, pl.ds(offset, block_d)].astype(jnp.float32)
+            if "gate" in named:
+                rows = rows * jax.nn.swish(named["gate"][:, pl.ds(d, block_d)].astype(jnp.float32))
+            return body(d, acc, rows.astype(dtype))
+
+        return jax.lax.fori_loop(0, inner, step, acc)
+
+    if inner == steps:  # one run: no outer loop
+        return within_group(0, init)
+    return jax.lax.fori_loop(0, steps // inner, within_group, init)
+
+
 def _kernel(
     x_ref,
     w_ref,
@@ -247,31 +314,32 @@ def _kernel(
     block_s: int,
     finish: Epilogue | None,
 ):
-    # the norm's scale (and bias) [1, D] or nothing; the epilogue's bias [1, BN] and residual [R, BN] or not
+    # the prologue's operands (scale [1, group], bias [1, group], gate [R, D]) or nothing; the epilogue's
+    # bias [1, BN] and residual [R, BN] or not
     o_ref = refs[-1]
-    affine = refs[: 0 if prologue is None else len(prologue_parameters(prologue.kind))]
-    finishing = list(refs[len(affine) : -1])
-    s = pl.program_id(1)
-    if prologue is not None:
-        mean, inverse = _statistics(x_ref, prologue, block_s)
+    operands = refs[: 0 if prologue is None else len(prologue.operands)]
+    finishing = list(refs[len(operands) : -1])
 
-    def step(i, acc):
-        d = pl.multiple_of((s * steps + i) * block_d, block_d)
-        rows = x_ref[:, pl.ds(d, block_d)]  # [R, BD]
+    def step(d, acc, rows):  # rows [R, BD]
         weights = w_ref[pl.ds(d, block_d), :]  # [BD, BN]
-        if prologue is not None:  # the norm's numerics: float32, cast to the compute dtype at the end
-            normed = (rows.astype(jnp.float32) - mean) * inverse
-            normed = normed * affine[0][:, pl.ds(d, block_d)].astype(jnp.float32)
-            if prologue.kind == "layernorm":
-                normed = normed + affine[1][:, pl.ds(d, block_d)].astype(jnp.float32)
-            rows = normed.astype(weights.dtype)
         if rows.shape[0] == 1:  # one row: no product to pad to 16 rows
             column = jnp.transpose(rows).astype(jnp.float32)  # [BD, 1]
             return acc + jnp.sum(column * weights.astype(jnp.float32), axis=0, keepdims=True)
         return acc + common.dot(rows, weights, (1, 0), precision)
 
     # [R, BN]: a float32 partial (S > 1), or the output in W's dtype (S = 1, the epilogue applied first)
-    acc = jax.lax.fori_loop(0, steps, step, jnp.zeros(o_ref.shape, jnp.float32))
+    acc = prologue_loop(
+        x_ref,
+        operands,
+        prologue,
+        first=pl.program_id(1) * steps,
+        steps=steps,
+        block_d=block_d,
+        block_s=block_s,
+        dtype=w_ref.dtype,
+        body=step,
+        init=jnp.zeros(o_ref.shape, jnp.float32),
+    )
     if finish is not None:
         bias = finishing.pop(0)[...] if finish.bias else None
         residual = finishing.pop(0)[...] if finish.residual else None
@@ -279,9 +347,47 @@ def _kernel(
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
-def prologue_parameters(kind: str) -> tuple[str, ...]:
-    """The norm's parameters, in the order the kernel takes them."""
-    return ("scale",) if kind == "rmsnorm" else ("scale", "bias")
+def prologue_specs(prologue: Prologue | None, rows: int, d: int, index_map) -> list:
+    """The prologue's operands' blocks, each whole: scale and bias [1, group], the gate [R, D]."""
+    if prologue is None:
+        return []
+    shapes = {"scale": (1, prologue.group), "bias": (1, prologue.group), "gate": (rows, d)}
+    return [pl.BlockSpec(shapes[name], index_map) for name in prologue.operands]
+
+
+def prologue_operands(prologue: Prologue | None, operands, rows: int) -> list:
+    """The prologue's operands as the kernel takes them: scale and bias [1, group] (reshapes, no copy),
+    the gate padded to the kernel's ``rows``."""
+    if prologue is None:
+        return []
+    shaped = []
+    for name, array in zip(prologue.operands, operands, strict=True):
+        if name == "gate":
+            shaped.append(jnp.pad(array, ((0, rows - array.shape[0]), (0, 0))))  # padded rows: swish(0) = 0
+        else:
+            shaped.append(array.reshape(1, prologue.group))
+    return shaped
+
+
+def xla_prologue(x, operands, prologue: Prologue | None, dtype):
+    """What the kernel's prologue computes, by XLA (``ops.norms.normalize`` on each group): x [M, D] →
+    [M, D] in ``dtype``; x itself without a prologue."""
+    if prologue is None:
+        return x
+    m, d = x.shape
+    grouped = (m, d // prologue.group, prologue.group)
+    named = dict(zip(prologue.operands, operands, strict=True))
+    gate = named.get("gate")
+    y = norms.normalize(
+        x.reshape(grouped),
+        prologue.kind,
+        prologue.eps,
+        named.get("scale"),
+        named.get("bias"),
+        dtype,
+        None if gate is None else gate.reshape(grouped),
+    )
+    return y.reshape(m, d)
 
 
 def _forward(x, w, affine, bias, residual, prologue, activation, tiles: Plan, interpret: bool):
@@ -300,10 +406,10 @@ def _forward(x, w, affine, bias, residual, prologue, activation, tiles: Plan, in
         steps=steps,
         precision=common.precision_of(w.dtype),
         prologue=prologue,
-        block_s=_statistics_block(padded_rows, d, tiles.block_d),
+        block_s=_statistics_block(padded_rows, prologue.group if prologue else d, tiles.block_d),
         finish=in_kernel,
     )
-    affine = [a.reshape(1, d) for a in affine]  # [1, D]: a reshape, no copy
+    affine = prologue_operands(prologue, affine, padded_rows)
     finishing, finishing_specs = [], []
     if in_kernel is not None and bias is not None:
         finishing.append(bias.reshape(1, n))
@@ -324,7 +430,7 @@ def _forward(x, w, affine, bias, residual, prologue, activation, tiles: Plan, in
             pl.BlockSpec((padded_rows, d), lambda c, s: (0, 0)),
             pl.BlockSpec((d, tiles.block_n), lambda c, s: (0, c)),
         ]
-        + [pl.BlockSpec((1, d), lambda c, s: (0, 0)) for _ in affine]
+        + prologue_specs(prologue, padded_rows, d, lambda c, s: (0, 0))
         + finishing_specs,
         out_shape,
         out_spec,
@@ -363,9 +469,7 @@ def _product_bwd(prologue, activation, tiles, interpret, residuals, dy):
     x, w, affine, bias, residual = residuals
 
     def norm(x, affine):
-        if prologue is None:
-            return x
-        return norms.normalize(x, prologue.kind, prologue.eps, *affine, dtype=w.dtype)
+        return xla_prologue(x, affine, prologue, w.dtype)
 
     normed, norm_vjp = jax.vjp(norm, x, affine)
     d_bias = d_residual = None
@@ -393,6 +497,8 @@ def matmul(
     scale=None,
     bias=None,
     eps: float = 1e-6,
+    gate=None,
+    group: int | None = None,
     output_bias=None,
     activation: str | None = None,
     residual=None,
@@ -400,15 +506,18 @@ def matmul(
     interpret: bool = False,
 ):
     """x [M, D] @ w [D, N] → [M, N] in w's dtype, float32 accumulation, for M ≤ ``MAX_ROWS``; with
-    ``norm``, normalize(x) @ w (``ops.norms.normalize``, cast to w's dtype), the norm computed in the kernel;
-    with an epilogue, act(· + output_bias) + residual on the float32 accumulator before the cast
-    (``epilogue``).
+    ``norm``, normalize(x) @ w (``ops.norms.normalize``, cast to w's dtype), the norm computed in the kernel
+    (over each ``group`` of columns, times swish(gate) where given); with an epilogue, act(· + output_bias)
+    + residual on the float32 accumulator before the cast (``epilogue``).
 
     Args:
         x: [M, D] rows, in w's dtype (without ``norm``) or any dtype the kernel takes (with it).
         w: [D, N].
-        norm: None, "rmsnorm" (with ``scale``) or "layernorm" (with ``scale`` and ``bias``).
-        scale, bias: [D] the norm's parameters; eps: its epsilon.
+        norm: None, "rmsnorm" (a ``scale`` or none) or "layernorm" (a ``scale`` and a ``bias``, or neither).
+        scale, bias: [group] the norm's parameters (shared by the groups); eps: its epsilon.
+        gate: [M, D] or None: the norm's output multiplied by swish(gate) in float32 (retention's gate).
+        group: the columns each norm's statistics run over (default D; retention's head norm: V), a
+            multiple of 16 dividing D; the plan's BD is narrowed to divide it.
         output_bias: [N] added to the product (any float dtype the kernel takes), or None.
         activation: applied after the bias: a key of ``ACTIVATIONS`` ("gelu": tanh-approximated, as
             ``jax.nn.gelu``; "swish") or None.
@@ -418,8 +527,8 @@ def matmul(
 
     Raises:
         ValueError: shapes or dtypes the kernel does not take (``plan`` says which), ``tiles`` that do
-            not fit the shape (``check`` says why), a norm's parameters that do not match its kind, or
-            an epilogue's of the wrong shape, dtype or name.
+            not fit the shape (``check`` says why, or BD does not divide ``group``), a norm's parameters
+            that do not match its kind or group, or an epilogue's of the wrong shape, dtype or name.
     """
     same_dtype = norm is not None or x.dtype == w.dtype
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0] or not same_dtype:
@@ -428,12 +537,11 @@ def matmul(
             f"w {w.shape} {w.dtype}."
         )
     shape = (x.shape[0], x.shape[1], w.shape[1], w.dtype)
-    tiles = resolve_plan("skinny.matmul", tiles, shape, plan, check, Plan, f"x {x.shape} @ w {w.shape}")
+    affine, prologue = prologue_of("skinny.matmul", norm, x, scale, bias, eps, gate, group)
+    chosen = resolve_plan("skinny.matmul", tiles, shape, plan, check, Plan, f"x {x.shape} @ w {w.shape}")
+    chosen = fit_group("skinny.matmul", chosen, prologue, explicit=tiles is not None)
     _check_epilogue(x.shape[0], w.shape[1], output_bias, activation, residual)
-    affine, prologue = (), None
-    if norm is not None:
-        affine, prologue = _check_norm(norm, x, scale, bias), Prologue(norm, float(eps))
-    return _product(x, w, affine, output_bias, residual, prologue, activation, tiles, interpret)
+    return _product(x, w, affine, output_bias, residual, prologue, activation, chosen, interpret)
 
 
 def resolve_plan(name: str, tiles, shape: tuple, plan_of, check_of, plan_type, operands: str):
@@ -470,18 +578,52 @@ def _check_epilogue(rows: int, n: int, bias, activation, residual):
             )
 
 
-def _check_norm(norm: str, x, scale, bias) -> tuple:
-    """The norm's parameters as the kernel takes them: (scale,) or (scale, bias)."""
+def prologue_of(
+    name: str, norm: str | None, x, scale, bias, eps, gate, group
+) -> tuple[tuple, Prologue | None]:
+    """(the prologue's operands, its ``Prologue``), checked against x [M, D]; ((), None) without a norm."""
+    if norm is None:
+        if gate is not None or group is not None:
+            raise ValueError(f"{name}: gate and group belong to a norm prologue; pass norm= too.")
+        return (), None
     if norm not in norms.KINDS:
-        raise ValueError(f"skinny.matmul: norm must be one of {norms.KINDS} or None; got {norm!r}.")
-    affine = (scale,) if norm == "rmsnorm" else (scale, bias)  # prologue_parameters(norm)'s order
-    wanted = "a scale" if norm == "rmsnorm" else "a scale and a bias"
-    if (norm == "rmsnorm") != (bias is None) or any(a is None or a.shape != x.shape[1:] for a in affine):
-        raise ValueError(f"skinny.matmul: norm={norm!r} takes {wanted} of shape {x.shape[1:]}.")
-    for array in (x, *affine):
+        raise ValueError(f"{name}: norm must be one of {norms.KINDS} or None; got {norm!r}.")
+    width = x.shape[1]
+    group = width if group is None else group
+    if group < 16 or group % 16 or width % group:
+        raise ValueError(f"{name}: group = {group} must be a multiple of 16 dividing D = {width}.")
+    shape = (group,)
+    if norm == "rmsnorm":
+        wanted, bad = f"a scale of shape {shape} (or none) and no bias", bias is not None
+    else:
+        wanted, bad = f"a scale and a bias of shape {shape} (or neither)", (scale is None) != (bias is None)
+    present = [a for a in (scale, bias) if a is not None]
+    if bad or any(a.shape != shape for a in present):
+        raise ValueError(f"{name}: norm={norm!r} takes {wanted}.")
+    if gate is not None and gate.shape != x.shape:
+        raise ValueError(f"{name}: the gate must have x's shape {x.shape}; got {gate.shape}.")
+    operands = {"scale": scale, "bias": bias, "gate": gate}
+    operands = {key: array for key, array in operands.items() if array is not None}
+    for array in (x, *operands.values()):
         if jnp.dtype(array.dtype) not in common.DTYPES:
             raise ValueError(
-                f"skinny.matmul: the norm's input and parameters must be bfloat16, float16 or float32; got "
+                f"{name}: the norm's input, parameters and gate must be bfloat16, float16 or float32; got "
                 f"{jnp.dtype(array.dtype).name}. Normalize with XLA (ops.norms.normalize) first."
             )
-    return affine
+    return tuple(operands.values()), Prologue(norm, float(eps), group, tuple(operands))
+
+
+def fit_group(name: str, tiles, prologue: Prologue | None, *, explicit: bool):
+    """The plan with BD dividing the prologue's group: a default plan's BD halved until it does (fewer
+    columns per step: every constraint of ``check`` still holds, S still divides D / BD); an explicit
+    plan's BD must already."""
+    if prologue is None or prologue.group % tiles.block_d == 0:
+        return tiles
+    if explicit:
+        raise ValueError(
+            f"{name}: block_d = {tiles.block_d} must divide the norm's group of {prologue.group} columns."
+        )
+    block_d = tiles.block_d
+    while prologue.group % block_d:
+        block_d //= 2
+    return tiles._replace(block_d=block_d)

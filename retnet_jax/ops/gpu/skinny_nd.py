@@ -38,12 +38,14 @@ from retnet_jax.ops.gpu.skinny import (
     Epilogue,
     Prologue,
     _check_epilogue,
-    _check_norm,
     _padded_rows,
-    _statistics,
     _statistics_block,
     epilogue,
-    prologue_parameters,
+    fit_group,
+    prologue_loop,
+    prologue_of,
+    prologue_operands,
+    prologue_specs,
 )
 
 __all__ = ["MAX_CANDIDATES", "MAX_ROWS", "Plan", "candidates", "check", "matmul", "plan"]
@@ -156,40 +158,38 @@ def _kernel(
     block_s: int,
     finish: Epilogue | None,
 ):
-    # the norm's scale (and bias) [1, D] or nothing; the epilogue's bias [1, BN] and residual [R, BN] or not
+    # the prologue's operands (scale [1, group], bias [1, group], gate [R, D]) or nothing; the epilogue's
+    # bias [1, BN] and residual [R, BN] or not
     o_ref = refs[-1]
-    affine = refs[: 0 if prologue is None else len(prologue_parameters(prologue.kind))]
-    finishing = list(refs[len(affine) : -1])
-    if prologue is not None:
-        mean, inverse = _statistics(x_ref, prologue, block_s)
-
-    def load(i):
-        d = pl.multiple_of(i * block_d, block_d)
-        rows = x_ref[:, pl.ds(d, block_d)]  # [R, BD]
-        weights = w_ref[:, pl.ds(d, block_d)]  # [BN, BD]: BN contiguous runs of Wᵀ's rows
-        if prologue is not None:  # the norm's numerics: float32, cast to the compute dtype at the end
-            normed = (rows.astype(jnp.float32) - mean) * inverse
-            normed = normed * affine[0][:, pl.ds(d, block_d)].astype(jnp.float32)
-            if prologue.kind == "layernorm":
-                normed = normed + affine[1][:, pl.ds(d, block_d)].astype(jnp.float32)
-            rows = normed.astype(weights.dtype)
-        return rows, weights
+    operands = refs[: 0 if prologue is None else len(prologue.operands)]
+    finishing = list(refs[len(operands) : -1])
+    loop = functools.partial(
+        prologue_loop,
+        x_ref,
+        operands,
+        prologue,
+        first=0,
+        steps=steps,
+        block_d=block_d,
+        block_s=block_s,
+        dtype=w_ref.dtype,
+    )
 
     if x_ref.shape[0] == 1:  # one row: products added elementwise, summed over BD once at the end
 
-        def one_row(i, acc):
-            rows, weights = load(i)
+        def one_row(d, acc, rows):
+            weights = w_ref[:, pl.ds(d, block_d)]  # [BN, BD]: BN contiguous runs of Wᵀ's rows
             return acc + rows.astype(jnp.float32) * weights.astype(jnp.float32)  # [1, BD] into [BN, BD]
 
-        acc = jax.lax.fori_loop(0, steps, one_row, jnp.zeros(w_ref.shape[:1] + (block_d,), jnp.float32))
+        acc = loop(body=one_row, init=jnp.zeros(w_ref.shape[:1] + (block_d,), jnp.float32))
         acc = jnp.transpose(jnp.sum(acc, axis=1, keepdims=True))  # [1, BN]
     else:
 
-        def product(i, acc):
-            rows, weights = load(i)
+        def product(d, acc, rows):
+            weights = w_ref[:, pl.ds(d, block_d)]  # [BN, BD]
             return acc + common.dot(rows, weights, (1, 1), precision)  # [R, BD] · [BN, BD]ᵀ
 
-        acc = jax.lax.fori_loop(0, steps, product, jnp.zeros(o_ref.shape, jnp.float32))
+        acc = loop(body=product, init=jnp.zeros(o_ref.shape, jnp.float32))
     if finish is not None:
         bias = finishing.pop(0)[...] if finish.bias else None
         residual = finishing.pop(0)[...] if finish.residual else None
@@ -211,14 +211,14 @@ def _forward(x, w, affine, bias, residual, prologue, activation, tiles: Plan, in
         steps=d // tiles.block_d,
         precision=common.precision_of(w.dtype),
         prologue=prologue,
-        block_s=_statistics_block(padded_rows, d, tiles.block_d),
+        block_s=_statistics_block(padded_rows, prologue.group if prologue else d, tiles.block_d),
         finish=finish,
     )
-    operands = [padded, w] + [a.reshape(1, d) for a in affine]  # the norm's [1, D]: a reshape, no copy
+    operands = [padded, w] + prologue_operands(prologue, affine, padded_rows)
     specs = [
         pl.BlockSpec((padded_rows, d), lambda c: (0, 0)),
         pl.BlockSpec((tiles.block_n, d), lambda c: (c, 0)),
-    ] + [pl.BlockSpec((1, d), lambda c: (0, 0)) for _ in affine]
+    ] + prologue_specs(prologue, padded_rows, d, lambda c: (0, 0))
     if bias is not None:
         operands.append(bias.reshape(1, n))
         specs.append(pl.BlockSpec((1, tiles.block_n), lambda c: (0, c)))
@@ -268,6 +268,8 @@ def matmul(
     scale=None,
     bias=None,
     eps: float = 1e-6,
+    gate=None,
+    group: int | None = None,
     output_bias=None,
     activation: str | None = None,
     residual=None,
@@ -280,7 +282,7 @@ def matmul(
     Args:
         x: [M, D] rows, in w's dtype (without ``norm``) or any dtype the kernel takes (with it).
         w: [N, D]: output n's weights are row n.
-        norm, scale, bias, eps: the norm prologue (``skinny.matmul``).
+        norm, scale, bias, eps, gate, group: the norm prologue (``skinny.matmul``).
         output_bias: [N] or None; activation: a key of ``skinny.ACTIVATIONS`` or None; residual: [M, N] or
             None: act(x wᵀ + output_bias) + residual on the float32 accumulator, one cast.
         tiles: the kernel's plan (default ``plan(M, D, N, w.dtype)``); any that ``check`` accepts.
@@ -298,9 +300,8 @@ def matmul(
         )
     shape = (x.shape[0], x.shape[1], w.shape[0], w.dtype)
     operands = f"x {x.shape} @ w {w.shape}ᵀ"
-    tiles = skinny.resolve_plan("skinny_nd.matmul", tiles, shape, plan, check, Plan, operands)
+    affine, prologue = prologue_of("skinny_nd.matmul", norm, x, scale, bias, eps, gate, group)
+    chosen = skinny.resolve_plan("skinny_nd.matmul", tiles, shape, plan, check, Plan, operands)
+    chosen = fit_group("skinny_nd.matmul", chosen, prologue, explicit=tiles is not None)
     _check_epilogue(x.shape[0], w.shape[0], output_bias, activation, residual)
-    affine, prologue = (), None
-    if norm is not None:
-        affine, prologue = _check_norm(norm, x, scale, bias), Prologue(norm, float(eps))
-    return _product(x, w, affine, output_bias, residual, prologue, activation, tiles, interpret)
+    return _product(x, w, affine, output_bias, residual, prologue, activation, chosen, interpret)
