@@ -16,10 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from retnet_jax.inference.decoding import LMDecoder
 from retnet_jax.inference.generate import generate
 from retnet_jax.models import RetNetConfig, RetNetLM
 from retnet_jax.ops import norms, products
 from retnet_jax.ops.gpu import skinny
+from tests.helpers import random_variables
 
 TOLERANCE = {jnp.float32: 1e-6, jnp.bfloat16: 4e-3}
 
@@ -324,7 +326,7 @@ def test_generation_through_the_fused_norms_equals_xlas():
     """Greedy generation of a paper-style model (LayerNorm with bias, GELU MLP, biases; every parameter
     perturbed, so that the norms' scales and biases are not 1 and 0) with the projections through the
     kernel (its prefill and its steps) gives XLA's tokens and log-probabilities; its decoding step runs
-    no norm outside the kernels (the head norm is retention's LayerNorm here). Its parameters initialized through the kernel are XLA's, names
+    no norm outside the kernels. Its parameters initialized through the kernel are XLA's, names
     included (the layers that take a norm's deferred output create the same parameters)."""
     config = RetNetConfig(
         vocab_size=64,
@@ -354,6 +356,40 @@ def test_generation_through_the_fused_norms_equals_xlas():
     _, state = jax.jit(lambda v, t: xla.apply(v, t, return_state=True))(variables, ours.tokens[:, :-1])
     program = _step_program(pallas, variables, ours.tokens[:, -1:], state)
     assert _norms_outside_kernels(program)[0] == 0
+
+
+def test_a_prepared_steps_head_norm_and_gate_run_in_the_out_projection():
+    """A prepared decoding step (``LMDecoder``: the layers apart, q/k/v/g joined) whose out projection runs
+    the kernel, with its kernels stored [D, N] and [N, D], computes retention's head norm and swish gate
+    in that kernel's prologue: outside the kernels no rsqrt (a norm) and no logistic (a swish) remain, where
+    XLA's step has both (the block norms', the final norm's and the head norm's rsqrt; the FFN's and the
+    gate's swish); its logits equal XLA's (float32, 1e-5: sums in another order). fla's head norm (with a
+    weight [V], random here) is the one with a parameter in the prologue; the kinds' numerics are
+    ``test_head_norm_and_gate_prologue_equals_xlas``'s."""
+    config = RetNetConfig(
+        vocab_size=64,
+        d_model=64,
+        num_layers=1,
+        num_heads=2,
+        value_dim=64,
+        ffn_dim=128,
+        head_norm="rms_weight",
+    )
+    model = RetNetLM(config, projections="xla")
+    variables = random_variables(model, 3)  # the head norm's weight not 1
+    state = config.init_state(1, max_length=8)
+    tokens = jnp.array([5], jnp.int32)
+    outside, logits = {}, {}
+    for projections, transpose in (("pallas", False), ("pallas", True), ("xla", False)):
+        decoder = LMDecoder(model.clone(projections=projections), transpose_kernels=transpose)
+        prepared = decoder.prepare(variables)
+        program = jax.make_jaxpr(decoder.step)(prepared, tokens, state)
+        names = [eqn.primitive.name for eqn in _outside_kernels(program)]
+        outside[projections, transpose] = names.count("rsqrt"), names.count("logistic")
+        logits[projections, transpose] = jax.jit(decoder.step)(prepared, tokens, state)[0]
+    assert outside == {("pallas", False): (0, 0), ("pallas", True): (0, 0), ("xla", False): (4, 2)}, outside
+    for key in (("pallas", False), ("pallas", True)):
+        np.testing.assert_allclose(logits[key], logits["xla", False], rtol=1e-5, atol=1e-5)
 
 
 def _epilogue_inputs(rows, n, dtype, bias, residual, seed=3):
@@ -459,3 +495,93 @@ def test_epilogue_refusals():
         skinny.matmul(x, w, residual=jnp.zeros((1, 32)), interpret=True)
     with pytest.raises(ValueError, match=r"output_bias must be \[32\] in bfloat16, float16 or float32"):
         skinny.matmul(x, w, output_bias=np.zeros(32), interpret=True)
+
+
+# Retention's head norm and gate in the prologue: x = o [M, H·V] (float32, as the decode step returns it),
+# g [M, H·V] and w in the compute dtype; the norm over each head's V columns. Against XLA's head norm
+# (``ops.norms.normalize`` on [M, H, V], the layer's computation), gate and cast, then the float64 product.
+HEAD_NORMS = {"rms": ("rmsnorm", False), "layernorm": ("layernorm", False), "rms_weight": ("rmsnorm", True)}
+
+
+def _head_inputs(head_norm, rows, heads, v, n, dtype, seed=0):
+    kx, kg, kw, ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+    o = 3 * jax.random.normal(kx, (rows, heads * v), jnp.float32) + 5  # LayerNorm must centre it
+    g = jax.random.normal(kg, (rows, heads * v), jnp.float32).astype(dtype)
+    w = jax.random.normal(kw, (heads * v, n), jnp.float32).astype(dtype)
+    kind, weighted = HEAD_NORMS[head_norm]
+    scale = 1 + 0.2 * jax.random.normal(ks, (v,), jnp.float32) if weighted else None
+    return kind, o, g, w, scale
+
+
+def head_gated(o, g, kind, scale, v, dtype):
+    """The layer's swish(g) ⊙ HeadNorm(o) on [M, H·V] in ``dtype``."""
+    grouped = (o.shape[0], -1, v)
+    y = norms.normalize(o.reshape(grouped), kind, 1e-5, scale, None, dtype, g.reshape(grouped))
+    return y.reshape(o.shape)
+
+
+@pytest.mark.parametrize(
+    "head_norm, rows, v, tiles, dtype",
+    [
+        ("rms", 1, 64, None, jnp.bfloat16),  # BD = V: one group a step, S = 4 programs a column tile
+        ("layernorm", 3, 128, None, jnp.float32),  # two steps a group, one a program: traced group starts
+        ("rms_weight", 1, 128, skinny.Plan(64, 128, 1), jnp.float32),  # one program, two groups in a loop
+        ("layernorm", 1, 32, skinny.Plan(32, 64, 2), jnp.bfloat16),  # BD = V = 32, two slices of 4 groups
+    ],
+)
+def test_head_norm_and_gate_prologue_equals_xlas(head_norm, rows, v, tiles, dtype):
+    kind, o, g, w, scale = _head_inputs(head_norm, rows, 256 // v, v, 128, dtype)
+    y = skinny.matmul(o, w, norm=kind, scale=scale, eps=1e-5, gate=g, group=v, tiles=tiles, interpret=True)
+    ref = np.asarray(head_gated(o, g, kind, scale, v, dtype), np.float64) @ np.asarray(w, np.float64)
+    assert y.shape == (rows, 128) and y.dtype == dtype
+    assert np.abs(np.asarray(y, np.float64) - ref).max() <= TOLERANCE[dtype] * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("head_norm", ["layernorm", "rms_weight"])
+def test_head_norm_and_gate_prologue_gradients_are_xlas(head_norm):
+    kind, o, g, w, scale = _head_inputs(head_norm, 2, 2, 64, 64, jnp.float32, seed=1)
+    cotangent = jax.random.normal(jax.random.PRNGKey(2), (2, 64))
+
+    def ours(o, g, w, scale):
+        return skinny.matmul(o, w, norm=kind, scale=scale, eps=1e-5, gate=g, group=64, interpret=True)
+
+    def xlas(o, g, w, scale):
+        return jnp.dot(head_gated(o, g, kind, scale, 64, w.dtype), w, precision="highest")
+
+    def loss(product):
+        return lambda *args: jnp.sum(product(*args) * cotangent)
+
+    args = (0, 1, 2) if scale is None else (0, 1, 2, 3)  # the weight's gradient too where there is one
+    got = jax.grad(loss(ours), args)(o, g, w, scale)
+    want = jax.grad(loss(xlas), args)(o, g, w, scale)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
+
+
+def test_head_norm_and_gate_prologue_refusals():
+    _, o, g, w, _ = _head_inputs("rms", 1, 4, 64, 64, jnp.float32)
+    with pytest.raises(ValueError, match="group = 48 must be a multiple of 16 dividing D = 256"):
+        skinny.matmul(o, w, norm="rmsnorm", gate=g, group=48, interpret=True)
+    with pytest.raises(ValueError, match="block_d = 64 must divide the norm's group of 32 columns"):
+        skinny.matmul(o, w, norm="rmsnorm", gate=g, group=32, tiles=skinny.Plan(64, 64, 1), interpret=True)
+    with pytest.raises(ValueError, match="the gate must have x's shape"):
+        skinny.matmul(o, w, norm="rmsnorm", gate=g[:, :64], group=64, interpret=True)
+    with pytest.raises(ValueError, match="gate and group belong to a norm prologue"):
+        skinny.matmul(o, w, gate=g, interpret=True)
+
+
+def test_the_head_norm_and_gate_prologue_lowers_to_triton():
+    """At the paper's head (H = 8, V = 512: x [R, 4096], the out projection's W [4096, 2048]): float32 o,
+    bfloat16 g and W, one row and 8, each norm kind, with the residual epilogue of a decoding step."""
+    o, g = jnp.zeros((1, 4096), jnp.float32), jnp.zeros((1, 4096), jnp.bfloat16)
+    w, scale = jnp.zeros((4096, 2048), jnp.bfloat16), jnp.ones((512,), jnp.float32)
+    for kind, weight in (("rmsnorm", scale), ("layernorm", None)):
+        for rows in (1, 8):
+            residual = jnp.zeros((rows, 2048), jnp.bfloat16)
+
+            def product(o, g, w, kind=kind, weight=weight, residual=residual):
+                return skinny.matmul(o, w, norm=kind, scale=weight, gate=g, group=512, residual=residual)
+
+            args = (o.repeat(rows, 0), g.repeat(rows, 0), w)
+            text = jax.jit(product).trace(*args).lower(lowering_platforms=("cuda",))
+            assert "__gpu$xla.gpu.triton" in text.as_text()

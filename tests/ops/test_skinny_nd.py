@@ -15,6 +15,7 @@ import pytest
 
 from retnet_jax.ops import norms, products
 from retnet_jax.ops.gpu import skinny, skinny_nd
+from tests.ops.test_skinny import _head_inputs, head_gated
 
 TOLERANCE = {jnp.float32: 1e-6, jnp.bfloat16: 4e-3}
 
@@ -223,3 +224,66 @@ def test_project_on_a_transposed_kernel(implementation):
     assert products.uses_kernel("pallas", 1, 64, 8, jnp.float32, transposed=True)  # [D, N] needs N ≥ 16
     assert not products.uses_kernel("pallas", 1, 64, 8, jnp.float32)
     assert not products.uses_kernel("xla", 1, 64, 64, jnp.float32, transposed=True)
+
+
+@pytest.mark.parametrize(
+    "head_norm, rows, v, tiles, dtype",
+    [
+        ("rms", 1, 64, None, jnp.bfloat16),  # BD narrowed from 256 to V: a group a step
+        ("layernorm", 3, 128, skinny_nd.Plan(64, 16), jnp.float32),  # two steps a group
+        ("rms_weight", 3, 64, None, jnp.bfloat16),
+        ("layernorm", 1, 128, skinny_nd.Plan(128, 8), jnp.float32),
+    ],
+)
+def test_head_norm_and_gate_prologue_equals_xlas(head_norm, rows, v, tiles, dtype):
+    """Retention's head norm over each head's V columns times swish(g), as ``skinny``'s (its test's
+    inputs and XLA's computation), on W stored [N, D]."""
+    kind, o, g, w, scale = _head_inputs(head_norm, rows, 256 // v, v, 64, dtype)
+    w = w.T  # [N, D]
+    y = skinny_nd.matmul(o, w, norm=kind, scale=scale, eps=1e-5, gate=g, group=v, tiles=tiles, interpret=True)
+    assert y.shape == (rows, 64) and y.dtype == dtype
+    _close(
+        y,
+        np.asarray(head_gated(o, g, kind, scale, v, dtype), np.float64) @ np.asarray(w, np.float64).T,
+        dtype,
+    )
+
+
+@pytest.mark.parametrize("head_norm", ["rms", "layernorm"])
+def test_head_norm_and_gate_prologue_gradients_are_xlas(head_norm):
+    kind, o, g, w, _ = _head_inputs(head_norm, 2, 2, 64, 32, jnp.float32, seed=1)
+    w = w.T
+    r = jax.random.normal(jax.random.PRNGKey(5), (2, 32))
+    cotangent = jax.random.normal(jax.random.PRNGKey(2), (2, 32))
+
+    def ours(o, g, w, r):
+        return skinny_nd.matmul(o, w, norm=kind, eps=1e-5, gate=g, group=64, residual=r, interpret=True)
+
+    def xlas(o, g, w, r):
+        return jnp.dot(head_gated(o, g, kind, None, 64, w.dtype), w.T, precision="highest") + r
+
+    def loss(product):
+        return lambda *args: jnp.sum(product(*args) * cotangent)
+
+    got = jax.grad(loss(ours), (0, 1, 2, 3))(o, g, w, r)
+    want = jax.grad(loss(xlas), (0, 1, 2, 3))(o, g, w, r)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
+
+
+def test_the_head_norm_and_gate_prologue_lowers_to_triton():
+    """At the paper's head (H = 8, V = 512): o [R, 4096] float32, g bfloat16, Wᵀ [2048, 4096] bfloat16."""
+    o, g = jnp.zeros((1, 4096), jnp.float32), jnp.zeros((1, 4096), jnp.bfloat16)
+    w, scale = jnp.zeros((2048, 4096), jnp.bfloat16), jnp.ones((512,), jnp.float32)
+    for kind, weight in (("rmsnorm", scale), ("layernorm", None)):
+        for rows in (1, 8):
+
+            def product(o, g, w, kind=kind, weight=weight):
+                return skinny_nd.matmul(o, w, norm=kind, scale=weight, gate=g, group=512)
+
+            text = (
+                jax.jit(product)
+                .trace(o.repeat(rows, 0), g.repeat(rows, 0), w)
+                .lower(lowering_platforms=("cuda",))
+            )
+            assert "__gpu$xla.gpu.triton" in text.as_text()
