@@ -71,9 +71,10 @@ class HeadNorm(nn.Module):
     defer: str = "xla"
 
     @nn.compact
-    def __call__(self, o, gate=None):
+    def __call__(self, o, gate=None, gate_offset: int = 0):
         """o [B, T, H, V] → the norm [B, T, H, V] in float32; with ``gate`` [B, T, H, V], swish(gate) ⊙ the
-        norm in ``dtype`` (or a ``Normed`` of it: ``defer``)."""
+        norm in ``dtype`` (or a ``Normed`` of it: ``defer``). ``gate`` may be [B, T, H, W] with the gate at
+        [gate_offset, gate_offset + V) of W (retention's joined product, read in place by the kernel)."""
         scale = None
         if self.kind == "rms_weight":
             init = partitioned(nn.initializers.ones, HEAD_DIM)
@@ -84,7 +85,7 @@ class HeadNorm(nn.Module):
             y = rms_normalize(o, self.eps)
             return y if scale is None else y * scale
         kind = "layernorm" if self.kind == "layernorm" else "rmsnorm"
-        normed = Normed(o, scale, None, kind, self.eps, self.dtype, gate=gate)
+        normed = Normed(o, scale, None, kind, self.eps, self.dtype, gate=gate, gate_offset=gate_offset)
         if self.defer != "xla" and products.defers_norm(self.defer, normed, in_axes=2):
             return normed
         return normed.materialize()

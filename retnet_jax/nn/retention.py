@@ -17,7 +17,7 @@ from retnet_jax.nn.axes import EMBED, HEAD_DIM, HEADS
 from retnet_jax.nn.norms import HeadNorm
 from retnet_jax.nn.projection import FusedProjection, Projection
 from retnet_jax.nn.remat import name_projection, name_token_mixing
-from retnet_jax.ops import dispatch, retention, rotation
+from retnet_jax.ops import dispatch, products, retention, rotation
 
 MODES = ("parallel", "chunkwise", "recurrent")
 
@@ -109,10 +109,11 @@ class MultiScaleRetention(nn.Module):
         # other call works on the layer's slice and writes it back at the end.
         in_place = stack is not None and self._kernel_step(x.shape[1], stack)
         incoming = state is not None
+        width = 2 * key_dim + 2 * value_dim  # a head's q, k, v, g in the joined product
+        joined = None
         if in_place and self._joined_step(stack):
             # The kernel takes the joined product as it is: it splits, scales, masks and rotates q and k
             # itself, where XLA would run three kernels between the product and the step.
-            width = 2 * key_dim + 2 * value_dim
             (joined,) = FusedProjection([(heads, width)], **options, name=self.FUSED_PROJECTION)(x)
             o, state = dispatch.joined_step(
                 jnp.squeeze(joined, 1),  # [B, H, 2K + 2V]
@@ -126,9 +127,12 @@ class MultiScaleRetention(nn.Module):
                 implementation=self.implementation,
                 dtype=self.dtype,
             )
-            o, g = o[:, None], joined[..., 2 * key_dim + value_dim :]  # [B, 1, H, V] each
+            o, g = o[:, None], joined  # [B, 1, H, V]; g at [2K + V, 2K + 2V) of the joined [B, 1, H, 2K + 2V]
         else:
-            if self.fused_projections:
+            if self.fused_projections and self._gate_in_place(x):
+                (joined,) = FusedProjection([(heads, width)], **options, name=self.FUSED_PROJECTION)(x)
+                outputs = jnp.split(joined, [key_dim, 2 * key_dim, 2 * key_dim + value_dim], axis=-1)
+            elif self.fused_projections:
                 outputs = FusedProjection(features, **options, name=self.FUSED_PROJECTION)(x)
             else:
                 outputs = [
@@ -147,6 +151,8 @@ class MultiScaleRetention(nn.Module):
             if stack is not None and not in_place:
                 state = stack.current()
             o, state = self._retention(q, k, v, state, segment_ids)  # [B, T, H, V]
+            if joined is not None:  # the out projection's kernel reads g from the joined product
+                g = joined
         o = name_token_mixing(o)
         # swish(g) ⊙ HeadNorm(o) in the compute dtype; left to the output projection's kernel where it
         # runs one (a decoding step's few rows), so that no XLA kernel runs between the step and it.
@@ -158,7 +164,7 @@ class MultiScaleRetention(nn.Module):
             defer=self.projections,
             name="head_norm",
         )
-        o = head_norm(o, g)
+        o = head_norm(o, g, 2 * key_dim + value_dim if g.shape[-1] != value_dim else 0)
         y = Projection(
             (x.shape[-1],),
             (HEADS, HEAD_DIM),
@@ -175,6 +181,15 @@ class MultiScaleRetention(nn.Module):
             if stack is not None:
                 state = stack.put(state)
         return y, state
+
+    def _gate_in_place(self, x) -> bool:
+        """Whether the joined q, k, v, g product stays whole for the output projection's kernel to read g
+        from in place (where it may run the kernel; not while initializing: the joined kernel is then made
+        part by part). Elsewhere the projection's outputs are split as before."""
+        if self.is_initializing() or self.projections == "xla":
+            return False
+        rows, width = x.shape[0] * x.shape[1], self.num_heads * self.value_dim
+        return products.uses_kernel(self.projections, rows, width, 16, self.dtype)
 
     def _one_step(self, length: int, state) -> bool:
         return self.mode == "recurrent" and length == 1 and state is not None

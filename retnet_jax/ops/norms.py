@@ -71,7 +71,10 @@ class Normed:
         x: [..., D] the norm's input.
         scale: [D] or None; bias: [D] or None (the block norm: a scale, and a bias for "layernorm").
         kind, eps, dtype: as ``normalize``'s; ``dtype`` is the value's (the compute dtype).
-        gate: [..., D] or None: the value multiplied by swish(gate) (retention's gate).
+        gate: [..., D] or None: the value multiplied by swish(gate) (retention's gate). Or [..., W] holding
+            it at [gate_offset, gate_offset + D) (a slice of a wider product, which the kernel reads in
+            place: retention's joined q, k, v, g).
+        gate_offset: see ``gate``.
     """
 
     x: jax.Array
@@ -81,6 +84,7 @@ class Normed:
     eps: float
     dtype: jnp.dtype
     gate: jax.Array | None = None
+    gate_offset: int = 0
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -94,9 +98,12 @@ class Normed:
     def materialize(self):
         """The norm's output [..., D] in ``dtype``: the computation ``nn.norms.Norm`` (``HeadNorm`` with
         the gate) runs."""
-        return normalize(self.x, self.kind, self.eps, self.scale, self.bias, self.dtype, self.gate)
+        gate = self.gate
+        if gate is not None and gate.shape[-1] != self.x.shape[-1]:
+            gate = gate[..., self.gate_offset : self.gate_offset + self.x.shape[-1]]
+        return normalize(self.x, self.kind, self.eps, self.scale, self.bias, self.dtype, gate)
 
 
 jax.tree_util.register_dataclass(
-    Normed, data_fields=["x", "scale", "bias", "gate"], meta_fields=["kind", "eps", "dtype"]
+    Normed, data_fields=["x", "scale", "bias", "gate"], meta_fields=["kind", "eps", "dtype", "gate_offset"]
 )

@@ -246,8 +246,9 @@ def _kernel_product(x, kernel, n_in: int, *, bias, activation, residual, transpo
     d = kernel.size // n
     prologue = {}
     if isinstance(x, Normed):  # normalized over its last axis: groups of that many columns
-        gate = None if x.gate is None else x.gate.reshape(rows, d)
+        gate = None if x.gate is None else x.gate.reshape(rows, -1)  # [M, H·W]: read in place
         prologue = dict(norm=x.kind, scale=x.scale, bias=x.bias, eps=x.eps, gate=gate, group=x.shape[-1])
+        prologue["gate_offset"] = x.gate_offset
         x = x.x
     product = skinny_nd.matmul if transposed else skinny.matmul
     y = product(

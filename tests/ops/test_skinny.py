@@ -361,9 +361,9 @@ def test_generation_through_the_fused_norms_equals_xlas():
 def test_a_prepared_steps_head_norm_and_gate_run_in_the_out_projection():
     """A prepared decoding step (``LMDecoder``: the layers apart, q/k/v/g joined) whose out projection runs
     the kernel, with its kernels stored [D, N] and [N, D], computes retention's head norm and swish gate
-    in that kernel's prologue: outside the kernels no rsqrt (a norm) and no logistic (a swish) remain, where
-    XLA's step has both (the block norms', the final norm's and the head norm's rsqrt; the FFN's and the
-    gate's swish); its logits equal XLA's (float32, 1e-5: sums in another order). fla's head norm (with a
+    in that kernel's prologue, g read in place from the joined q, k, v, g product: outside the kernels no
+    rsqrt (a norm) and no logistic (a swish) remain, where XLA's step has both (the block norms', the
+    final norm's and the head norm's rsqrt; the FFN's and the gate's swish); its logits equal XLA's (float32, 1e-5: sums in another order). fla's head norm (with a
     weight [V], random here) is the one with a parameter in the prologue; the kinds' numerics are
     ``test_head_norm_and_gate_prologue_equals_xlas``'s."""
     config = RetNetConfig(
@@ -384,8 +384,12 @@ def test_a_prepared_steps_head_norm_and_gate_run_in_the_out_projection():
         decoder = LMDecoder(model.clone(projections=projections), transpose_kernels=transpose)
         prepared = decoder.prepare(variables)
         program = jax.make_jaxpr(decoder.step)(prepared, tokens, state)
-        names = [eqn.primitive.name for eqn in _outside_kernels(program)]
+        eqns = _outside_kernels(program)
+        names = [eqn.primitive.name for eqn in eqns]
         outside[projections, transpose] = names.count("rsqrt"), names.count("logistic")
+        if projections == "pallas":  # g read in place: the joined q, k, v, g product [1, H·(2K + 2V)]
+            taken = [v.aval.shape for e in eqns if e.primitive.name == "pallas_call" for v in e.invars]
+            assert (1, 2 * config.d_model + 2 * config.value_dim) in taken  # H·2K = 2D, H·2V
         logits[projections, transpose] = jax.jit(decoder.step)(prepared, tokens, state)[0]
     assert outside == {("pallas", False): (0, 0), ("pallas", True): (0, 0), ("xla", False): (4, 2)}, outside
     for key in (("pallas", False), ("pallas", True)):
@@ -527,11 +531,24 @@ def head_gated(o, g, kind, scale, v, dtype):
         ("layernorm", 3, 128, None, jnp.float32),  # two steps a group, one a program: traced group starts
         ("rms_weight", 1, 128, skinny.Plan(64, 128, 1), jnp.float32),  # one program, two groups in a loop
         ("layernorm", 1, 32, skinny.Plan(32, 64, 2), jnp.bfloat16),  # BD = V = 32, two slices of 4 groups
+        ("rms", 3, 64, "joined", jnp.float32),  # the gate read in place from a wider product
+        ("rms_weight", 1, 128, "joined", jnp.bfloat16),
     ],
 )
 def test_head_norm_and_gate_prologue_equals_xlas(head_norm, rows, v, tiles, dtype):
+    """With tiles "joined": the gate is read in place from each head's W = V + 48 columns of another array
+    (at columns 32 … 32 + V, as retention's joined q, k, v, g product holds g)."""
     kind, o, g, w, scale = _head_inputs(head_norm, rows, 256 // v, v, 128, dtype)
-    y = skinny.matmul(o, w, norm=kind, scale=scale, eps=1e-5, gate=g, group=v, tiles=tiles, interpret=True)
+    options = dict(tiles=tiles)
+    if tiles == "joined":
+        wide = jnp.pad(g.reshape(rows, -1, v), ((0, 0), (0, 0), (32, 16)), constant_values=7.0)
+        options = dict(gate_offset=32)
+        g_given = wide.reshape(rows, -1)
+    else:
+        g_given = g
+    y = skinny.matmul(
+        o, w, norm=kind, scale=scale, eps=1e-5, gate=g_given, group=v, **options, interpret=True
+    )
     ref = np.asarray(head_gated(o, g, kind, scale, v, dtype), np.float64) @ np.asarray(w, np.float64)
     assert y.shape == (rows, 128) and y.dtype == dtype
     assert np.abs(np.asarray(y, np.float64) - ref).max() <= TOLERANCE[dtype] * np.abs(ref).max()
@@ -564,7 +581,7 @@ def test_head_norm_and_gate_prologue_refusals():
         skinny.matmul(o, w, norm="rmsnorm", gate=g, group=48, interpret=True)
     with pytest.raises(ValueError, match="block_d = 64 must divide the norm's group of 32 columns"):
         skinny.matmul(o, w, norm="rmsnorm", gate=g, group=32, tiles=skinny.Plan(64, 64, 1), interpret=True)
-    with pytest.raises(ValueError, match="the gate must have x's shape"):
+    with pytest.raises(ValueError, match=r"the gate must be \[M, D / group · W\]"):
         skinny.matmul(o, w, norm="rmsnorm", gate=g[:, :64], group=64, interpret=True)
     with pytest.raises(ValueError, match="gate and group belong to a norm prologue"):
         skinny.matmul(o, w, gate=g, interpret=True)

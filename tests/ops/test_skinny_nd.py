@@ -233,6 +233,7 @@ def test_project_on_a_transposed_kernel(implementation):
         ("layernorm", 3, 128, skinny_nd.Plan(64, 16), jnp.float32),  # two steps a group
         ("rms_weight", 3, 64, None, jnp.bfloat16),
         ("layernorm", 1, 128, skinny_nd.Plan(128, 8), jnp.float32),
+        ("layernorm", 3, 64, "joined", jnp.bfloat16),  # the gate read in place, as ``skinny``'s test
     ],
 )
 def test_head_norm_and_gate_prologue_equals_xlas(head_norm, rows, v, tiles, dtype):
@@ -240,7 +241,13 @@ def test_head_norm_and_gate_prologue_equals_xlas(head_norm, rows, v, tiles, dtyp
     inputs and XLA's computation), on W stored [N, D]."""
     kind, o, g, w, scale = _head_inputs(head_norm, rows, 256 // v, v, 64, dtype)
     w = w.T  # [N, D]
-    y = skinny_nd.matmul(o, w, norm=kind, scale=scale, eps=1e-5, gate=g, group=v, tiles=tiles, interpret=True)
+    options, g_given = dict(tiles=tiles), g
+    if tiles == "joined":
+        wide = jnp.pad(g.reshape(rows, -1, v), ((0, 0), (0, 0), (32, 16)), constant_values=7.0)
+        options, g_given = dict(gate_offset=32), wide.reshape(rows, -1)
+    y = skinny_nd.matmul(
+        o, w, norm=kind, scale=scale, eps=1e-5, gate=g_given, group=v, **options, interpret=True
+    )
     assert y.shape == (rows, 64) and y.dtype == dtype
     _close(
         y,
@@ -249,18 +256,25 @@ def test_head_norm_and_gate_prologue_equals_xlas(head_norm, rows, v, tiles, dtyp
     )
 
 
-@pytest.mark.parametrize("head_norm", ["rms", "layernorm"])
-def test_head_norm_and_gate_prologue_gradients_are_xlas(head_norm):
+@pytest.mark.parametrize("head_norm, in_place", [("rms", False), ("layernorm", True)])
+def test_head_norm_and_gate_prologue_gradients_are_xlas(head_norm, in_place):
+    """In place: the gate's gradient is that of the wider array it is read from (zero off the gate)."""
     kind, o, g, w, _ = _head_inputs(head_norm, 2, 2, 64, 32, jnp.float32, seed=1)
     w = w.T
+    offset = 16 if in_place else 0
+    if in_place:  # each head's gate at [16, 80) of 96 columns
+        g = jnp.pad(g.reshape(2, 2, 64), ((0, 0), (0, 0), (16, 16)), constant_values=0.5).reshape(2, -1)
     r = jax.random.normal(jax.random.PRNGKey(5), (2, 32))
     cotangent = jax.random.normal(jax.random.PRNGKey(2), (2, 32))
 
     def ours(o, g, w, r):
-        return skinny_nd.matmul(o, w, norm=kind, eps=1e-5, gate=g, group=64, residual=r, interpret=True)
+        return skinny_nd.matmul(
+            o, w, norm=kind, eps=1e-5, gate=g, group=64, gate_offset=offset, residual=r, interpret=True
+        )
 
     def xlas(o, g, w, r):
-        return jnp.dot(head_gated(o, g, kind, None, 64, w.dtype), w.T, precision="highest") + r
+        gate = g.reshape(2, 2, -1)[..., offset : offset + 64].reshape(2, -1)
+        return jnp.dot(head_gated(o, gate, kind, None, 64, w.dtype), w.T, precision="highest") + r
 
     def loss(product):
         return lambda *args: jnp.sum(product(*args) * cotangent)

@@ -179,7 +179,11 @@ class Prologue(NamedTuple):
     kind: str  # "rmsnorm" or "layernorm"
     eps: float
     group: int  # the columns each norm runs over: D (a block norm) or V (retention's per-head norm)
-    operands: tuple[str, ...]  # which of "scale" [group], "bias" [group], "gate" [M, D] it takes, in order
+    operands: tuple[str, ...]  # which of "scale" [group], "bias" [group], "gate" [M, G·W] it takes, in order
+    # The gate's layout: W columns a group, the group's gate at [gate_offset, gate_offset + group) of them
+    # (a slice of retention's joined q, k, v, g product, read in place); W = group, offset 0: [M, D].
+    gate_width: int = 0
+    gate_offset: int = 0
 
 
 # Elements of x a program loads per step of its statistics loop: few steps (one for a row of D ≤ 8192), in
@@ -293,7 +297,12 @@ def prologue_loop(
             if "bias" in named:
                 rows = rows + named["bias"][:, pl.ds(offset, block_d)].astype(jnp.float32)
             if "gate" in named:
-                rows = rows * jax.nn.swish(named["gate"][:, pl.ds(d, block_d)].astype(jnp.float32))
+                column = d  # the gate's column of x's column d
+                if (prologue.gate_width, prologue.gate_offset) != (prologue.group, 0):
+                    head = jax.lax.div(start, prologue.group) if per_group * block_d != x_ref.shape[1] else 0
+                    column = head * prologue.gate_width + prologue.gate_offset + offset
+                gate = named["gate"][:, pl.ds(column, block_d)].astype(jnp.float32)
+                rows = rows * jax.nn.swish(gate)
             return body(d, acc, rows.astype(dtype))
 
         return jax.lax.fori_loop(0, inner, step, acc)
@@ -351,7 +360,8 @@ def prologue_specs(prologue: Prologue | None, rows: int, d: int, index_map) -> l
     """The prologue's operands' blocks, each whole: scale and bias [1, group], the gate [R, D]."""
     if prologue is None:
         return []
-    shapes = {"scale": (1, prologue.group), "bias": (1, prologue.group), "gate": (rows, d)}
+    gate = (rows, d // prologue.group * prologue.gate_width)
+    shapes = {"scale": (1, prologue.group), "bias": (1, prologue.group), "gate": gate}
     return [pl.BlockSpec(shapes[name], index_map) for name in prologue.operands]
 
 
@@ -378,6 +388,9 @@ def xla_prologue(x, operands, prologue: Prologue | None, dtype):
     grouped = (m, d // prologue.group, prologue.group)
     named = dict(zip(prologue.operands, operands, strict=True))
     gate = named.get("gate")
+    if gate is not None:  # the group's columns of each group's W
+        gate = gate.reshape(m, d // prologue.group, prologue.gate_width)
+        gate = gate[..., prologue.gate_offset : prologue.gate_offset + prologue.group]
     y = norms.normalize(
         x.reshape(grouped),
         prologue.kind,
@@ -385,7 +398,7 @@ def xla_prologue(x, operands, prologue: Prologue | None, dtype):
         named.get("scale"),
         named.get("bias"),
         dtype,
-        None if gate is None else gate.reshape(grouped),
+        gate,
     )
     return y.reshape(m, d)
 
@@ -499,6 +512,7 @@ def matmul(
     eps: float = 1e-6,
     gate=None,
     group: int | None = None,
+    gate_offset: int = 0,
     output_bias=None,
     activation: str | None = None,
     residual=None,
@@ -516,6 +530,8 @@ def matmul(
         norm: None, "rmsnorm" (a ``scale`` or none) or "layernorm" (a ``scale`` and a ``bias``, or neither).
         scale, bias: [group] the norm's parameters (shared by the groups); eps: its epsilon.
         gate: [M, D] or None: the norm's output multiplied by swish(gate) in float32 (retention's gate).
+            Or [M, D / group · W]: each group's W columns hold its gate at [gate_offset, gate_offset +
+            group) (the gate a slice of a wider product, read in place).
         group: the columns each norm's statistics run over (default D; retention's head norm: V), a
             multiple of 16 dividing D; the plan's BD is narrowed to divide it.
         output_bias: [N] added to the product (any float dtype the kernel takes), or None.
@@ -537,7 +553,7 @@ def matmul(
             f"w {w.shape} {w.dtype}."
         )
     shape = (x.shape[0], x.shape[1], w.shape[1], w.dtype)
-    affine, prologue = prologue_of("skinny.matmul", norm, x, scale, bias, eps, gate, group)
+    affine, prologue = prologue_of("skinny.matmul", norm, x, scale, bias, eps, gate, group, gate_offset)
     chosen = resolve_plan("skinny.matmul", tiles, shape, plan, check, Plan, f"x {x.shape} @ w {w.shape}")
     chosen = fit_group("skinny.matmul", chosen, prologue, explicit=tiles is not None)
     _check_epilogue(x.shape[0], w.shape[1], output_bias, activation, residual)
@@ -579,7 +595,7 @@ def _check_epilogue(rows: int, n: int, bias, activation, residual):
 
 
 def prologue_of(
-    name: str, norm: str | None, x, scale, bias, eps, gate, group
+    name: str, norm: str | None, x, scale, bias, eps, gate, group, gate_offset: int = 0
 ) -> tuple[tuple, Prologue | None]:
     """(the prologue's operands, its ``Prologue``), checked against x [M, D]; ((), None) without a norm."""
     if norm is None:
@@ -600,8 +616,16 @@ def prologue_of(
     present = [a for a in (scale, bias) if a is not None]
     if bad or any(a.shape != shape for a in present):
         raise ValueError(f"{name}: norm={norm!r} takes {wanted}.")
-    if gate is not None and gate.shape != x.shape:
-        raise ValueError(f"{name}: the gate must have x's shape {x.shape}; got {gate.shape}.")
+    groups = width // group
+    gate_width = group if gate is None else gate.shape[-1] // groups
+    fits = gate is None or (gate.shape[0] == x.shape[0] and gate.shape[1] == groups * gate_width)
+    if not fits or not 0 <= gate_offset <= gate_width - group:
+        got = None if gate is None else gate.shape
+        raise ValueError(
+            f"{name}: the gate must be [M, D / group · W] (W ≥ group + gate_offset), each group's gate at "
+            f"[gate_offset, gate_offset + group) of its W; got {got} for x {x.shape}, gate_offset = "
+            f"{gate_offset}, group = {group}."
+        )
     operands = {"scale": scale, "bias": bias, "gate": gate}
     operands = {key: array for key, array in operands.items() if array is not None}
     for array in (x, *operands.values()):
@@ -610,7 +634,8 @@ def prologue_of(
                 f"{name}: the norm's input, parameters and gate must be bfloat16, float16 or float32; got "
                 f"{jnp.dtype(array.dtype).name}. Normalize with XLA (ops.norms.normalize) first."
             )
-    return tuple(operands.values()), Prologue(norm, float(eps), group, tuple(operands))
+    prologue = Prologue(norm, float(eps), group, tuple(operands), gate_width, gate_offset)
+    return tuple(operands.values()), prologue
 
 
 def fit_group(name: str, tiles, prologue: Prologue | None, *, explicit: bool):

@@ -270,6 +270,7 @@ def matmul(
     eps: float = 1e-6,
     gate=None,
     group: int | None = None,
+    gate_offset: int = 0,
     output_bias=None,
     activation: str | None = None,
     residual=None,
@@ -282,7 +283,7 @@ def matmul(
     Args:
         x: [M, D] rows, in w's dtype (without ``norm``) or any dtype the kernel takes (with it).
         w: [N, D]: output n's weights are row n.
-        norm, scale, bias, eps, gate, group: the norm prologue (``skinny.matmul``).
+        norm, scale, bias, eps, gate, group, gate_offset: the norm prologue (``skinny.matmul``).
         output_bias: [N] or None; activation: a key of ``skinny.ACTIVATIONS`` or None; residual: [M, N] or
             None: act(x wᵀ + output_bias) + residual on the float32 accumulator, one cast.
         tiles: the kernel's plan (default ``plan(M, D, N, w.dtype)``); any that ``check`` accepts.
@@ -300,7 +301,7 @@ def matmul(
         )
     shape = (x.shape[0], x.shape[1], w.shape[0], w.dtype)
     operands = f"x {x.shape} @ w {w.shape}ᵀ"
-    affine, prologue = prologue_of("skinny_nd.matmul", norm, x, scale, bias, eps, gate, group)
+    affine, prologue = prologue_of("skinny_nd.matmul", norm, x, scale, bias, eps, gate, group, gate_offset)
     chosen = skinny.resolve_plan("skinny_nd.matmul", tiles, shape, plan, check, Plan, operands)
     chosen = fit_group("skinny_nd.matmul", chosen, prologue, explicit=tiles is not None)
     _check_epilogue(x.shape[0], w.shape[0], output_bias, activation, residual)
