@@ -363,8 +363,9 @@ def test_a_prepared_steps_head_norm_and_gate_run_in_the_out_projection():
     the kernel, with its kernels stored [D, N] and [N, D], computes retention's head norm and swish gate
     in that kernel's prologue, g read in place from the joined q, k, v, g product: outside the kernels no
     rsqrt (a norm) and no logistic (a swish) remain, where XLA's step has both (the block norms', the
-    final norm's and the head norm's rsqrt; the FFN's and the gate's swish); its logits equal XLA's (float32, 1e-5: sums in another order). fla's head norm (with a
-    weight [V], random here) is the one with a parameter in the prologue; the kinds' numerics are
+    final norm's and the head norm's rsqrt; the FFN's and the gate's swish); its logits equal XLA's
+    (float32, 1e-5: sums in another order). fla's head norm (with a weight [V], random here) is the one
+    with a parameter in the prologue; the kinds' numerics are
     ``test_head_norm_and_gate_prologue_equals_xlas``'s."""
     config = RetNetConfig(
         vocab_size=64,
@@ -589,15 +590,23 @@ def test_head_norm_and_gate_prologue_refusals():
 
 def test_the_head_norm_and_gate_prologue_lowers_to_triton():
     """At the paper's head (H = 8, V = 512: x [R, 4096], the out projection's W [4096, 2048]): float32 o,
-    bfloat16 g and W, one row and 8, each norm kind, with the residual epilogue of a decoding step."""
+    bfloat16 g and W, one row and 8, each norm kind, with the residual epilogue of a decoding step; g apart
+    and read in place from the joined q, k, v, g product."""
     o, g = jnp.zeros((1, 4096), jnp.float32), jnp.zeros((1, 4096), jnp.bfloat16)
     w, scale = jnp.zeros((4096, 2048), jnp.bfloat16), jnp.ones((512,), jnp.float32)
-    for kind, weight in (("rmsnorm", scale), ("layernorm", None)):
+    joined = jnp.zeros((1, 8 * 1536), jnp.bfloat16)  # the joined q, k, v, g: K = 256, g at [1024, 1536)
+    gates = ((g, 0), (joined, 1024))
+    cases = [
+        (kind, weight, *gate) for kind, weight in (("rmsnorm", scale), ("layernorm", None)) for gate in gates
+    ]
+    for kind, weight, g, offset in cases:
         for rows in (1, 8):
             residual = jnp.zeros((rows, 2048), jnp.bfloat16)
 
-            def product(o, g, w, kind=kind, weight=weight, residual=residual):
-                return skinny.matmul(o, w, norm=kind, scale=weight, gate=g, group=512, residual=residual)
+            def product(o, g, w, kind=kind, weight=weight, offset=offset, residual=residual):
+                return skinny.matmul(
+                    o, w, norm=kind, scale=weight, gate=g, group=512, gate_offset=offset, residual=residual
+                )
 
             args = (o.repeat(rows, 0), g.repeat(rows, 0), w)
             text = jax.jit(product).trace(*args).lower(lowering_platforms=("cuda",))

@@ -286,14 +286,20 @@ def test_head_norm_and_gate_prologue_gradients_are_xlas(head_norm, in_place):
 
 
 def test_the_head_norm_and_gate_prologue_lowers_to_triton():
-    """At the paper's head (H = 8, V = 512): o [R, 4096] float32, g bfloat16, Wᵀ [2048, 4096] bfloat16."""
+    """At the paper's head (H = 8, V = 512): o [R, 4096] float32, g bfloat16 (apart or in the joined
+    q, k, v, g product), Wᵀ [2048, 4096] bfloat16."""
     o, g = jnp.zeros((1, 4096), jnp.float32), jnp.zeros((1, 4096), jnp.bfloat16)
     w, scale = jnp.zeros((2048, 4096), jnp.bfloat16), jnp.ones((512,), jnp.float32)
-    for kind, weight in (("rmsnorm", scale), ("layernorm", None)):
+    joined = jnp.zeros((1, 8 * 1536), jnp.bfloat16)  # the joined q, k, v, g: K = 256, g at [1024, 1536)
+    gates = ((g, 0), (joined, 1024))
+    cases = [
+        (kind, weight, *gate) for kind, weight in (("rmsnorm", scale), ("layernorm", None)) for gate in gates
+    ]
+    for kind, weight, g, offset in cases:
         for rows in (1, 8):
 
-            def product(o, g, w, kind=kind, weight=weight):
-                return skinny_nd.matmul(o, w, norm=kind, scale=weight, gate=g, group=512)
+            def product(o, g, w, kind=kind, weight=weight, offset=offset):
+                return skinny_nd.matmul(o, w, norm=kind, scale=weight, gate=g, group=512, gate_offset=offset)
 
             text = (
                 jax.jit(product)
