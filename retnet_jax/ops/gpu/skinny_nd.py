@@ -32,20 +32,22 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from retnet_jax.ops.gpu import common, skinny
-from retnet_jax.ops.gpu.skinny import (
-    MAX_ROWS,
-    PROGRAMS,
-    Epilogue,
+from retnet_jax.ops.gpu.prologue import (
     Prologue,
-    _check_epilogue,
-    _padded_rows,
-    _statistics_block,
-    epilogue,
     fit_group,
     prologue_loop,
     prologue_of,
     prologue_operands,
     prologue_specs,
+    statistics_block,
+)
+from retnet_jax.ops.gpu.skinny import (
+    MAX_ROWS,
+    PROGRAMS,
+    Epilogue,
+    _check_epilogue,
+    _padded_rows,
+    epilogue,
 )
 
 __all__ = ["MAX_CANDIDATES", "MAX_ROWS", "Plan", "candidates", "check", "matmul", "plan"]
@@ -211,7 +213,7 @@ def _forward(x, w, affine, bias, residual, prologue, activation, tiles: Plan, in
         steps=d // tiles.block_d,
         precision=common.precision_of(w.dtype),
         prologue=prologue,
-        block_s=_statistics_block(padded_rows, prologue.group if prologue else d, tiles.block_d),
+        block_s=statistics_block(padded_rows, prologue.group if prologue else d, tiles.block_d),
         finish=finish,
     )
     operands = [padded, w] + prologue_operands(prologue, affine, padded_rows)
