@@ -61,7 +61,8 @@ class HeadNorm(nn.Module):
             (``ops.products``), which contracts [H, V]. Where it may run the few-row kernel, the gated
             norm is returned not yet computed (``ops.norms.Normed`` with the gate) for the kernel's
             prologue; the projection materializes it where it does not. "xla" (the default): always the
-            computed array.
+            computed array; "auto" only where ``ops.products.AUTO_HEAD_NORM_PROLOGUE`` says
+            (``products.head_norm_prologue``).
     """
 
     kind: str = "rms"
@@ -86,6 +87,6 @@ class HeadNorm(nn.Module):
             return y if scale is None else y * scale
         kind = "layernorm" if self.kind == "layernorm" else "rmsnorm"
         normed = Normed(o, scale, None, kind, self.eps, self.dtype, gate=gate, gate_offset=gate_offset)
-        if self.defer != "xla" and products.defers_norm(self.defer, normed, in_axes=2):
+        if products.head_norm_prologue(self.defer) and products.defers_norm(self.defer, normed, in_axes=2):
             return normed
         return normed.materialize()

@@ -186,7 +186,7 @@ class MultiScaleRetention(nn.Module):
         """Whether the joined q, k, v, g product stays whole for the output projection's kernel to read g
         from in place (where it may run the kernel; not while initializing: the joined kernel is then made
         part by part). Elsewhere the projection's outputs are split as before."""
-        if self.is_initializing() or self.projections == "xla":
+        if self.is_initializing() or not products.head_norm_prologue(self.projections):
             return False
         rows, width = x.shape[0] * x.shape[1], self.num_heads * self.value_dim
         return products.uses_kernel(self.projections, rows, width, 16, self.dtype)

@@ -72,6 +72,12 @@ IMPLEMENTATIONS = ("xla", "auto", "pallas")
 # measured and stay XLA's.
 AUTO_MAX_ROWS = 1
 AUTO_MAX_WEIGHT_BYTES = 128 << 20
+# Whether "auto" also leaves retention's head norm and gate to the output projection's kernel (its prologue:
+# the norm over each head's V columns times swish(g), g read in place). It removes one XLA fusion a layer
+# (about 1.5 µs at paper-1.3b, B1, H200 profile of 2026-12-02) but adds the heads' statistics and the
+# gate's loads to that kernel: off until the decoding profile measures both (experiments/README.md).
+# "pallas" products always take it.
+AUTO_HEAD_NORM_PROLOGUE = False
 
 
 def _check_implementation(implementation: str):
@@ -139,6 +145,13 @@ def defers_norm(implementation: str, normed: Normed, *, in_axes: int = 1) -> boo
     rows, d = _rows_and_width(normed, in_axes)
     # N = 16: the widths the kernel takes are multiples of 16, so this asks about everything but N.
     return uses_kernel(implementation, rows, d, 16, normed.dtype) and _prologue_taken(normed, d)
+
+
+def head_norm_prologue(implementation: str) -> bool:
+    """Whether retention's head norm and gate may be left to an output projection of this implementation
+    (where its kernel runs, ``defers_norm(..., in_axes=2)``): "pallas" yes, "auto" where
+    ``AUTO_HEAD_NORM_PROLOGUE``, "xla" never."""
+    return implementation == "pallas" or (implementation == "auto" and AUTO_HEAD_NORM_PROLOGUE)
 
 
 def fuses_norm(

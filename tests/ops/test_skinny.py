@@ -19,6 +19,7 @@ import pytest
 from retnet_jax.inference.decoding import LMDecoder
 from retnet_jax.inference.generate import generate
 from retnet_jax.models import RetNetConfig, RetNetLM
+from retnet_jax.nn.norms import HeadNorm
 from retnet_jax.ops import norms, products
 from retnet_jax.ops.gpu import skinny
 from tests.helpers import random_variables
@@ -274,6 +275,29 @@ def test_dispatch(monkeypatch):
     assert not products.uses_kernel("pallas", 1, 100, 64, f32)  # not taken: XLA
     with pytest.raises(ValueError, match="unknown implementation 'fast'"):
         products.uses_kernel("fast", 1, 64, 64, f32)
+
+
+def test_auto_leaves_the_head_norm_to_the_kernel_only_where_switched_on(monkeypatch):
+    """Under "auto" on a GPU, retention's head norm and gate stay XLA's until
+    ``AUTO_HEAD_NORM_PROLOGUE`` (unmeasured); "pallas" takes the prologue; "xla" never does."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # the rule as on one GPU
+    monkeypatch.setattr(jax, "device_count", lambda: 1)
+    monkeypatch.setattr(products.common, "triton_unavailable", lambda: None)
+    o, g = jnp.ones((1, 1, 2, 64), jnp.float32), jnp.ones((1, 1, 2, 64), jnp.float32)
+    deferred = {}
+    for switch in (False, True):
+        monkeypatch.setattr(products, "AUTO_HEAD_NORM_PROLOGUE", switch)
+        for implementation in ("auto", "pallas", "xla"):
+            out = HeadNorm("rms", defer=implementation).apply({}, o, g)
+            deferred[switch, implementation] = isinstance(out, norms.Normed)
+    assert deferred == {
+        (False, "auto"): False,
+        (False, "pallas"): True,
+        (False, "xla"): False,
+        (True, "auto"): True,
+        (True, "pallas"): True,
+        (True, "xla"): False,
+    }, deferred
 
 
 def _norms_outside_kernels(program) -> tuple[int, int]:
