@@ -9,9 +9,12 @@ other, and compares their results after one call from the same state (tokens agr
 relative error: bf16 steps that round k and the rotated q and k differently).
 
     python -m experiments.ab_joined_step --batches=1,8,64 --projections=auto,pallas
+    python -m experiments.ab_joined_step --ab=head_norm --batches=1 --projections=auto
 
-prints a markdown table (ms per step, the joined step's ratio to the other). On a CPU it runs the tiny
-preset through the interpreted kernel (a smoke test of the script only).
+prints a markdown table (ms per step, the joined step's ratio to the other). ``--ab=head_norm`` compares
+instead the loop with retention's head norm and gate in the output projection's prologue
+(``products.AUTO_HEAD_NORM_PROLOGUE`` on) against it without (off), the rest as "auto" chooses. On a CPU
+it runs the tiny preset through the interpreted kernel (a smoke test of the script only).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from absl import app, flags
 
 from experiments import benchlib as bl
 from experiments import benchprograms as bp
-from retnet_jax.ops import dispatch
+from retnet_jax.ops import dispatch, products
 
 MODEL = flags.DEFINE_string("model", "paper-1.3b", "Model preset (tiny on a CPU).")
 BATCHES = flags.DEFINE_string("batches", "1,8,64", "Batches.")
@@ -32,11 +35,21 @@ CONTEXT = flags.DEFINE_integer(
 )
 STEPS = flags.DEFINE_integer("decode_steps", 64, "Greedy steps per timed call.")
 PROJECTIONS = flags.DEFINE_list("projections", ["auto", "pallas"], "The projections' implementations.")
+AB = flags.DEFINE_enum(
+    "ab",
+    "joined",
+    ["joined", "head_norm"],
+    "What is on in one loop and off in the other: the joined "
+    "decode step, or the head norm and gate in the output projection's prologue.",
+)
 
 
-def _run(batch: int, projections: str, joined: bool, gpu: bool):
-    """(median ms per step, the tokens and state after one call) of the loop with the flag set so."""
-    # The layer asks dispatch.joined_kernel when the step is traced: one program per setting.
+def _run(batch: int, projections: str, on: bool, gpu: bool):
+    """(median ms per step, the tokens and state after one call) of the loop with ``--ab``'s part on or
+    off."""
+    # The layers ask dispatch.joined_kernel and products.head_norm_prologue when the step is traced: one
+    # program per setting.
+    joined = on or AB.value != "joined"
     choose = dispatch.joined_kernel if joined else (lambda *args, **kwargs: False)
     model_name = MODEL.value if gpu else "tiny"
     dtype = "bfloat16" if gpu else "float32"
@@ -46,11 +59,17 @@ def _run(batch: int, projections: str, joined: bool, gpu: bool):
     token = jnp.zeros((batch,), jnp.int32)
     steps = STEPS.value if gpu else 2
     original, dispatch.joined_kernel = dispatch.joined_kernel, choose
-    switch, dispatch.AUTO_JOINED_KERNEL = dispatch.AUTO_JOINED_KERNEL, True  # "auto" measured either way
+    switch = dispatch.AUTO_JOINED_KERNEL
+    prologue = products.AUTO_HEAD_NORM_PROLOGUE
+    if AB.value == "joined":
+        dispatch.AUTO_JOINED_KERNEL = True  # "auto" measured either way
+    else:
+        products.AUTO_HEAD_NORM_PROLOGUE = on
     try:
         compiled, _, _ = bl.compile_timed(bp.decode_program(decoder, steps), variables, token, state)
     finally:
         dispatch.joined_kernel, dispatch.AUTO_JOINED_KERNEL = original, switch
+        products.AUTO_HEAD_NORM_PROLOGUE = prologue
     result = jax.block_until_ready(compiled(variables, token, state))
     timing = bl.time_calls(lambda: compiled(variables, token, state), repeats=5 if gpu else 1)
     return float(np.median(timing.samples)) * 1e3 / steps, result
@@ -61,7 +80,8 @@ def main(argv):
     gpu = jax.default_backend() == "gpu"
     model = MODEL.value if gpu else "tiny"
     print(f"Device: {jax.devices()[0].device_kind}, jax {jax.__version__}; model {model}\n")
-    print("| projections | B | joined ms/step | split ms/step | ratio | tokens agree | state rel err |")
+    on, off = ("joined", "split") if AB.value == "joined" else ("prologue", "XLA head norm")
+    print(f"| projections | B | {on} ms/step | {off} ms/step | ratio | tokens agree | state rel err |")
     print("|---|---|---|---|---|---|---|")
     for projections in PROJECTIONS.value:
         for batch in bl.int_list(BATCHES.value):
