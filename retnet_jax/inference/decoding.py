@@ -96,9 +96,10 @@ class LMDecoder:
             one kernel at any N, bias, activation and residual included, where [D, N] at one row splits D
             and leaves XLA a sum of float32 partials and the epilogue (two more kernels a product). XLA's
             products take the transposed kernels too (at more rows than the kernel takes). None (the
-            default): on where the model's ``projections`` run the kernel at the loop's batch
-            (``ops.products.kernel_rows``: "pallas" up to 16 rows, "auto" on one GPU up to the rows it
-            was measured faster at; with the batch unknown, wherever they may run it);
+            default): as measured faster (``ops.products.PREFER_TRANSPOSED``, off since [N, D] measured
+            slower on the H200); where it is on, on where the model's ``projections`` run the kernel at
+            the loop's batch (``ops.products.kernel_rows``: "pallas" up to 16 rows, "auto" on one GPU up
+            to the rows it was measured faster at; with the batch unknown, wherever they may run it);
             the copy costs no more memory than the unstacked one.
     """
 
@@ -169,6 +170,8 @@ class LMDecoder:
         """Whether ``prepare`` stores the layers' kernels transposed for a loop of ``rows`` rows
         (``transpose_kernels`` resolved)."""
         if self.transpose_kernels is None:
+            if not products.PREFER_TRANSPOSED:
+                return False
             most = products.kernel_rows(self.model.projections)
             return most > 0 and (rows is None or rows <= most)
         return self.transpose_kernels

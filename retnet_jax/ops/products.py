@@ -76,8 +76,17 @@ AUTO_MAX_WEIGHT_BYTES = 128 << 20
 # the norm over each head's V columns times swish(g), g read in place). It removes one XLA fusion a layer
 # (about 1.5 µs at paper-1.3b, B1, H200 profile of 2026-12-02) but adds the heads' statistics and the
 # gate's loads to that kernel: off until the decoding profile measures both (experiments/README.md).
-# "pallas" products always take it.
+# "pallas" products always take it. Measured since (experiments/results/ab_head_norm_H200_2026-12-02.md, the
+# same loop both ways in one process): 1.894 ms a step with it against 1.797 without at B1 (5% slower);
+# at B8 "auto" runs no kernel there, so both loops are the same program. Off.
 AUTO_HEAD_NORM_PROLOGUE = False
+# Whether a prepared decoding loop stores its layers' kernels transposed, [N, D] (``skinny_nd``), where the
+# few-row kernel may run (``inference.decoding.LMDecoder(transpose_kernels=None)``). Off: in paper-1.3b's
+# decoding loop on the H200 (bench_inference_H200_2026-12-02_nd.md, one run) [N, D] made the step slower
+# than [D, N] at every batch the kernel ran at: B1 1.836 against 1.309 ms ("pallas" products), 1.905
+# against 1.376 ("auto"); B8 3.792 against 2.444 ("pallas"). The profile (profile_steps_H200_2026-12-02_
+# decode-nd.md) puts it in the joined q/k/v/g product: 36.7 µs against 18.3 on [D, N], 1.4 TB/s.
+PREFER_TRANSPOSED = False
 
 
 def _check_implementation(implementation: str):

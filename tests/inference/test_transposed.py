@@ -5,8 +5,9 @@ read by ``ops.gpu.skinny_nd``), against the same loop on [D, N] kernels.
   products are those of [D, N] kernels: float32, RetNet and Transformer with biases (the kernels sum in
   another order: 1e-5; XLA's products of the same operands: 1e-6);
 * in bfloat16, one step's logits within 2^-5 of the largest (a few roundings of 2^-8 through two layers);
-* on by default exactly where the projections may run the kernel; the model's own parameters (init,
-  checkpoints) never hold a transposed kernel, and a prepared one of the wrong shape is named;
+* off by default (measured slower); where preferred, on exactly where the projections may run the
+  kernel; the model's own parameters (init, checkpoints) never hold a transposed kernel, and a prepared
+  one of the wrong shape is named;
 * a one-row step of paper-1.3b's layer shapes through the kernel sums no partials: the [D, N] plans split
   D in qkvg, out, fc1 and fc2 (4 sums of partials a layer), the [N, D] kernels none.
 """
@@ -81,7 +82,18 @@ def _has_transposed(tree) -> bool:
     return TRANSPOSED_KERNEL in str(jax.tree_util.tree_structure(tree))
 
 
-def test_on_where_the_kernel_may_run_and_only_in_the_prepared_variables(lms):
+def test_off_by_default_as_measured(lms):
+    """[N, D] measured slower than [D, N] in the decoding loop (products.PREFER_TRANSPOSED): the default
+    keeps [D, N] wherever the kernel runs; True still transposes."""
+    model, variables = lms["retnet"]
+    assert not products.PREFER_TRANSPOSED
+    assert not LMDecoder(model).transposes_kernels and not LMDecoder(model).transposes_for(1)  # "pallas"
+    assert not _has_transposed(LMDecoder(model).prepare(variables)["params"])
+    assert _has_transposed(LMDecoder(model, transpose_kernels=True).prepare(variables)["params"])
+
+
+def test_on_where_the_kernel_may_run_and_only_in_the_prepared_variables(lms, monkeypatch):
+    monkeypatch.setattr(products, "PREFER_TRANSPOSED", True)
     model, variables = lms["retnet"]
     assert LMDecoder(model).transposes_kernels  # "pallas"
     assert not LMDecoder(model.clone(projections="xla")).transposes_kernels
@@ -157,6 +169,7 @@ def test_auto_transposes_only_for_the_rows_it_runs_the_kernel_at(lms, monkeypatc
     """On one GPU "auto" runs the kernel for one row (products.AUTO_MAX_ROWS): a loop of one row gets
     transposed kernels, a batch that XLA's products serve keeps [D, N]."""
     model, _ = lms["retnet"]
+    monkeypatch.setattr(products, "PREFER_TRANSPOSED", True)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(jax, "device_count", lambda: 1)
     monkeypatch.setattr(products.common, "triton_unavailable", lambda: None)
