@@ -6,6 +6,7 @@
     python -m experiments.replicate --part=train --arch=retnet,transformer --size=s --out_dir=$OUT
     python -m experiments.replicate --part=train --arch=retnet --size=m --out_dir=$OUT
     python -m experiments.replicate --part=mqar --mqar_size=s,m --out_dir=$OUT
+    python -m experiments.replicate --part=train --arch=retnet --size=s-k128 --out_dir=$OUT  # wider heads
     python -m experiments.replicate --part=report                                 # here: tables and plots
     python -m experiments.replicate --smoke --part=corpus,calibrate,train,mqar,report  # all of it, CPU, toy
                                              # (results under --work_dir/smoke unless --results_dir is given)
@@ -328,10 +329,10 @@ def _this_loop(record: dict[str, Any]) -> bool:
 
 
 def _calibration(size_name: str) -> dict[str, Any]:
-    """calibrate.json's runs of a size, if it was measured on this kind of device with this training loop
-    and both runs succeeded."""
+    """calibrate.json's runs of a size (of its base size, for a head ablation: the nearest measured speed),
+    if it was measured on this kind of device with this training loop and both runs succeeded."""
     calibration = _read_result("calibrate.json")
-    runs = (calibration or {}).get("runs", {}).get(size_name, {})
+    runs = (calibration or {}).get("runs", {}).get(recipe.base_size(size_name), {})
     same_device = calibration and calibration["device"]["device_kind"] == _target_kind()
     usable = all(runs.get(a, {}).get("status") == "ok" and _this_loop(runs[a]) for a in recipe.ARCHS)
     return runs if same_device and usable else {}
@@ -582,6 +583,13 @@ def main(argv) -> None:
         bad = [v for v in values if v not in known]
         if bad:
             raise app.UsageError(f"--{name}: unknown {bad}; choose from {sorted(known)}.")
+    if {"calibrate", "plan", "train"} & set(_PART.value):
+        for size_name in _lm_sizes():
+            for arch in _ARCH.value:
+                try:
+                    recipe.check_arch_for_size(arch, size_name)
+                except ValueError as error:
+                    raise app.UsageError(str(error)) from None
     log(f"devices: {jax.devices()}")
     for part in _PART.value:
         log(f"== {part} ({time.perf_counter() - _STARTED:.0f}s since start)")

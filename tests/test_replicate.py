@@ -277,3 +277,57 @@ def test_plan_keeps_a_recorded_budget(tmp_path):
         and "as the retnet run of 2000-01-01" in lines["size m"]
     )
     assert lines["size l"].startswith("size l: 416 steps") and "measured by an earlier run" in lines["size l"]
+
+
+def test_head_ablation_is_compared_with_its_base_sizes_transformer(tmp_path):
+    """s-k128 is size s with K = 128 heads (H = 3): a RetNet-only run whose report row is compared with
+    size s's Transformer and whose curves go into size s's panels; a Transformer of it is refused before
+    anything runs."""
+    from experiments.replication import report
+
+    s, ablation = recipe.LM_SIZES["s"], recipe.LM_SIZES["s-k128"]
+    assert (ablation.d_model, ablation.num_layers, ablation.num_heads) == (s.d_model, s.num_layers, 3)
+    assert recipe.base_size("s-k128") == "s" and recipe.base_size("m") == "m"
+    with pytest.raises(ValueError, match="--arch=retnet"):
+        recipe.check_arch_for_size("transformer", "s-k128")
+    recipe.check_arch_for_size("retnet", "s-k128")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.replicate",
+            "--part=train",
+            "--size=s-k128",
+            "--arch=transformer",
+            f"--results_dir={tmp_path / 'results'}",
+            f"--work_dir={tmp_path / 'work'}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0 and "--arch=retnet" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "results").exists() and not (tmp_path / "work").exists()
+
+    # The report from recorded runs (the committed size-s results, the ablation's a copy with its own loss).
+    source = os.path.join(ROOT, "experiments", "results", "replication")
+    results = tmp_path / "recorded"
+    results.mkdir()
+    for arch in recipe.ARCHS:
+        with open(os.path.join(source, f"train_{arch}_s.json")) as f:
+            run = json.load(f)
+        (results / f"train_{arch}_s.json").write_text(json.dumps(run))
+    run["arch"], run["size"], run["final_eval_loss"] = "retnet", "s-k128", run["final_eval_loss"] + 0.25
+    (results / "train_retnet_s-k128.json").write_text(json.dumps(run))
+    path = report.write_report(str(results), str(tmp_path / "report"), "2000-01-01")
+    text = open(path).read()
+    with open(os.path.join(source, "train_transformer_s.json")) as f:
+        transformer = json.load(f)["final_eval_loss"]
+    row = next(line for line in text.splitlines() if line.startswith("| s-k128 | retnet |"))
+    assert f"{run['final_eval_loss'] - transformer:+.4f}" in row, row
+    found = report.load_results(str(results))
+    assert report._panel_sizes(found["train"], report._ok) == ["s"]
+    labels = [label for label, _, _ in report._panel_runs(found["train"], "s")]
+    assert labels == ["retnet", "transformer", "retnet (s-k128)"]
+    assert os.path.isfile(str(tmp_path / "report" / "replication_H200_2000-01-01_loss.png"))

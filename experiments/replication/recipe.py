@@ -99,6 +99,30 @@ LM_SIZES = {
     ),
 }
 
+# RetNet with the base size's width and depth but fewer, wider heads: K = 128, V = 256 (H = D / 128), nearer
+# the paper's K = 256 (which D = 384 and 640 do not divide), against the base size's Transformer. The
+# paper's decay schedule ties memory to the head count, so the widest memory shrinks with H too
+# (2^(4+H) tokens: 128 at s-k128, 512 at m-k128): the ablation measures the paper's architecture at
+# these widths, not the head width alone.
+HEAD_ABLATIONS = {"s-k128": "s", "m-k128": "m"}
+LM_SIZES["s-k128"] = dataclasses.replace(LM_SIZES["s"], num_heads=3)
+LM_SIZES["m-k128"] = dataclasses.replace(LM_SIZES["m"], num_heads=5)
+
+
+def base_size(name: str) -> str:
+    """The size whose Transformer (and calibration) a size is compared with: itself, or an ablation's base."""
+    return HEAD_ABLATIONS.get(name, name)
+
+
+def check_arch_for_size(arch: str, size_name: str) -> None:
+    """A head ablation is a RetNet run; its Transformer is the base size's (the same model)."""
+    if size_name in HEAD_ABLATIONS and arch != "retnet":
+        raise ValueError(
+            f"--size={size_name} changes RetNet's heads only; its Transformer is size "
+            f"{HEAD_ABLATIONS[size_name]}'s. Use --arch=retnet with it."
+        )
+
+
 # Training tokens of every language-model run, whatever its size, as in the paper's comparison across sizes
 # (all on the same tokens): 1526 steps of 64 × 1024. What the largest size's slower architecture trains in
 # one device call of 10 minutes on an H200 (l's RetNet at the 271,738 tokens/s that --part=calibrate

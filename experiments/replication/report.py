@@ -19,7 +19,7 @@ from typing import Any
 
 from experiments.replication import recipe, schedule
 
-SIZE_ORDER = ("smoke", "s", "m", "l")
+SIZE_ORDER = ("smoke", "s", "s-k128", "m", "m-k128", "l")
 ARCH_STYLE = {
     "retnet": dict(color="tab:blue", marker="o"),
     "transformer": dict(color="tab:orange", marker="s"),
@@ -33,6 +33,8 @@ python -m experiments.replicate --part=train --arch=retnet --size=m --out_dir=$O
 python -m experiments.replicate --part=train --arch=transformer --size=m --out_dir=$OUT
   (the same two for --size=l)
 python -m experiments.replicate --part=mqar --mqar_size=s,m --out_dir=$OUT
+python -m experiments.replicate --part=train --arch=retnet --size=s-k128 --out_dir=$OUT  (K = 128 heads)
+python -m experiments.replicate --part=train --arch=retnet --size=m-k128 --out_dir=$OUT
 python -m experiments.replicate --part=report"""
 
 
@@ -194,7 +196,7 @@ def runs_section(train: dict, corpus: dict | None) -> str:
         return "## Language models\n\nNo `train_*.json` yet."
     rows = []
     for size in _sizes(train):
-        base = train.get(("transformer", size))
+        base = train.get(("transformer", recipe.base_size(size)))
         for arch in recipe.ARCHS:
             run = train.get((arch, size))
             if run is None:
@@ -399,19 +401,40 @@ def _save(plt, fig, path: str) -> str:
     return path
 
 
+def _panel_runs(train: dict, size: str):
+    """(label, line style, run) of a base size's panel: its runs, then its head ablations' (dotted)."""
+    for name in _sizes(train):
+        if recipe.base_size(name) != size:
+            continue
+        for arch in recipe.ARCHS:
+            run = train.get((arch, name))
+            if run is None:
+                continue
+            if name == size:
+                yield arch, dict(ARCH_STYLE[arch]), run
+            else:
+                yield f"{arch} ({name})", dict(ARCH_STYLE[arch], marker="^", linestyle=":"), run
+
+
+def _panel_sizes(train: dict, has) -> list[str]:
+    """Base sizes with a run that ``has`` (an ablation's run puts its base size in)."""
+    return [
+        s
+        for s in _sizes(train)
+        if s not in recipe.HEAD_ABLATIONS and any(has(r) for *_, r in _panel_runs(train, s))
+    ]
+
+
 def plot_loss(train: dict, path: str) -> str | None:
-    sizes = [s for s in _sizes(train) if any(_ok(train.get((a, s))) for a in recipe.ARCHS)]
+    sizes = _panel_sizes(train, _ok)
     if not sizes:
         return None
     plt, fig, axes = _figure(len(sizes))
     for ax, size in zip(axes, sizes, strict=True):
-        for arch in recipe.ARCHS:
-            run = train.get((arch, size))
+        for label, style, run in _panel_runs(train, size):
             if _ok(run):
                 points = run["eval_curve"][1:]  # the untrained point would flatten the plot
-                ax.plot(
-                    [p["tokens"] for p in points], [p["loss"] for p in points], label=arch, **ARCH_STYLE[arch]
-                )
+                ax.plot([p["tokens"] for p in points], [p["loss"] for p in points], label=label, **style)
         ax.set_title(f"size {size}")
         ax.set_xlabel("training tokens")
         ax.set_ylabel("validation loss (nats/token)")
@@ -426,13 +449,17 @@ def plot_scaling(train: dict, path: str) -> str | None:
     plt, fig, axes = _figure(1)
     ax = axes[0]
     for arch in recipe.ARCHS:
-        points = sorted(
-            (run["params"]["non_embedding"], run["final_eval_loss"])
-            for (a, _), run in train.items()
-            if a == arch and _ok(run)
-        )
-        if points:
-            ax.plot(*zip(*points, strict=True), label=arch, **ARCH_STYLE[arch])
+        for ablation in (False, True):
+            points = sorted(
+                (run["params"]["non_embedding"], run["final_eval_loss"])
+                for (a, size), run in train.items()
+                if a == arch and _ok(run) and (size in recipe.HEAD_ABLATIONS) == ablation
+            )
+            if points and ablation:
+                style = dict(ARCH_STYLE[arch], marker="^", linestyle=":")
+                ax.plot(*zip(*points, strict=True), label=f"{arch}, K = 128 heads", **style)
+            elif points:
+                ax.plot(*zip(*points, strict=True), label=arch, **ARCH_STYLE[arch])
     ax.set_xscale("log")
     ax.set_xlabel("non-embedding parameters")
     ax.set_ylabel("final validation loss")
@@ -442,21 +469,20 @@ def plot_scaling(train: dict, path: str) -> str | None:
 
 
 def plot_extrapolation(train: dict, path: str) -> str | None:
-    sizes = [
-        s for s in _sizes(train) if any(_has(r, "extrapolation") for (_, z), r in train.items() if z == s)
-    ]
+    sizes = _panel_sizes(train, lambda run: _has(run, "extrapolation"))
     if not sizes:
         return None
     plt, fig, axes = _figure(len(sizes))
     for ax, size in zip(axes, sizes, strict=True):
         seq_len = None
-        for arch in recipe.ARCHS:
-            run = train.get((arch, size))
+        for label, style, run in _panel_runs(train, size):
             if _has(run, "extrapolation"):
                 e = run["extrapolation"]
                 seq_len, width = e["seq_len"], e["bin_width"]
                 x = [(i + 0.5) * width for i in range(len(e["binned"]))]
-                ax.plot(x, e["binned"], label=arch, color=ARCH_STYLE[arch]["color"])
+                ax.plot(
+                    x, e["binned"], label=label, color=style["color"], linestyle=style.get("linestyle", "-")
+                )
         for k in (1, 2):
             ax.axvline(k * seq_len, color="gray", ls="--", lw=0.8)
         ax.set_title(f"size {size} (trained at T = {seq_len})")
