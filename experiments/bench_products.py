@@ -69,7 +69,7 @@ MAX_PLANS = flags.DEFINE_integer("max_plans", skinny.MAX_CANDIDATES, "Candidate 
 EXTRA_PLANS = flags.DEFINE_string("extra_plans", "", "More plans, BDxBNxSxWARPSxSTAGES,... (where they fit).")
 ND = flags.DEFINE_bool("nd", True, "Also the kernel on W stored transposed [N, D] (kernel-nd rows).")
 EXTRA_ND_PLANS = flags.DEFINE_string(
-    "extra_nd_plans", "", "More [N, D] plans, BDxBNxWARPSxSTAGES,... (where they fit)."
+    "extra_nd_plans", "", "More [N, D] plans, BDxBNxWARPSxSTAGES[xREDUCE],... (where they fit)."
 )
 NORM_SHAPE = flags.DEFINE_string("norm_shape", "qkvg", "Shape of the LayerNorm prologue rows ('': none).")
 TARGET_MIB = flags.DEFINE_integer("target_mib", 256, "MiB of weight copies one timed program reads (GPU).")
@@ -86,7 +86,8 @@ KERNELS = {"kernel": skinny, "kernel-nd": skinny_nd}  # the rows' impl → the k
 def plan_label(tiles) -> str:
     """BDxBN S w s ([D, N] plans) or BDxBN w s ([N, D] plans: no splits)."""
     splits = f" S{tiles.splits}" if isinstance(tiles, skinny.Plan) else ""
-    return f"{tiles.block_d}x{tiles.block_n}{splits} w{tiles.num_warps} s{tiles.num_stages}"
+    reduce = " reduce" if getattr(tiles, "reduce", 0) else ""
+    return f"{tiles.block_d}x{tiles.block_n}{splits} w{tiles.num_warps} s{tiles.num_stages}{reduce}"
 
 
 def plan_of(cfg):
@@ -99,8 +100,9 @@ def parse_plans(text: str, module=skinny, name: str = "--extra_plans") -> list:
     example = "128x32x1x4x3" if module is skinny else "512x8x4x3"
     for item in bl.str_list(text):
         numbers = [int(v) for v in item.split("x")]
-        if len(numbers) != fields:
-            spelled = "BDxBNxSxWARPSxSTAGES" if module is skinny else "BDxBNxWARPSxSTAGES"
+        optional = 1 if "reduce" in module.Plan._fields else 0  # a trailing field with a default
+        if not fields - optional <= len(numbers) <= fields:
+            spelled = "BDxBNxSxWARPSxSTAGES" if module is skinny else "BDxBNxWARPSxSTAGES[xREDUCE]"
             raise ValueError(f"{name}: {item!r} is not {spelled} (e.g. {example}).")
         plans.append(module.Plan(*numbers))
     return plans

@@ -8,6 +8,8 @@ norm (cast to the compute dtype); with an epilogue against XLA's float32 product
 (``skinny.epilogue``) and one cast. Gradients (XLA's either way) 1e-5.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,6 +42,8 @@ def _close(y, want, dtype):
         (1, 2048, 8, skinny_nd.Plan(256, 8), jnp.bfloat16),  # D in 8 steps of 256, one program
         (3, 128, 96, None, jnp.bfloat16),
         (16, 512, 64, skinny_nd.Plan(64, 16), jnp.float32),
+        (1, 1024, 64, skinny_nd.Plan(256, 32, 8, 2, reduce=1), jnp.bfloat16),  # summed each step, 4 steps
+        (1, 512, 16, skinny_nd.Plan(128, 8, reduce=1), jnp.float32),
     ],
 )
 def test_kernel_equals_the_float64_product(rows, d, n, tiles, dtype):
@@ -154,6 +158,12 @@ def test_plans():
         assert listed[0] == skinny_nd.plan(rows, d, n, bf16)
         assert 1 <= len(listed) <= skinny_nd.MAX_CANDIDATES and len(set(listed)) == len(listed)
         assert all(skinny_nd.check(p, rows, d, n, bf16) is None for p in listed)
+        assert rows == 1 or not any(p.reduce for p in listed)
+    # one row: the reduce plans right after the default, tiles of 16384 and 32768 elements
+    assert skinny_nd.candidates(1, 2048, 12288, bf16)[1:5] == [
+        skinny_nd.Plan(256, 64, 8, 3, 1), skinny_nd.Plan(512, 64, 8, 3, 1),
+        skinny_nd.Plan(512, 32, 8, 3, 1), skinny_nd.Plan(1024, 32, 8, 3, 1),
+    ]  # fmt: skip
     assert skinny_nd.candidates(17, 64, 64, bf16) == []
 
 
@@ -175,6 +185,13 @@ def test_refusals():
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
             skinny_nd.matmul(x, w, tiles=tiles, interpret=True)
     assert "accumulator exceeds" in skinny_nd.check(skinny_nd.Plan(1024, 32, 4, 1), 1, 1024, 32, f32)
+    assert skinny_nd.check(skinny_nd.Plan(1024, 32, 4, 1, reduce=1), 1, 1024, 32, f32) is None
+    assert "reduce = 1 (0, or 1 at one row; got 2 rows)" in skinny_nd.check(
+        skinny_nd.Plan(64, 16, reduce=1), 2, 64, 32, f32
+    )
+    assert "reduce = 2" in skinny_nd.check(skinny_nd.Plan(64, 16, reduce=2), 1, 64, 32, f32)
+    bf16 = jnp.bfloat16
+    assert "tile exceeds 32768" in skinny_nd.check(skinny_nd.Plan(1024, 64, 8, 1, 1), 1, 1024, 64, bf16)
     with pytest.raises(ValueError, match=r"x \[M, D\] and w \[N, D\]"):
         skinny_nd.matmul(x, w.T, interpret=True)
     with pytest.raises(ValueError, match="activation must be one of"):
@@ -195,7 +212,8 @@ def test_the_kernel_lowers_to_triton():
                 residual=residual,
             )  # fmt: skip
 
-        for product in (skinny_nd.matmul, finished):
+        summed = functools.partial(skinny_nd.matmul, tiles=skinny_nd.Plan(512, 32, 8, 3, reduce=1))
+        for product in (skinny_nd.matmul, finished) + ((summed,) if rows == 1 else ()):
             text = jax.jit(product).trace(x[:1].repeat(rows, 0), w).lower(lowering_platforms=("cuda",))
             assert "__gpu$xla.gpu.triton" in text.as_text()
 

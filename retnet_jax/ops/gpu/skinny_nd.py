@@ -14,7 +14,11 @@ chosen so that the grid has about ``skinny.PROGRAMS`` programs (N = 2048 → BN 
 
 * One row: no product to pad; each step multiplies the [1, BD] slice of x into the [BN, BD] tile of Wᵀ
   (a broadcast, float32) and adds it to a [BN, BD] float32 accumulator, summed over BD once at the end:
-  memory bound, no tensor cores needed, and BN may be 8 (a tensor-core product needs 16).
+  memory bound, no tensor cores needed, and BN may be 8 (a tensor-core product needs 16). A plan with
+  ``reduce`` instead sums each step's products over BD into a [BN] accumulator: more reductions, but the
+  tile a step loads is no longer bounded by the accumulator's registers, so that a program can keep more
+  bytes in flight (paper-1.3b's decoding products at one row read 1.4 TB/s with the default tiles of
+  8 KiB a step, H200 2026-12-02: the candidates with ``reduce`` load 32–64 KiB a step).
 * 2 to 16 rows: padded to 16 rows, each step a [16, BD] × [BN, BD]ᵀ product (float32 accumulation), as
   ``skinny``'s; BN ≥ 16.
 
@@ -56,6 +60,9 @@ MAX_CANDIDATES = skinny.MAX_CANDIDATES
 TILE_ELEMENTS = 4096  # BN · BD of the default plan: an 8 KiB bf16 tile of Wᵀ per step (bytes in flight)
 # One row keeps a [BN, BD] float32 accumulator in registers: at most 64 KiB of them per program.
 MAX_ACCUMULATOR = 16384
+# A ``reduce`` plan's tile (BN · BD elements a step, held in registers once loaded): at most 128 KiB of them
+# in float32 per program.
+MAX_TILE = 32768
 WIDEST_N = 256
 
 
@@ -64,6 +71,7 @@ class Plan(NamedTuple):
     block_n: int  # BN: rows of Wᵀ (outputs) per program
     num_warps: int = 4
     num_stages: int = 3
+    reduce: int = 0  # one row: 1 sums each step's products over BD (a [BN] accumulator), 0 once at the end
 
 
 def _narrowest_n(rows: int) -> int:
@@ -123,7 +131,11 @@ def check(tiles: Plan, rows: int, d: int, n: int, dtype) -> str | None:
             f"{tiles.num_stages} stages of {step} bytes exceed {common.SHARED_MEMORY_BYTES} bytes of shared "
             "memory (fewer stages or smaller tiles)"
         )
-    if rows == 1 and tiles.block_d * tiles.block_n > MAX_ACCUMULATOR:
+    if tiles.reduce not in (0, 1) or (tiles.reduce and rows != 1):
+        return f"reduce = {tiles.reduce} (0, or 1 at one row; got {rows} rows)"
+    if tiles.reduce and tiles.block_d * tiles.block_n > MAX_TILE:
+        return f"a [{tiles.block_n}, {tiles.block_d}] tile exceeds {MAX_TILE} elements"
+    if rows == 1 and not tiles.reduce and tiles.block_d * tiles.block_n > MAX_ACCUMULATOR:
         return f"a [{tiles.block_n}, {tiles.block_d}] accumulator exceeds {MAX_ACCUMULATOR} floats"
     return None
 
@@ -132,6 +144,8 @@ def candidates(rows: int, d: int, n: int, dtype) -> list[Plan]:
     """Plans worth measuring for x [rows, d] @ wᵀ [n, d], ``plan``'s first, at most ``MAX_CANDIDATES``;
     empty where the kernel does not take the shape.
 
+    * at one row, ``reduce`` plans: the default's BN and half of it with tiles of 16384 and 32768
+      elements a step (8 warps);
     * BN at half, once and twice the default's with BD in {64, 128, 256, 512} (more programs or fewer,
       shorter or longer steps);
     * the default's tiles with 2, 4 or 8 warps and 2, 3 or 4 stages.
@@ -142,6 +156,11 @@ def candidates(rows: int, d: int, n: int, dtype) -> list[Plan]:
     if isinstance(default, str):
         return []
     listed = [default]
+    if rows == 1:
+        for bn in (default.block_n, default.block_n // 2):
+            listed += [
+                Plan(tile // bn, bn, 8, 3, reduce=1) for tile in (16384, MAX_TILE) if bn and tile // bn <= d
+            ]
     widths = (default.block_n // 2, default.block_n, default.block_n * 2)
     listed += [Plan(bd, bn) for bn in widths for bd in (64, 128, 256, 512)]
     listed += [default._replace(num_warps=w, num_stages=s) for w in (4, 8, 2) for s in (3, 2, 4)]
@@ -159,6 +178,7 @@ def _kernel(
     prologue: Prologue | None,
     block_s: int,
     finish: Epilogue | None,
+    reduce: int,
 ):
     # the prologue's operands (scale [1, group], bias [1, group], gate [R, D]) or nothing; the epilogue's
     # bias [1, BN] and residual [R, BN] or not
@@ -177,7 +197,16 @@ def _kernel(
         dtype=w_ref.dtype,
     )
 
-    if x_ref.shape[0] == 1:  # one row: products added elementwise, summed over BD once at the end
+    if x_ref.shape[0] == 1 and reduce:  # one row: each step's products summed over BD
+
+        def one_row_summed(d, acc, rows):
+            weights = w_ref[:, pl.ds(d, block_d)]  # [BN, BD]
+            products = rows.astype(jnp.float32) * weights.astype(jnp.float32)
+            return acc + jnp.sum(products, axis=1, keepdims=True)  # [BN, 1]
+
+        acc = loop(body=one_row_summed, init=jnp.zeros(w_ref.shape[:1] + (1,), jnp.float32))
+        acc = jnp.transpose(acc)  # [1, BN]
+    elif x_ref.shape[0] == 1:  # one row: products added elementwise, summed over BD once at the end
 
         def one_row(d, acc, rows):
             weights = w_ref[:, pl.ds(d, block_d)]  # [BN, BD]: BN contiguous runs of Wᵀ's rows
@@ -215,6 +244,7 @@ def _forward(x, w, affine, bias, residual, prologue, activation, tiles: Plan, in
         prologue=prologue,
         block_s=statistics_block(padded_rows, prologue.group if prologue else d, tiles.block_d),
         finish=finish,
+        reduce=tiles.reduce,
     )
     operands = [padded, w] + prologue_operands(prologue, affine, padded_rows)
     specs = [
