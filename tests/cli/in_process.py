@@ -12,6 +12,7 @@ import contextlib
 import importlib
 import importlib.util
 import io
+import logging
 import os
 import subprocess
 import sys
@@ -36,7 +37,7 @@ def own_flags(module_name: str):
 
 
 def run(module_name: str, args, capfd, *, stdin: str = "", env: dict | None = None):
-    """Runs the command's ``run(argv)`` with ``args``, stdin and the environment variables ``env``.
+    """Runs the command's ``run()`` on ``args`` (as sys.argv), stdin and the environment variables ``env``.
 
     Returns a CompletedProcess: the status it exits with (an uncaught exception ends it as the
     interpreter would: its traceback on stderr, status 1) and what reached file descriptors 1 and 2
@@ -45,6 +46,7 @@ def run(module_name: str, args, capfd, *, stdin: str = "", env: dict | None = No
     argv = [importlib.util.find_spec(module_name).origin, *args]  # sys.argv[0] under python -m
     saved_argv, saved_stdin = sys.argv, sys.stdin
     saved_env = {name: os.environ.get(name) for name in env or {}}
+    saved_handlers = list(logging.getLogger().handlers)  # absl's app.run adds its own
     capfd.readouterr()  # only the command's output
     try:
         sys.argv, sys.stdin = argv, io.StringIO(stdin)
@@ -53,7 +55,7 @@ def run(module_name: str, args, capfd, *, stdin: str = "", env: dict | None = No
         with own_flags(module_name) as module, warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             try:
-                module.run(argv)
+                module.run()
                 status = 0
             except SystemExit as exit_:
                 status = exit_.code
@@ -66,6 +68,7 @@ def run(module_name: str, args, capfd, *, stdin: str = "", env: dict | None = No
                 status = 1
     finally:
         sys.argv, sys.stdin = saved_argv, saved_stdin
+        logging.getLogger().handlers[:] = saved_handlers
         for name, value in saved_env.items():
             if value is None:
                 os.environ.pop(name, None)
