@@ -413,7 +413,7 @@ def test_a_prepared_steps_head_norm_and_gate_run_in_the_out_projection():
     outside, logits = {}, {}
     for projections, transpose in (("pallas", False), ("pallas", True), ("xla", False)):
         decoder = LMDecoder(model.clone(projections=projections), transpose_kernels=transpose)
-        prepared = decoder.prepare(variables)
+        prepared = jax.jit(decoder.prepare)(variables)
         program = jax.make_jaxpr(decoder.step)(prepared, tokens, state)
         eqns = _outside_kernels(program)
         names = [eqn.primitive.name for eqn in eqns]
