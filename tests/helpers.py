@@ -38,18 +38,13 @@ def assert_logical_axes(variables):
 
 def random_variables(model, seed: int, scale: float = 0.1):
     """The model's unboxed variables with every parameter random (a zero bias would hide a misplaced one):
-    its initialization (key ``seed``) plus N(0, scale²) noise (keys from ``seed + 1``), in one compiled
-    program (run eagerly, each operation would compile apart)."""
-
-    @jax.jit
-    def make(init_key, noise_key):
-        variables = nn.unbox(model.init(init_key, jnp.zeros((1, 4), jnp.int32)))
-        leaves, tree = jax.tree.flatten(variables)
-        keys = jax.random.split(noise_key, len(leaves))
-        noisy = [
-            (x + scale * jax.random.normal(k, x.shape)).astype(x.dtype)
-            for x, k in zip(leaves, keys, strict=True)
-        ]
-        return jax.tree.unflatten(tree, noisy)
-
-    return make(jax.random.key(seed), jax.random.key(seed + 1))
+    its initialization (key ``seed``, compiled: run eagerly, each operation would compile apart) plus
+    N(0, scale²) noise drawn by NumPy (generator ``seed + 1``; JAX's draws compile for every shape)."""
+    variables = jax.jit(lambda key: nn.unbox(model.init(key, jnp.zeros((1, 4), jnp.int32))))(
+        jax.random.key(seed)
+    )
+    rng = np.random.default_rng(seed + 1)
+    return jax.tree.map(
+        lambda x: jnp.asarray((np.asarray(x) + scale * rng.standard_normal(x.shape)).astype(x.dtype)),
+        variables,
+    )

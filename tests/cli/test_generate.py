@@ -8,12 +8,13 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from retnet_jax.inference import batching, generate, loading
+from tests.cli import in_process
 
 
 def _cli(*args, stdin=None):
+    """retnet-generate in a process of its own."""
     return subprocess.run(
         [sys.executable, "-m", "retnet_jax.cli.generate", *args],
         input=stdin,
@@ -23,7 +24,13 @@ def _cli(*args, stdin=None):
     )
 
 
-def test_greedy_cli_is_deterministic_and_matches_the_library(trained):
+def _here(capfd, *args, stdin=""):
+    """retnet-generate in this process (tests/cli/in_process.py)."""
+    return in_process.run("retnet_jax.cli.generate", args, capfd, stdin=stdin)
+
+
+def test_greedy_cli_is_deterministic_and_matches_the_library(trained, capfd):
+    """The same text from a process of its own and from a second run (here), and from the library."""
     workdir, _, _ = trained
     args = (
         f"--workdir={workdir}",
@@ -32,7 +39,7 @@ def test_greedy_cli_is_deterministic_and_matches_the_library(trained):
         "--temperature=0",
         "--block_size=5",
     )
-    first, second = _cli(*args), _cli(*args)
+    first, second = _cli(*args), _here(capfd, *args)
     assert first.returncode == 0, first.stderr[-2000:]
     assert first.stdout == second.stdout
     model, variables, tokenizer = loading.load(workdir)
@@ -49,15 +56,15 @@ def test_greedy_cli_is_deterministic_and_matches_the_library(trained):
     assert first.stdout == "def f(" + tokenizer.decode(ids) + "\n"
 
 
-def test_interactive_mode_reads_prompts_from_stdin(trained):
+def test_interactive_mode_reads_prompts_from_stdin(trained, capfd):
     workdir, _, _ = trained
-    out = _cli(f"--workdir={workdir}", "--max_new_tokens=8", "--seed=1", stdin="import\nclass\n")
+    out = _here(capfd, f"--workdir={workdir}", "--max_new_tokens=8", "--seed=1", stdin="import\nclass\n")
     assert out.returncode == 0, out.stderr[-2000:]
     # Each prompt is echoed after the "> " prompt and continued on its line.
     assert out.stdout.startswith("> import") and "\n> class" in out.stdout, out.stdout
 
 
-def test_serving_many_prompts_writes_a_json_line_per_completion(trained, tmp_path):
+def test_serving_many_prompts_writes_a_json_line_per_completion(trained, tmp_path, capfd):
     """--prompts_file (a file, or - for stdin): one JSON line per prompt, as each finishes, with what the
     library's scheduler gives for the same requests; the empty line is the empty prompt."""
     workdir, _, _ = trained
@@ -69,7 +76,7 @@ def test_serving_many_prompts_writes_a_json_line_per_completion(trained, tmp_pat
     assert from_file.returncode == 0, from_file.stderr[-2000:]
     lines = [json.loads(line) for line in from_file.stdout.splitlines()]
     assert sorted(line["id"] for line in lines) == list(range(len(texts)))
-    from_stdin = _cli(*args, "--prompts_file=-", stdin=path.read_text())
+    from_stdin = _here(capfd, *args, "--prompts_file=-", stdin=path.read_text())
     assert from_stdin.returncode == 0, from_stdin.stderr[-2000:]
     assert from_stdin.stdout == from_file.stdout
 
@@ -100,27 +107,19 @@ def test_serving_many_prompts_writes_a_json_line_per_completion(trained, tmp_pat
         )
 
 
-def test_bad_flags_and_missing_or_damaged_checkpoints_are_named(trained, tmp_path, capsys):
+def test_bad_flags_and_missing_or_damaged_checkpoints_are_named(trained, tmp_path, capfd):
     """Each refusal is one or two lines on stderr and status 2; a damaged checkpoint names the file and the
     exact --checkpoint= of the previous step."""
-    from absl import flags
-
-    from retnet_jax.cli import generate as generate_cli
 
     def fails(*argv):
-        try:
-            with pytest.raises(SystemExit) as exit_info:
-                generate_cli.run(["retnet-generate", *argv])
-        finally:
-            flags.FLAGS.unparse_flags()
-        err = capsys.readouterr().err
-        assert exit_info.value.code == 2 and 1 <= len(err.strip().splitlines()) <= 2, err
+        out = _here(capfd, *argv)
+        err = out.stderr
+        assert out.returncode == 2 and 1 <= len(err.strip().splitlines()) <= 2, err
         assert err.startswith("retnet-generate: ") and "Traceback" not in err
         return err
 
-    with pytest.raises(SystemExit) as help_exit:
-        generate_cli.run(["retnet-generate", "--help"])
-    assert help_exit.value.code == 0 and "--checkpoint" in capsys.readouterr().out
+    help_ = _here(capfd, "--help")
+    assert help_.returncode == 0 and "--checkpoint" in help_.stdout
 
     workdir, _, _ = trained
     for flag, message in (

@@ -15,6 +15,7 @@ import pytest
 from retnet_jax import convert
 from retnet_jax.convert import checkpoint, layout
 from retnet_jax.models import RetNetConfig
+from tests.cli import in_process
 from tests.convert.common import fla_style_model, same_tree
 
 TORCHSCALE = pathlib.Path(__file__).parent / "fixtures" / "torchscale"
@@ -75,12 +76,14 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path):
 
 
 def _cli(*args):
+    """retnet-convert in a process of its own."""
     return subprocess.run(
         [sys.executable, "-m", "retnet_jax.cli.convert", *args], capture_output=True, text=True, timeout=300
     )
 
 
-def test_cli_converts_a_torchscale_state_dict_and_names_bad_flags(tmp_path):
+def test_cli_converts_a_torchscale_state_dict_and_names_bad_flags(tmp_path, capfd):
+    """The conversion in a process of its own, the refusals in this one (tests/cli/in_process.py)."""
     tokenizer = _tokenizer_json(tmp_path / "tokenizer.json", size=20)
     args = (
         "--from=torchscale",
@@ -99,11 +102,14 @@ def test_cli_converts_a_torchscale_state_dict_and_names_bad_flags(tmp_path):
     assert same_tree(params, variables["params"])
     assert json.loads(tokenizer_dict["tokenizer_json"])["model"]["type"] == "WordLevel"
 
-    again = _cli(*args)  # the workdir is no longer empty
+    def here(*args):
+        return in_process.run("retnet_jax.cli.convert", args, capfd)
+
+    again = here(*args)  # the workdir is no longer empty
     assert again.returncode == 2 and "not empty" in again.stderr
-    missing = _cli("--from=fla", f"--workdir={tmp_path / 'other'}")
+    missing = here("--from=fla", f"--workdir={tmp_path / 'other'}")
     assert missing.returncode == 2 and "--src is required" in missing.stderr
-    bad_json = _cli("--from=torchscale", "--src=x", f"--workdir={tmp_path / 'other'}", "--model_config={oops")
+    bad_json = here("--from=torchscale", "--src=x", f"--workdir={tmp_path / 'other'}", "--model_config={oops")
     assert bad_json.returncode == 2 and "--model_config is not JSON" in bad_json.stderr
     assert not (tmp_path / "other").exists()
 

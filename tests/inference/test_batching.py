@@ -137,10 +137,10 @@ def _assert_equals_alone(lm, request, tokens, alone):
 def test_greedy_requests_equal_generate_alone(lm, greedy_requests):
     """7 requests through 3 rows, in blocks of 4 steps: each request's tokens are generate's for it alone."""
     tokens, reasons, events, scheduler = _serve(lm, greedy_requests)
+    alone = {r.id: _alone(lm, r.prompt, r.max_new_tokens, r.stop_tokens) for r in greedy_requests}
     for request in greedy_requests:
         _check_ending(request, tokens[request.id], reasons[request.id])
-        alone = _alone(lm, request.prompt, request.max_new_tokens, request.stop_tokens)
-        _assert_equals_alone(lm, request, tokens[request.id], alone)
+        _assert_equals_alone(lm, request, tokens[request.id], alone[request.id])
     assert reasons[100] == reasons[105] == "stop"  # the stop tokens ended these early
     # Tokens streamed as they came: the first alone at admission, then in blocks of at most 4.
     firsts = {}
@@ -157,8 +157,7 @@ def test_greedy_requests_equal_generate_alone(lm, greedy_requests):
         again, reasons_again, _, other = _serve(lm, order, **kwargs)
         for request in greedy_requests:
             _check_ending(request, again[request.id], reasons_again[request.id])
-            alone = _alone(lm, request.prompt, request.max_new_tokens, request.stop_tokens)
-            _assert_equals_alone(lm, request, again[request.id], alone)
+            _assert_equals_alone(lm, request, again[request.id], alone[request.id])
         if kwargs.get("static"):
             # Static batches wait for each batch's longest request; refilled rows do not.
             assert other.stats.steps > stats.steps

@@ -74,7 +74,9 @@ def test_generate_through_the_joined_projection_equals_the_separate_ones(lms):
     model, variables = lms["retnet"]
     model = model.clone(projections="pallas")
     decoder = LMDecoder(model)
-    assert model.config.mixer().FUSED_PROJECTION in _mixer(decoder.prepare(variables)["params"])
+    assert model.config.mixer().FUSED_PROJECTION in _mixer(
+        jax.eval_shape(decoder.prepare, variables)["params"]
+    )
     results = [
         generate(d, variables, PROMPTS, max_new_tokens=NEW, return_logprobs=True, **IDS)
         for d in (decoder, LMDecoder(model, fuse_projections=False))
@@ -90,7 +92,7 @@ def test_a_prepared_step_equals_the_models_step(lms, name):
     model, variables = lms[name]
     config = model.config
     decoder = LMDecoder(model)
-    prepared = decoder.prepare(variables)
+    prepared = jax.jit(decoder.prepare)(variables)
     assert "bias" in _mixer(prepared["params"], config)[config.mixer().FUSED_PROJECTION]
     state = config.init_state(2, max_length=MAX_LENGTH)
     state = state._replace(position=jnp.array([0, 3], jnp.int32))
@@ -116,7 +118,7 @@ def test_a_prepared_step_makes_one_input_product_a_layer(lms, name, projections,
     counts = {}
     for fuse in (True, False):
         decoder = LMDecoder(model, fuse_projections=fuse)
-        prepared = decoder.prepare(variables)
+        prepared = jax.eval_shape(decoder.prepare, variables)  # shapes: the step is only traced
         counts[fuse] = _count(jax.make_jaxpr(decoder.step)(prepared, tokens, state).jaxpr, primitive)
     inputs = len(config.mixer().INPUT_PROJECTIONS)
     assert counts[False] - counts[True] == (inputs - 1) * config.num_layers, counts
@@ -199,7 +201,7 @@ def test_a_steps_residual_adds_are_epilogues(lms, name, monkeypatch):
     adds = {}
     for projections, transpose in (("pallas", False), ("pallas", True), ("xla", False)):
         decoder = LMDecoder(model.clone(projections=projections), transpose_kernels=transpose)
-        program = jax.make_jaxpr(decoder.step)(decoder.prepare(variables), tokens, state)
+        program = jax.make_jaxpr(decoder.step)(jax.eval_shape(decoder.prepare, variables), tokens, state)
         adds[projections, transpose] = _stream_adds_outside_kernels(program.jaxpr, config.d_model)
     want = {("pallas", False): 0, ("pallas", True): 0, ("xla", False): 4 * config.num_layers}
     assert adds == want, adds

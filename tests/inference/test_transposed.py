@@ -73,7 +73,7 @@ def test_a_bfloat16_step_with_transposed_kernels_equals_without(name):
     logits = []
     for transpose in (True, False):
         decoder = LMDecoder(model, transpose_kernels=transpose)
-        logits.append(jax.jit(decoder.step)(decoder.prepare(variables), tokens, state)[0])
+        logits.append(jax.jit(decoder.step)(jax.jit(decoder.prepare)(variables), tokens, state)[0])
     scale = np.abs(np.asarray(logits[1])).max()
     assert np.abs(np.asarray(logits[0]) - np.asarray(logits[1])).max() <= BF16_TOLERANCE * scale
 
@@ -100,7 +100,7 @@ def test_on_where_the_kernel_may_run_and_only_in_the_prepared_variables(lms, mon
     assert not LMDecoder(model.clone(projections="auto")).transposes_kernels  # a CPU
     assert LMDecoder(model).transposes_for(16) and not LMDecoder(model).transposes_for(17)  # a matmul: XLA's
 
-    prepared = LMDecoder(model).prepare(variables)["params"]
+    prepared = jax.eval_shape(LMDecoder(model).prepare, variables)["params"]  # shapes: nothing compiled
     layers = {k: v for k, v in prepared.items() if k.startswith("layers_")}
     assert len(layers) == TINY.num_layers and _has_transposed(layers)
     assert "'kernel'" not in str(jax.tree_util.tree_structure(layers))  # every block's kernel transposed
@@ -112,13 +112,13 @@ def test_on_where_the_kernel_may_run_and_only_in_the_prepared_variables(lms, mon
     assert not _has_transposed(
         jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
     )
-    assert not _has_transposed(LMDecoder(model, unstack_layers=False).prepare(variables))
+    assert not _has_transposed(jax.eval_shape(LMDecoder(model, unstack_layers=False).prepare, variables))
 
 
 def test_a_transposed_kernel_of_the_wrong_shape_is_named(lms):
     model, variables = lms["retnet"]
     decoder = LMDecoder(model, transpose_kernels=False)
-    prepared = decoder.prepare(variables)
+    prepared = jax.eval_shape(decoder.prepare, variables)  # shapes: the step is refused while traced
     block = prepared["params"]["layers_0"]["ffn"]
     fc1 = dict(block["fc1"])
     fc1[TRANSPOSED_KERNEL] = fc1.pop("kernel")  # [D, F] where [F, D] is wanted
@@ -128,7 +128,7 @@ def test_a_transposed_kernel_of_the_wrong_shape_is_named(lms):
     }
     state = TINY.init_state(1, max_length=16)
     with pytest.raises(ValueError, match=r"fc1: kernel_transposed has shape \(64, 128\).*\(128, 64\)"):
-        decoder.step({**prepared, "params": params}, jnp.zeros((1,), jnp.int32), state)
+        jax.eval_shape(decoder.step, {**prepared, "params": params}, jnp.zeros((1,), jnp.int32), state)
 
 
 def _partial_sums(jaxpr) -> int:

@@ -83,21 +83,27 @@ def test_joined_step_equals_xlas(case):
     count = jnp.asarray([-1, 1000, 7][:batch], jnp.int32)
     states = {impl: retention.RetentionState(kv, count) for impl in ("xla", "pallas")}
     options = dict(key_dim=key_dim, value_dim=value_dim, rotation_kind=rot, normalize=normalize, dtype=dtype)
+    # Compiled once for the three steps (the reset step's signature once more).
+    joined_step = {
+        impl: jax.jit(
+            lambda j, s, r, impl=impl: dispatch.joined_step(
+                j, log_decay, s, reset=r, implementation=impl, **options
+            )
+        )
+        for impl in ("xla", "pallas")
+    }
+    xla_step = jax.jit(
+        lambda j, s, r: _xla_step(j, log_decay, s, key_dim, value_dim, rot, normalize, r, dtype)
+    )
     for step in range(3):
         joined = _joined(rng, splits, batch, heads, width, dtype)
         reset = jnp.asarray(np.arange(batch) == batch - 1) if step == 1 else None
         out = {}
         for impl in ("xla", "pallas"):
-            o, new = jax.jit(
-                lambda j, s, r, impl=impl: dispatch.joined_step(
-                    j, log_decay, s, reset=r, implementation=impl, **options
-                )
-            )(joined, states[impl], reset)
+            o, new = joined_step[impl](joined, states[impl], reset)
             assert o.dtype == jnp.dtype(dtype) and o.shape == (batch, heads, value_dim)
             out[impl] = o, new
-        want_o, want = _xla_step(
-            joined, log_decay, states["pallas"], key_dim, value_dim, rot, normalize, reset, dtype
-        )
+        want_o, want = xla_step(joined, states["pallas"], reset)
         # XLA's joined_step is the layer's XLA path (compiled apart: equal up to XLA's fusion choices).
         assert relative_error(out["xla"][0].astype(jnp.float32), want_o.astype(jnp.float32)) < 1e-6
         o, new = out["pallas"]
@@ -296,7 +302,8 @@ def _after_the_product(model, variables) -> list[list[str]]:
     """For each kernel operand of a prepared step that is made from a product: the primitives between."""
     decoder = LMDecoder(model)
     state = model.config.init_state(1, max_length=16)
-    program = jax.make_jaxpr(decoder.step)(decoder.prepare(variables), jnp.zeros((1,), jnp.int32), state)
+    prepared = jax.eval_shape(decoder.prepare, variables)  # shapes: the step is only traced
+    program = jax.make_jaxpr(decoder.step)(prepared, jnp.zeros((1,), jnp.int32), state)
     chains = []
     for jaxpr, eqn in _kernel_calls(program.jaxpr):
         for var in eqn.invars:
@@ -356,7 +363,7 @@ def test_a_prepared_step_with_a_pad_row_equals_xlas(tiny, state_dtype):
     out = {}
     for impl in ("pallas", "xla"):
         decoder = LMDecoder(model.clone(implementation=impl))
-        out[impl] = jax.jit(decoder.step)(decoder.prepare(variables), tokens, state)
+        out[impl] = jax.jit(decoder.step)(jax.jit(decoder.prepare)(variables), tokens, state)
     (logits, new), (want_logits, want) = out["pallas"], out["xla"]
     rtol = 1e-5 if state_dtype is None else BF16_STATE_RTOL
     assert relative_error(logits, want_logits) < 1e-5 + (0 if state_dtype is None else rtol)

@@ -5,6 +5,7 @@ stack of layers; the choice of path and its errors; a model's decoding through t
 the lowering through Triton (to Triton IR, on the CPU) at the paper's and torchscale's heads.
 """
 
+import functools
 import warnings
 
 import jax
@@ -38,6 +39,10 @@ def _inputs(rng, batch, heads, key_dim, value_dim, dtype, state_dtype, layers=No
     return q, k, v, jnp.asarray(kv, state_dtype)
 
 
+# One program rather than op by op (each operation compiles apart).
+_unnormalized_reference = jax.jit(functools.partial(reference.retention, normalize=False))
+
+
 def _reference_step(q, k, v, log_decay, kv, count, normalize, reset=None):
     """One token through the float64 reference (its recurrent sum over one token from the state)."""
     as64 = [np.asarray(x, np.float64) for x in (q, k, v, kv)]
@@ -48,9 +53,7 @@ def _reference_step(q, k, v, log_decay, kv, count, normalize, reset=None):
         count = np.where(reset, 0, count)
     with jax.enable_x64(True):
         q64, k64, v64, kv64 = (jnp.asarray(x)[:, None] if x.ndim == 3 else jnp.asarray(x) for x in as64)
-        o, kv_new = reference.retention(
-            q64, k64, v64, jnp.asarray(log_decay, jnp.float64), kv=kv64, normalize=False
-        )
+        o, kv_new = _unnormalized_reference(q64, k64, v64, jnp.asarray(log_decay, jnp.float64), kv=kv64)
         o = np.asarray(o[:, 0])
         kv_new = np.asarray(kv_new)
     if normalize:
@@ -84,16 +87,21 @@ def test_kernel_equals_xla_and_reference(case):
     state = {impl: retention.RetentionState(kv, count) for impl in ("xla", "pallas")}
     expected_kv = np.asarray(kv, np.float64)
     expected_count = np.asarray(count)
+    # Compiled once for the three steps (the reset step's signature once more).
+    steps = {
+        impl: jax.jit(
+            lambda q, k, v, s, r, impl=impl: dispatch.recurrent_step(
+                q, k, v, log_decay, s, normalize=normalize, reset=r, implementation=impl
+            )
+        )
+        for impl in ("xla", "pallas")
+    }
     for step in range(3):
         q, k, v, _ = _inputs(rng, batch, heads, key_dim, value_dim, dtype, state_dtype)
         reset = jnp.asarray(np.arange(batch) == 0) if step == 1 else None
         out = {}
         for impl in ("xla", "pallas"):
-            o, new = jax.jit(
-                lambda q, k, v, s, r, impl=impl: dispatch.recurrent_step(
-                    q, k, v, log_decay, s, normalize=normalize, reset=r, implementation=impl
-                )
-            )(q, k, v, state[impl], reset)
+            o, new = steps[impl](q, k, v, state[impl], reset)
             # The model stores the state between steps in its dtype: so do the XLA step's.
             state[impl] = retention.RetentionState(new.kv.astype(state_dtype), new.count)
             out[impl] = o

@@ -6,6 +6,8 @@ documents and runs each alone; attention (causal and cached) against each docume
 1e-5 relative; gradients 2e-5 in float32).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,6 +25,12 @@ update_state = jax.jit(retention.update_state)
 recurrent_step = jax.jit(retention.recurrent_step)
 causal_attention = jax.jit(attention.causal_attention, static_argnames="implementation")
 cached_attention = jax.jit(attention.cached_attention)
+
+
+def _reference(q, k, v, log_decay, kv=None, **options):
+    """``reference.retention`` compiled as one program (op by op, every document's slices and each
+    document length compile apart)."""
+    return jax.jit(functools.partial(reference.retention, **options))(q, k, v, log_decay, kv=kv)
 
 
 def _ids(*lengths):
@@ -70,7 +78,7 @@ def _inputs(dtype, seed, segment_ids, heads=2, key_dim=4, value_dim=6):
 def test_packed_forms_equal_each_document_alone(dtype, normalize):
     (q, k, v), _ = _inputs(dtype, 0, LAYOUTS)
     log_decay = retention.log_decays(2)
-    o_ref, kv_ref = reference.retention(q, k, v, log_decay, normalize=normalize, segment_ids=LAYOUTS)
+    o_ref, kv_ref = _reference(q, k, v, log_decay, normalize=normalize, segment_ids=LAYOUTS)
     ids = jnp.asarray(LAYOUTS)
     counts = _last_document_length(LAYOUTS)
     assert counts == [9, 5, 16]
@@ -112,7 +120,7 @@ def test_many_chunks_carry_resets_through_the_scan(dtype):
     ids = np.stack([_ids(3, 30, 1, 36), _ids(64, 6)])
     (q, k, v), _ = _inputs(dtype, 2, ids)
     log_decay = retention.log_decays(2)
-    o_ref, kv_ref = reference.retention(q, k, v, log_decay, segment_ids=ids)
+    o_ref, kv_ref = _reference(q, k, v, log_decay, segment_ids=ids)
     assert ids.shape[1] > ops_retention.MATRIX_CARRY_MAX_CHUNKS
     o, s = chunkwise(q, k, v, log_decay, chunk_size=1, segment_ids=jnp.asarray(ids))
     assert relative_error(o, o_ref) < FORM_RTOL[dtype]
@@ -127,7 +135,7 @@ def test_incoming_state_continues_the_first_document(dtype, normalize):
     kv0 = np.asarray(rng.standard_normal((3, 2, 4, 6)), dtype)
     start = 6
     log_decay = retention.log_decays(2)
-    o_ref, kv_ref = reference.retention(
+    o_ref, kv_ref = _reference(
         q, k, v, log_decay, kv=kv0, start=start, normalize=normalize, segment_ids=LAYOUTS
     )
     state = retention.RetentionState(jnp.asarray(kv0), jnp.full((3,), start, jnp.int32))
@@ -160,8 +168,8 @@ def test_reset_at_position_zero(dtype):
     state = retention.RetentionState(jnp.asarray(kv0), jnp.array([9, 9], jnp.int32))
     state = retention.reset_rows(state, jnp.array([True, False]))
     np.testing.assert_array_equal(state.count, [0, 9])
-    fresh = reference.retention(q[:1], k[:1], v[:1], log_decay, segment_ids=ids[:1])
-    carried = reference.retention(q[1:], k[1:], v[1:], log_decay, kv=kv0[1:], start=9, segment_ids=ids[1:])
+    fresh = _reference(q[:1], k[:1], v[:1], log_decay, segment_ids=ids[:1])
+    carried = _reference(q[1:], k[1:], v[1:], log_decay, kv=kv0[1:], start=9, segment_ids=ids[1:])
     o_ref, kv_ref = (jnp.concatenate(parts) for parts in zip(fresh, carried, strict=True))
     segment_ids = jnp.asarray(ids)
     results = {"recurrent": recurrent(q, k, v, log_decay, state=state, segment_ids=segment_ids)}
@@ -303,6 +311,12 @@ def _attention_inputs(dtype, seed, segment_ids, heads=2, head_dim=8):
     return tuple(np.asarray(rng.standard_normal(shape), dtype) for _ in range(3))
 
 
+def _documents(ids):
+    """(begin, end) of each document of one row of segment ids."""
+    cuts = [0, *(np.flatnonzero(ids[1:] != ids[:-1]) + 1), len(ids)]
+    return list(zip(cuts[:-1], cuts[1:], strict=True))
+
+
 @jax.jit
 def _rotated(x, positions):
     return rotation.rotate(x, positions, "rotate_half")
@@ -314,15 +328,22 @@ def test_causal_attention_packed_equals_each_document_alone(dtype):
     positions = retention.document_positions(ids)  # [B, T]
     o = causal_attention(_rotated(q, positions), _rotated(k, positions), v, "xla", segment_ids=ids)
     assert o.dtype == jnp.dtype(dtype)
-    for row in range(LAYOUTS.shape[0]):
-        cuts = [0, *(np.flatnonzero(LAYOUTS[row, 1:] != LAYOUTS[row, :-1]) + 1), LAYOUTS.shape[1]]
-        for begin, end in zip(cuts[:-1], cuts[1:], strict=True):
-            alone = np.arange(end - begin)
-            piece = (row, slice(begin, end))
-            want = causal_attention(
-                _rotated(q[piece][None], alone), _rotated(k[piece][None], alone), v[piece][None], "xla"
+    pieces = [
+        (row, slice(begin, end)) for row in range(LAYOUTS.shape[0]) for begin, end in _documents(LAYOUTS[row])
+    ]
+
+    @jax.jit  # every document alone, in one program (op by op, each length compiles apart)
+    def alone(q, k, v):
+        def one(piece):
+            at = np.arange(piece[1].stop - piece[1].start)
+            return attention.causal_attention(
+                _rotated(q[piece][None], at), _rotated(k[piece][None], at), v[piece][None], "xla"
             )
-            assert relative_error(o[piece][None], want) < FORM_RTOL[dtype], (row, begin)
+
+        return [one(piece) for piece in pieces]
+
+    for piece, want in zip(pieces, alone(q, k, v), strict=True):
+        assert relative_error(o[piece][None], want) < FORM_RTOL[dtype], piece
 
 
 def test_cached_attention_packed_equals_each_document_alone(dtype):
@@ -343,20 +364,30 @@ def test_cached_attention_packed_equals_each_document_alone(dtype):
     o = cached_attention(
         _rotated(q, rotate_at), _rotated(k, rotate_at), v, k_cache, v_cache, slots, segment_ids=ids
     )
-    for row in range(batch):
-        cuts = [0, *(np.flatnonzero(layout[row, 1:] != layout[row, :-1]) + 1), length]
-        for index, (begin, end) in enumerate(zip(cuts[:-1], cuts[1:], strict=True)):
-            piece = (row, slice(begin, end))
+    # (row, tokens, whether it is the row's first document)
+    pieces = [
+        (row, slice(begin, end), index == 0)
+        for row in range(batch)
+        for index, (begin, end) in enumerate(_documents(layout[row]))
+    ]
+
+    @jax.jit  # every document alone, in one program (op by op, each length compiles apart)
+    def alone(q, k, v, k_cache, v_cache):
+        def one(row, tokens, first):
+            piece = (row, tokens)
             # The first document continues the cached one (positions 5, 6, ...); each later one is a
             # call of its own, over an empty cache from position 0.
-            first = index == 0
-            at = (cached_len if first else 0) + np.arange(end - begin)[None]
-            cache = (k_cache, v_cache) if first else (np.zeros_like(k_cache), np.zeros_like(v_cache))
-            want = cached_attention(
+            at = (cached_len if first else 0) + np.arange(tokens.stop - tokens.start)[None]
+            cache = (k_cache, v_cache) if first else (jnp.zeros_like(k_cache), jnp.zeros_like(v_cache))
+            return attention.cached_attention(
                 _rotated(q[piece][None], at),
                 _rotated(k[piece][None], at),
                 v[piece][None],
                 *(c[row : row + 1] for c in cache),
                 jnp.asarray(at),
             )
-            assert relative_error(o[piece][None], want) < FORM_RTOL[dtype], (row, begin)
+
+        return [one(*piece) for piece in pieces]
+
+    for (row, tokens, _), want in zip(pieces, alone(q, k, v, k_cache, v_cache), strict=True):
+        assert relative_error(o[row, tokens][None], want) < FORM_RTOL[dtype], (row, tokens)

@@ -27,11 +27,14 @@ from tests.helpers import random_variables
 TOLERANCE = {jnp.float32: 1e-6, jnp.bfloat16: 4e-3}
 
 
+# The inputs are drawn by NumPy (op by op, JAX compiles every operation for every new shape).
+def _normal(rng, shape, dtype=np.float32):
+    return jnp.asarray(rng.standard_normal(shape, np.float32).astype(dtype))
+
+
 def _inputs(rows, d, n, dtype, seed=0):
-    kx, kw = jax.random.split(jax.random.PRNGKey(seed))
-    x = jax.random.normal(kx, (rows, d), jnp.float32).astype(dtype)
-    w = jax.random.normal(kw, (d, n), jnp.float32).astype(dtype)
-    return x, w
+    rng = np.random.default_rng(seed)
+    return _normal(rng, (rows, d), dtype), _normal(rng, (d, n), dtype)
 
 
 @pytest.mark.parametrize(
@@ -58,8 +61,8 @@ def test_gradients_are_xlas():
     def loss(product):
         return lambda x, w: jnp.sum(product(x, w) * cotangent)
 
-    ours = jax.grad(loss(lambda x, w: skinny.matmul(x, w, interpret=True)), (0, 1))(x, w)
-    theirs = jax.grad(loss(jnp.dot), (0, 1))(x, w)
+    ours = jax.jit(jax.grad(loss(lambda x, w: skinny.matmul(x, w, interpret=True)), (0, 1)))(x, w)
+    theirs = jax.jit(jax.grad(loss(jnp.dot), (0, 1)))(x, w)
     for a, b in zip(ours, theirs, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
@@ -67,11 +70,11 @@ def test_gradients_are_xlas():
 def _norm_inputs(kind, rows, d, n, dtype, seed=0):
     """x with a mean far from 0 (LayerNorm must centre it), scale ≈ 1, bias ≈ 0 in float32 (the parameters'
     dtype), w in the compute dtype."""
-    x, w = _inputs(rows, d, n, dtype, seed)
-    x = (3 * x.astype(jnp.float32) + 5).astype(dtype)
-    ks, kb = jax.random.split(jax.random.PRNGKey(seed + 100))
-    scale = 1 + 0.2 * jax.random.normal(ks, (d,), jnp.float32)
-    bias = 0.2 * jax.random.normal(kb, (d,), jnp.float32) if kind == "layernorm" else None
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray((3 * rng.standard_normal((rows, d), np.float32) + 5).astype(dtype))
+    w = _normal(rng, (d, n), dtype)
+    scale = 1 + 0.2 * _normal(rng, (d,))
+    bias = 0.2 * _normal(rng, (d,)) if kind == "layernorm" else None
     return x, w, scale, bias
 
 
@@ -112,8 +115,8 @@ def test_norm_prologue_gradients_are_xlas(kind):
         return jnp.dot(norms.normalize(x, kind, 1e-5, scale, bias, w.dtype), w, precision="highest")
 
     args = (0, 1, 2) if bias is None else (0, 1, 2, 3)
-    got = jax.grad(loss(ours), args)(x, w, scale, bias)
-    want = jax.grad(loss(xlas), args)(x, w, scale, bias)
+    got = jax.jit(jax.grad(loss(ours), args))(x, w, scale, bias)
+    want = jax.jit(jax.grad(loss(xlas), args))(x, w, scale, bias)
     for a, b in zip(got, want, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
 
@@ -371,7 +374,10 @@ def test_generation_through_the_fused_norms_equals_xlas():
     assert jax.tree.structure(through_kernel) == jax.tree.structure(variables)  # partition names included
     for a, b in zip(jax.tree.leaves(through_kernel), jax.tree.leaves(variables), strict=True):
         np.testing.assert_array_equal(a, b)
-    variables = jax.tree.map(lambda p: p + 0.1 * jnp.cos(jnp.arange(p.size).reshape(p.shape)), variables)
+    perturb = jax.jit(
+        lambda tree: jax.tree.map(lambda p: p + 0.1 * jnp.cos(jnp.arange(p.size).reshape(p.shape)), tree)
+    )
+    variables = perturb(variables)
     run = dict(max_new_tokens=4, bos_id=1, pad_id=0, return_logprobs=True)
     ours = generate(pallas, variables, [[3, 9, 27]], **run)
     theirs = generate(xla, variables, [[3, 9, 27]], **run)
@@ -407,7 +413,7 @@ def test_a_prepared_steps_head_norm_and_gate_run_in_the_out_projection():
     outside, logits = {}, {}
     for projections, transpose in (("pallas", False), ("pallas", True), ("xla", False)):
         decoder = LMDecoder(model.clone(projections=projections), transpose_kernels=transpose)
-        prepared = decoder.prepare(variables)
+        prepared = jax.jit(decoder.prepare)(variables)
         program = jax.make_jaxpr(decoder.step)(prepared, tokens, state)
         eqns = _outside_kernels(program)
         names = [eqn.primitive.name for eqn in eqns]
@@ -422,9 +428,9 @@ def test_a_prepared_steps_head_norm_and_gate_run_in_the_out_projection():
 
 
 def _epilogue_inputs(rows, n, dtype, bias, residual, seed=3):
-    kb, kr = jax.random.split(jax.random.PRNGKey(seed))
-    b = jax.random.normal(kb, (n,), jnp.float32) if bias else None  # a float32 parameter
-    r = jax.random.normal(kr, (rows, n), jnp.float32).astype(dtype) if residual else None  # the stream's
+    rng = np.random.default_rng(seed)
+    b = _normal(rng, (n,)) if bias else None  # a float32 parameter
+    r = _normal(rng, (rows, n), dtype) if residual else None  # the stream's
     return b, r
 
 
@@ -508,7 +514,7 @@ def test_epilogue_gradients_are_xlas(norm, activation):
     wrt = tuple(i for i, a in enumerate(args) if a is not None)
 
     def grads(product):
-        return jax.grad(lambda *a: jnp.sum(product(*a) * cotangent), wrt)(*args)
+        return jax.jit(jax.grad(lambda *a: jnp.sum(product(*a) * cotangent), wrt))(*args)
 
     want = grads(xlas)
     for tiles in (skinny.Plan(64, 32, 1), None):
@@ -533,12 +539,12 @@ HEAD_NORMS = {"rms": ("rmsnorm", False), "layernorm": ("layernorm", False), "rms
 
 
 def _head_inputs(head_norm, rows, heads, v, n, dtype, seed=0):
-    kx, kg, kw, ks = jax.random.split(jax.random.PRNGKey(seed), 4)
-    o = 3 * jax.random.normal(kx, (rows, heads * v), jnp.float32) + 5  # LayerNorm must centre it
-    g = jax.random.normal(kg, (rows, heads * v), jnp.float32).astype(dtype)
-    w = jax.random.normal(kw, (heads * v, n), jnp.float32).astype(dtype)
+    rng = np.random.default_rng(seed)
+    o = jnp.asarray(3 * rng.standard_normal((rows, heads * v), np.float32) + 5)  # LayerNorm must centre it
+    g = _normal(rng, (rows, heads * v), dtype)
+    w = _normal(rng, (heads * v, n), dtype)
     kind, weighted = HEAD_NORMS[head_norm]
-    scale = 1 + 0.2 * jax.random.normal(ks, (v,), jnp.float32) if weighted else None
+    scale = 1 + 0.2 * _normal(rng, (v,)) if weighted else None
     return kind, o, g, w, scale
 
 
@@ -594,8 +600,8 @@ def test_head_norm_and_gate_prologue_gradients_are_xlas(head_norm):
         return lambda *args: jnp.sum(product(*args) * cotangent)
 
     args = (0, 1, 2) if scale is None else (0, 1, 2, 3)  # the weight's gradient too where there is one
-    got = jax.grad(loss(ours), args)(o, g, w, scale)
-    want = jax.grad(loss(xlas), args)(o, g, w, scale)
+    got = jax.jit(jax.grad(loss(ours), args))(o, g, w, scale)
+    want = jax.jit(jax.grad(loss(xlas), args))(o, g, w, scale)
     for a, b in zip(got, want, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
 

@@ -17,17 +17,16 @@ import pytest
 
 from retnet_jax.ops import norms, products
 from retnet_jax.ops.gpu import skinny, skinny_nd
-from tests.ops.test_skinny import _head_inputs, head_gated
+from tests.ops.test_skinny import _head_inputs, _normal, head_gated
 
 TOLERANCE = {jnp.float32: 1e-6, jnp.bfloat16: 4e-3}
 
 
 def _inputs(rows, d, n, dtype, seed=0):
-    """x [rows, d] and w [n, d] (stored transposed)."""
-    kx, kw = jax.random.split(jax.random.PRNGKey(seed))
-    x = jax.random.normal(kx, (rows, d), jnp.float32).astype(dtype)
-    w = jax.random.normal(kw, (n, d), jnp.float32).astype(dtype)
-    return x, w
+    """x [rows, d] and w [n, d] (stored transposed), drawn by NumPy (op by op, JAX compiles every operation
+    for every new shape)."""
+    rng = np.random.default_rng(seed)
+    return _normal(rng, (rows, d), dtype), _normal(rng, (n, d), dtype)
 
 
 def _close(y, want, dtype):
@@ -55,11 +54,11 @@ def test_kernel_equals_the_float64_product(rows, d, n, tiles, dtype):
 
 def _norm_inputs(kind, rows, d, n, dtype, seed=0):
     """x with a mean far from 0 (LayerNorm must centre it), scale ≈ 1 and bias ≈ 0 in float32."""
-    x, w = _inputs(rows, d, n, dtype, seed)
-    x = (3 * x.astype(jnp.float32) + 5).astype(dtype)
-    ks, kb = jax.random.split(jax.random.PRNGKey(seed + 100))
-    scale = 1 + 0.2 * jax.random.normal(ks, (d,), jnp.float32)
-    bias = 0.2 * jax.random.normal(kb, (d,), jnp.float32) if kind == "layernorm" else None
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray((3 * rng.standard_normal((rows, d), np.float32) + 5).astype(dtype))
+    w = _normal(rng, (n, d), dtype)
+    scale = 1 + 0.2 * _normal(rng, (d,))
+    bias = 0.2 * _normal(rng, (d,)) if kind == "layernorm" else None
     return x, w, scale, bias
 
 
@@ -85,9 +84,9 @@ def test_prologue_and_epilogue_equal_xlas(rows, norm, dtype, finish):
     else:
         x, w, scale, norm_bias = _norm_inputs(norm, rows, d, n, dtype)
     has_bias, activation, has_residual = finish
-    kb, kr = jax.random.split(jax.random.PRNGKey(3))
-    b = jax.random.normal(kb, (n,), jnp.float32) if has_bias else None
-    r = jax.random.normal(kr, (rows, n), jnp.float32).astype(dtype) if has_residual else None
+    rng = np.random.default_rng(3)
+    b = _normal(rng, (n,)) if has_bias else None
+    r = _normal(rng, (rows, n), dtype) if has_residual else None
 
     def product(x, w, b, r):
         return skinny_nd.matmul(
@@ -139,8 +138,8 @@ def test_gradients_are_xlas(norm):
     def loss(product):
         return lambda *args: jnp.sum(product(*args) * cotangent)
 
-    got = jax.grad(loss(ours), (0, 1, 2, 3))(x, w, b, r)
-    want = jax.grad(loss(xlas), (0, 1, 2, 3))(x, w, b, r)
+    got = jax.jit(jax.grad(loss(ours), (0, 1, 2, 3)))(x, w, b, r)
+    want = jax.jit(jax.grad(loss(xlas), (0, 1, 2, 3)))(x, w, b, r)
     for a, b_ in zip(got, want, strict=True):
         np.testing.assert_allclose(a, b_, rtol=1e-5, atol=1e-5 * np.abs(b_).max())
 
@@ -297,8 +296,8 @@ def test_head_norm_and_gate_prologue_gradients_are_xlas(head_norm, in_place):
     def loss(product):
         return lambda *args: jnp.sum(product(*args) * cotangent)
 
-    got = jax.grad(loss(ours), (0, 1, 2, 3))(o, g, w, r)
-    want = jax.grad(loss(xlas), (0, 1, 2, 3))(o, g, w, r)
+    got = jax.jit(jax.grad(loss(ours), (0, 1, 2, 3)))(o, g, w, r)
+    want = jax.jit(jax.grad(loss(xlas), (0, 1, 2, 3)))(o, g, w, r)
     for a, b in zip(got, want, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
 

@@ -49,6 +49,18 @@ def _inputs(rng, batch, heads, key_dim, value_dim, length):
     return q, k, v, retention.log_decays(heads, "linspace"), kv
 
 
+def _outputs_and_grads(fn, args, do, dkv):
+    """fn(*args) = (o, final state), and the gradients of <o, do> + <final state, dkv> (each form traced
+    once: the kernels run once forward)."""
+
+    def loss(*a):
+        o, kv = fn(*a)
+        return jnp.vdot(o, do) + jnp.vdot(kv, dkv), (o, kv)
+
+    (_, outputs), grads = jax.jit(jax.value_and_grad(loss, range(5), has_aux=True))(*args)
+    return outputs, grads
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}H{}K{}V{}T{}C{}".format(*c))
 def test_kernels_equal_reference(case):
     batch, heads, key_dim, value_dim, length, chunk = case
@@ -63,11 +75,8 @@ def test_kernels_equal_reference(case):
     def ref(q, k, v, log_decay, kv):
         return reference.retention(q, k, v, log_decay, kv=kv, normalize=False)
 
-    def loss(fn):  # both outputs get a cotangent, so the final state's backward path is checked too
-        return lambda *a: jnp.vdot(fn(*a)[0], do) + jnp.vdot(fn(*a)[1], dkv)
-
-    def outputs_and_grads(fn):
-        return jax.jit(lambda *a: (fn(*a), jax.grad(loss(fn), range(5))(*a)))(*args)
+    def outputs_and_grads(fn):  # both outputs get a cotangent: the final state's backward path is checked
+        return _outputs_and_grads(fn, args, do, dkv)
 
     (o, kv_final), grads = outputs_and_grads(kernel)
     (expected_o, expected_kv), expected = outputs_and_grads(ref)
@@ -118,11 +127,11 @@ def test_chunkwise_pallas_tpu_equals_xla(normalize):
                 normalize=normalize,
                 implementation=implementation,
             )
-            return o, out
+            return jnp.vdot(o, do), (o, out)
 
-        (o, out), grads = jax.jit(
-            lambda *a: (f(*a), jax.grad(lambda *b: jnp.vdot(f(*b)[0], do), range(5))(*a))
-        )(q, k, v, log_decay, state.kv)
+        (_, (o, out)), grads = jax.jit(jax.value_and_grad(f, range(5), has_aux=True))(
+            q, k, v, log_decay, state.kv
+        )
         return o, out, grads
 
     o, out, grads = run("pallas_tpu")
@@ -365,11 +374,8 @@ def test_kernels_with_documents_equal_reference(case):
     def ref(q, k, v, log_decay, kv):
         return reference.retention(q, k, v, log_decay, kv=kv, normalize=False, segment_ids=segment_ids)
 
-    def loss(fn):
-        return lambda *a: jnp.vdot(fn(*a)[0], do) + jnp.vdot(fn(*a)[1], dkv)
-
     def outputs_and_grads(fn):
-        return jax.jit(lambda *a: (fn(*a), jax.grad(loss(fn), range(5))(*a)))(*args)
+        return _outputs_and_grads(fn, args, do, dkv)
 
     (o, kv_final), grads = outputs_and_grads(kernel)
     (expected_o, expected_kv), expected = outputs_and_grads(ref)
