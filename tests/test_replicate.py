@@ -331,3 +331,39 @@ def test_head_ablation_is_compared_with_its_base_sizes_transformer(tmp_path):
     labels = [label for label, _, _ in report._panel_runs(found["train"], "s")]
     assert labels == ["retnet", "transformer", "retnet (s-k128)"]
     assert os.path.isfile(str(tmp_path / "report" / "replication_H200_2000-01-01_loss.png"))
+
+
+def test_mqar_variants_are_reported_apart_from_the_study(tmp_path):
+    """An MQAR set-up other than the study's (another task, steps or learning rates) writes files of its
+    own (``mqar_{arch}_{size}@{variant}.json``) that the report shows in a table of their own, never mixed
+    into the study's."""
+    from experiments.replication import report
+
+    assert recipe.mqar_variant("full") == recipe.mqar_variant("smoke") == ""
+    assert recipe.mqar_variant("small") == "@small"
+    assert recipe.mqar_variant("full", steps=12000) == "@full-12000steps"
+    assert recipe.mqar_variant("small", learning_rates=["0.003"]) == "@small-lr0.003"
+    assert recipe.MQAR_SETUPS["small"].vocab_size < recipe.MQAR_SETUPS["full"].vocab_size
+
+    source = os.path.join(ROOT, "experiments", "results", "replication")
+    results = tmp_path / "recorded"
+    results.mkdir()
+    for arch in recipe.ARCHS:
+        with open(os.path.join(source, f"mqar_{arch}_s.json")) as f:
+            run = json.load(f)
+        (results / f"mqar_{arch}_s.json").write_text(json.dumps(run))
+        run["setup"] = dict(run["setup"], seq_len=64, vocab_size=256)
+        run["best"]["accuracy"] = {"4": 0.25 if arch == "retnet" else 0.75}
+        (results / f"mqar_{arch}_xs@small.json").write_text(json.dumps(run))
+    found = report.load_results(str(results))
+    assert set(found["mqar"]) == {(arch, "s") for arch in recipe.ARCHS}
+    assert set(found["mqar_variants"]) == {"small"}
+    assert set(found["mqar_variants"]["small"]) == {(arch, "xs") for arch in recipe.ARCHS}
+    text = report.mqar_section(found["mqar"], found["mqar_variants"])
+    study, small = text.split("### Set-up `small`")
+    assert "Rows of 256 tokens, vocabulary 8192" in study and "| xs |" not in study
+    assert "Rows of 64 tokens, vocabulary 256" in small and "| s |" not in small
+    assert "| xs | retnet | d128 |" in small and "| 0.250 |" in small and "| 0.750 |" in small
+    # The study's table gives each learning rate's final train loss (ln 4096 = 8.32: answers only known
+    # to be values).
+    assert "ln 4096 = 8.32" in study

@@ -240,12 +240,26 @@ class MQARSetup:
 
 
 MQAR_SIZES = {
+    "xs": MQARSize(d_model=64, num_heads=2),
     "s": MQARSize(d_model=128, num_heads=4),
     "m": MQARSize(d_model=256, num_heads=4),
     "smoke": MQARSize(d_model=32, num_heads=2),
 }
 MQAR_SETUPS = {
     "full": MQARSetup(),
+    # An easier task that runs on a CPU in minutes at size xs: 64-token rows, a vocabulary of 256,
+    # trained on 4 keys and tested on 4 and 8.
+    "small": MQARSetup(
+        vocab_size=256,
+        seq_len=64,
+        train_pairs=(4,),
+        eval_pairs=(4, 8),
+        train_examples=20_000,
+        eval_examples=256,
+        batch_size=64,
+        steps=1500,
+        learning_rates=(3e-3,),
+    ),
     "smoke": MQARSetup(
         vocab_size=64,
         seq_len=32,
@@ -258,6 +272,17 @@ MQAR_SETUPS = {
         learning_rates=(3e-3,),
     ),
 }
+
+
+def mqar_variant(setup_name: str, steps: int = 0, learning_rates=()) -> str:
+    """The MQAR result files' suffix for a set-up other than the study's ("" for the study's and the
+    smoke test's): ``@small``, ``@full-12000steps``, ``@small-lr0.003``; the report gives each a table."""
+    changes = ([f"{steps}steps"] if steps else []) + (
+        ["lr" + ",".join(str(lr) for lr in learning_rates)] if learning_rates else []
+    )
+    if not changes and setup_name in ("full", "smoke"):
+        return ""
+    return "@" + "-".join([setup_name, *changes])
 
 
 def mqar_architecture(size: MQARSize, arch: str, setup: MQARSetup) -> ModelConfig:

@@ -33,6 +33,7 @@ python -m experiments.replicate --part=train --arch=retnet --size=m --out_dir=$O
 python -m experiments.replicate --part=train --arch=transformer --size=m --out_dir=$OUT
   (the same two for --size=l)
 python -m experiments.replicate --part=mqar --mqar_size=s,m --out_dir=$OUT
+python -m experiments.replicate --part=mqar --mqar_setup=small --mqar_size=xs  (an easier task, CPU)
 python -m experiments.replicate --part=train --arch=retnet --size=s-k128 --out_dir=$OUT  (K = 128 heads)
 python -m experiments.replicate --part=train --arch=retnet --size=m-k128 --out_dir=$OUT
 python -m experiments.replicate --part=report"""
@@ -52,11 +53,16 @@ def load_results(results_dir: str) -> dict[str, Any]:
         "calibrate": _load(os.path.join(results_dir, "calibrate.json")),
         "train": {},
         "mqar": {},
+        "mqar_variants": {},  # {variant: {(arch, size): run}}: MQAR set-ups other than the study's
     }
     for kind in ("train", "mqar"):
         for path in sorted(glob.glob(os.path.join(results_dir, f"{kind}_*_*.json"))):
             arch, size = os.path.basename(path)[len(kind) + 1 : -len(".json")].split("_", 1)
-            found[kind][(arch, size)] = _load(path)
+            if kind == "mqar" and "@" in size:
+                size, variant = size.split("@", 1)
+                found["mqar_variants"].setdefault(variant, {})[(arch, size)] = _load(path)
+            else:
+                found[kind][(arch, size)] = _load(path)
     return found
 
 
@@ -351,9 +357,7 @@ def decode_section(train: dict) -> str:
     )
 
 
-def mqar_section(mqar: dict) -> str:
-    if not mqar:
-        return ""
+def _mqar_table(mqar: dict) -> str:
     pairs = sorted({int(p) for run in mqar.values() if run for p in run["best"]["accuracy"]})
     rows = []
     for size in _sizes(mqar):
@@ -366,22 +370,40 @@ def mqar_section(mqar: dict) -> str:
                 [size, arch, f"d{run['size']['d_model']}", _count(run["runs"][0]["params"])]
                 + [_fmt(best["accuracy"].get(str(p)), ".3f") for p in pairs]
                 + [", ".join(f"{r['learning_rate']:g}" for r in run["runs"])]
+                + [", ".join(_fmt(r.get("final_train_loss"), ".3f") for r in run["runs"])]
             )
-    setup = next(iter(mqar.values()))["setup"]
-    header = ["size", "arch", "width", "params"] + [f"{p} keys" for p in pairs] + ["learning rates"]
-    return "\n\n".join(
-        [
-            "## Associative recall (MQAR)",
-            f"Rows of {setup['seq_len']} tokens, vocabulary {setup['vocab_size']}, keys from the lower "
-            "half and "
-            f"values from the upper, queries at power-law gaps (a = {setup['power_a']}); trained on "
-            f"{setup['train_examples']:,} rows mixing {setup['train_pairs']} keys for {setup['steps']} "
-            "steps of "
-            f"{setup['batch_size']}; accuracy on {setup['eval_examples']} test rows per key count, the best "
-            "learning rate per key count; loss only on the answers. Two layers.",
-            _table(header, rows),
-        ]
+    header = (
+        ["size", "arch", "width", "params"]
+        + [f"{p} keys" for p in pairs]
+        + ["learning rates", "final train loss (each rate)"]
     )
+    return _table(header, rows)
+
+
+def _mqar_setup_text(mqar: dict) -> str:
+    first = next(iter(mqar.values()))
+    setup = first["setup"]
+    device = (first.get("device") or {}).get("short", "unknown device")
+    return (
+        f"Rows of {setup['seq_len']} tokens, vocabulary {setup['vocab_size']}, keys from the lower half and "
+        f"values from the upper, queries at power-law gaps (a = {setup['power_a']}); trained on "
+        f"{setup['train_examples']:,} rows mixing {list(setup['train_pairs'])} keys for {setup['steps']} "
+        f"steps of {setup['batch_size']}; accuracy on {setup['eval_examples']} test rows per key count, the "
+        "best learning rate per key count (chance: one over half the vocabulary); loss only on the answers "
+        f"(a model that knows only that answers are values has the loss ln {setup['vocab_size'] // 2} = "
+        f"{math.log(setup['vocab_size'] // 2):.2f}). Two layers. Device: {device}."
+    )
+
+
+def mqar_section(mqar: dict, variants: dict | None = None) -> str:
+    if not mqar and not variants:
+        return ""
+    parts = ["## Associative recall (MQAR)"]
+    if mqar:
+        parts += [_mqar_setup_text(mqar), _mqar_table(mqar)]
+    for variant, runs in sorted((variants or {}).items()):
+        parts += [f"### Set-up `{variant}`", _mqar_setup_text(runs), _mqar_table(runs)]
+    return "\n\n".join(parts)
 
 
 def _figure(panels: int):
@@ -536,6 +558,11 @@ def recorded_commands(found: dict[str, Any]) -> str:
             ("calibration", found["calibrate"]),
             *((f"train {arch} {size}", run) for (arch, size), run in sorted(found["train"].items())),
             *((f"mqar {arch} {size}", run) for (arch, size), run in sorted(found["mqar"].items())),
+            *(
+                (f"mqar {arch} {size} ({variant})", run)
+                for variant, runs in sorted(found["mqar_variants"].items())
+                for (arch, size), run in sorted(runs.items())
+            ),
         ]
         if run and run.get("command")
     ]
@@ -569,7 +596,7 @@ def write_report(results_dir: str, report_dir: str, date: str) -> str:
         runs_section(found["train"], found["corpus"]),
         extrapolation_section(found["train"]),
         decode_section(found["train"]),
-        mqar_section(found["mqar"]),
+        mqar_section(found["mqar"], found["mqar_variants"]),
         "## Plots\n\n"
         + "\n\n".join(f"{title}:\n\n![{title}]({os.path.basename(p)})" for title, p in plots.items() if p),
         "## Commands\n\nEach command below is one device call (under 10 minutes on an H200); copy what it "
