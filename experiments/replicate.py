@@ -8,6 +8,7 @@
     python -m experiments.replicate --part=mqar --mqar_size=s,m --out_dir=$OUT
     python -m experiments.replicate --part=mqar --mqar_setup=small --mqar_size=xs     # an easier task, CPU
     python -m experiments.replicate --part=train --arch=retnet --size=s-k128 --out_dir=$OUT  # wider heads
+    python -m experiments.replicate --part=train --arch=retnet,transformer --size=s-lr3e-3 --out_dir=$OUT
     python -m experiments.replicate --part=report                                 # here: tables and plots
     python -m experiments.replicate --smoke --part=corpus,calibrate,train,mqar,report  # all of it, CPU, toy
                                              # (results under --work_dir/smoke unless --results_dir is given)
@@ -60,6 +61,8 @@ of measurements a run; 100M tokens a run):
 | done | ``--part=mqar --mqar_size=s,m`` | 7.1 measured (split over two calls) |
 | 3 | ``--part=train --arch=retnet --size=s-k128`` | ~4 |
 | 3 | ``--part=train --arch=retnet --size=m-k128`` | ~6 |
+| 4 | ``--part=train --arch=retnet,transformer --size=s-lr3e-3`` | ~7.2 |
+| 4 | ``--part=train --arch=retnet,transformer --size=s-lr3e-4`` | ~7.2 |
 | – | ``--part=report`` (no GPU) | |
 
 Between commands: copy ``$OUT/*.json`` into experiments/results/replication/. ``--part=plan

@@ -5,6 +5,7 @@ One subprocess runs the parts in order (as the device calls would, but in one pr
 start-up once); about 45 s on 2 CPU cores, compilation included.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -367,3 +368,43 @@ def test_mqar_variants_are_reported_apart_from_the_study(tmp_path):
     # The study's table gives each learning rate's final train loss (ln 4096 = 8.32: answers only known
     # to be values).
     assert "ln 4096 = 8.32" in study
+
+
+def test_learning_rate_variants_compare_both_architectures_at_one_rate(tmp_path):
+    """s-lr3e-3 is size s at a peak rate of 3e-3, for both architectures: a RetNet row is compared with the
+    Transformer at the same rate where that ran, else with the base size's; both go into size s's panels."""
+    from experiments.replication import report
+
+    assert recipe.LM_SIZES["s-lr3e-3"] == dataclasses.replace(recipe.LM_SIZES["s"], learning_rate=3e-3)
+    assert recipe.LM_SIZES["m-lr3e-4"].learning_rate == 3e-4 and recipe.base_size("m-lr3e-4") == "m"
+    recipe.check_arch_for_size("transformer", "s-lr3e-3")  # not refused
+
+    source = os.path.join(ROOT, "experiments", "results", "replication")
+    results = tmp_path / "recorded"
+    results.mkdir()
+    runs = {}
+    for arch in recipe.ARCHS:
+        with open(os.path.join(source, f"train_{arch}_s.json")) as f:
+            runs[arch] = json.load(f)
+        (results / f"train_{arch}_s.json").write_text(json.dumps(runs[arch]))
+    variant = dict(runs["retnet"], size="s-lr3e-3", final_eval_loss=runs["retnet"]["final_eval_loss"] - 0.125)
+    (results / "train_retnet_s-lr3e-3.json").write_text(json.dumps(variant))
+
+    def retnet_row():
+        text = open(report.write_report(str(results), str(tmp_path / "report"), "2000-01-01")).read()
+        return next(line for line in text.splitlines() if line.startswith("| s-lr3e-3 | retnet |"))
+
+    # Only the base size's Transformer: compared with it.
+    gap = variant["final_eval_loss"] - runs["transformer"]["final_eval_loss"]
+    assert f"{gap:+.4f}" in retnet_row()
+    # The Transformer at the same rate: compared with that one.
+    other = dict(
+        runs["transformer"], size="s-lr3e-3", final_eval_loss=runs["transformer"]["final_eval_loss"] - 0.5
+    )
+    (results / "train_transformer_s-lr3e-3.json").write_text(json.dumps(other))
+    assert f"{variant['final_eval_loss'] - other['final_eval_loss']:+.4f}" in retnet_row()
+
+    found = report.load_results(str(results))
+    assert report._panel_sizes(found["train"], report._ok) == ["s"]
+    labels = [label for label, _, _ in report._panel_runs(found["train"], "s")]
+    assert labels == ["retnet", "transformer", "retnet (s-lr3e-3)", "transformer (s-lr3e-3)"]

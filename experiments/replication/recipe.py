@@ -108,10 +108,18 @@ HEAD_ABLATIONS = {"s-k128": "s", "m-k128": "m"}
 LM_SIZES["s-k128"] = dataclasses.replace(LM_SIZES["s"], num_heads=3)
 LM_SIZES["m-k128"] = dataclasses.replace(LM_SIZES["m"], num_heads=5)
 
+# The base size at other peak learning rates (the study shares one rate per size between the two
+# architectures, tuned for neither): both architectures, each compared with the other at the same rate.
+LR_ABLATIONS = {"s-lr3e-4": "s", "s-lr3e-3": "s", "m-lr3e-4": "m", "m-lr3e-3": "m"}
+for _name, _base in LR_ABLATIONS.items():
+    LM_SIZES[_name] = dataclasses.replace(LM_SIZES[_base], learning_rate=float(_name.split("-lr")[1]))
+
+ABLATIONS = {**HEAD_ABLATIONS, **LR_ABLATIONS}  # variant → base size
+
 
 def base_size(name: str) -> str:
-    """The size whose Transformer (and calibration) a size is compared with: itself, or an ablation's base."""
-    return HEAD_ABLATIONS.get(name, name)
+    """The size whose calibration (and panels) a size shares: itself, or an ablation's base."""
+    return ABLATIONS.get(name, name)
 
 
 def check_arch_for_size(arch: str, size_name: str) -> None:

@@ -19,7 +19,18 @@ from typing import Any
 
 from experiments.replication import recipe, schedule
 
-SIZE_ORDER = ("smoke", "s", "s-k128", "m", "m-k128", "l")
+SIZE_ORDER = (
+    "smoke",
+    "s",
+    "s-k128",
+    "s-lr3e-4",
+    "s-lr3e-3",
+    "m",
+    "m-k128",
+    "m-lr3e-4",
+    "m-lr3e-3",
+    "l",
+)
 ARCH_STYLE = {
     "retnet": dict(color="tab:blue", marker="o"),
     "transformer": dict(color="tab:orange", marker="s"),
@@ -36,6 +47,8 @@ python -m experiments.replicate --part=mqar --mqar_size=s,m --out_dir=$OUT
 python -m experiments.replicate --part=mqar --mqar_setup=small --mqar_size=xs  (an easier task, CPU)
 python -m experiments.replicate --part=train --arch=retnet --size=s-k128 --out_dir=$OUT  (K = 128 heads)
 python -m experiments.replicate --part=train --arch=retnet --size=m-k128 --out_dir=$OUT
+python -m experiments.replicate --part=train --arch=retnet,transformer --size=s-lr3e-3 --out_dir=$OUT
+  (other rates: s-lr3e-4; m-lr3e-4 and m-lr3e-3 one architecture a call)
 python -m experiments.replicate --part=report"""
 
 
@@ -202,7 +215,8 @@ def runs_section(train: dict, corpus: dict | None) -> str:
         return "## Language models\n\nNo `train_*.json` yet."
     rows = []
     for size in _sizes(train):
-        base = train.get(("transformer", recipe.base_size(size)))
+        # the Transformer at the same size (a learning-rate variant's own), else the base size's
+        base = train.get(("transformer", size)) or train.get(("transformer", recipe.base_size(size)))
         for arch in recipe.ARCHS:
             run = train.get((arch, size))
             if run is None:
@@ -424,7 +438,8 @@ def _save(plt, fig, path: str) -> str:
 
 
 def _panel_runs(train: dict, size: str):
-    """(label, line style, run) of a base size's panel: its runs, then its head ablations' (dotted)."""
+    """(label, line style, run) of a base size's panel: its runs, then its ablations' (head widths
+    dotted, learning rates dashed)."""
     for name in _sizes(train):
         if recipe.base_size(name) != size:
             continue
@@ -434,8 +449,10 @@ def _panel_runs(train: dict, size: str):
                 continue
             if name == size:
                 yield arch, dict(ARCH_STYLE[arch]), run
-            else:
+            elif name in recipe.HEAD_ABLATIONS:
                 yield f"{arch} ({name})", dict(ARCH_STYLE[arch], marker="^", linestyle=":"), run
+            else:
+                yield f"{arch} ({name})", dict(ARCH_STYLE[arch], marker="x", linestyle="--"), run
 
 
 def _panel_sizes(train: dict, has) -> list[str]:
@@ -443,7 +460,7 @@ def _panel_sizes(train: dict, has) -> list[str]:
     return [
         s
         for s in _sizes(train)
-        if s not in recipe.HEAD_ABLATIONS and any(has(r) for *_, r in _panel_runs(train, s))
+        if s not in recipe.ABLATIONS and any(has(r) for *_, r in _panel_runs(train, s))
     ]
 
 
@@ -471,17 +488,21 @@ def plot_scaling(train: dict, path: str) -> str | None:
     plt, fig, axes = _figure(1)
     ax = axes[0]
     for arch in recipe.ARCHS:
-        for ablation in (False, True):
+        for kind, names, label, style in (
+            ("base", None, arch, ARCH_STYLE[arch]),
+            ("heads", recipe.HEAD_ABLATIONS, f"{arch}, K = 128 heads", dict(marker="^", linestyle=":")),
+            ("rates", recipe.LR_ABLATIONS, f"{arch}, other learning rates", dict(marker="x", linestyle="")),
+        ):
             points = sorted(
                 (run["params"]["non_embedding"], run["final_eval_loss"])
                 for (a, size), run in train.items()
-                if a == arch and _ok(run) and (size in recipe.HEAD_ABLATIONS) == ablation
+                if a == arch
+                and _ok(run)
+                and (size in names if names is not None else size not in recipe.ABLATIONS)
             )
-            if points and ablation:
-                style = dict(ARCH_STYLE[arch], marker="^", linestyle=":")
-                ax.plot(*zip(*points, strict=True), label=f"{arch}, K = 128 heads", **style)
-            elif points:
-                ax.plot(*zip(*points, strict=True), label=arch, **ARCH_STYLE[arch])
+            if points:
+                line = dict(ARCH_STYLE[arch], **style) if kind != "base" else style
+                ax.plot(*zip(*points, strict=True), label=label, **line)
     ax.set_xscale("log")
     ax.set_xlabel("non-embedding parameters")
     ax.set_ylabel("final validation loss")
