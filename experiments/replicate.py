@@ -605,13 +605,6 @@ def main(argv) -> None:
                     recipe.check_arch_for_size(arch, size_name)
                 except ValueError as error:
                     raise app.UsageError(str(error)) from None
-    if "mqar" in _PART.value and not _SMOKE.value:
-        for size_name in _MQAR_SIZE.value:
-            for arch in _ARCH.value:
-                try:
-                    recipe.check_arch_for_mqar_size(arch, size_name)
-                except ValueError as error:
-                    raise app.UsageError(str(error)) from None
     log(f"devices: {jax.devices()}")
     for part in _PART.value:
         log(f"== {part} ({time.perf_counter() - _STARTED:.0f}s since start)")

@@ -364,8 +364,7 @@ def test_mqar_variants_are_reported_apart_from_the_study(tmp_path):
     study, small = text.split("### Set-up `small`")
     assert "Rows of 256 tokens, vocabulary 8192" in study and "| xs |" not in study
     assert "Rows of 64 tokens, vocabulary 256" in small and "| s |" not in small
-    assert "| xs | retnet | d128, H4×K32 |" in small and "| xs | transformer | d128 |" in small
-    assert "| 0.250 |" in small and "| 0.750 |" in small
+    assert "| xs | retnet | d128 |" in small and "| 0.250 |" in small and "| 0.750 |" in small
     # The study's table gives each learning rate's final train loss (ln 4096 = 8.32: answers only known
     # to be values).
     assert "ln 4096 = 8.32" in study
@@ -409,28 +408,3 @@ def test_learning_rate_variants_compare_both_architectures_at_one_rate(tmp_path)
     assert report._panel_sizes(found["train"], report._ok) == ["s"]
     labels = [label for label, _, _ in report._panel_runs(found["train"], "s")]
     assert labels == ["retnet", "transformer", "retnet (s-lr3e-3)", "transformer (s-lr3e-3)"]
-
-
-def test_mqar_head_ablation_is_a_retnet_run_in_its_base_sizes_panel(tmp_path):
-    """MQAR's s-k128 is size s's RetNet with one head of K = 128: its Transformer is refused (it would be
-    size s's), its row names its heads, and its curve goes into size s's panel."""
-    from experiments.replication import report
-
-    assert recipe.MQAR_SIZES["s-k128"] == dataclasses.replace(recipe.MQAR_SIZES["s"], num_heads=1)
-    with pytest.raises(ValueError, match="--arch=retnet"):
-        recipe.check_arch_for_mqar_size("transformer", "s-k128")
-    recipe.check_arch_for_mqar_size("retnet", "s-k128")
-    recipe.check_arch_for_mqar_size("transformer", "s")
-
-    source = os.path.join(ROOT, "experiments", "results", "replication")
-    mqar = {}
-    for arch in recipe.ARCHS:
-        with open(os.path.join(source, f"mqar_{arch}_s.json")) as f:
-            mqar[(arch, "s")] = json.load(f)
-    wide = json.loads(json.dumps(mqar[("retnet", "s")]))
-    wide["size"]["num_heads"] = 1
-    mqar[("retnet", "s-k128")] = wide
-    text = report.mqar_section(mqar)
-    assert "| s-k128 | retnet | d128, H1×K128 |" in text and "| s | retnet | d128, H4×K32 |" in text
-    path = report.plot_mqar(mqar, str(tmp_path / "mqar.png"))
-    assert path and os.path.getsize(path) > 0

@@ -251,25 +251,8 @@ MQAR_SIZES = {
     "xs": MQARSize(d_model=64, num_heads=2),
     "s": MQARSize(d_model=128, num_heads=4),
     "m": MQARSize(d_model=256, num_heads=4),
-    # RetNet heads of K = 128 (K = 64 at xs), nearer the paper's 256: a head's state is its associative
-    # memory (K × 2K entries); RetNet runs only, the Transformer being the base size's.
-    "s-k128": MQARSize(d_model=128, num_heads=1),
-    "m-k128": MQARSize(d_model=256, num_heads=2),
-    "xs-k64": MQARSize(d_model=64, num_heads=1),
     "smoke": MQARSize(d_model=32, num_heads=2),
 }
-MQAR_HEAD_ABLATIONS = {"s-k128": "s", "m-k128": "m", "xs-k64": "xs"}  # variant → base size
-
-
-def check_arch_for_mqar_size(arch: str, size_name: str) -> None:
-    """An MQAR head ablation is a RetNet run; its Transformer is the base size's (the same model)."""
-    if size_name in MQAR_HEAD_ABLATIONS and arch != "retnet":
-        raise ValueError(
-            f"--mqar_size={size_name} changes RetNet's heads only; its Transformer is size "
-            f"{MQAR_HEAD_ABLATIONS[size_name]}'s. Use --arch=retnet with it."
-        )
-
-
 MQAR_SETUPS = {
     "full": MQARSetup(),
     # An easier task that runs on a CPU in minutes at size xs: 64-token rows, a vocabulary of 256,

@@ -21,8 +21,6 @@ from experiments.replication import recipe, schedule
 
 SIZE_ORDER = (
     "smoke",
-    "xs",
-    "xs-k64",
     "s",
     "s-k128",
     "s-lr3e-4",
@@ -373,12 +371,6 @@ def decode_section(train: dict) -> str:
     )
 
 
-def _mqar_width(run: dict, arch: str) -> str:
-    """d128, and RetNet's heads as H×K (the Transformer's are the library's 64-wide heads)."""
-    d, h = run["size"]["d_model"], run["size"]["num_heads"]
-    return f"d{d}, H{h}×K{d // h}" if arch == "retnet" else f"d{d}"
-
-
 def _mqar_table(mqar: dict) -> str:
     pairs = sorted({int(p) for run in mqar.values() if run for p in run["best"]["accuracy"]})
     rows = []
@@ -389,7 +381,7 @@ def _mqar_table(mqar: dict) -> str:
                 continue
             best = run["best"]
             rows.append(
-                [size, arch, _mqar_width(run, arch), _count(run["runs"][0]["params"])]
+                [size, arch, f"d{run['size']['d_model']}", _count(run["runs"][0]["params"])]
                 + [_fmt(best["accuracy"].get(str(p)), ".3f") for p in pairs]
                 + [", ".join(f"{r['learning_rate']:g}" for r in run["runs"])]
                 + [", ".join(_fmt(r.get("final_train_loss"), ".3f") for r in run["runs"])]
@@ -545,33 +537,22 @@ def plot_extrapolation(train: dict, path: str) -> str | None:
 
 
 def plot_mqar(mqar: dict, path: str) -> str | None:
-    """A panel per base size: its runs, and its head ablations' (dotted)."""
-    base = recipe.MQAR_HEAD_ABLATIONS
-    sizes = [s for s in _sizes(mqar) if s not in base and any(mqar.get((a, s)) for a in recipe.ARCHS)]
-    sizes += [s for s in dict.fromkeys(base.get(s) for _, s in mqar) if s and s not in sizes]
+    sizes = [s for s in _sizes(mqar) if any(mqar.get((a, s)) for a in recipe.ARCHS)]
     if not sizes:
         return None
     plt, fig, axes = _figure(len(sizes))
     for ax, size in zip(axes, sizes, strict=True):
-        ticks, width = set(), None
-        for name in [size, *(n for n, b in base.items() if b == size)]:
-            for arch in recipe.ARCHS:
-                run = mqar.get((arch, name))
-                if not run:
-                    continue
+        for arch in recipe.ARCHS:
+            run = mqar.get((arch, size))
+            if run:
                 points = sorted((int(p), a) for p, a in run["best"]["accuracy"].items())
-                ticks |= {p for p, _ in points}
-                if name == size:
-                    ax.plot(*zip(*points, strict=True), label=arch, **ARCH_STYLE[arch])
-                    width = run["size"]["d_model"]
-                else:
-                    heads = run["size"]["num_heads"]
-                    style = dict(ARCH_STYLE[arch], marker="^", linestyle=":")
-                    label = f"{arch} ({name}: {heads} head{'s' if heads > 1 else ''})"
-                    ax.plot(*zip(*points, strict=True), label=label, **style)
-                    width = width or run["size"]["d_model"]
+                ax.plot(*zip(*points, strict=True), label=arch, **ARCH_STYLE[arch])
+                width = run["size"]["d_model"]
         ax.set_xscale("log", base=2)
-        ax.set_xticks(sorted(ticks), [str(t) for t in sorted(ticks)])
+        ticks = sorted(
+            {int(p) for a in recipe.ARCHS if mqar.get((a, size)) for p in mqar[(a, size)]["best"]["accuracy"]}
+        )
+        ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.minorticks_off()
         ax.set_ylim(-0.02, 1.02)
         ax.set_title(f"MQAR, size {size} (d{width})")
