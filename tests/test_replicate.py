@@ -17,6 +17,20 @@ from experiments.replication import recipe
 from tests.training.test_code_corpus import fake_site_packages
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECORDED = os.path.join(ROOT, "experiments", "results", "replication")
+
+
+def _recorded(tmp_path, kind: str, size: str):
+    """Both architectures' committed results of one kind and size, copied into a folder of their own:
+    (the folder, {arch: result})."""
+    results = tmp_path / "recorded"
+    results.mkdir(exist_ok=True)
+    runs = {}
+    for arch in recipe.ARCHS:
+        with open(os.path.join(RECORDED, f"{kind}_{arch}_{size}.json")) as f:
+            runs[arch] = json.load(f)
+        (results / f"{kind}_{arch}_{size}.json").write_text(json.dumps(runs[arch]))
+    return results, runs
 
 
 @pytest.mark.slow
@@ -312,19 +326,12 @@ def test_head_ablation_is_compared_with_its_base_sizes_transformer(tmp_path):
     assert not (tmp_path / "results").exists() and not (tmp_path / "work").exists()
 
     # The report from recorded runs (the committed size-s results, the ablation's a copy with its own loss).
-    source = os.path.join(ROOT, "experiments", "results", "replication")
-    results = tmp_path / "recorded"
-    results.mkdir()
-    for arch in recipe.ARCHS:
-        with open(os.path.join(source, f"train_{arch}_s.json")) as f:
-            run = json.load(f)
-        (results / f"train_{arch}_s.json").write_text(json.dumps(run))
-    run["arch"], run["size"], run["final_eval_loss"] = "retnet", "s-k128", run["final_eval_loss"] + 0.25
+    results, runs = _recorded(tmp_path, "train", "s")
+    run = dict(runs["retnet"], size="s-k128", final_eval_loss=runs["retnet"]["final_eval_loss"] + 0.25)
     (results / "train_retnet_s-k128.json").write_text(json.dumps(run))
     path = report.write_report(str(results), str(tmp_path / "report"), "2000-01-01")
     text = open(path).read()
-    with open(os.path.join(source, "train_transformer_s.json")) as f:
-        transformer = json.load(f)["final_eval_loss"]
+    transformer = runs["transformer"]["final_eval_loss"]
     row = next(line for line in text.splitlines() if line.startswith("| s-k128 | retnet |"))
     assert f"{run['final_eval_loss'] - transformer:+.4f}" in row, row
     found = report.load_results(str(results))
@@ -346,13 +353,8 @@ def test_mqar_variants_are_reported_apart_from_the_study(tmp_path):
     assert recipe.mqar_variant("small", learning_rates=["0.003"]) == "@small-lr0.003"
     assert recipe.MQAR_SETUPS["small"].vocab_size < recipe.MQAR_SETUPS["full"].vocab_size
 
-    source = os.path.join(ROOT, "experiments", "results", "replication")
-    results = tmp_path / "recorded"
-    results.mkdir()
-    for arch in recipe.ARCHS:
-        with open(os.path.join(source, f"mqar_{arch}_s.json")) as f:
-            run = json.load(f)
-        (results / f"mqar_{arch}_s.json").write_text(json.dumps(run))
+    results, runs = _recorded(tmp_path, "mqar", "s")
+    for arch, run in runs.items():
         run["setup"] = dict(run["setup"], seq_len=64, vocab_size=256)
         run["best"]["accuracy"] = {"4": 0.25 if arch == "retnet" else 0.75}
         (results / f"mqar_{arch}_xs@small.json").write_text(json.dumps(run))
@@ -379,14 +381,7 @@ def test_learning_rate_variants_compare_both_architectures_at_one_rate(tmp_path)
     assert recipe.LM_SIZES["m-lr3e-4"].learning_rate == 3e-4 and recipe.base_size("m-lr3e-4") == "m"
     recipe.check_arch_for_size("transformer", "s-lr3e-3")  # not refused
 
-    source = os.path.join(ROOT, "experiments", "results", "replication")
-    results = tmp_path / "recorded"
-    results.mkdir()
-    runs = {}
-    for arch in recipe.ARCHS:
-        with open(os.path.join(source, f"train_{arch}_s.json")) as f:
-            runs[arch] = json.load(f)
-        (results / f"train_{arch}_s.json").write_text(json.dumps(runs[arch]))
+    results, runs = _recorded(tmp_path, "train", "s")
     variant = dict(runs["retnet"], size="s-lr3e-3", final_eval_loss=runs["retnet"]["final_eval_loss"] - 0.125)
     (results / "train_retnet_s-lr3e-3.json").write_text(json.dumps(variant))
 
