@@ -163,6 +163,7 @@ COLUMNS = [
     ("time to finish s", br.when_ok(lambda r: br.fmt(r["seconds"], 1, ".2f"))),
     ("tokens/s", br.when_ok(lambda r: br.fmt(r["tokens_per_s"], 1, ",.0f"))),
     ("× static", br.when_ok(lambda r: br.fmt(r.get("vs_static"), 1, ".2f"))),
+    ("× Transformer", br.when_ok(lambda r: br.fmt(r.get("vs_transformer"), 1, ".2f"))),
     ("prompt tokens/s", br.when_ok(lambda r: br.fmt(r["prompt_tokens_per_s"], 1, ",.0f"))),
     ("latency mean s", br.when_ok(lambda r: br.fmt(r["latency_mean_s"], 1, ".2f"))),
     ("latency p90 s", br.when_ok(lambda r: br.fmt(r["latency_p90_s"], 1, ".2f"))),
@@ -175,11 +176,23 @@ COLUMNS = [
 
 
 def derive(rows):
-    static = {(r["arch"], r["R"]): r for r in rows if r["policy"] == "static" and r.get("status") == "ok"}
+    """Ratios: against the same arch's static batches, and against the Transformer's same policy and R."""
+    ok = {(r["arch"], r["policy"], r["R"]): r for r in rows if r.get("status") == "ok"}
     for row in rows:
-        base = static.get((row["arch"], row["R"]))
-        if row.get("status") == "ok" and base is not None:
-            row["vs_static"] = row["tokens_per_s"] / base["tokens_per_s"]
+        if row.get("status") != "ok":
+            continue
+        static = ok.get((row["arch"], "static", row["R"]))
+        if static is not None:
+            row["vs_static"] = row["tokens_per_s"] / static["tokens_per_s"]
+        transformer = ok.get(("transformer", row["policy"], row["R"]))
+        if transformer is not None and row["arch"] != "transformer":
+            row["vs_transformer"] = row["tokens_per_s"] / transformer["tokens_per_s"]
+
+
+def merge_rows(rows):
+    """Drops a skipped or failed row where another run measured the same arch, policy and R."""
+    measured = {(r["arch"], r["policy"], r["R"]) for r in rows if r.get("status") == "ok"}
+    return [r for r in rows if r.get("status") == "ok" or (r["arch"], r["policy"], r["R"]) not in measured]
 
 
 def describe(requests) -> str:
@@ -234,17 +247,29 @@ def main(argv):
     dtype = (
         _DTYPE.value if _DTYPE.value != "auto" else ("float32" if device["platform"] == "cpu" else "bfloat16")
     )
-    report = br.Report("bench_serving", device["short"])
-    rows, setups = [], []
+    rows, setups, merged_devices = [], [], []
     for path in _MERGE.value:
         with open(path) as f:
             earlier = json.load(f)
         rows += [dict(row, merged_from=os.path.basename(path)) for row in earlier["rows"]]
-        setups += [f"{earlier.get('setup', '')} (from {os.path.basename(path)})"]
+        setups += [] if earlier.get("setup", "") in setups else [earlier.get("setup", "")]
+        merged_devices.append(earlier["device"])
+    if not _ARCHS.value and merged_devices:
+        # Only earlier runs in the table: it is theirs, named after the device that measured them.
+        kinds = {d["device_kind"] for d in merged_devices}
+        if len(kinds) > 1:
+            raise app.UsageError(
+                f"--merge: the runs come from different devices ({sorted(kinds)}); merge one device's."
+            )
+        device = merged_devices[0]
+    report = br.Report("bench_serving", device["short"])
 
     def write(setup=""):
+        rows[:] = merge_rows(rows)
         derive(rows)
-        setup = " ".join(s for s in [*setups, setup] if s)
+        setup = " ".join(dict.fromkeys(s for s in [*setups, setup] if s))
+        if _MERGE.value:
+            setup += " Merged from " + ", ".join(os.path.basename(p) for p in _MERGE.value) + "."
         sections = [
             br.ceilings_markdown(device, None),
             setup,

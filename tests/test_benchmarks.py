@@ -201,6 +201,41 @@ def test_serving(tmp_path):
         assert continuous["steps"] < static["steps"]
     assert "× static" in text
 
+    # --merge of two earlier runs only: their device names the table, a row one run skipped and the other
+    # measured appears once, measured, and RetNet's rows get their ratio to the Transformer's.
+    device = dict(results["device"], device_kind="NVIDIA H200", short="H200", platform="gpu")
+    retnet_run = [r for r in rows if r["arch"] == "retnet"] + [
+        dict(arch="transformer", policy="continuous", R=r["R"], status="skipped")
+        for r in rows
+        if (r["arch"], r["policy"]) == ("transformer", "continuous")
+    ]
+    paths = []
+    for name, run_rows in (("a", retnet_run), ("b", [r for r in rows if r["arch"] == "transformer"])):
+        paths.append(str(tmp_path / f"{name}.json"))
+        with open(paths[-1], "w") as f:
+            json.dump(dict(results, device=device, rows=run_rows), f)
+    merged_dir = tmp_path / "merged"
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.bench_serving",
+        f"--out_dir={merged_dir}",
+        "--archs=",
+        f"--merge={','.join(paths)}",
+        "--plots=false",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    (name,) = [f for f in os.listdir(merged_dir) if f.endswith(".json")]
+    assert name.startswith("bench_serving_H200_"), name
+    with open(merged_dir / name) as f:
+        merged = json.load(f)["rows"]
+    assert len(merged) == 4 and all(r["status"] == "ok" for r in merged), merged
+    by_key = {(r["arch"], r["policy"]): r for r in merged}
+    for policy in ("continuous", "static"):
+        retnet, transformer = by_key[("retnet", policy)], by_key[("transformer", policy)]
+        assert retnet["vs_transformer"] == pytest.approx(retnet["tokens_per_s"] / transformer["tokens_per_s"])
+
 
 def test_profile(tmp_path):
     _, text = run("profile_steps", tmp_path)
