@@ -29,6 +29,7 @@ SCRIPTS = {
         "--fused_chunk_sizes=32",
         "--check_length=64",
         "--passes=fwdbwd",
+        "--profile_top=3",
         "--plots=false",
     ],
     "bench_training": [
@@ -106,6 +107,11 @@ def test_retention(tmp_path):
     for check in results["check"]:
         assert all(error < 2e-2 for error in check["errors"].values()), check
     assert "## Timings" in text and "| shape | B | T |" in text
+    # --profile_top: each JAX configuration's trace, its longest kernels with their times.
+    traced = [r for r in results["rows"] if r["status"] == "ok" and r["impl"] != "cudnn"]
+    assert traced and all(0 < len(r["kernels"]["top"]) <= 3 for r in traced)
+    assert all(r["kernels"]["busy_s"] > 0 for r in traced)
+    assert "## Kernels (device trace, times per call)" in text
 
 
 def test_training(tmp_path):

@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 
 from experiments import benchlib as bl
+from experiments import profiling
+from experiments.retention import sweep
 from retnet_jax import retention
 from retnet_jax.ops import dispatch
 from retnet_jax.ops.gpu import chunk_retention, split_retention
@@ -97,6 +99,11 @@ def run_jax(cfg):
         f, args = with_backward(f), (*args, *cotangents)
     compiled, compile_s, memory = bl.compile_timed(f, *args)
     timing = bl.time_calls(lambda: compiled(*args))
-    return dict(
+    result = dict(
         compile_s=compile_s, memory=memory, xla_flops=bl.program_flops(compiled), timing=timing.to_dict()
     )
+    if sweep.PROFILE_TOP.value > 0:
+        result["kernels"] = profiling.profile(
+            "", lambda: compiled(*args), calls=3, top=sweep.PROFILE_TOP.value
+        )
+    return result

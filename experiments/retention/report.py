@@ -4,6 +4,7 @@ tables (correctness, kernel plans, timings) and plot."""
 from __future__ import annotations
 
 from experiments import benchreport as br
+from experiments import profiling
 from experiments.retention import sweep
 
 TARGET_RATIO = 0.7  # fwd+bwd time against fla's, at every shape and T
@@ -139,6 +140,9 @@ def write(report, rows, device, ceilings, check, fla, plans):
         if fla.get("available")
         else f"not measured ({fla.get('reason') or fla.get('error')})"
     )
+    fla_check = fla.get("check") or {}
+    if fla.get("available") and fla_check.get("status") != "ok":
+        peers += f" (no correctness check: {fla_check.get('error')})"
     sections = [
         br.ceilings_markdown(device, ceilings),
         peers
@@ -151,6 +155,20 @@ def write(report, rows, device, ceilings, check, fla, plans):
         "## Timings\n\n" + br.markdown_table(rows, COLUMNS),
         f"## Targets (fwd+bwd ≤ {TARGET_RATIO}× fla)\n\n" + targets(rows),
     ]
+    traced = [r for r in rows if r.get("kernels")]
+    if traced:
+        sections.append(
+            "## Kernels (device trace, times per call)\n\n"
+            + "\n\n".join(
+                profiling.markdown(
+                    dict(
+                        r["kernels"], name=f"{r['shape']} B{r['B']} T{r['T']} {impl_label(r)} {r['passes']}"
+                    ),
+                    level=3,
+                )
+                for r in traced
+            )
+        )
     raw = dict(
         device=device,
         ceilings=ceilings,
