@@ -173,7 +173,9 @@ def test_bf16_long_sequence_close_to_float32():
     """bf16 inputs at T = 16,384: finite, state in float32, and close to the float32 result.
 
     All eight paper decays (γ up to 1 − 2^−12, which bf16 would round to 1) for the chunkwise and
-    recurrent forms; the O(T²) parallel form on the slowest-decaying head alone, to keep CPU time low.
+    recurrent forms; the O(T²) parallel form on the slowest-decaying head alone and on the first 8,192
+    tokens (twice that head's span 1 / (1 − γ); causal, so the prefix's outputs are the same), to keep CPU
+    time low.
     """
     rng = np.random.default_rng(0)
     length = 16384
@@ -191,10 +193,10 @@ def test_bf16_long_sequence_close_to_float32():
         assert bool(jnp.all(jnp.isfinite(o.astype(jnp.float32)))), name
         assert relative_error(o, o32) < tol, name
         assert relative_error(s.kv, s32.kv) < tol, name
-    slow = slice(7, 8)
-    o = parallel(*(x[:, :, slow] for x in bf), log_decay[slow])
+    slow, prefix = slice(7, 8), 8192
+    o = parallel(*(x[:, :prefix, slow] for x in bf), log_decay[slow])
     assert bool(jnp.all(jnp.isfinite(o.astype(jnp.float32))))
-    assert relative_error(o, o32[:, :, slow]) < tol
+    assert relative_error(o, o32[:, :prefix, slow]) < tol
 
 
 def test_log_decays():
