@@ -57,22 +57,51 @@ def profile(name: str, run, calls: int = 1, top: int = 12):
                 jax.block_until_ready(run())
             wall = (time.perf_counter() - start) / calls
         events = device_events(tmp)
+    return summarize(name, [(kernel, ns, 1) for kernel, ns in events], wall, calls, top)
+
+
+def summarize(name: str, events, wall_s: float, calls: int, top: int = 12):
+    """The summary dict of ``profile`` from (kernel name, duration_ns, launches) over ``calls`` calls."""
     by_name = collections.defaultdict(lambda: [0, 0])
     by_kind = collections.defaultdict(int)
-    for kernel, ns in events:
+    for kernel, ns, count in events:
         by_name[kernel][0] += ns / calls
-        by_name[kernel][1] += 1
+        by_name[kernel][1] += count
         by_kind[kind_of(kernel)] += ns / calls
     busy = sum(by_kind.values())
-    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
     return dict(
         name=name,
-        wall_s=wall,
+        wall_s=wall_s,
         busy_s=busy * 1e-9,
-        launches=len(events) / calls,
+        launches=sum(count for _, _, count in events) / calls,
         kinds=sorted(((k, v * 1e-9) for k, v in by_kind.items()), key=lambda kv: -kv[1]),
-        top=[(k, v[0] * 1e-9, v[1] // calls) for k, v in top],
+        top=[(k, v[0] * 1e-9, v[1] // calls) for k, v in ranked],
     )
+
+
+def torch_profile(name: str, run, calls: int = 3, top: int = 12):
+    """``profile`` for a PyTorch callable on CUDA (already warm), from ``torch.profiler``'s kernel times."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_trace
+
+    torch.cuda.synchronize()
+    with torch_trace(activities=[ProfilerActivity.CUDA]) as trace:
+        start = time.perf_counter()
+        for _ in range(calls):
+            run()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - start) / calls
+    events = []
+    for average in trace.key_averages():
+        # Microseconds; the attribute was ``self_cuda_time_total`` before PyTorch 2.4.
+        us = getattr(average, "self_device_time_total", None)
+        if us is None:
+            us = getattr(average, "self_cuda_time_total", 0)
+        if us > 0:
+            events.append((average.key, us * 1e3, average.count))
+    return summarize(name, events, wall, calls, top)
 
 
 def markdown(result, level: int = 2) -> str:

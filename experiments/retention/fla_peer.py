@@ -4,12 +4,14 @@ parent's JAX touches the GPU, so that the two allocators do not share it."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import time
 
 import numpy as np
 
 from experiments import benchlib as bl
+from experiments import profiling
 from experiments.retention import sweep
 
 
@@ -95,7 +97,13 @@ def fla_worker(payload):
                     timing = bl.time_torch(fn)
             else:
                 timing = bl.time_torch(fn, grad_to_none=grads)
-            return dict(compile_s=first_s, memory=memory, timing=timing.to_dict())
+            result = dict(compile_s=first_s, memory=memory, timing=timing.to_dict())
+            if payload.get("profile_top", 0) > 0:  # fla's kernels, as the JAX rows' trace lists ours
+                with torch.no_grad() if cfg["passes"] == "fwd" else contextlib.nullcontext():
+                    kernels = bl.guarded(lambda: profiling.torch_profile("", fn, 3, payload["profile_top"]))
+                if kernels.pop("status") == "ok":
+                    result["kernels"] = kernels
+            return result
 
         results.append(bl.guarded(one))
         torch.cuda.empty_cache()
@@ -117,7 +125,9 @@ def measure_fla(fla_configs, files, budget):
         return dict(status="ok", available=False, reason="torch or fla not installed")
     print(f"fla worker: {len(fla_configs)} configurations ...", flush=True)
     share = sweep.PEER_SHARE.value * budget.left()
-    payload = dict(kind="fla", configs=fla_configs, checks=files, budget_s=share)
+    payload = dict(
+        kind="fla", configs=fla_configs, checks=files, budget_s=share, profile_top=sweep.PROFILE_TOP.value
+    )
     # The worker stops starting configurations after its share; the margin lets a started one finish.
     fla = bl.run_worker("experiments.bench_retention", payload, share + 90, [f"--repeats={bl.REPEATS.value}"])
     if fla.get("status") != "ok" or not fla.get("available"):

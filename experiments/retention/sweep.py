@@ -47,7 +47,9 @@ CHECK_PLANS = flags.DEFINE_bool(
     "check_plans", True, "Compile and run the kernel plan of every preset shape against XLA first."
 )
 PROFILE_TOP = flags.DEFINE_integer(
-    "profile_top", 0, "Trace each JAX configuration once more and list its N longest kernels (0: no trace)."
+    "profile_top",
+    0,
+    "Trace each configuration again (fla's with torch.profiler) and list its N longest kernels (0: none).",
 )
 PEER_SHARE = flags.DEFINE_float(
     "peer_share", 0.45, "Share of --time_budget_s the fla worker may use (it autotunes per head shape)."
