@@ -20,8 +20,13 @@ def kernel_plan(cfg):
     names (FAMILY[:BKxBVxWARPSxSTAGES][:stored])."""
     spec = cfg.get("plan") or "auto"
     chunk = dispatch.kernel_chunk(cfg["C"])
-    if spec == "auto":  # what chunkwise(implementation="pallas") runs (backend="cpu": no Triton probe)
-        return dispatch.kernel_plan("bench", "pallas", cfg["K"], cfg["V"], chunk, jnp.bfloat16, backend="cpu")
+    if spec == "auto":  # what chunkwise(implementation="auto") runs at C: few rows take the split family
+        plan = plan_lib.make(
+            cfg["K"], cfg["V"], chunk, jnp.bfloat16, rows=cfg["B"] * cfg["H"] if "B" in cfg else None
+        )
+        if isinstance(plan, str):
+            raise ValueError(f"plan auto: {plan}")
+        return plan
     family, *options = spec.split(":")
     stored = "stored" in options
     sizes = [o for o in options if o != "stored"]

@@ -32,8 +32,9 @@ FUSED_CHUNKS = flags.DEFINE_string("fused_chunk_sizes", "64", "Chunk sizes C of 
 FUSED_PLANS = flags.DEFINE_list(
     "fused_plans",
     ["auto"],
-    "Kernel plans of the fused runs: auto (ops.gpu.plan's choice), register, split (a family with its "
-    "default tiles), or FAMILY:BKxBVxWARPSxSTAGES (e.g. split:64x64x4x2); a split plan may end in :stored "
+    "Kernel plans of the fused runs: auto (what chunkwise(implementation='auto') runs at this C, by the "
+    "heads and B·H), register, split (a family with its default tiles), or FAMILY:BKxBVxWARPSxSTAGES "
+    "(e.g. split:64x64x4x2, register:64x64x4x3x2); a split plan may end in :stored "
     "(the variant that computes each chunk's scores once: split:stored, split:64x64x4x3:stored).",
 )
 PASSES = flags.DEFINE_list("passes", ["fwd", "fwdbwd"], "fwd and/or fwdbwd (forward + backward).")

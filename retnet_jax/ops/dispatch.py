@@ -89,8 +89,9 @@ AUTO_CHOICES: dict[tuple[int, int], Choice] = {
     (64, 64): Choice(
         "pallas",
         64,
-        "register kernels, H200 H32 fwd+bwd with a carried state: B32 T2048 2.14 ms (2026-12-01); "
-        "fla 2.22 ms in a run of its own (2026-12-03): 0.97x",
+        "register kernels on 4 warps, H200 H32 fwd+bwd with a carried state (2026-12-03): B32 T2048 "
+        "1.112 ms, B8 T8192 1.115; fla 2.247 and 2.347 ms in a run on the same machine minutes before; "
+        "B2 T32768 (split kernels: few rows) 2.63 vs fla 3.59",
     ),
     (256, 512): Choice(
         "pallas",

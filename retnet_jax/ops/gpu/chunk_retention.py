@@ -39,6 +39,11 @@ __all__ = ["Tiles", "backward", "default_tiles", "forward", "shared_memory"]
 
 # A state tile of at most this many float32 entries stays in registers (64 per thread at 8 warps).
 STATE_TILE_ENTRIES = 128 * 128
+# Tiles of at most this many entries run on 4 warps, larger ones on 8. H200, H32 K=V=64 fwd+bwd with a
+# carried state, C=64 (2026-12-03, bench_retention --tag=k64-plans, -plans2): 4 warps 1.112 ms at B32 T2048
+# and 1.115 at B8 T8192, against 2.142 and 2.117 on 8 warps (2 warps: 19.4 ms). At K=V=128, 8 warps
+# measured fastest on an H100.
+FOUR_WARP_ENTRIES = 64 * 64
 
 
 class Tiles(NamedTuple):
@@ -57,11 +62,10 @@ class Tiles(NamedTuple):
 
 def default_tiles(key_dim: int, value_dim: int) -> Tiles:
     """The whole state per program where it fits in 128·128 entries (measured fastest at K = V = 128 on
-    an H100), else the widest tile that does."""
-    return Tiles(
-        key=max(16, min(key_dim, STATE_TILE_ENTRIES // value_dim)),
-        value=max(16, min(value_dim, STATE_TILE_ENTRIES // key_dim)),
-    )
+    an H100), else the widest tile that does; 4 warps for tiles of at most 64·64 entries, else 8."""
+    key = max(16, min(key_dim, STATE_TILE_ENTRIES // value_dim))
+    value = max(16, min(value_dim, STATE_TILE_ENTRIES // key_dim))
+    return Tiles(key=key, value=value, num_warps=4 if key_dim * value <= FOUR_WARP_ENTRIES else 8)
 
 
 def shared_memory(tiles: Tiles, size: int, key_dim: int, value_dim: int, itemsize: int) -> dict[str, int]:
