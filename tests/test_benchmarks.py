@@ -114,6 +114,24 @@ def test_retention(tmp_path):
     assert "## Kernels (device trace, times per call)" in text
 
 
+def test_retention_auto_plan_is_what_chunkwise_runs():
+    """bench_retention's "auto" rows run chunkwise(implementation="auto")'s plan, few (batch row, head)
+    pairs included; the correctness check's configurations (no B) plan by the heads alone."""
+    code = (
+        "import jax.numpy as jnp\n"
+        "from experiments.retention.jax_forms import kernel_plan\n"
+        "from retnet_jax.ops import dispatch\n"
+        "check = kernel_plan(dict(K=64, V=64, C=64, plan='auto'))\n"
+        "assert check.family == 'register' and check.tiles.num_warps == 4, check\n"
+        "for b in (2, 32):\n"
+        "    ours = kernel_plan(dict(B=b, H=32, K=64, V=64, C=64, plan='auto'))\n"
+        "    auto = dispatch.kernel_plan('f', 'auto', 64, 64, 64, jnp.bfloat16, 'gpu', rows=b * 32)\n"
+        "    assert ours == auto and ours.family == ('split' if b == 2 else 'register'), (b, ours)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def test_training(tmp_path):
     results, _ = run("bench_training", tmp_path)
     rows = {r["arch"]: r for r in results["rows"]}
