@@ -20,7 +20,7 @@ def kernel_plan(cfg):
     names (FAMILY[:BKxBVxWARPSxSTAGES][:stored])."""
     spec = cfg.get("plan") or "auto"
     chunk = dispatch.kernel_chunk(cfg["C"])
-    if spec == "auto":  # what chunkwise(implementation="auto") runs at C: few rows take the split family
+    if spec == "auto":  # what chunkwise(implementation="auto") runs at C: few programs take the split family
         plan = plan_lib.make(
             cfg["K"], cfg["V"], chunk, jnp.bfloat16, rows=cfg["B"] * cfg["H"] if "B" in cfg else None
         )

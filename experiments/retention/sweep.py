@@ -16,6 +16,7 @@ SHAPES = {
     "paper-2.7b": dict(H=10, K=256, V=512),
     "paper-6.7b": dict(H=16, K=256, V=512),
     "k64": dict(H=32, K=64, V=64),
+    "k64v128": dict(H=32, K=64, V=128),  # paper-1.3b's width in 32 heads
 }
 
 RUN_SHAPES = flags.DEFINE_list(

@@ -82,16 +82,17 @@ AUTO_CHOICES: dict[tuple[int, int], Choice] = {
     (128, 128): Choice(
         "pallas",
         64,
-        "H200 H32 fwd+bwd vs fla in one run (2026-12-01): B8 T8192 3.83 vs 7.40 ms, B32 T2048 3.97 vs 7.17, "
-        "B4 T16384 3.81 vs 7.64, B2 T32768 (split kernels: few rows) 5.78 vs 7.71",
+        "register kernels on two 64-column tiles a head and 4 warps, H200 H32 fwd+bwd with a carried state, "
+        "vs fla in one run (2026-12-03): B32 T2048 3.31 vs 6.60 ms, B8 T8192 3.19 vs 6.59, B2 T32768 4.40 "
+        "vs 6.87; normalized 3.80, 3.69, 4.95",
     ),
     (64, 128): Choice("pallas", 64, "H100 paper-1.3b with H32 heads: 46.3K tokens/s vs 36.2K (XLA, H8)"),
     (64, 64): Choice(
         "pallas",
         64,
-        "register kernels on 4 warps, H200 H32 fwd+bwd with a carried state (2026-12-03): B32 T2048 "
-        "1.112 ms, B8 T8192 1.115; fla 2.247 and 2.347 ms in a run on the same machine minutes before; "
-        "B2 T32768 (split kernels: few rows) 2.63 vs fla 3.59",
+        "register kernels on 4 warps, H200 H32 fwd+bwd with a carried state, vs fla in one run (2026-12-03): "
+        "B32 T2048 1.116 vs 2.220 ms, B8 T8192 1.116 vs 2.323; B2 T32768 (split kernels: 64 programs) 2.643 "
+        "vs 3.637",
     ),
     (256, 512): Choice(
         "pallas",
@@ -184,8 +185,9 @@ def kernel_plan(
 
     Args:
         backend: the platform deciding (default ``jax.default_backend()``).
-        rows: B·H of the call, or None: under "auto", few rows take the split kernels
-            (``plan.MIN_REGISTER_ROWS``); a forced "pallas" plans by the head shape alone.
+        rows: B·H of the call, or None: under "auto", rows too few to fill the register kernels'
+            programs take the split kernels (``plan.MIN_REGISTER_PROGRAMS``); a forced "pallas" plans by
+            the head shape alone.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(

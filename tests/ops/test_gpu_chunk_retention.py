@@ -191,7 +191,7 @@ def test_model_with_pallas_retention_equals_xla():
 def test_kernels_lower_to_triton_for_preset_heads():
     """Forward and backward of both families lower through Pallas's Triton backend (to Triton IR, on the
     CPU) at preset heads: paper (K256, V512; the split family's stored-scores variant), torchscale v2
-    (V432: padded), fla (K = V = 128), K = V = 64 (on 4 warps), bf16."""
+    (V432: padded), fla (K = V = 128: two column tiles a head), K = V = 64 (the whole state), bf16."""
     for heads, key_dim, value_dim, family, stored in (
         (8, 256, 432, "split", False),
         (8, 256, 512, "split", True),
@@ -232,13 +232,27 @@ def test_plans_fit_shared_memory():
             assert max(sizes.values()) <= common.SHARED_MEMORY_BYTES, (key_dim, value_dim, dtype, plan)
 
 
-def test_register_launch_width_follows_the_state_tile():
-    """The register family's default tiles: the whole state, on 4 warps up to 64·64 entries (measured
-    twice as fast as 8 at K = V = 64 on the H200) and on 8 above (K = V = 128, 64×128)."""
-    for key_dim, value_dim, warps in ((64, 64, 4), (32, 64, 4), (16, 16, 4), (64, 128, 8), (128, 128, 8)):
+def test_register_tiles_hold_at_most_64_by_128_state_entries_on_4_warps():
+    """The register family's default tiles: the whole state up to 64·128 entries, else column tiles that
+    fit (K = V = 128: two of 64 columns, measured faster than the whole state on the H200), all on 4 warps;
+    the planner runs them as such (no fused dk-dv pass for a split state)."""
+    cases = {  # (K, V): (key tile, value tile)
+        (64, 64): (64, 64),
+        (32, 64): (32, 64),
+        (16, 16): (16, 16),
+        (64, 128): (64, 128),
+        (128, 64): (128, 64),
+        (128, 16): (128, 16),
+        (128, 128): (64, 64),
+    }
+    for (key_dim, value_dim), (key, value) in cases.items():
         plan = plan_lib.make(key_dim, value_dim, 64, jnp.bfloat16)
         assert plan.family == "register", plan
-        assert (plan.tiles.key, plan.tiles.value, plan.tiles.num_warps) == (key_dim, value_dim, warps), plan
+        assert (plan.tiles.key, plan.tiles.value, plan.tiles.num_warps) == (key, value, 4), plan
+        assert key * value_dim <= chunk_retention.PROGRAM_TILE_ENTRIES
+        assert key_dim * value <= chunk_retention.PROGRAM_TILE_ENTRIES
+    split_state = plan_lib.shared_memory(plan_lib.make(128, 128, 64, jnp.bfloat16), 128, 128, jnp.bfloat16)
+    assert {"dk", "dv"} <= set(split_state) and "dkdv" not in split_state
 
 
 def test_stored_scores_plans_cover_their_kernels():
@@ -278,21 +292,25 @@ def test_auto_follows_the_table():
     assert plan(128, 128, backend="cpu") is None and plan(128, 128, backend="tpu") is None
 
 
-def test_auto_sends_few_rows_to_the_split_kernels():
-    """The register kernels run one program per (batch row, head): below MIN_REGISTER_ROWS of them "auto"
-    takes the split kernels; the paper's heads take them anyway; a forced "pallas" plans by shape."""
+def test_auto_sends_few_programs_to_the_split_kernels():
+    """The register kernels run one program per (batch row, head, column tile): below
+    MIN_REGISTER_PROGRAMS of them "auto" takes the split kernels (K = V = 128 has two tiles a head, so
+    half the rows of K = V = 64 fill them); the paper's heads take them anyway; a forced "pallas" plans
+    by shape."""
 
     def plan(key_dim, value_dim, rows, implementation="auto"):
         return dispatch.kernel_plan("f", implementation, key_dim, value_dim, 64, jnp.bfloat16, "gpu", rows)
 
-    few, enough = plan_lib.MIN_REGISTER_ROWS - 1, plan_lib.MIN_REGISTER_ROWS
-    assert plan(128, 128, few).family == "split" and plan(128, 128, enough).family == "register"
+    enough = plan_lib.MIN_REGISTER_PROGRAMS
+    assert plan(64, 64, enough - 1).family == "split" and plan(64, 64, enough).family == "register"
+    assert plan(128, 128, enough // 2 - 1).family == "split"
+    assert plan(128, 128, enough // 2).family == "register"
     assert plan(128, 128, None).family == "register"  # rows unknown: by shape
-    assert plan(256, 512, few).family == "split" and plan(256, 512, enough).family == "split"
-    assert plan(128, 128, few, "pallas").family == "register"
+    assert plan(256, 512, 1).family == "split" and plan(256, 512, enough).family == "split"
+    assert plan(128, 128, 1, "pallas").family == "register"
     # Scores stored where V spans 4+ value tiles (measured faster there, slower at 2 tiles).
     assert plan(256, 512, enough).tiles.stored_scores and plan(256, 432, enough).tiles.stored_scores
-    assert not plan(128, 128, few).tiles.stored_scores
+    assert not plan(128, 128, 1).tiles.stored_scores
 
 
 def test_without_the_triton_backend_auto_warns_once_and_uses_xla(monkeypatch):

@@ -182,7 +182,7 @@ def test_auto_takes_the_kernels_with_segment_ids(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     for segment_ids in (None, ids):  # traced only: the stand-in runs nothing
         jax.eval_shape(functools.partial(auto, segment_ids=segment_ids), q)
-    # B·H = 2 rows: the split kernels (plan.MIN_REGISTER_ROWS).
+    # B·H = 2 rows: the split kernels (plan.MIN_REGISTER_PROGRAMS).
     assert [plan for plan, _ in calls] == [plan_lib.make(128, 128, 64, jnp.bfloat16, family="split")] * 2
     assert calls[0][1] is None and calls[1][1] is not None
     calls.clear()

@@ -15,12 +15,12 @@ and writing o (the backward: q, k, v, dO in, dq, dk, dv out). Chunk g, rows i / 
 
 Each program writes whole rows of one output tile, so no partial sums are left over: the forward and dv
 kernels take a tile of value columns (state tile [K, BV]), the dq and dk kernels a tile of key columns
-([BK, V]); when the whole state fits one tile a single reversed pass gives dk and dv. Tiles narrower
-than the head re-read their inputs and measured slower than the XLA form on an H100: wide heads take
-``split_retention`` instead. Inputs arrive padded (``fused``): T to a multiple of C, K and V to powers
-of two. With packed documents every kernel also takes its batch row's document starts (``first``, one
-more operand after log γ) and derives each chunk's decay factors from them (``common.decays``); the
-bodies are otherwise the same.
+([BK, V]); when the whole state fits one tile a single reversed pass gives dk and dv. Narrower tiles
+re-read their inputs once per tile, which pays at K = V = 128 (two tiles of 64 columns, twice the
+programs: ``PROGRAM_TILE_ENTRIES``) but not for wider heads, whose states take ``split_retention``.
+Inputs arrive padded (``fused``): T to a multiple of C, K and V to powers of two. With packed documents
+every kernel also takes its batch row's document starts (``first``, one more operand after log γ) and
+derives each chunk's decay factors from them (``common.decays``); the bodies are otherwise the same.
 """
 
 from __future__ import annotations
@@ -37,13 +37,16 @@ from retnet_jax.ops.gpu.common import dot, masked
 
 __all__ = ["Tiles", "backward", "default_tiles", "forward", "shared_memory"]
 
-# A state tile of at most this many float32 entries stays in registers (64 per thread at 8 warps).
+# Heads whose whole state, K and V rounded up to powers of two, has at most this many entries take the
+# register family (``plan.family_of``); wider ones the split family.
 STATE_TILE_ENTRIES = 128 * 128
-# Tiles of at most this many entries run on 4 warps, larger ones on 8. H200, H32 K=V=64 fwd+bwd with a
-# carried state, C=64 (2026-12-03, bench_retention --tag=k64-plans, -plans2): 4 warps 1.112 ms at B32 T2048
-# and 1.115 at B8 T8192, against 2.142 and 2.117 on 8 warps (2 warps: 19.4 ms). At K=V=128, 8 warps
-# measured fastest on an H100.
-FOUR_WARP_ENTRIES = 64 * 64
+# The state tile of one program: at most this many float32 entries, on 4 warps (64 registers a thread).
+# H200, H32 fwd+bwd with a carried state, C=64 (2026-12-03, bench_retention --tag=fla-register-64,
+# k64-plans, k64-plans2): at K=V=128, tiles of 64 columns (two programs a head, [128, 64] / [64, 128]
+# states) on 4 warps take 3.310 ms at B32 T2048, 3.186 at B8 T8192 and 4.399 at B2 T32768, where the
+# whole 128×128 state took 3.866 / 3.773 / 7.233 on 8 warps and 5.224 (B8 T8192) on 4; at K=V=64 the
+# whole state on 4 warps takes 1.112 ms (B32 T2048), on 8 warps 2.142, on 2 warps 19.4.
+PROGRAM_TILE_ENTRIES = 64 * 128
 
 
 class Tiles(NamedTuple):
@@ -55,17 +58,17 @@ class Tiles(NamedTuple):
 
     key: int  # key columns per program of the dq / dk kernels (a power of two >= 16, at most K)
     value: int  # value columns per program of the forward / dv kernels
-    num_warps: int = 8
+    num_warps: int = 4
     num_stages: int = 3  # software-pipelining stages of the forward kernel's loop
     backward_stages: int = 2  # of the backward kernels' loops (3 exceeds shared memory at K = V = 128)
 
 
 def default_tiles(key_dim: int, value_dim: int) -> Tiles:
-    """The whole state per program where it fits in 128·128 entries (measured fastest at K = V = 128 on
-    an H100), else the widest tile that does; 4 warps for tiles of at most 64·64 entries, else 8."""
-    key = max(16, min(key_dim, STATE_TILE_ENTRIES // value_dim))
-    value = max(16, min(value_dim, STATE_TILE_ENTRIES // key_dim))
-    return Tiles(key=key, value=value, num_warps=4 if key_dim * value <= FOUR_WARP_ENTRIES else 8)
+    """The whole state per program where it fits ``PROGRAM_TILE_ENTRIES``, else the widest column tiles
+    that do (K = V = 128: two tiles of 64 columns); 4 warps."""
+    key = max(16, min(key_dim, PROGRAM_TILE_ENTRIES // value_dim))
+    value = max(16, min(value_dim, PROGRAM_TILE_ENTRIES // key_dim))
+    return Tiles(key=key, value=value, num_warps=4)
 
 
 def shared_memory(tiles: Tiles, size: int, key_dim: int, value_dim: int, itemsize: int) -> dict[str, int]:

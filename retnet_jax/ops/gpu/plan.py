@@ -26,7 +26,7 @@ __all__ = [
     "FAMILIES",
     "MAX_CHUNK",
     "MIN_CHUNK",
-    "MIN_REGISTER_ROWS",
+    "MIN_REGISTER_PROGRAMS",
     "Plan",
     "family_of",
     "make",
@@ -40,11 +40,13 @@ FAMILIES = ("register", "split")
 # score tile per program; C = 128 measured 3-6× slower than 64 at K = V = 128 on an H100).
 MIN_CHUNK, MAX_CHUNK = 16, 128
 
-# The register kernels run one program per (batch row, head): with fewer rows than this they leave most of
-# the GPU idle, and the split kernels (programs per state tile) are faster. H200, H32 K=V=128, bf16
-# fwd+bwd, C=64 (2026-12-01): 64 rows (B2 T32768) register 7.33 ms, split 5.78; 128 rows (B4 T16384)
-# register 3.81 ms, split 6.06.
-MIN_REGISTER_ROWS = 128
+# The register kernels run one program per (batch row, head, column tile): with fewer programs than this
+# they leave most of the GPU idle, and the split kernels (programs per state tile and chunk range) are
+# faster. H200, H32 fwd+bwd with a carried state, C=64, B2 T32768 (64 rows): K=V=64 (one tile a head, 64
+# programs) register 2.776 ms, split 2.643 (2026-12-03, --tag=k64-fla3); K=V=128 with two tiles a head
+# (128 programs) register 4.399 ms, split 5.451 (--tag=fla-register-64); K=V=128 on its former whole
+# tile (64 programs, 2026-12-01) register 7.33 ms, split 5.78.
+MIN_REGISTER_PROGRAMS = 128
 
 
 class Plan(NamedTuple):
@@ -125,7 +127,8 @@ def make(
     Args:
         key_dim, value_dim: K and V of the heads; chunk: C; dtype: the inputs' dtype.
         family: "register", "split", or None for the register family where it fits (and, when ``rows``
-            is given, where there are at least ``MIN_REGISTER_ROWS`` of them), else split.
+            is given, where its programs, rows times column tiles, number ``MIN_REGISTER_PROGRAMS`` or
+            more), else split.
         tiles: the family's ``Tiles`` (default: the family's choice, fitted to shared memory).
         stored_scores: the split family's variant that computes each chunk's scores once
             (``split_retention``); True sets it on ``tiles`` too, and family None then means split;
@@ -152,11 +155,14 @@ def make(
         if not _fits(plan, key_dim, value_dim, dtype):
             return f"tiles {tuple(tiles)}: {_too_big(plan, key_dim, value_dim, dtype)}"
         return plan
-    few_rows = family is None and rows is not None and rows < MIN_REGISTER_ROWS
-    if family == "register" or (family is None and not few_rows):
+    if family in ("register", None):
         plan = _register(key_dim, value_dim, chunk, dtype)
-        if plan is not None or family == "register":
+        if family == "register":
             return plan or f"K = {key_dim}, V = {value_dim} in the register kernels at C = {chunk}"
+        if plan is not None:
+            tiles_per_row = padded_dims(plan, key_dim, value_dim)[1] // plan.tiles.value
+            if rows is None or rows * tiles_per_row >= MIN_REGISTER_PROGRAMS:
+                return plan
     return _split(key_dim, value_dim, chunk, dtype, stored_scores) or (
         f"K = {key_dim}, V = {value_dim} at C = {chunk}: even 16-wide tiles exceed shared memory"
     )
